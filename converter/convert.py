@@ -171,9 +171,7 @@ def _converter_class() -> Any:
                 if _has_safetensors(self._model_name_or_path, self._revision):
                     kwargs["use_safetensors"] = True
                 else:
-                    log.warning(
-                        "no safetensors weights in %s: loading PyTorch pickles", self._model_name_or_path
-                    )
+                    log.warning("no safetensors weights in %s: loading PyTorch pickles", self._model_name_or_path)
                 model = transformers.GPTNeoXForCausalLM.from_pretrained(self._model_name_or_path, **kwargs)
                 spec = _spec_loader()(model, vocabulary)
                 spec.register_file(str(spiece))
@@ -188,9 +186,7 @@ def _converter_class() -> Any:
                 return str(path)
             import huggingface_hub
 
-            return str(
-                huggingface_hub.hf_hub_download(self._model_name_or_path, filename, revision=self._revision)
-            )
+            return str(huggingface_hub.hf_hub_download(self._model_name_or_path, filename, revision=self._revision))
 
     return GPTNeoXConverter
 
@@ -229,9 +225,7 @@ def convert(options: ConvertOptions) -> Path:
     output = Path(options.output)
     if output.exists() and not options.force:
         raise ConversionError(f"output folder {output} already exists (use --force to replace it)")
-    if not os.path.isdir(options.source) and (
-        Path(options.source).exists() or options.source.startswith(".")
-    ):
+    if not os.path.isdir(options.source) and (Path(options.source).exists() or options.source.startswith(".")):
         raise ConversionError(f"source {options.source} is neither a local folder nor a hub model id")
     started = time.monotonic()
     revision = _resolve_revision(options.source, options.revision)

@@ -119,7 +119,7 @@ def train_tokenizer(output: Path, vocab_size: int, newline_piece: bool = True) -
             user_defined_symbols=[NEWLINE_PIECE] if newline_piece else [],
             minloglevel=2,
         )
-        proto = model_pb2.ModelProto()
+        proto = model_pb2.ModelProto()  # type: ignore[attr-defined]
         proto.ParseFromString(prefix.with_suffix(".model").read_bytes())
     _pad_vocabulary(proto, vocab_size)
     path = output / "spiece.model"
@@ -130,9 +130,7 @@ def train_tokenizer(output: Path, vocab_size: int, newline_piece: bool = True) -
 def _pad_vocabulary(proto: object, vocab_size: int) -> None:
     pieces = proto.pieces  # type: ignore[attr-defined]
     if len(pieces) > vocab_size:
-        raise ValueError(
-            f"vocab_size {vocab_size} is smaller than the trained vocabulary ({len(pieces)} pieces)"
-        )
+        raise ValueError(f"vocab_size {vocab_size} is smaller than the trained vocabulary ({len(pieces)} pieces)")
     known = {p.piece for p in pieces}
     score = min(p.score for p in pieces if p.type == 1) - 1.0
     cjk = [chr(c) for c in range(0x4E00, 0x9FA0)] + [chr(c) for c in range(0x3041, 0x3097)]

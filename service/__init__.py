@@ -1,0 +1,1 @@
+"""jachat's gRPC service: turns -> rinna prompt -> sentencepiece ids -> CTranslate2 -> streamed text."""

@@ -1,0 +1,66 @@
+"""The service's errors and the one place that maps them to gRPC status codes."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str  # request field path, e.g. "turns[2].speaker" or "sampling.top_p"
+    description: str
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.description}"
+
+
+class JachatError(Exception):
+    """Base of the errors that reach a caller with a status code."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidRequest(JachatError):
+    """The request breaks a rule; each broken rule names its field."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, violations: list[FieldViolation]) -> None:
+        self.violations = violations
+        super().__init__("; ".join(str(v) for v in violations))
+
+
+class ModelNotReady(JachatError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class EngineFailure(JachatError):
+    """Generation failed inside the engine; details are logged, not sent."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+def to_status(exc: BaseException) -> grpc.Status:
+    """The gRPC status for exc: its code and message, with a google.rpc.BadRequest for invalid requests.
+
+    Anything that is not a JachatError is a bug: it becomes INTERNAL without leaking its text.
+    """
+    if not isinstance(exc, JachatError):
+        code, message = grpc.StatusCode.INTERNAL, "internal error"
+    else:
+        code, message = exc.code, str(exc)
+    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
+    if isinstance(exc, InvalidRequest):
+        detail = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                for v in exc.violations
+            ]
+        )
+        status.details.add().Pack(detail)
+    result: grpc.Status = rpc_status.to_status(status)
+    return result

@@ -1,0 +1,61 @@
+"""Assembling the reply text: `<NL>` becomes a newline and stop strings end the reply, across delta boundaries.
+
+The model writes `<NL>` either as one piece or as several (`<`, `NL`, `>`), so the replacement works on text, not
+ids. Text that could still turn into `<NL>` or into a stop string is held back until it can't, so no delta ever
+has to be taken back and a matched stop string is never sent.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from service.prompt import NEWLINE
+
+
+def _held_suffix(text: str, patterns: Sequence[str]) -> int:
+    """Length of the longest suffix of text that is a proper prefix of one of patterns."""
+    longest = 0
+    for pattern in patterns:
+        for size in range(min(len(pattern) - 1, len(text)), longest, -1):
+            if text.endswith(pattern[:size]):
+                longest = size
+                break
+    return longest
+
+
+class ReplyAssembler:
+    def __init__(self, stop: Sequence[str] = ()) -> None:
+        self.stop = tuple(s for s in stop if s)
+        self._raw = ""  # decoded model text not yet converted (may end in part of "<NL>")
+        self._text = ""  # converted text not yet emitted (may end in part of a stop string)
+        self.stopped = False
+
+    def push(self, text: str) -> str:
+        """Add decoded model text; returns the text that is now final. Sets `stopped` on a stop match."""
+        if self.stopped:
+            return ""
+        self._raw += text
+        keep = _held_suffix(self._raw, (NEWLINE,))
+        cut = len(self._raw) - keep
+        self._text += self._raw[:cut].replace(NEWLINE, "\n")
+        self._raw = self._raw[cut:]
+        return self._release()
+
+    def _release(self) -> str:
+        matches = [i for i in (self._text.find(s) for s in self.stop) if i >= 0]
+        if matches:
+            self.stopped = True
+            out, self._text, self._raw = self._text[: min(matches)], "", ""
+            return out
+        keep = _held_suffix(self._text, self.stop)
+        cut = len(self._text) - keep
+        out, self._text = self._text[:cut], self._text[cut:]
+        return out
+
+    def finish(self) -> str:
+        """The model is done: release whatever was held back."""
+        if self.stopped:
+            return ""
+        out = self._text + self._raw.replace(NEWLINE, "\n")
+        self._text = self._raw = ""
+        return out

@@ -1,0 +1,60 @@
+"""Sampling options: the model card's defaults, validation, and CTranslate2's argument names."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from service.errors import FieldViolation
+
+MAX_STOP_STRINGS = 16
+MAX_STOP_LENGTH = 256
+
+
+@dataclass(frozen=True)
+class SamplingOptions:
+    """Decoding options; the defaults are the model card's (do_sample with Hugging Face's default top_k 50)."""
+
+    max_new_tokens: int = 128
+    min_new_tokens: int = 0
+    temperature: float = 0.7  # 0 means greedy decoding
+    top_k: int = 50  # 0 means no limit
+    top_p: float = 1.0
+    repetition_penalty: float = 1.1  # applies to tokens generated in this reply, not to the prompt
+    no_repeat_ngram_size: int = 0
+    stop: tuple[str, ...] = field(default=())
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def violations(self) -> list[FieldViolation]:
+        """Every rule these options break, each naming its field under `sampling.`."""
+        problems: list[tuple[str, str]] = []
+        if self.max_new_tokens < 1:
+            problems.append(("max_new_tokens", "must be at least 1"))
+        if self.min_new_tokens > self.max_new_tokens:
+            problems.append(("min_new_tokens", f"must not exceed max_new_tokens ({self.max_new_tokens})"))
+        if not self.temperature >= 0.0 or self.temperature == float("inf"):
+            problems.append(("temperature", "must be a finite number >= 0 (0 means greedy)"))
+        if not 0.0 < self.top_p <= 1.0:
+            problems.append(("top_p", "must be in (0, 1]"))
+        if not 0.0 < self.repetition_penalty < float("inf"):
+            problems.append(("repetition_penalty", "must be a finite number > 0 (1 disables it)"))
+        if len(self.stop) > MAX_STOP_STRINGS:
+            problems.append(("stop", f"at most {MAX_STOP_STRINGS} stop strings"))
+        for i, s in enumerate(self.stop):
+            if not s or len(s) > MAX_STOP_LENGTH:
+                problems.append((f"stop[{i}]", f"must be 1 to {MAX_STOP_LENGTH} characters"))
+        return [FieldViolation(f"sampling.{name}", why) for name, why in problems]
+
+    def ctranslate2_kwargs(self) -> dict[str, Any]:
+        """generate_batch arguments (besides lengths, which depend on the prompt)."""
+        return {
+            "sampling_topk": 1 if self.greedy else self.top_k,
+            "sampling_topp": 1.0 if self.greedy else self.top_p,
+            "sampling_temperature": 1.0 if self.greedy else self.temperature,
+            "repetition_penalty": self.repetition_penalty,
+            "no_repeat_ngram_size": self.no_repeat_ngram_size,
+            "min_length": self.min_new_tokens,
+        }

@@ -1,0 +1,122 @@
+"""The gRPC server: ChatService, grpc.health.v1, reflection; start-up, model loading and graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from jachat.v1 import chat_pb2, chat_pb2_grpc
+from service.engine import Engine, EngineOptions
+from service.metrics import Metrics
+from service.servicer import ChatServicer
+from service.settings import Settings
+
+log = logging.getLogger("jachat.server")
+
+CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+def create_server(
+    address: str, servicer: ChatServicer, health_servicer: health.aio.HealthServicer
+) -> tuple[grpc.aio.Server, int]:
+    """A gRPC server with ChatService, health and reflection, bound to address (not started)."""
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+    )
+    chat_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection((CHAT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    port = server.add_insecure_port(address)
+    return server, port
+
+
+async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
+    status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+    for service in ("", CHAT_SERVICE):
+        await health_servicer.set(service, status)
+
+
+@dataclass
+class Service:
+    """A running jachat: gRPC server, metrics endpoint and engine."""
+
+    settings: Settings
+    server: grpc.aio.Server
+    port: int
+    metrics: Metrics
+    metrics_port: int | None
+    servicer: ChatServicer
+    health: health.aio.HealthServicer
+
+    @classmethod
+    async def start(cls, settings: Settings, registry: CollectorRegistry | None = None) -> Service:
+        """Listen at once (health NOT_SERVING), then load the model off the event loop."""
+        metrics = Metrics(registry or CollectorRegistry())
+        servicer = ChatServicer(metrics)
+        health_servicer = health.aio.HealthServicer()
+        await set_serving(health_servicer, False)
+        server, port = create_server(f"{settings.host}:{settings.port}", servicer, health_servicer)
+        metrics_port = (
+            None if settings.metrics_port < 0 else metrics.serve(settings.metrics_port, settings.metrics_host)
+        )
+        await server.start()
+        log.info("listening on %s:%d (metrics on %s), loading %s", settings.host, port, metrics_port, settings.model)
+        return cls(settings, server, port, metrics, metrics_port, servicer, health_servicer)
+
+    async def load_model(self) -> Engine:
+        options = EngineOptions(
+            model_dir=self.settings.model,
+            device=self.settings.device,
+            compute_type=self.settings.compute_type,
+            device_index=self.settings.device_index,
+            intra_threads=self.settings.intra_threads,
+            verify_checksums=self.settings.verify_checksums,
+        )
+        engine = await asyncio.to_thread(Engine, options)
+        self.servicer.attach(engine)
+        info = engine.info
+        self.metrics.model_info.labels(info.model_name, info.quantization, info.compute_type, info.device).set(1)
+        await set_serving(self.health, True)
+        log.info("serving %s on port %d", info.model_name, self.port)
+        return engine
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Health NOT_SERVING, refuse new calls, let in-flight ones finish within grace, release the model."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        engine, self.servicer.engine = self.servicer.engine, None
+        if engine is not None:
+            await asyncio.to_thread(engine.close)
+        self.metrics.close()
+
+
+async def run(settings: Settings) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully."""
+    service = await Service.start(settings)
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    try:
+        loader = asyncio.create_task(service.load_model())
+        stopper = asyncio.create_task(stopping.wait())
+        await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if loader.done():
+            loader.result()  # a load failure ends the process
+            await stopper
+        else:
+            loader.cancel()
+        log.info("stopping: draining for up to %.1f s", settings.grace_seconds)
+    finally:
+        await service.stop()

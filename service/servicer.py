@@ -1,0 +1,230 @@
+"""jachat.v1.ChatService: the only code that speaks protobuf. It converts requests to dataclasses, calls the
+engine, converts results back, and turns errors into statuses through `errors.to_status`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+
+import grpc
+
+from jachat.v1 import chat_pb2, chat_pb2_grpc
+from service.engine import Completion, Engine, FinishReason
+from service.errors import FieldViolation, InvalidRequest, JachatError, ModelNotReady, to_status
+from service.metrics import Metrics
+from service.prompt import Speaker, Turn, render_prompt
+from service.sampling import SamplingOptions
+
+log = logging.getLogger("jachat.servicer")
+
+_SPEAKERS = {chat_pb2.SPEAKER_USER: Speaker.USER, chat_pb2.SPEAKER_SYSTEM: Speaker.SYSTEM}
+_FINISH_REASONS = {
+    FinishReason.END_OF_TURN: chat_pb2.FINISH_REASON_END_OF_TURN,
+    FinishReason.LENGTH: chat_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP: chat_pb2.FINISH_REASON_STOP,
+    FinishReason.CANCELLED: chat_pb2.FINISH_REASON_UNSPECIFIED,
+}
+SAMPLING_DEFAULTS = SamplingOptions()
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    turns: list[Turn]
+    prompt: str
+    prompt_ids: list[int]
+    options: SamplingOptions
+    max_new_tokens: int
+
+
+def turns_from_pb(turns: Sequence[chat_pb2.Turn]) -> list[Turn]:
+    """Turns of a request; the conversation must be non-empty and end with the user's turn."""
+    if not turns:
+        raise InvalidRequest([FieldViolation("turns", "must not be empty: give at least the user's turn")])
+    violations = []
+    result = []
+    for i, turn in enumerate(turns):
+        speaker = _SPEAKERS.get(turn.speaker)
+        if speaker is None:
+            name = chat_pb2.Speaker.Name(turn.speaker) if turn.speaker in chat_pb2.Speaker.values() else turn.speaker
+            violations.append(
+                FieldViolation(f"turns[{i}].speaker", f"is {name}; must be SPEAKER_USER or SPEAKER_SYSTEM")
+            )
+            continue
+        result.append(Turn(speaker, turn.text))
+    if not violations and result[-1].speaker is not Speaker.USER:
+        violations.append(
+            FieldViolation(
+                f"turns[{len(turns) - 1}].speaker",
+                "the last turn must be the user's (SPEAKER_USER): the model writes the next system turn",
+            )
+        )
+    if violations:
+        raise InvalidRequest(violations)
+    return result
+
+
+def sampling_from_pb(params: chat_pb2.SamplingParams) -> tuple[SamplingOptions, bool]:
+    """Options with unset fields at their defaults, and whether max_new_tokens was set explicitly."""
+    d = SAMPLING_DEFAULTS
+    options = SamplingOptions(
+        max_new_tokens=params.max_new_tokens if params.HasField("max_new_tokens") else d.max_new_tokens,
+        min_new_tokens=params.min_new_tokens if params.HasField("min_new_tokens") else d.min_new_tokens,
+        temperature=params.temperature if params.HasField("temperature") else d.temperature,
+        top_k=params.top_k if params.HasField("top_k") else d.top_k,
+        top_p=params.top_p if params.HasField("top_p") else d.top_p,
+        repetition_penalty=(
+            params.repetition_penalty if params.HasField("repetition_penalty") else d.repetition_penalty
+        ),
+        no_repeat_ngram_size=(
+            params.no_repeat_ngram_size if params.HasField("no_repeat_ngram_size") else d.no_repeat_ngram_size
+        ),
+        stop=tuple(params.stop),
+    )
+    violations = options.violations()
+    if violations:
+        raise InvalidRequest(violations)
+    return options, params.HasField("max_new_tokens")
+
+
+def sampling_to_pb(options: SamplingOptions) -> chat_pb2.SamplingParams:
+    return chat_pb2.SamplingParams(
+        max_new_tokens=options.max_new_tokens,
+        min_new_tokens=options.min_new_tokens,
+        temperature=options.temperature,
+        top_k=options.top_k,
+        top_p=options.top_p,
+        repetition_penalty=options.repetition_penalty,
+        no_repeat_ngram_size=options.no_repeat_ngram_size,
+        stop=list(options.stop),
+    )
+
+
+def usage_to_pb(completion: Completion) -> chat_pb2.Usage:
+    return chat_pb2.Usage(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens)
+
+
+class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+        self.engine: Engine | None = None
+
+    def attach(self, engine: Engine) -> None:
+        self.engine = engine
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise ModelNotReady("the model is still loading; retry shortly")
+        return self.engine
+
+    @asynccontextmanager
+    async def _rpc(self, name: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+        """Record the RPC's outcome and map every error to its status, in one place."""
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        try:
+            yield
+        except grpc.aio.AbortError:  # the status is already set
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or went away
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except Exception as exc:
+            if not isinstance(exc, JachatError):
+                log.exception("%s failed", name)
+            status = to_status(exc)
+            code = status.code
+            await context.abort(status.code, status.details, status.trailing_metadata)
+        finally:
+            self.metrics.requests.labels(name, code.name).inc()
+            self.metrics.request_duration.labels(name).observe(time.perf_counter() - started)
+
+    def _prepare(self, turns: Sequence[chat_pb2.Turn], sampling: chat_pb2.SamplingParams) -> PreparedRequest:
+        engine = self._engine()
+        parsed = turns_from_pb(turns)
+        options, explicit_max = sampling_from_pb(sampling)
+        prompt = render_prompt(parsed)
+        prompt_ids = engine.prompt_ids(prompt)
+        max_new = engine.max_new_tokens(len(prompt_ids), options, explicit_max)
+        return PreparedRequest(parsed, prompt, prompt_ids, options, max_new)
+
+    async def _generate(self, request: PreparedRequest) -> AsyncIterator[str | Completion]:
+        engine = self._engine()
+        started = time.perf_counter()
+        first = True
+        self.metrics.running.inc()
+        try:
+            async for item in engine.stream(request.prompt_ids, request.options, request.max_new_tokens):
+                if isinstance(item, Completion):
+                    self.metrics.prompt_tokens.inc(item.prompt_tokens)
+                    self.metrics.generated_tokens.inc(item.completion_tokens)
+                    self.metrics.finished.labels(item.finish_reason.value).inc()
+                elif first:
+                    self.metrics.time_to_first_token.observe(time.perf_counter() - started)
+                    first = False
+                yield item
+        finally:
+            self.metrics.running.dec()
+
+    async def Generate(
+        self, request: chat_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.GenerateResponse:
+        async with self._rpc("Generate", context):
+            prepared = self._prepare(request.turns, request.sampling)
+            parts: list[str] = []
+            async for item in self._generate(prepared):
+                if isinstance(item, Completion):
+                    return chat_pb2.GenerateResponse(
+                        text="".join(parts),
+                        finish_reason=_FINISH_REASONS[item.finish_reason],
+                        usage=usage_to_pb(item),
+                    )
+                parts.append(item)
+        raise AssertionError("engine stream ended without a Completion")  # pragma: no cover
+
+    async def GenerateStream(
+        self, request: chat_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[chat_pb2.GenerateStreamResponse]:
+        async with self._rpc("GenerateStream", context):
+            prepared = self._prepare(request.turns, request.sampling)
+            async for item in self._generate(prepared):
+                if isinstance(item, Completion):
+                    yield chat_pb2.GenerateStreamResponse(
+                        finish_reason=_FINISH_REASONS[item.finish_reason], usage=usage_to_pb(item)
+                    )
+                else:
+                    yield chat_pb2.GenerateStreamResponse(text=item)
+
+    async def Tokenize(
+        self, request: chat_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.TokenizeResponse:
+        async with self._rpc("Tokenize", context):
+            engine = self._engine()
+            prompt = render_prompt(turns_from_pb(request.turns))
+            ids = engine.prompt_ids(prompt)
+            return chat_pb2.TokenizeResponse(
+                token_count=len(ids),
+                pieces=[engine.tokenizer.pieces[i] for i in ids],
+                token_ids=ids,
+                prompt=prompt,
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def GetModelInfo(
+        self, request: chat_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+    ) -> chat_pb2.GetModelInfoResponse:
+        async with self._rpc("GetModelInfo", context):
+            info = self._engine().info
+            return chat_pb2.GetModelInfoResponse(
+                model_name=info.model_name,
+                compute_type=info.compute_type,
+                device=info.device,
+                vocab_size=info.vocab_size,
+                context_length=info.context_length,
+                sampling_defaults=sampling_to_pb(SAMPLING_DEFAULTS),
+                quantization=info.quantization,
+            )
+        raise AssertionError("unreachable")  # pragma: no cover

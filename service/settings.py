@@ -1,0 +1,114 @@
+"""Service settings: one definition that yields the command-line flags and the environment variables.
+
+Every field `name` is the flag `--name-with-dashes` and the variable `JACHAT_NAME`; a flag beats its variable,
+which beats the default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "JACHAT_"
+COMPUTE_TYPES = (
+    "default",
+    "auto",
+    "int8",
+    "int8_float32",
+    "int8_float16",
+    "int8_bfloat16",
+    "int16",
+    "float16",
+    "bfloat16",
+    "float32",
+)
+
+
+def _opt(help: str, **kwargs: Any) -> dict[str, Any]:
+    return {"help": help, **kwargs}
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: Path = field(metadata=_opt("converted model folder (from jachat-convert)"))
+    host: str = field(default="[::]", metadata=_opt("address to listen on for gRPC"))
+    port: int = field(default=50051, metadata=_opt("gRPC port (0 picks a free one)"))
+    metrics_host: str = field(default="0.0.0.0", metadata=_opt("address for the Prometheus /metrics endpoint"))
+    metrics_port: int = field(default=9090, metadata=_opt("port for /metrics (0 picks a free one, -1 disables)"))
+    device: str = field(default="auto", metadata=_opt("where to run the model", choices=("auto", "cpu", "cuda")))
+    compute_type: str = field(
+        default="default",
+        metadata=_opt(
+            "CTranslate2 compute type; default keeps the converted type (an unsupported one falls back, logged)",
+            choices=COMPUTE_TYPES,
+        ),
+    )
+    device_index: int = field(default=0, metadata=_opt("GPU index"))
+    intra_threads: int = field(default=0, metadata=_opt("CPU threads per generation (0: CTranslate2 default)"))
+    verify_checksums: bool = field(default=True, metadata=_opt("check the model files against the manifest"))
+    grace_seconds: float = field(default=10.0, metadata=_opt("on SIGTERM, how long in-flight calls may finish"))
+    log_level: str = field(default="info", metadata=_opt("log level", choices=("debug", "info", "warning", "error")))
+
+
+def env_name(name: str) -> str:
+    return ENV_PREFIX + name.upper()
+
+
+def env_names() -> list[str]:
+    """Every environment variable the service reads."""
+    return [env_name(f.name) for f in dataclasses.fields(Settings)]
+
+
+def _parse_bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def _converter(f: dataclasses.Field[Any]) -> Any:
+    kind = {"Path": Path, "int": int, "float": float, "bool": _parse_bool}.get(str(f.type), str)
+    return kind
+
+
+def build_parser(environ: Mapping[str, str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="jachat-serve",
+        description="Serve rinna's chat model over gRPC (jachat.v1.ChatService). Every flag can also be set "
+        f"through an environment variable {ENV_PREFIX}<FLAG> (e.g. {ENV_PREFIX}PORT).",
+    )
+    for f in dataclasses.fields(Settings):
+        flag = "--" + f.name.replace("_", "-")
+        env = env_name(f.name)
+        convert = _converter(f)
+        kwargs: dict[str, Any] = {"type": convert, "dest": f.name}
+        if "choices" in f.metadata:
+            kwargs["choices"] = f.metadata["choices"]
+        if env in environ:
+            try:
+                kwargs["default"] = convert(environ[env])
+            except (ValueError, argparse.ArgumentTypeError) as exc:
+                parser.error(f"{env}={environ[env]!r}: {exc}")
+        elif f.default is not dataclasses.MISSING:
+            kwargs["default"] = f.default
+        else:
+            kwargs["required"] = True
+        default_text = "required" if kwargs.get("required") else f"default: {kwargs['default']}"
+        kwargs["help"] = f"{f.metadata['help']} (env {env}; {default_text})"
+        if convert is _parse_bool:
+            kwargs["metavar"] = "{true,false}"
+        parser.add_argument(flag, **kwargs)
+    return parser
+
+
+def load_settings(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    args = build_parser(environ).parse_args(argv)
+    return Settings(**vars(args))
