@@ -56,6 +56,9 @@ class ReplyAssembler:
         """The model is done: release whatever was held back."""
         if self.stopped:
             return ""
-        out = self._text + self._raw.replace(NEWLINE, "\n")
-        self._text = self._raw = ""
+        self._text += self._raw.replace(NEWLINE, "\n")
+        self._raw = ""
+        out = self._release()
+        if not self.stopped:
+            out, self._text = out + self._text, ""
         return out

@@ -1,13 +1,13 @@
 """sentencepiece tokenization that behaves like sentencepiece itself (rinna's `use_fast=False`).
 
 Decoding is byte-exact and incremental: every id maps to the bytes it stands for (byte-fallback pieces to their
-byte, `▁` to a space, control tokens to nothing), and an incremental UTF-8 decoder turns those bytes into text,
-holding back an incomplete character until its last byte arrives and replacing invalid bytes with U+FFFD.
+byte, `▁` to a space, control tokens to nothing), and a UTF-8 decoder turns those bytes into text, holding back an
+incomplete character until its last byte arrives. Invalid bytes become U+FFFD one byte at a time, which is what
+sentencepiece's own decode does (Python's codec would merge some of them), so the text equals the card's.
 """
 
 from __future__ import annotations
 
-import codecs
 import re
 from pathlib import Path
 
@@ -50,18 +50,56 @@ class Tokenizer:
         return StreamDecoder(self)
 
 
+def _char_length(data: bytes | bytearray, start: int) -> int:
+    """Length of the UTF-8 character at start: > 0 if valid, 0 if data ends inside a valid prefix, -1 if invalid."""
+    lead = data[start]
+    if lead < 0x80:
+        return 1
+    if 0xC2 <= lead <= 0xDF:
+        size, low, high = 2, 0x80, 0xBF
+    elif 0xE0 <= lead <= 0xEF:
+        size = 3
+        low, high = {0xE0: (0xA0, 0xBF), 0xED: (0x80, 0x9F)}.get(lead, (0x80, 0xBF))
+    elif 0xF0 <= lead <= 0xF4:
+        size = 4
+        low, high = {0xF0: (0x90, 0xBF), 0xF4: (0x80, 0x8F)}.get(lead, (0x80, 0xBF))
+    else:
+        return -1
+    for i in range(1, size):
+        if start + i >= len(data):
+            return 0
+        byte = data[start + i]
+        if not (low <= byte <= high if i == 1 else 0x80 <= byte <= 0xBF):
+            return -1
+    return size
+
+
 class StreamDecoder:
     """Token ids in, text out, one id at a time; never emits half a character."""
 
     def __init__(self, tokenizer: Tokenizer) -> None:
         self._bytes = tokenizer.token_bytes
-        self._utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        self._pending = bytearray()
 
     def feed(self, token_id: int) -> str:
-        piece = self._bytes[token_id] if 0 <= token_id < len(self._bytes) else b""
-        text: str = self._utf8.decode(piece)
-        return text
+        if 0 <= token_id < len(self._bytes):
+            self._pending += self._bytes[token_id]
+        return self._decode(final=False)
 
     def flush(self) -> str:
-        text: str = self._utf8.decode(b"", final=True)
-        return text
+        return self._decode(final=True)
+
+    def _decode(self, final: bool) -> str:
+        data, out, pos = self._pending, [], 0
+        while pos < len(data):
+            size = _char_length(data, pos)
+            if size == 0 and not final:
+                break
+            if size <= 0:
+                out.append("\ufffd")
+                pos += 1
+            else:
+                out.append(data[pos : pos + size].decode("utf-8"))
+                pos += size
+        del data[:pos]
+        return "".join(out)

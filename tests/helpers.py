@@ -1,0 +1,161 @@
+"""Test helpers: demo checkpoints with steered output heads, and a real jachat-serve process on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+from jachat.v1 import chat_pb2, chat_pb2_grpc
+
+REPO = Path(__file__).resolve().parents[1]
+MODEL_CARD = REPO.parent / "shared" / "model-card.txt"
+
+CARD_TURNS = [
+    ("ユーザー", "コンタクトレンズを慣れるにはどうすればよいですか?"),
+    ("システム", "これについて具体的に説明していただけますか?何が難しいのでしょうか?"),
+    ("ユーザー", "目が痛いのです。"),
+    ("システム", "分かりました、コンタクトレンズをつけると目がかゆくなるということですね。思った以上にレンズを外す必要があるでしょうか?"),
+    ("ユーザー", "いえ、レンズは外しませんが、目が赤くなるんです。"),
+]
+
+
+def user(text: str) -> chat_pb2.Turn:
+    return chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text=text)
+
+
+def system(text: str) -> chat_pb2.Turn:
+    return chat_pb2.Turn(speaker=chat_pb2.SPEAKER_SYSTEM, text=text)
+
+
+def card_turns_pb() -> list[chat_pb2.Turn]:
+    return [user(t) if s == "ユーザー" else system(t) for s, t in CARD_TURNS]
+
+
+def greedy(max_new_tokens: int = 24, **kwargs: object) -> chat_pb2.SamplingParams:
+    return chat_pb2.SamplingParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
+                                   **kwargs)
+
+
+def steer_output(src: Path, dst: Path, edit: Callable[[np.ndarray], None]) -> Path:
+    """Copy a float32 demo checkpoint and edit its output projection (embed_out, vocab x hidden) in place."""
+    from safetensors.numpy import load_file, save_file
+
+    shutil.copytree(src, dst)
+    weights = load_file(str(dst / "model.safetensors"))
+    out = weights["embed_out.weight"].copy()
+    edit(out)
+    weights["embed_out.weight"] = out
+    save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@dataclass
+class ServerProcess:
+    process: subprocess.Popen[str]
+    port: int
+    metrics_port: int
+    log: list[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
+
+    def stub(self, channel: grpc.Channel) -> chat_pb2_grpc.ChatServiceStub:
+        return chat_pb2_grpc.ChatServiceStub(channel)
+
+    def stop(self) -> int:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def start_server(model: Path, *extra: str, timeout: float = 120.0) -> ServerProcess:
+    """Run `python -m service` on free loopback ports; returns once its health is SERVING."""
+    cmd = [sys.executable, "-m", "service", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
+           "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--device", "cpu", *extra]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
+    lines: list[str] = []
+    ready = threading.Event()
+    ports: dict[str, int] = {}
+
+    def read() -> None:
+        assert process.stderr is not None
+        for line in process.stderr:
+            lines.append(line)
+            if m := re.search(r"listening on .*:(\d+) \(metrics on (\d+)\)", line):
+                ports["grpc"], ports["metrics"] = int(m.group(1)), int(m.group(2))
+            if "serving" in line and " on port " in line:
+                ready.set()
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    while not ready.wait(0.1):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError("jachat-serve did not start:\n" + "".join(lines))
+    return ServerProcess(process, ports["grpc"], ports["metrics"], lines)
+
+
+def hf_generate(checkpoint: Path, prompt_ids: list[int], max_new_tokens: int, repetition_penalty: float = 1.0,
+                logits_processor: object = None) -> list[int]:
+    """Greedy ids from Hugging Face transformers' generate (the model card's code path), float32 CPU."""
+    import torch
+    import transformers
+
+    model = _hf_model(checkpoint)
+    kwargs: dict[str, object] = {}
+    if logits_processor is not None:
+        kwargs["logits_processor"] = transformers.LogitsProcessorList([logits_processor])
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens,
+            repetition_penalty=repetition_penalty, pad_token_id=0, bos_token_id=2, eos_token_id=3, **kwargs,
+        )
+    ids: list[int] = out[0][len(prompt_ids):].tolist()
+    return ids
+
+
+_HF_MODELS: dict[Path, object] = {}
+
+
+def _hf_model(checkpoint: Path) -> object:
+    import torch
+    import transformers
+
+    if checkpoint not in _HF_MODELS:
+        _HF_MODELS[checkpoint] = transformers.GPTNeoXForCausalLM.from_pretrained(
+            str(checkpoint), dtype=torch.float32).eval()
+    return _HF_MODELS[checkpoint]
+
+
+def piece_id(checkpoint: Path, piece: str) -> int:
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(checkpoint / "spiece.model"))
+    token_id: int = sp.piece_to_id(piece)
+    return token_id
+
+
+def read_json(path: Path) -> dict[str, object]:
+    data: dict[str, object] = json.loads(path.read_text())
+    return data

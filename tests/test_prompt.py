@@ -1,0 +1,38 @@
+from __future__ import annotations
+
+import re
+
+import pytest
+
+from service.prompt import Speaker, Turn, render_prompt
+from tests.helpers import CARD_TURNS, MODEL_CARD, REPO
+
+GOLDEN = REPO / "tests" / "data" / "model_card_prompt.txt"
+
+
+def card_turns() -> list[Turn]:
+    speakers = {s.value: s for s in Speaker}
+    return [Turn(speakers[s], t) for s, t in CARD_TURNS]
+
+
+def test_model_card_five_turn_example_renders_byte_for_byte() -> None:
+    assert render_prompt(card_turns()).encode("utf-8") == GOLDEN.read_bytes()
+
+
+@pytest.mark.skipif(not MODEL_CARD.exists(), reason="the model card lives in ../shared (not in a user's clone)")
+def test_golden_prompt_is_the_model_cards_printed_prompt() -> None:
+    card = MODEL_CARD.read_text(encoding="utf-8")
+    printed = re.search(r'print\(prompt\) # "(.*?<NL>システム: )"', card)
+    assert printed is not None
+    assert printed.group(1) == GOLDEN.read_text(encoding="utf-8")
+    for speaker, text in CARD_TURNS:
+        assert f'"speaker": "{speaker}", "text": "{text}"' in card
+
+
+def test_newlines_inside_text_become_nl() -> None:
+    prompt = render_prompt([Turn(Speaker.USER, "一行目\n二行目\r\n三行目\r四行目")])
+    assert prompt == "ユーザー: 一行目<NL>二行目<NL>三行目<NL>四行目<NL>システム: "
+
+
+def test_single_turn_prompt_ends_with_system_cue() -> None:
+    assert render_prompt([Turn(Speaker.USER, "こんにちは")]) == "ユーザー: こんにちは<NL>システム: "

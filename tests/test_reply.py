@@ -1,0 +1,69 @@
+from __future__ import annotations
+
+import random
+
+from service.reply import ReplyAssembler
+from service.tokenizer import Tokenizer
+
+
+def assemble(chunks: list[str], stop: tuple[str, ...] = ()) -> tuple[list[str], bool]:
+    reply = ReplyAssembler(stop)
+    out = [reply.push(c) for c in chunks]
+    out.append(reply.finish())
+    return out, reply.stopped
+
+
+def reference(text: str, stop: tuple[str, ...]) -> tuple[str, bool]:
+    text = text.replace("<NL>", "\n")
+    hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+    return (text[: min(hits)], True) if hits else (text, False)
+
+
+def test_nl_split_over_chunks_becomes_newline() -> None:
+    out, _ = assemble(["一行目<", "N", "L>二", "行目<NL", ">"])
+    assert "".join(out) == "一行目\n二行目\n"
+    assert all("<" not in o for o in out)
+
+
+def test_partial_nl_at_the_end_is_kept_literally() -> None:
+    out, _ = assemble(["a<N"])
+    assert "".join(out) == "a<N"
+
+
+def test_stop_string_split_over_chunks_is_never_sent() -> None:
+    out, stopped = assemble(["こんに", "ちは。ユー", "ザー: 次"], stop=("\nユーザー:", "ユーザー:"))
+    assert stopped
+    assert "".join(out) == "こんにちは。"
+
+
+def test_stop_string_across_nl() -> None:
+    out, stopped = assemble(["答え<", "NL>ユーザー", ": また"], stop=("\nユーザー:",))
+    assert stopped and "".join(out) == "答え"
+
+
+def test_text_that_only_looks_like_a_stop_prefix_is_released() -> None:
+    out, stopped = assemble(["abc ST", "ILL going"], stop=("STOP",))
+    assert not stopped and "".join(out) == "abc STILL going"
+
+
+def test_random_chunkings_agree_with_the_whole_text() -> None:
+    rng = random.Random(7)
+    alphabet = ["a", "<", "N", "L", ">", "\n", "終", "わ", "り", "<NL>"]
+    for _ in range(500):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 30)))
+        stop = tuple({"".join(rng.choice(alphabet[:9]) for _ in range(rng.randint(1, 3))) for _ in range(2)})
+        cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 6))))
+        chunks = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+        out, stopped = assemble(chunks, stop)
+        assert ("".join(out), stopped) == reference(text, stop), (text, stop, chunks)
+
+
+def test_nl_spelled_with_several_pieces_streams_as_newline(demo_checkpoint_split_nl: object) -> None:
+    from pathlib import Path
+
+    tokenizer = Tokenizer(Path(str(demo_checkpoint_split_nl)) / "spiece.model")
+    ids = tokenizer.encode("はい<NL>いいえ<NL>")
+    assert len(ids) > len(tokenizer.encode("はいいいえ")) + 2  # <NL> is several pieces here
+    decoder, reply = tokenizer.decoder(), ReplyAssembler()
+    deltas = [reply.push(decoder.feed(i)) for i in ids] + [reply.finish()]
+    assert "".join(deltas) == "はい\nいいえ\n"
