@@ -1,0 +1,135 @@
+"""Token parity with the model card's Hugging Face code path, on the offline demo checkpoint (float32)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from service.engine import Completion, Engine, EngineOptions, FinishReason
+from service.prompt import Speaker, Turn, render_prompt
+from service.sampling import SamplingOptions
+from tests.helpers import CARD_TURNS, hf_generate
+
+PROMPTS = [
+    [Turn(Speaker(s), t) for s, t in CARD_TURNS],
+    [Turn(Speaker.USER, "吾輩は猫である。名前はまだ無い。")],
+    [Turn(Speaker.USER, "日本の首都はどこですか?")],
+    [Turn(Speaker.USER, "გამარჯობა 吾輩は 猫である ")],
+    [Turn(Speaker.USER, "こんにちは"), Turn(Speaker.SYSTEM, "こんにちは!\nご用件は?"), Turn(Speaker.USER, "天気")],
+    [Turn(Speaker.USER, "Pythonを勉強したいです。何から始めればよいでしょうか?")],
+]
+GREEDY = SamplingOptions(temperature=0.0, repetition_penalty=1.0, max_new_tokens=32)
+
+
+def run(engine: Engine, prompt_ids: list[int], options: SamplingOptions) -> tuple[str, Completion]:
+    async def collect() -> tuple[str, Completion]:
+        parts: list[str] = []
+        async for item in engine.stream(prompt_ids, options):
+            if isinstance(item, Completion):
+                return "".join(parts), item
+            parts.append(item)
+        raise AssertionError("no completion")
+
+    return asyncio.run(collect())
+
+
+@pytest.fixture(scope="module")
+def engine_f32(model_f32: Path) -> Iterator[Engine]:
+    engine = Engine(EngineOptions(model_f32, device="cpu"))
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def engine_int8(model_int8: Path) -> Iterator[Engine]:
+    engine = Engine(EngineOptions(model_int8, device="cpu"))
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("index", range(len(PROMPTS)))
+def test_greedy_token_ids_equal_hugging_face(engine_f32: Engine, demo_checkpoint: Path, index: int) -> None:
+    prompt_ids = engine_f32.prompt_ids(render_prompt(PROMPTS[index]))
+    text, completion = run(engine_f32, prompt_ids, GREEDY)
+    expected = hf_generate(demo_checkpoint, prompt_ids, GREEDY.max_new_tokens, repetition_penalty=1.0)
+    assert list(completion.token_ids) == expected
+    assert completion.finish_reason is FinishReason.LENGTH and completion.completion_tokens == 32
+    assert text == engine_f32.tokenizer.decode(expected).replace("<NL>", "\n")
+
+
+class GeneratedOnlyRepetitionPenalty:
+    """Hugging Face's repetition penalty, restricted to the tokens generated after the prompt."""
+
+    def __init__(self, prompt_length: int, penalty: float) -> None:
+        self.prompt_length, self.penalty = prompt_length, penalty
+
+    def __call__(self, input_ids: object, scores: object) -> object:
+        import torch
+
+        assert isinstance(input_ids, torch.Tensor) and isinstance(scores, torch.Tensor)
+        generated = input_ids[:, self.prompt_length:]
+        if generated.shape[1] == 0:
+            return scores
+        picked = torch.gather(scores, 1, generated)
+        picked = torch.where(picked < 0, picked * self.penalty, picked / self.penalty)
+        return scores.scatter(1, generated, picked)
+
+
+def test_repetition_penalty_covers_generated_tokens_only(engine_f32: Engine, demo_checkpoint: Path) -> None:
+    """Decision (README, "Repetition penalty"): the penalty applies to the reply's own tokens, not the prompt's.
+
+    Prompts that already contain the tokens the model goes on to write are where the two rules part."""
+    options = SamplingOptions(temperature=0.0, repetition_penalty=1.1, max_new_tokens=32)
+    differs_from_prompt_penalty = 0
+    for turns in PROMPTS:
+        base = engine_f32.prompt_ids(render_prompt(turns))
+        plain = hf_generate(demo_checkpoint, base, 16, repetition_penalty=1.0)
+        for prompt_ids in (base, base + plain):  # the second prompt holds the model's own favourite tokens
+            _, completion = run(engine_f32, prompt_ids, options)
+            ours = hf_generate(demo_checkpoint, prompt_ids, 32, logits_processor=GeneratedOnlyRepetitionPenalty(
+                len(prompt_ids), 1.1))
+            assert list(completion.token_ids) == ours
+            with_prompt = hf_generate(demo_checkpoint, prompt_ids, 32, repetition_penalty=1.1)
+            differs_from_prompt_penalty += ours != with_prompt
+    print(f"\nreplies that differ from Hugging Face's prompt-inclusive penalty: "
+          f"{differs_from_prompt_penalty}/{2 * len(PROMPTS)}")
+    assert differs_from_prompt_penalty > 0  # the rule we chose is observable, and the engine follows it
+
+
+def test_int8_agrees_with_float32_on_most_greedy_tokens(engine_f32: Engine, engine_int8: Engine) -> None:
+    """Teacher-forced agreement: int8's greedy choice after float32's own prefix, position by position."""
+    agree = total = 0
+    for turns in PROMPTS:
+        prompt_ids = engine_f32.prompt_ids(render_prompt(turns))
+        _, reference = run(engine_f32, prompt_ids, GREEDY)
+        ref = list(reference.token_ids)
+        for step in range(len(ref)):
+            one = SamplingOptions(temperature=0.0, repetition_penalty=1.0, max_new_tokens=1)
+            _, c = run(engine_int8, prompt_ids + ref[:step], one)
+            agree += c.token_ids[0] == ref[step]
+            total += 1
+    rate = agree / total
+    print(f"\nint8 vs float32 greedy agreement: {agree}/{total} = {rate:.1%}")
+    assert rate >= 0.75
+
+
+def test_engine_ends_at_eos_and_strips_it(eos_checkpoint: Path, tmp_path: Path) -> None:
+    from converter.convert import ConvertOptions, convert
+
+    model = convert(ConvertOptions(str(eos_checkpoint), tmp_path / "m", "float32"))
+    engine = Engine(EngineOptions(model, device="cpu"))
+    try:
+        prompt_ids = engine.prompt_ids(render_prompt([Turn(Speaker.USER, "吾輩は猫である。名前はまだ無い。")]))
+        text, completion = run(engine, prompt_ids, GREEDY)
+        expected = hf_generate(eos_checkpoint, prompt_ids, GREEDY.max_new_tokens)
+        assert expected[-1] == 3 and len(expected) < GREEDY.max_new_tokens
+        assert completion.finish_reason is FinishReason.END_OF_TURN
+        assert list(completion.token_ids) == expected[:-1]
+        assert completion.completion_tokens == len(expected)
+        assert "</s>" not in text and text == engine.tokenizer.decode(expected[:-1]).replace("<NL>", "\n")
+    finally:
+        engine.close()
+
