@@ -3,14 +3,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from converter.convert import ConvertOptions, convert
 from converter.demo import DemoShape, build_demo_checkpoint
-from tests.helpers import ServerProcess, hf_generate, start_server, steer_output
 from service.prompt import Speaker, Turn, render_prompt
 from service.tokenizer import Tokenizer
+from tests.helpers import ServerProcess, script_checkpoint, start_server
 
 
 @pytest.fixture(scope="session")
@@ -44,47 +43,51 @@ def tokenizer(demo_checkpoint: Path) -> Tokenizer:
     return Tokenizer(demo_checkpoint / "spiece.model")
 
 
-@pytest.fixture(scope="session")
-def byte_heavy_checkpoint(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Output head steered towards byte-fallback pieces, so greedy replies are mostly raw bytes:
-    multi-byte characters split over several tokens, and stray bytes that are not valid UTF-8."""
-    from tests.helpers import piece_id
+# What the scripted checkpoints write, token by token: "あ" split over three byte pieces, a stray 0xFF, <NL>,
+# "猫", a 4-byte emoji over four byte pieces, a stray continuation byte, then </s>.
+SCRIPTED_REPLY = "あ\ufffd\n猫😺\ufffd"
+_SCRIPT = [
+    "<0xE3>",
+    "<0x81>",
+    "<0x82>",
+    "<0xFF>",
+    "<NL>",
+    "猫",
+    "<0xF0>",
+    "<0x9F>",
+    "<0x98>",
+    "<0xBA>",
+    "<0x80>",
+    "</s>",
+]
 
-    byte_ids = [piece_id(demo_checkpoint, f"<0x{b:02X}>") for b in range(256)]
 
-    def edit(out: np.ndarray) -> None:
-        out[byte_ids] *= 4.0
-
-    return steer_output(demo_checkpoint, tmp_path_factory.mktemp("hf") / "bytes", edit)
-
-
-def _steered_to(checkpoint: Path, target_id: int, tmp: Path, name: str, step: int = 6) -> Path:
-    """A copy whose head emits target_id wherever plain greedy decoding of the card prompt picks the token
-    it picked at `step`: that token's output row, doubled, becomes target_id's row."""
+def _script_ids(checkpoint: Path, pieces: list[str]) -> list[int]:
     tokenizer = Tokenizer(checkpoint / "spiece.model")
-    prompt_ids = tokenizer.encode(render_prompt([Turn(Speaker.USER, "吾輩は猫である。名前はまだ無い。")]))
-    plain = hf_generate(checkpoint, prompt_ids, step + 1)
-    chosen = plain[step]
-
-    def edit(out: np.ndarray) -> None:
-        out[target_id] = 2.0 * out[chosen]
-
-    return steer_output(checkpoint, tmp / name, edit)
+    prompt_last = tokenizer.encode(render_prompt([Turn(Speaker.USER, "x")]))[-1]
+    ids = [prompt_last]
+    for piece in pieces:
+        ids += [tokenizer.pieces.index(piece)] if piece in tokenizer.pieces else tokenizer.encode(piece)
+    return ids
 
 
 @pytest.fixture(scope="session")
-def eos_checkpoint(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A checkpoint whose greedy reply ends with </s> after a few tokens."""
-    return _steered_to(demo_checkpoint, 3, tmp_path_factory.mktemp("hf"), "eos")
+def scripted_checkpoint(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Greedy replies are exactly SCRIPTED_REPLY, ended by </s>, whatever the prompt."""
+    ids = _script_ids(demo_checkpoint, _SCRIPT)
+    return script_checkpoint(demo_checkpoint, tmp_path_factory.mktemp("hf") / "scripted", ids)
 
 
 @pytest.fixture(scope="session")
-def newline_checkpoint(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A checkpoint whose greedy reply contains the <NL> piece."""
-    from tests.helpers import piece_id
+def scripted_split_nl_checkpoint(demo_checkpoint_split_nl: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """As scripted_checkpoint, on the vocabulary where <NL> is spelled with several pieces."""
+    ids = _script_ids(demo_checkpoint_split_nl, _SCRIPT)
+    return script_checkpoint(demo_checkpoint_split_nl, tmp_path_factory.mktemp("hf") / "scripted-split", ids)
 
-    return _steered_to(demo_checkpoint, piece_id(demo_checkpoint, "<NL>"), tmp_path_factory.mktemp("hf"), "nl",
-                       step=2)
+
+@pytest.fixture(scope="session")
+def scripted_model(scripted_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _convert(scripted_checkpoint, tmp_path_factory.mktemp("ct2") / "scripted", "float32")
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
@@ -10,12 +11,12 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 import numpy as np
+
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,7 +26,10 @@ CARD_TURNS = [
     ("ユーザー", "コンタクトレンズを慣れるにはどうすればよいですか?"),
     ("システム", "これについて具体的に説明していただけますか?何が難しいのでしょうか?"),
     ("ユーザー", "目が痛いのです。"),
-    ("システム", "分かりました、コンタクトレンズをつけると目がかゆくなるということですね。思った以上にレンズを外す必要があるでしょうか?"),
+    (
+        "システム",
+        "分かりました、コンタクトレンズをつけると目がかゆくなるということですね。思った以上にレンズを外す必要があるでしょうか?",
+    ),
     ("ユーザー", "いえ、レンズは外しませんが、目が赤くなるんです。"),
 ]
 
@@ -43,18 +47,33 @@ def card_turns_pb() -> list[chat_pb2.Turn]:
 
 
 def greedy(max_new_tokens: int = 24, **kwargs: object) -> chat_pb2.SamplingParams:
-    return chat_pb2.SamplingParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=max_new_tokens,
-                                   **kwargs)
+    return chat_pb2.SamplingParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=max_new_tokens, **kwargs)
 
 
-def steer_output(src: Path, dst: Path, edit: Callable[[np.ndarray], None]) -> Path:
-    """Copy a float32 demo checkpoint and edit its output projection (embed_out, vocab x hidden) in place."""
+def script_checkpoint(src: Path, dst: Path, script: list[int]) -> Path:
+    """Copy a float32 demo checkpoint and make its greedy output follow `script` exactly.
+
+    Attention and MLP outputs are zeroed, so the last hidden state is the final layer norm of the current
+    token's embedding: a bigram model. Then, for each consecutive pair (a, b) of script, b's output row is set
+    to point along a's hidden state, which makes b the clear argmax after a. script[0] is the prompt's last
+    token; every token may appear once as a source. The real converter, engine and transformers all run it."""
     from safetensors.numpy import load_file, save_file
 
+    sources = script[:-1]
+    if len(set(sources)) != len(sources):
+        raise ValueError("each token may lead to one successor only")
     shutil.copytree(src, dst)
     weights = load_file(str(dst / "model.safetensors"))
-    out = weights["embed_out.weight"].copy()
-    edit(out)
+    for name in list(weights):
+        if name.endswith(
+            ("attention.dense.weight", "attention.dense.bias", "mlp.dense_4h_to_h.weight", "mlp.dense_4h_to_h.bias")
+        ):
+            weights[name] = np.zeros_like(weights[name])
+    embed_in, out = weights["gpt_neox.embed_in.weight"], weights["embed_out.weight"].copy()
+    for a, b in itertools.pairwise(script):
+        x = embed_in[a] - embed_in[a].mean()
+        hidden = x / np.sqrt((x * x).mean() + 1e-5)
+        out[b] = 10.0 * hidden / np.linalg.norm(hidden)
     weights["embed_out.weight"] = out
     save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
@@ -85,13 +104,31 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        if self.process.stderr is not None:
+            self.process.stderr.close()
         return self.process.returncode
 
 
 def start_server(model: Path, *extra: str, timeout: float = 120.0) -> ServerProcess:
     """Run `python -m service` on free loopback ports; returns once its health is SERVING."""
-    cmd = [sys.executable, "-m", "service", "--model", str(model), "--host", "127.0.0.1", "--port", "0",
-           "--metrics-host", "127.0.0.1", "--metrics-port", "0", "--device", "cpu", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "service",
+        "--model",
+        str(model),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--metrics-host",
+        "127.0.0.1",
+        "--metrics-port",
+        "0",
+        "--device",
+        "cpu",
+        *extra,
+    ]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     lines: list[str] = []
@@ -116,8 +153,13 @@ def start_server(model: Path, *extra: str, timeout: float = 120.0) -> ServerProc
     return ServerProcess(process, ports["grpc"], ports["metrics"], lines)
 
 
-def hf_generate(checkpoint: Path, prompt_ids: list[int], max_new_tokens: int, repetition_penalty: float = 1.0,
-                logits_processor: object = None) -> list[int]:
+def hf_generate(
+    checkpoint: Path,
+    prompt_ids: list[int],
+    max_new_tokens: int,
+    repetition_penalty: float = 1.0,
+    logits_processor: object = None,
+) -> list[int]:
     """Greedy ids from Hugging Face transformers' generate (the model card's code path), float32 CPU."""
     import torch
     import transformers
@@ -128,10 +170,16 @@ def hf_generate(checkpoint: Path, prompt_ids: list[int], max_new_tokens: int, re
         kwargs["logits_processor"] = transformers.LogitsProcessorList([logits_processor])
     with torch.no_grad():
         out = model.generate(
-            torch.tensor([prompt_ids]), do_sample=False, max_new_tokens=max_new_tokens,
-            repetition_penalty=repetition_penalty, pad_token_id=0, bos_token_id=2, eos_token_id=3, **kwargs,
+            torch.tensor([prompt_ids]),
+            do_sample=False,
+            max_new_tokens=max_new_tokens,
+            repetition_penalty=repetition_penalty,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+            **kwargs,
         )
-    ids: list[int] = out[0][len(prompt_ids):].tolist()
+    ids: list[int] = out[0][len(prompt_ids) :].tolist()
     return ids
 
 
@@ -144,7 +192,8 @@ def _hf_model(checkpoint: Path) -> object:
 
     if checkpoint not in _HF_MODELS:
         _HF_MODELS[checkpoint] = transformers.GPTNeoXForCausalLM.from_pretrained(
-            str(checkpoint), dtype=torch.float32).eval()
+            str(checkpoint), dtype=torch.float32
+        ).eval()
     return _HF_MODELS[checkpoint]
 
 

@@ -19,7 +19,8 @@ def run_convert(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_output_folder_holds_model_tokenizer_and_manifest(model_int8: Path, demo_checkpoint: Path) -> None:
     assert sorted(p.name for p in model_int8.iterdir()) == sorted(
-        ["config.json", "model.bin", "vocabulary.json", "spiece.model", MANIFEST_NAME])
+        ["config.json", "model.bin", "vocabulary.json", "spiece.model", MANIFEST_NAME]
+    )
     assert (model_int8 / "spiece.model").read_bytes() == (demo_checkpoint / "spiece.model").read_bytes()
     manifest = read_manifest(model_int8)
     assert manifest.source == str(demo_checkpoint)
@@ -57,11 +58,24 @@ def test_manifest_detects_a_changed_file(model_int8: Path, tmp_path: Path) -> No
 def test_same_weights_as_ctranslate2s_own_converter(demo_checkpoint: Path, model_f32: Path, tmp_path: Path) -> None:
     """Under the pinned transformers, wrapping CTranslate2's converter changes nothing in the weights."""
     upstream = tmp_path / "upstream"
-    subprocess.run(["ct2-transformers-converter", "--model", str(demo_checkpoint), "--output_dir", str(upstream),
-                    "--quantization", "float32"], check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            "ct2-transformers-converter",
+            "--model",
+            str(demo_checkpoint),
+            "--output_dir",
+            str(upstream),
+            "--quantization",
+            "float32",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     assert sha256_file(upstream / "model.bin") == sha256_file(model_f32 / "model.bin")
     assert json.loads((upstream / "vocabulary.json").read_text()) == json.loads(
-        (model_f32 / "vocabulary.json").read_text())
+        (model_f32 / "vocabulary.json").read_text()
+    )
 
 
 def test_refuses_existing_output_without_force(demo_checkpoint: Path, tmp_path: Path) -> None:
@@ -81,8 +95,18 @@ def test_refuses_existing_output_without_force(demo_checkpoint: Path, tmp_path: 
 def test_refuses_a_checkpoint_that_is_not_gpt_neox(tmp_path: Path) -> None:
     src = tmp_path / "gpt2"
     src.mkdir()
-    (src / "config.json").write_text(json.dumps({"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"],
-                                                 "n_layer": 1, "n_head": 1, "n_embd": 8, "vocab_size": 10}))
+    (src / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "gpt2",
+                "architectures": ["GPT2LMHeadModel"],
+                "n_layer": 1,
+                "n_head": 1,
+                "n_embd": 8,
+                "vocab_size": 10,
+            }
+        )
+    )
     with pytest.raises(ConversionError, match=r"not a GPT-NeoX checkpoint: found model_type 'gpt2'"):
         convert(ConvertOptions(source=str(src), output=tmp_path / "out"))
     assert not (tmp_path / "out").exists()
@@ -105,7 +129,8 @@ def test_demo_checkpoint_looks_like_rinnas(demo_checkpoint: Path) -> None:
     tok = json.loads((demo_checkpoint / "tokenizer_config.json").read_text())
     assert tok["tokenizer_class"] == "T5Tokenizer"
     model, info = transformers.GPTNeoXForCausalLM.from_pretrained(
-        str(demo_checkpoint), dtype=torch.float32, output_loading_info=True)
+        str(demo_checkpoint), dtype=torch.float32, output_loading_info=True
+    )
     assert info["missing_keys"] == [] and info["unexpected_keys"] == []
     import sentencepiece as spm
 
@@ -126,12 +151,17 @@ def test_transformers_5_gives_the_same_model(demo_checkpoint: Path, model_f32: P
     """CTranslate2 4.8.5's GPT-NeoX loader breaks on transformers 5.x; ours must not, and must agree."""
     assert TF5, "CI must set JACHAT_TF5_SITE to a folder with transformers 5.x installed (see .ci/run)"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([TF5, str(REPO)])}
-    code = "import transformers, sys; print(transformers.__version__); sys.exit(0 if transformers.__version__ >= '5' else 3)"
+    code = "import sys, transformers as t; print(t.__version__); sys.exit(0 if t.__version__ >= '5' else 3)"
     version = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert version.returncode == 0, version.stdout + version.stderr
     out = tmp_path / "tf5"
-    result = subprocess.run([sys.executable, "-m", "converter", str(demo_checkpoint), "--output", str(out), "-q",
-                             "float32"], env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [sys.executable, "-m", "converter", str(demo_checkpoint), "--output", str(out), "-q", "float32"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr
     assert read_manifest(out).tools["transformers"].startswith("5.")
     assert sha256_file(out / "model.bin") == sha256_file(model_f32 / "model.bin")

@@ -70,7 +70,7 @@ class GeneratedOnlyRepetitionPenalty:
         import torch
 
         assert isinstance(input_ids, torch.Tensor) and isinstance(scores, torch.Tensor)
-        generated = input_ids[:, self.prompt_length:]
+        generated = input_ids[:, self.prompt_length :]
         if generated.shape[1] == 0:
             return scores
         picked = torch.gather(scores, 1, generated)
@@ -89,13 +89,16 @@ def test_repetition_penalty_covers_generated_tokens_only(engine_f32: Engine, dem
         plain = hf_generate(demo_checkpoint, base, 16, repetition_penalty=1.0)
         for prompt_ids in (base, base + plain):  # the second prompt holds the model's own favourite tokens
             _, completion = run(engine_f32, prompt_ids, options)
-            ours = hf_generate(demo_checkpoint, prompt_ids, 32, logits_processor=GeneratedOnlyRepetitionPenalty(
-                len(prompt_ids), 1.1))
+            ours = hf_generate(
+                demo_checkpoint, prompt_ids, 32, logits_processor=GeneratedOnlyRepetitionPenalty(len(prompt_ids), 1.1)
+            )
             assert list(completion.token_ids) == ours
             with_prompt = hf_generate(demo_checkpoint, prompt_ids, 32, repetition_penalty=1.1)
             differs_from_prompt_penalty += ours != with_prompt
-    print(f"\nreplies that differ from Hugging Face's prompt-inclusive penalty: "
-          f"{differs_from_prompt_penalty}/{2 * len(PROMPTS)}")
+    print(
+        f"\nreplies that differ from Hugging Face's prompt-inclusive penalty: "
+        f"{differs_from_prompt_penalty}/{2 * len(PROMPTS)}"
+    )
     assert differs_from_prompt_penalty > 0  # the rule we chose is observable, and the engine follows it
 
 
@@ -116,15 +119,12 @@ def test_int8_agrees_with_float32_on_most_greedy_tokens(engine_f32: Engine, engi
     assert rate >= 0.75
 
 
-def test_engine_ends_at_eos_and_strips_it(eos_checkpoint: Path, tmp_path: Path) -> None:
-    from converter.convert import ConvertOptions, convert
-
-    model = convert(ConvertOptions(str(eos_checkpoint), tmp_path / "m", "float32"))
-    engine = Engine(EngineOptions(model, device="cpu"))
+def test_engine_ends_at_eos_and_strips_it(scripted_model: Path, scripted_checkpoint: Path) -> None:
+    engine = Engine(EngineOptions(scripted_model, device="cpu"))
     try:
-        prompt_ids = engine.prompt_ids(render_prompt([Turn(Speaker.USER, "吾輩は猫である。名前はまだ無い。")]))
+        prompt_ids = engine.prompt_ids(render_prompt([Turn(Speaker.USER, "吾輩は猫である。")]))
         text, completion = run(engine, prompt_ids, GREEDY)
-        expected = hf_generate(eos_checkpoint, prompt_ids, GREEDY.max_new_tokens)
+        expected = hf_generate(scripted_checkpoint, prompt_ids, GREEDY.max_new_tokens)
         assert expected[-1] == 3 and len(expected) < GREEDY.max_new_tokens
         assert completion.finish_reason is FinishReason.END_OF_TURN
         assert list(completion.token_ids) == expected[:-1]
@@ -132,4 +132,3 @@ def test_engine_ends_at_eos_and_strips_it(eos_checkpoint: Path, tmp_path: Path) 
         assert "</s>" not in text and text == engine.tokenizer.decode(expected[:-1]).replace("<NL>", "\n")
     finally:
         engine.close()
-

@@ -1,0 +1,88 @@
+"""Packaging: stubs generated at build time (not committed), entry points, buf lint of the API."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import REPO
+
+
+def test_stubs_are_not_committed() -> None:
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert "protos/jachat/v1/chat.proto" in tracked
+    assert not [f for f in tracked.splitlines() if f.endswith(("_pb2.py", "_pb2_grpc.py", "_pb2.pyi"))]
+
+
+@pytest.mark.slow
+def test_wheel_ships_generated_stubs_and_entry_points(tmp_path: Path) -> None:
+    """`pip install .` builds a wheel through the hatchling hook; the stubs must be inside it."""
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(REPO)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("jachat-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
+        metadata = next(archive.read(n).decode() for n in names if n.endswith("METADATA"))
+    assert {
+        "jachat/v1/chat_pb2.py",
+        "jachat/v1/chat_pb2_grpc.py",
+        "jachat/v1/chat_pb2.pyi",
+        "service/server.py",
+        "converter/convert.py",
+    } <= names
+    for script in (
+        "jachat-convert = converter.cli:main",
+        "jachat-serve = service.cli:main",
+        "jachat-chat = service.client:main",
+    ):
+        assert script in entry_points
+    runtime = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
+    assert not [line for line in runtime if "torch" in line or "transformers" in line or "tokenizers" in line]
+    # the installed wheel works on its own, away from the source tree
+    target = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
+        check=True,
+        timeout=300,
+    )
+    code = "import jachat.v1.chat_pb2 as p, jachat.v1.chat_pb2_grpc as g; print(p.__file__, g.ChatServiceStub)"
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    out = subprocess.run(
+        [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {code}"],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith(str(target))
+
+
+def test_module_entry_points_run() -> None:
+    for module in ("converter", "service"):
+        result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
+        assert result.returncode == 0 and "usage:" in result.stdout
+
+
+BUF = os.environ.get("JACHAT_BUF") or shutil.which("buf")
+
+
+@pytest.mark.skipif(not BUF and not os.environ.get("CI"), reason="buf not installed (npm i @bufbuild/buf)")
+def test_api_is_clean_under_buf_standard_lint() -> None:
+    assert BUF, "CI must provide buf (see .ci/run)"
+    result = subprocess.run([BUF, "lint"], cwd=REPO / "protos", capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stdout + result.stderr
+    config = (REPO / "protos" / "buf.yaml").read_text()
+    assert "STANDARD" in config

@@ -1,0 +1,140 @@
+"""Server lifecycle in-process (health before and after load) and the command-line programs as processes."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
+
+from jachat.v1 import chat_pb2, chat_pb2_grpc
+from service.server import Service
+from service.settings import Settings, env_names, load_settings
+from tests.helpers import ServerProcess, user
+
+
+def test_health_is_not_serving_until_the_model_is_loaded(model_f32: Path) -> None:
+    async def scenario() -> None:
+        settings = Settings(model=model_f32, host="127.0.0.1", port=0, metrics_port=-1, device="cpu")
+        service = await Service.start(settings, CollectorRegistry())
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                chat = chat_pb2_grpc.ChatServiceStub(channel)
+                before = await health.Check(health_pb2.HealthCheckRequest(service="jachat.v1.ChatService"))
+                assert before.status == health_pb2.HealthCheckResponse.NOT_SERVING
+                with pytest.raises(grpc.aio.AioRpcError) as info:
+                    await chat.Generate(chat_pb2.GenerateRequest(turns=[user("やあ")]))
+                assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+                assert "loading" in (info.value.details() or "")
+                await service.load_model()
+                after = await health.Check(health_pb2.HealthCheckRequest(service=""))
+                assert after.status == health_pb2.HealthCheckResponse.SERVING
+                reply = await chat.Generate(
+                    chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=chat_pb2.SamplingParams(max_new_tokens=3))
+                )
+                assert reply.usage.completion_tokens >= 1
+        finally:
+            await service.stop(grace=1)
+
+    asyncio.run(scenario())
+
+
+def test_every_flag_has_an_environment_variable(tmp_path: Path) -> None:
+    environ = {
+        "JACHAT_MODEL": str(tmp_path),
+        "JACHAT_PORT": "6000",
+        "JACHAT_DEVICE": "cpu",
+        "JACHAT_VERIFY_CHECKSUMS": "false",
+        "JACHAT_GRACE_SECONDS": "2.5",
+    }
+    settings = load_settings([], environ)
+    assert (settings.model, settings.port, settings.device) == (tmp_path, 6000, "cpu")
+    assert settings.verify_checksums is False and settings.grace_seconds == 2.5
+    assert load_settings(["--port", "7000"], environ).port == 7000  # a flag beats its variable
+    assert "JACHAT_METRICS_PORT" in env_names() and "JACHAT_COMPUTE_TYPE" in env_names()
+    help_text = subprocess.run([sys.executable, "-m", "service", "--help"], capture_output=True, text=True).stdout
+    for name in env_names():
+        assert name in help_text
+
+
+def test_serve_fails_with_one_clear_line_when_the_model_is_missing(tmp_path: Path) -> None:
+    missing = tmp_path / "nowhere"
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "--model", str(missing), "--port", "0", "--metrics-port", "-1"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    errors = [line for line in result.stderr.splitlines() if line.startswith("jachat-serve: error:")]
+    assert len(errors) == 1 and str(missing) in errors[0] and "jachat-convert" in errors[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_sigterm_drains_and_exits_zero(model_f32: Path) -> None:
+    from tests.helpers import start_server
+
+    server = start_server(model_f32, "--grace-seconds", "5")
+    assert server.stop() == 0
+    assert any("stopping" in line for line in server.log)
+
+
+def test_chat_client_streams_one_reply(server: ServerProcess) -> None:
+    result = subprocess.run(
+        ["jachat-chat", "--target", server.target, "--temperature", "0", "--max-new-tokens", "8", "こんにちは"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    with server.channel() as channel:
+        expected = (
+            server.stub(channel)
+            .Generate(
+                chat_pb2.GenerateRequest(
+                    turns=[user("こんにちは")], sampling=chat_pb2.SamplingParams(temperature=0, max_new_tokens=8)
+                ),
+                timeout=30,
+            )
+            .text
+        )
+    assert result.stdout == expected + "\n"
+
+
+def test_chat_client_interactive_keeps_the_history(server: ServerProcess) -> None:
+    result = subprocess.run(
+        ["jachat-chat", "--target", server.target, "--temperature", "0", "--max-new-tokens", "4"],
+        input="こんにちは\n元気ですか?\n/quit\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    with server.channel() as channel:
+        stub = server.stub(channel)
+        params = chat_pb2.SamplingParams(temperature=0, max_new_tokens=4)
+        first = stub.Generate(chat_pb2.GenerateRequest(turns=[user("こんにちは")], sampling=params)).text
+        history = [user("こんにちは"), chat_pb2.Turn(speaker=chat_pb2.SPEAKER_SYSTEM, text=first), user("元気ですか?")]
+        second = stub.Generate(chat_pb2.GenerateRequest(turns=history, sampling=params)).text
+        alone = stub.Generate(chat_pb2.GenerateRequest(turns=[user("元気ですか?")], sampling=params)).text
+    assert second != alone  # so the transcript below can only come from a client that kept the history
+    assert f"システム> {first}\n" in result.stdout
+    assert f"システム> {second}\n" in result.stdout  # the second reply saw the first exchange
+
+
+def test_chat_client_reports_errors(tmp_path: Path) -> None:
+    result = subprocess.run(
+        ["jachat-chat", "--target", "127.0.0.1:1", "--timeout", "3", "やあ"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ},
+    )
+    assert result.returncode == 1 and "UNAVAILABLE" in result.stderr

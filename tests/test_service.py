@@ -1,0 +1,239 @@
+"""The real server process on loopback: RPCs, streaming, errors, health, reflection, metrics."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from grpc_status import rpc_status
+
+from converter.convert import ConvertOptions, convert
+from jachat.v1 import chat_pb2
+from service.prompt import Speaker, Turn, render_prompt
+from service.tokenizer import Tokenizer
+from tests.conftest import SCRIPTED_REPLY
+from tests.helpers import ServerProcess, card_turns_pb, greedy, hf_generate, start_server, system, user
+
+
+def stream(
+    stub: object, turns: list[chat_pb2.Turn], sampling: chat_pb2.SamplingParams
+) -> list[chat_pb2.GenerateStreamResponse]:
+    return list(stub.GenerateStream(chat_pb2.GenerateStreamRequest(turns=turns, sampling=sampling), timeout=60))
+
+
+def generate(stub: object, turns: list[chat_pb2.Turn], sampling: chat_pb2.SamplingParams) -> chat_pb2.GenerateResponse:
+    return stub.Generate(chat_pb2.GenerateRequest(turns=turns, sampling=sampling), timeout=60)
+
+
+def test_health_is_serving_after_load(server: ServerProcess) -> None:
+    with server.channel() as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "jachat.v1.ChatService"):
+            reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_reflection_lists_the_chat_service(server: ServerProcess) -> None:
+    with server.channel() as channel:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (reply,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
+        names = {s.name for s in reply.list_services_response.service}
+        assert {"jachat.v1.ChatService", "grpc.health.v1.Health"} <= names
+
+
+def test_stream_concatenates_to_generate(stub: object) -> None:
+    sampling = greedy(40)
+    whole = generate(stub, card_turns_pb(), sampling)
+    messages = stream(stub, card_turns_pb(), sampling)
+    assert "".join(m.text for m in messages) == whole.text
+    assert len([m for m in messages if m.text]) > 1  # it really streams
+    last = messages[-1]
+    assert last.finish_reason == whole.finish_reason == chat_pb2.FINISH_REASON_LENGTH
+    assert last.usage == whole.usage and whole.usage.completion_tokens == 40
+    assert all(m.finish_reason == chat_pb2.FINISH_REASON_UNSPECIFIED for m in messages[:-1])
+    assert all(not m.HasField("usage") for m in messages[:-1])
+
+
+def test_generate_text_is_hugging_faces_greedy_reply(stub: object, demo_checkpoint: Path, tokenizer: Tokenizer) -> None:
+    turns = [Turn(Speaker.USER, "日本の首都はどこですか?")]
+    prompt_ids = tokenizer.encode(render_prompt(turns))
+    expected = hf_generate(demo_checkpoint, prompt_ids, 24)
+    reply = generate(stub, [user("日本の首都はどこですか?")], greedy(24))
+    assert reply.text == tokenizer.decode(expected).replace("<NL>", "\n")
+    assert reply.usage.prompt_tokens == len(prompt_ids)
+
+
+def test_stop_string_ends_the_reply_before_it(stub: object) -> None:
+    full = generate(stub, [user("吾輩は猫である")], greedy(30)).text
+    stop = full[10:13]
+    first = full.find(stop)
+    reply = generate(stub, [user("吾輩は猫である")], greedy(30, stop=[stop, "never-there"]))
+    assert reply.finish_reason == chat_pb2.FINISH_REASON_STOP
+    assert reply.text == full[:first]
+    streamed = stream(stub, [user("吾輩は猫である")], greedy(30, stop=[stop]))
+    assert "".join(m.text for m in streamed) == full[:first]
+    assert reply.usage.completion_tokens < 30
+
+
+def test_unset_sampling_fields_take_the_model_cards_values(stub: object) -> None:
+    info = stub.GetModelInfo(chat_pb2.GetModelInfoRequest(), timeout=5)
+    d = info.sampling_defaults
+    assert (d.max_new_tokens, d.min_new_tokens, d.top_k, d.no_repeat_ngram_size) == (128, 0, 50, 0)
+    assert (d.temperature, d.top_p, d.repetition_penalty) == pytest.approx((0.7, 1.0, 1.1))
+    assert (info.context_length, info.vocab_size) == (2048, 32000)
+    assert (info.device, info.compute_type, info.quantization) == ("cpu", "float32", "float32")
+    assert info.model_name.endswith("demo")
+    reply = generate(stub, [user("こんにちは")], chat_pb2.SamplingParams())  # sampled, card defaults
+    assert reply.usage.completion_tokens <= 128
+    assert reply.finish_reason in (chat_pb2.FINISH_REASON_LENGTH, chat_pb2.FINISH_REASON_END_OF_TURN)
+
+
+def test_tokenize_returns_the_prompt_tokens(stub: object, tokenizer: Tokenizer) -> None:
+    reply = stub.Tokenize(chat_pb2.TokenizeRequest(turns=card_turns_pb()), timeout=5)
+    golden = (Path(__file__).parent / "data" / "model_card_prompt.txt").read_text(encoding="utf-8")
+    assert reply.prompt == golden
+    assert list(reply.token_ids) == tokenizer.encode(golden)
+    assert reply.token_count == len(reply.token_ids) == len(reply.pieces)
+    assert list(reply.pieces) == [tokenizer.pieces[i] for i in reply.token_ids]
+
+
+@pytest.mark.parametrize(
+    ("turns", "field", "words"),
+    [
+        ([], "turns", "must not be empty"),
+        ([chat_pb2.Turn(speaker=chat_pb2.SPEAKER_UNSPECIFIED, text="やあ")], "turns[0].speaker", "SPEAKER_UNSPECIFIED"),
+        ([user("やあ"), system("こんにちは")], "turns[1].speaker", "last turn must be the user's"),
+        ([user("a"), chat_pb2.Turn(speaker=7, text="b"), user("c")], "turns[1].speaker", "is 7"),
+    ],
+)
+def test_bad_conversations_are_invalid_argument_naming_the_problem(
+    stub: object, turns: list[chat_pb2.Turn], field: str, words: str
+) -> None:
+    for call in (
+        lambda: generate(stub, turns, greedy(4)),
+        lambda: stream(stub, turns, greedy(4)),
+        lambda: stub.Tokenize(chat_pb2.TokenizeRequest(turns=turns), timeout=5),
+    ):
+        with pytest.raises(grpc.RpcError) as info:
+            call()
+        error = info.value
+        assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert field in error.details() and words in error.details()
+        status = rpc_status.from_call(error)
+        assert status is not None
+        bad_request = error_details_pb2.BadRequest()
+        assert status.details[0].Unpack(bad_request)
+        assert [v.field for v in bad_request.field_violations] == [field]
+
+
+@pytest.mark.parametrize(
+    ("sampling", "field"),
+    [
+        (chat_pb2.SamplingParams(temperature=-1), "sampling.temperature"),
+        (chat_pb2.SamplingParams(top_p=0), "sampling.top_p"),
+        (chat_pb2.SamplingParams(top_p=1.5), "sampling.top_p"),
+        (chat_pb2.SamplingParams(repetition_penalty=0), "sampling.repetition_penalty"),
+        (chat_pb2.SamplingParams(max_new_tokens=0), "sampling.max_new_tokens"),
+        (chat_pb2.SamplingParams(max_new_tokens=4, min_new_tokens=5), "sampling.min_new_tokens"),
+        (chat_pb2.SamplingParams(max_new_tokens=2048), "sampling.max_new_tokens"),
+        (chat_pb2.SamplingParams(stop=[""]), "sampling.stop[0]"),
+    ],
+)
+def test_bad_sampling_is_invalid_argument_naming_the_field(
+    stub: object, sampling: chat_pb2.SamplingParams, field: str
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        generate(stub, [user("やあ")], sampling)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith(field + ":")
+
+
+def test_min_new_tokens_is_honoured(stub: object) -> None:
+    reply = generate(stub, [user("やあ")], greedy(6, min_new_tokens=6))
+    assert reply.usage.completion_tokens == 6
+
+
+def test_metrics_count_requests_by_rpc_and_code_and_generated_tokens(server: ServerProcess, stub: object) -> None:
+    def scrape() -> dict[str, float]:
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert response.status == 200
+            text = response.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line.startswith("jachat_") and " " in line:
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        return samples
+
+    before = scrape()
+    for _ in range(3):
+        generate(stub, [user("やあ")], greedy(5))
+    with pytest.raises(grpc.RpcError):
+        generate(stub, [], greedy(5))
+    after = scrape()
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    assert delta('jachat_requests_total{code="OK",rpc="Generate"}') == 3
+    assert delta('jachat_requests_total{code="INVALID_ARGUMENT",rpc="Generate"}') == 1
+    assert delta("jachat_generated_tokens_total") == 15
+    assert delta('jachat_finished_total{reason="length"}') == 3
+    assert delta("jachat_time_to_first_token_seconds_count") == 3
+    assert after["jachat_running_requests"] == 0
+
+
+@pytest.fixture(scope="module")
+def scripted_server(scripted_model: Path) -> Iterator[ServerProcess]:
+    process = start_server(scripted_model)
+    yield process
+    process.stop()
+
+
+def test_scripted_reply_streams_whole_characters_and_ends_at_eos(
+    scripted_server: ServerProcess, scripted_checkpoint: Path
+) -> None:
+    """The scripted model writes あ as three byte pieces, a stray byte, <NL>, 猫, an emoji as four byte pieces, a
+    stray continuation byte and </s>. Each message holds whole characters; the text is sentencepiece's decode
+    of Hugging Face's ids with <NL> as a newline; </s> ends the turn and is not sent."""
+    import sentencepiece as spm
+
+    sp = spm.SentencePieceProcessor(model_file=str(scripted_checkpoint / "spiece.model"))
+    tokenizer = Tokenizer(scripted_checkpoint / "spiece.model")
+    expected_ids = hf_generate(scripted_checkpoint, tokenizer.encode(render_prompt([Turn(Speaker.USER, "猫")])), 32)
+    assert expected_ids[-1] == 3 and len(expected_ids) == 12
+    with scripted_server.channel() as channel:
+        stub = scripted_server.stub(channel)
+        messages = stream(stub, [user("猫")], greedy(32))
+        whole = generate(stub, [user("猫")], greedy(32))
+    texts = [m.text for m in messages]
+    assert texts == ["あ", "\ufffd", "\n", "猫", "😺", "\ufffd", ""]
+    assert "".join(texts) == whole.text == SCRIPTED_REPLY == sp.decode(expected_ids[:-1]).replace("<NL>", "\n")
+    for m in messages:
+        assert m.SerializeToString()  # protobuf refuses to serialise strings that are not valid UTF-8
+    assert messages[-1].finish_reason == whole.finish_reason == chat_pb2.FINISH_REASON_END_OF_TURN
+    assert messages[-1].usage.completion_tokens == whole.usage.completion_tokens == len(expected_ids)  # with </s>
+
+
+def test_nl_spelled_with_several_pieces_streams_as_one_newline(
+    scripted_split_nl_checkpoint: Path, tmp_path: Path
+) -> None:
+    model = convert(ConvertOptions(str(scripted_split_nl_checkpoint), tmp_path / "split", "float32"))
+    server = start_server(model)
+    try:
+        with server.channel() as channel:
+            messages = stream(server.stub(channel), [user("猫")], greedy(32))
+        texts = [m.text for m in messages]
+        assert "".join(texts) == SCRIPTED_REPLY
+        assert not any("<" in t or "N" in t for t in texts)  # the pieces of <NL> are held back, never sent
+        assert messages[-1].finish_reason == chat_pb2.FINISH_REASON_END_OF_TURN
+    finally:
+        assert server.stop() == 0
