@@ -18,10 +18,11 @@ import platform
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from converter.manifest import Manifest, ModelShape, checksum_folder, write_manifest
 
@@ -30,6 +31,7 @@ log = logging.getLogger("jachat.converter")
 DEFAULT_SOURCE = "rinna/japanese-gpt-neox-3.6b-instruction-ppo"
 QUANTIZATIONS = ("int8", "int8_float16", "int8_bfloat16", "int8_float32", "float16", "bfloat16", "float32")
 TOKENIZER_FILE = "spiece.model"
+T = TypeVar("T")
 
 
 class ConversionError(Exception):
@@ -186,9 +188,31 @@ def _converter_class() -> Any:
                 return str(path)
             import huggingface_hub
 
-            return str(huggingface_hub.hf_hub_download(self._model_name_or_path, filename, revision=self._revision))
+            source, revision = self._model_name_or_path, self._revision
+            return str(_from_hub(source, lambda: huggingface_hub.hf_hub_download(source, filename, revision=revision)))
 
     return GPTNeoXConverter
+
+
+OFFLINE_HINT = (
+    "Without internet, serve the offline demo model instead: `JACHAT_DEMO=1 scripts/serve`, or build one with "
+    "`jachat-convert --demo DIR` and convert DIR."
+)
+
+
+def _from_hub(source: str, call: Callable[[], T]) -> T:
+    """Run a hub request; failures become one plain ConversionError (offline: it names the demo command)."""
+    try:
+        return call()
+    except Exception as exc:
+        name = type(exc).__name__
+        if name in ("RepositoryNotFoundError", "GatedRepoError", "RevisionNotFoundError"):
+            raise ConversionError(f"{source}: not found on the Hugging Face hub or not accessible ({name})") from exc
+        if isinstance(exc, OSError) or "Connect" in name or "Timeout" in name:
+            raise ConversionError(
+                f"cannot reach the Hugging Face hub to download {source} ({name}). {OFFLINE_HINT}"
+            ) from exc
+        raise
 
 
 def _has_safetensors(source: str, revision: str | None) -> bool:
@@ -196,7 +220,7 @@ def _has_safetensors(source: str, revision: str | None) -> bool:
         return any(Path(source).glob("*.safetensors"))
     import huggingface_hub
 
-    files = huggingface_hub.list_repo_files(source, revision=revision)
+    files = _from_hub(source, lambda: huggingface_hub.list_repo_files(source, revision=revision))
     return any(name.endswith(".safetensors") for name in files)
 
 
@@ -206,7 +230,7 @@ def _resolve_revision(source: str, revision: str | None) -> str | None:
         return revision
     import huggingface_hub
 
-    sha: str | None = huggingface_hub.model_info(source, revision=revision).sha
+    sha: str | None = _from_hub(source, lambda: huggingface_hub.model_info(source, revision=revision).sha)
     return sha
 
 
