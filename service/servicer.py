@@ -4,6 +4,7 @@ engine, converts results back, and turns errors into statuses through `errors.to
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
@@ -67,40 +68,30 @@ def turns_from_pb(turns: Sequence[chat_pb2.Turn]) -> list[Turn]:
     return result
 
 
+_OPTIONAL_SAMPLING_FIELDS = (
+    "max_new_tokens",
+    "min_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+)
+
+
 def sampling_from_pb(params: chat_pb2.SamplingParams) -> tuple[SamplingOptions, bool]:
     """Options with unset fields at their defaults, and whether max_new_tokens was set explicitly."""
-    d = SAMPLING_DEFAULTS
-    options = SamplingOptions(
-        max_new_tokens=params.max_new_tokens if params.HasField("max_new_tokens") else d.max_new_tokens,
-        min_new_tokens=params.min_new_tokens if params.HasField("min_new_tokens") else d.min_new_tokens,
-        temperature=params.temperature if params.HasField("temperature") else d.temperature,
-        top_k=params.top_k if params.HasField("top_k") else d.top_k,
-        top_p=params.top_p if params.HasField("top_p") else d.top_p,
-        repetition_penalty=(
-            params.repetition_penalty if params.HasField("repetition_penalty") else d.repetition_penalty
-        ),
-        no_repeat_ngram_size=(
-            params.no_repeat_ngram_size if params.HasField("no_repeat_ngram_size") else d.no_repeat_ngram_size
-        ),
-        stop=tuple(params.stop),
-    )
+    given = {name: getattr(params, name) for name in _OPTIONAL_SAMPLING_FIELDS if params.HasField(name)}
+    options = dataclasses.replace(SAMPLING_DEFAULTS, **given, stop=tuple(params.stop))
     violations = options.violations()
     if violations:
         raise InvalidRequest(violations)
-    return options, params.HasField("max_new_tokens")
+    return options, "max_new_tokens" in given
 
 
 def sampling_to_pb(options: SamplingOptions) -> chat_pb2.SamplingParams:
-    return chat_pb2.SamplingParams(
-        max_new_tokens=options.max_new_tokens,
-        min_new_tokens=options.min_new_tokens,
-        temperature=options.temperature,
-        top_k=options.top_k,
-        top_p=options.top_p,
-        repetition_penalty=options.repetition_penalty,
-        no_repeat_ngram_size=options.no_repeat_ngram_size,
-        stop=list(options.stop),
-    )
+    fields = {name: getattr(options, name) for name in _OPTIONAL_SAMPLING_FIELDS}
+    return chat_pb2.SamplingParams(**fields, stop=list(options.stop))
 
 
 def usage_to_pb(completion: Completion) -> chat_pb2.Usage:
