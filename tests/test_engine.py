@@ -9,8 +9,9 @@ import pytest
 from service.engine import Engine, EngineOptions, resolve_compute_type
 
 
-def test_unsupported_compute_type_falls_back_with_a_log_line(model_int8: Path, caplog: pytest.LogCaptureFixture
-                                                             ) -> None:
+def test_unsupported_compute_type_falls_back_with_a_log_line(
+    model_int8: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     assert "int8_float16" not in ctranslate2.get_supported_compute_types("cpu")
     with caplog.at_level(logging.WARNING, logger="jachat.engine"):
         engine = Engine(EngineOptions(model_int8, device="cpu", compute_type="int8_float16"))
