@@ -121,6 +121,8 @@ def train_tokenizer(output: Path, vocab_size: int, newline_piece: bool = True) -
         )
         proto = model_pb2.ModelProto()  # type: ignore[attr-defined]
         proto.ParseFromString(prefix.with_suffix(".model").read_bytes())
+    del proto.trainer_spec.input[:]  # temporary paths: drop them so the same options give the same file
+    proto.trainer_spec.model_prefix = "spiece"
     _pad_vocabulary(proto, vocab_size)
     path = output / "spiece.model"
     path.write_bytes(proto.SerializeToString())

@@ -188,3 +188,11 @@ def test_unreachable_hub_says_so_and_names_the_offline_demo(tmp_path: Path) -> N
     assert "cannot reach the Hugging Face hub" in result.stderr
     assert "JACHAT_DEMO=1 scripts/serve" in result.stderr and "jachat-convert --demo" in result.stderr
     assert "Traceback" not in result.stderr and not (tmp_path / "out").exists()
+
+
+def test_demo_builder_is_reproducible(demo_checkpoint: Path, tmp_path: Path) -> None:
+    from converter.demo import build_demo_checkpoint
+
+    again = build_demo_checkpoint(tmp_path / "again")
+    for name in ("spiece.model", "model.safetensors", "config.json", "tokenizer_config.json"):
+        assert sha256_file(again / name) == sha256_file(demo_checkpoint / name), name
