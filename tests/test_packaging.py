@@ -86,3 +86,24 @@ def test_api_is_clean_under_buf_standard_lint() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
     config = (REPO / "protos" / "buf.yaml").read_text()
     assert "STANDARD" in config
+
+
+def test_readme_grpcurl_bodies_are_valid_requests() -> None:
+    """grpcurl is not installable here; its -d bodies are checked against the real messages (protobuf JSON)."""
+    import re
+
+    from google.protobuf import json_format
+
+    from jachat.v1 import chat_pb2
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    calls = re.findall(r"-d '(\{.*?\})'(?:\s*\\\n\s*)?\s*localhost:50051 ([\w.]+)/(\w+)", readme)
+    assert calls, "no grpcurl calls with a body in the README"
+    for body, service, method in calls:
+        if service == "jachat.v1.ChatService":
+            request_type = getattr(
+                chat_pb2,
+                f"{method.removesuffix('Stream')}StreamRequest" if method.endswith("Stream") else f"{method}Request",
+            )
+            message = json_format.Parse(body, request_type())
+            assert message.turns and message.turns[0].speaker == chat_pb2.SPEAKER_USER
