@@ -1,29 +1,26 @@
 """The engine: a CTranslate2 Generator with rinna's tokenizer, streaming replies into asyncio.
 
-It speaks dataclasses only (no protobuf). `Engine.stream()` yields text deltas and ends with a `Completion`. The
-blocking `generate_batch` runs on the engine's own worker threads; its per-token callback decodes the token,
-assembles the reply (<NL>, stop strings) and hands the delta to the caller's event loop. The callback returns
-True, which stops that sequence, on a stop string or when the caller has gone away (cancelled, disconnected).
+It speaks dataclasses only (no protobuf). `Engine.stream()` yields text deltas and ends with a `Completion`.
+Requests go through the batching scheduler (scheduler.py), whose generation threads run `generate_batch`; the
+per-token callback decodes each token, assembles the reply (<NL>, stop strings) and hands the delta to the
+caller's event loop, which is never blocked by generation.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import logging
-import threading
+import time
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import ctranslate2
 
 from converter.manifest import Manifest, read_manifest, verify_manifest
-from service.errors import EngineFailure, FieldViolation, InvalidRequest
-from service.reply import ReplyAssembler
+from service.errors import DeadlineExceeded, FieldViolation, InvalidRequest
 from service.sampling import SamplingOptions
+from service.scheduler import FinishReason, Generation, Scheduler, SchedulerObserver, SchedulerOptions
 from service.tokenizer import Tokenizer
 
 log = logging.getLogger("jachat.engine")
@@ -41,13 +38,6 @@ _FALLBACKS = {
     "int16": ("int8", "float32"),
     "float32": (),
 }
-
-
-class FinishReason(enum.Enum):
-    END_OF_TURN = "end_of_turn"  # the model wrote </s>
-    LENGTH = "length"  # max_new_tokens (or the context) was reached
-    STOP = "stop"  # a stop string was generated
-    CANCELLED = "cancelled"  # the caller went away
 
 
 @dataclass(frozen=True)
@@ -74,9 +64,9 @@ class EngineOptions:
     device: str = "auto"  # auto, cpu or cuda
     compute_type: str = "default"  # default keeps the converted type
     device_index: int = 0
-    inter_threads: int = 1
     intra_threads: int = 0
     verify_checksums: bool = True
+    scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
 
 
 def resolve_device(device: str) -> str:
@@ -104,57 +94,8 @@ def resolve_compute_type(requested: str, quantization: str, device: str) -> str:
     raise ValueError(f"no compute type close to {wanted} runs on {device} (supported: {sorted(supported)})")
 
 
-class _Sequence:
-    """One request's state, shared between the generation thread and the caller's event loop."""
-
-    def __init__(self, engine: Engine, options: SamplingOptions, loop: asyncio.AbstractEventLoop) -> None:
-        self.decoder = engine.tokenizer.decoder()
-        self.reply = ReplyAssembler(options.stop)
-        self.eos_id = engine.tokenizer.eos_id
-        self.loop = loop
-        self.queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.token_ids: list[int] = []
-        self.steps = 0
-        self.ended_by_eos = False
-
-    def send(self, item: str | BaseException | None) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    def on_step(self, step: Any) -> bool:
-        """CTranslate2's per-token callback (generation thread). True stops this sequence."""
-        if self.cancelled.is_set():
-            return True
-        self.steps += 1
-        if step.token_id == self.eos_id:
-            self.ended_by_eos = True
-            return True
-        self.token_ids.append(step.token_id)
-        text = self.reply.push(self.decoder.feed(step.token_id))
-        if text:
-            self.send(text)
-        return self.reply.stopped
-
-    def on_done(self) -> None:
-        if not self.reply.stopped:
-            text = self.reply.push(self.decoder.flush())
-            text += self.reply.finish()
-            if text:
-                self.send(text)
-        self.send(None)
-
-    def finish_reason(self) -> FinishReason:
-        if self.reply.stopped:
-            return FinishReason.STOP
-        if self.ended_by_eos:
-            return FinishReason.END_OF_TURN
-        if self.cancelled.is_set():
-            return FinishReason.CANCELLED
-        return FinishReason.LENGTH
-
-
 class Engine:
-    def __init__(self, options: EngineOptions) -> None:
+    def __init__(self, options: EngineOptions, observer: SchedulerObserver | None = None) -> None:
         model_dir = Path(options.model_dir)
         self.manifest: Manifest = read_manifest(model_dir)
         if options.verify_checksums:
@@ -167,7 +108,7 @@ class Engine:
             device=device,
             device_index=options.device_index,
             compute_type=compute_type,
-            inter_threads=options.inter_threads,
+            inter_threads=options.scheduler.replicas,
             intra_threads=options.intra_threads,
         )
         self.info = ModelInfo(
@@ -178,13 +119,13 @@ class Engine:
             vocab_size=self.manifest.shape.vocab_size,
             context_length=self.manifest.shape.context_length,
         )
-        self._executor = ThreadPoolExecutor(max_workers=options.inter_threads, thread_name_prefix="jachat-gen")
+        self.scheduler = Scheduler(self.generator, self.tokenizer, options.scheduler, observer)
         log.info(
             "loaded %s (%s) on %s as %s", self.info.model_name, self.info.quantization, device, self.info.compute_type
         )
 
     def close(self) -> None:
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        self.scheduler.close()
         self.generator.unload_model()
         del self.generator
 
@@ -216,42 +157,34 @@ class Engine:
             )
         return room
 
-    def _generate(self, prompt_ids: list[int], options: SamplingOptions, max_new: int, seq: _Sequence) -> None:
-        try:
-            if not seq.cancelled.is_set():
-                self.generator.generate_batch(
-                    [[self.tokenizer.pieces[i] for i in prompt_ids]],
-                    max_length=max_new,
-                    include_prompt_in_result=False,
-                    end_token=[seq.eos_id],
-                    callback=seq.on_step,
-                    **options.ctranslate2_kwargs(),
-                )
-            seq.on_done()
-        except Exception:  # reported to the caller, never raised in the worker thread
-            log.exception("generation failed")
-            seq.send(EngineFailure("generation failed"))
-
     async def stream(
-        self, prompt_ids: list[int], options: SamplingOptions, max_new_tokens: int | None = None
+        self,
+        prompt_ids: list[int],
+        options: SamplingOptions,
+        max_new_tokens: int | None = None,
+        timeout: float | None = None,
     ) -> AsyncIterator[str | Completion]:
-        """Text deltas of the reply, then one Completion. Closing the iterator early stops the sequence."""
-        max_new = max_new_tokens if max_new_tokens is not None else options.max_new_tokens
-        seq = _Sequence(self, options, asyncio.get_running_loop())
-        future = asyncio.get_running_loop().run_in_executor(
-            self._executor, self._generate, prompt_ids, options, max_new, seq
-        )
+        """Text deltas of the reply, then one Completion. Closing the iterator early stops the sequence.
+
+        Raises Overloaded when the queue is full, DeadlineExceeded when `timeout` seconds pass first."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        max_new = options.max_new_tokens if max_new_tokens is None else max_new_tokens
+        gen = Generation(prompt_ids, options, max_new, deadline, self.tokenizer, asyncio.get_running_loop())
+        self.scheduler.submit(gen)
         try:
-            while (item := await seq.queue.get()) is not None:
+            while (item := await gen.queue.get()) is not None:
                 if isinstance(item, BaseException):
                     raise item
                 yield item
-            await future
+            if gen.finish_reason is FinishReason.DEADLINE:
+                raise DeadlineExceeded(f"the deadline passed after {gen.steps} generated tokens")
+            assert gen.finish_reason is not None
             yield Completion(
-                finish_reason=seq.finish_reason(),
+                finish_reason=gen.finish_reason,
                 prompt_tokens=len(prompt_ids),
-                completion_tokens=seq.steps,
-                token_ids=tuple(seq.token_ids),
+                completion_tokens=gen.steps,
+                token_ids=tuple(gen.token_ids),
             )
         finally:
-            seq.cancelled.set()
+            if gen.finish_reason is None:
+                self.scheduler.withdraw(gen)

@@ -38,6 +38,20 @@ class ModelNotReady(JachatError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class Overloaded(JachatError):
+    """The queue is full. Clients should retry after `retry_after` seconds (sent as google.rpc.RetryInfo)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after: float) -> None:
+        self.retry_after = retry_after
+        super().__init__(message)
+
+
+class DeadlineExceeded(JachatError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
 class EngineFailure(JachatError):
     """Generation failed inside the engine; details are logged, not sent."""
 
@@ -62,5 +76,9 @@ def to_status(exc: BaseException) -> grpc.Status:
             ]
         )
         status.details.add().Pack(detail)
+    if isinstance(exc, Overloaded):
+        retry = error_details_pb2.RetryInfo()
+        retry.retry_delay.FromNanoseconds(int(exc.retry_after * 1e9))
+        status.details.add().Pack(retry)
     result: grpc.Status = rpc_status.to_status(status)
     return result

@@ -28,6 +28,15 @@ class SamplingOptions:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def history_penalty(self) -> bool:
+        """Whether decoding depends on the tokens before the current one (then batches need equal prompts)."""
+        return self.repetition_penalty != 1.0 or self.no_repeat_ngram_size > 0
+
+    def batch_key(self) -> tuple[tuple[str, Any], ...]:
+        """Requests with equal keys can share one generate_batch call."""
+        return tuple(sorted(self.ctranslate2_kwargs().items()))
+
     def violations(self) -> list[FieldViolation]:
         """Every rule these options break, each naming its field under `sampling.`."""
         problems: list[tuple[str, str]] = []

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 from service.engine import Engine, EngineOptions
 from service.metrics import Metrics
+from service.scheduler import SchedulerOptions
 from service.servicer import ChatServicer
 from service.settings import Settings
 
@@ -82,8 +83,15 @@ class Service:
             device_index=self.settings.device_index,
             intra_threads=self.settings.intra_threads,
             verify_checksums=self.settings.verify_checksums,
+            scheduler=SchedulerOptions(
+                max_batch_size=self.settings.max_batch_size,
+                max_batch_wait=self.settings.max_batch_wait_ms / 1000,
+                max_queued=self.settings.max_queued_requests,
+                replicas=self.settings.replicas,
+                max_prompt_length_spread=self.settings.max_prompt_length_spread,
+            ),
         )
-        engine = await asyncio.to_thread(Engine, options)
+        engine = await asyncio.to_thread(Engine, options, self.metrics)
         self.servicer.attach(engine)
         info = engine.info
         self.metrics.model_info.labels(info.model_name, info.quantization, info.compute_type, info.device).set(1)

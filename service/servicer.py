@@ -14,11 +14,12 @@ from dataclasses import dataclass
 import grpc
 
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from service.engine import Completion, Engine, FinishReason
+from service.engine import Completion, Engine
 from service.errors import FieldViolation, InvalidRequest, JachatError, ModelNotReady, to_status
 from service.metrics import Metrics
 from service.prompt import Speaker, Turn, render_prompt
 from service.sampling import SamplingOptions
+from service.scheduler import FinishReason
 
 log = logging.getLogger("jachat.servicer")
 
@@ -27,7 +28,6 @@ _FINISH_REASONS = {
     FinishReason.END_OF_TURN: chat_pb2.FINISH_REASON_END_OF_TURN,
     FinishReason.LENGTH: chat_pb2.FINISH_REASON_LENGTH,
     FinishReason.STOP: chat_pb2.FINISH_REASON_STOP,
-    FinishReason.CANCELLED: chat_pb2.FINISH_REASON_UNSPECIFIED,
 }
 SAMPLING_DEFAULTS = SamplingOptions()
 
@@ -142,18 +142,19 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         max_new = engine.max_new_tokens(len(prompt_ids), options, explicit_max)
         return PreparedRequest(parsed, prompt, prompt_ids, options, max_new)
 
-    async def _generate(self, request: PreparedRequest) -> AsyncIterator[str | Completion]:
+    async def _generate(
+        self, request: PreparedRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[str | Completion]:
         engine = self._engine()
         started = time.perf_counter()
         first = True
         self.metrics.running.inc()
         try:
-            async for item in engine.stream(request.prompt_ids, request.options, request.max_new_tokens):
-                if isinstance(item, Completion):
-                    self.metrics.prompt_tokens.inc(item.prompt_tokens)
-                    self.metrics.generated_tokens.inc(item.completion_tokens)
-                    self.metrics.finished.labels(item.finish_reason.value).inc()
-                elif first:
+            stream = engine.stream(
+                request.prompt_ids, request.options, request.max_new_tokens, timeout=context.time_remaining()
+            )
+            async for item in stream:
+                if first and not isinstance(item, Completion):
                     self.metrics.time_to_first_token.observe(time.perf_counter() - started)
                     first = False
                 yield item
@@ -166,7 +167,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         async with self._rpc("Generate", context):
             prepared = self._prepare(request.turns, request.sampling)
             parts: list[str] = []
-            async for item in self._generate(prepared):
+            async for item in self._generate(prepared, context):
                 if isinstance(item, Completion):
                     return chat_pb2.GenerateResponse(
                         text="".join(parts),
@@ -181,7 +182,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     ) -> AsyncIterator[chat_pb2.GenerateStreamResponse]:
         async with self._rpc("GenerateStream", context):
             prepared = self._prepare(request.turns, request.sampling)
-            async for item in self._generate(prepared):
+            async for item in self._generate(prepared, context):
                 if isinstance(item, Completion):
                     yield chat_pb2.GenerateStreamResponse(
                         finish_reason=_FINISH_REASONS[item.finish_reason], usage=usage_to_pb(item)

@@ -50,6 +50,23 @@ class Settings:
     )
     device_index: int = field(default=0, metadata=_opt("GPU index"))
     intra_threads: int = field(default=0, metadata=_opt("CPU threads per generation (0: CTranslate2 default)"))
+    max_batch_size: int = field(default=16, metadata=_opt("most requests in one generate_batch call"))
+    max_batch_wait_ms: float = field(
+        default=5.0, metadata=_opt("how long a batch may wait for more requests, from its oldest request's arrival")
+    )
+    max_queued_requests: int = field(
+        default=256, metadata=_opt("requests that may wait for a batch; more are refused with RESOURCE_EXHAUSTED")
+    )
+    replicas: int = field(
+        default=1,
+        metadata=_opt("CTranslate2 replicas sharing the weights (inter_threads): batches that run at the same time"),
+    )
+    max_prompt_length_spread: int = field(
+        default=64,
+        metadata=_opt(
+            "most prompt tokens by which requests in one batch may differ (the excess is decoded step by step)"
+        ),
+    )
     verify_checksums: bool = field(default=True, metadata=_opt("check the model files against the manifest"))
     grace_seconds: float = field(default=10.0, metadata=_opt("on SIGTERM, how long in-flight calls may finish"))
     log_level: str = field(default="info", metadata=_opt("log level", choices=("debug", "info", "warning", "error")))

@@ -96,6 +96,19 @@ class ServerProcess:
     def stub(self, channel: grpc.Channel) -> chat_pb2_grpc.ChatServiceStub:
         return chat_pb2_grpc.ChatServiceStub(channel)
 
+    def scrape(self) -> dict[str, float]:
+        """The jachat_ samples of /metrics, by name with labels."""
+        import urllib.request
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line.startswith("jachat_") and " " in line:
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        return samples
+
     def stop(self) -> int:
         if self.process.poll() is None:
             self.process.terminate()

@@ -8,9 +8,10 @@ from pathlib import Path
 
 import pytest
 
-from service.engine import Completion, Engine, EngineOptions, FinishReason
+from service.engine import Completion, Engine, EngineOptions
 from service.prompt import Speaker, Turn, render_prompt
 from service.sampling import SamplingOptions
+from service.scheduler import FinishReason
 from tests.helpers import CARD_TURNS, hf_generate
 
 PROMPTS = [

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -161,24 +160,12 @@ def test_min_new_tokens_is_honoured(stub: object) -> None:
 
 
 def test_metrics_count_requests_by_rpc_and_code_and_generated_tokens(server: ServerProcess, stub: object) -> None:
-    def scrape() -> dict[str, float]:
-        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
-        with urllib.request.urlopen(url, timeout=5) as response:
-            assert response.status == 200
-            text = response.read().decode()
-        samples = {}
-        for line in text.splitlines():
-            if line.startswith("jachat_") and " " in line:
-                name, value = line.rsplit(" ", 1)
-                samples[name] = float(value)
-        return samples
-
-    before = scrape()
+    before = server.scrape()
     for _ in range(3):
         generate(stub, [user("やあ")], greedy(5))
     with pytest.raises(grpc.RpcError):
         generate(stub, [], greedy(5))
-    after = scrape()
+    after = server.scrape()
 
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)

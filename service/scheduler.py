@@ -1,0 +1,279 @@
+"""The batching scheduler: concurrent requests become CTranslate2 `generate_batch` calls.
+
+CTranslate2 has no continuous batching: one call is one static batch with one set of decoding options, and nothing
+joins it once it runs. So the scheduler decides what starts together:
+
+- A batch starts when a replica (`inter_threads`) is free. Its head is the oldest waiting request; it takes the
+  other waiting requests that can share the call, in arrival order, up to `max_batch_size`, waiting at most
+  `max_batch_wait` (from the head's arrival) for more to come.
+- Requests share a call only with identical decoding options (temperature, top-k, top-p, repetition penalty,
+  n-gram blocking, min_new_tokens). Their prompts may differ in length by at most `max_prompt_length_spread`
+  tokens: CTranslate2 decodes a longer prompt's extra tokens one step at a time, which costs latency. With a
+  history-dependent penalty (repetition_penalty != 1 or no_repeat_ngram_size > 0) the prompts must be equally
+  long, because those extra prompt tokens would count as generated tokens for the penalty and the reply would
+  depend on its batch-mates.
+- Each sequence stops on its own (its callback returns True): at its own max_new_tokens, a stop string, </s>,
+  cancellation by its caller, or its deadline. Its caller hears of the end at once, not when the batch ends.
+- At most `max_queued` requests wait; beyond that `submit` raises Overloaded at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from service.errors import EngineFailure, Overloaded
+from service.reply import ReplyAssembler
+from service.sampling import SamplingOptions
+from service.tokenizer import Tokenizer
+
+log = logging.getLogger("jachat.scheduler")
+
+
+class FinishReason(enum.Enum):
+    END_OF_TURN = "end_of_turn"  # the model wrote </s>
+    LENGTH = "length"  # max_new_tokens (or the context) was reached
+    STOP = "stop"  # a stop string was generated
+    CANCELLED = "cancelled"  # the caller went away
+    DEADLINE = "deadline"  # the caller's deadline passed
+    ERROR = "error"  # the engine failed
+
+
+@dataclass(frozen=True)
+class SchedulerOptions:
+    max_batch_size: int = 16
+    max_batch_wait: float = 0.005  # seconds a batch may wait to fill, from its oldest request's arrival
+    max_queued: int = 256
+    replicas: int = 1
+    max_prompt_length_spread: int = 64
+
+
+class SchedulerObserver(Protocol):
+    """What the scheduler reports (the service's metrics implement it). Called from any thread."""
+
+    def queue_changed(self, size: int) -> None: ...
+    def batch_started(self, size: int, queued_seconds: Sequence[float]) -> None: ...
+    def generation_finished(self, gen: Generation) -> None: ...
+
+
+class Generation:
+    """One request: its inputs, and its state shared between a generation thread and its caller's event loop."""
+
+    def __init__(
+        self,
+        prompt_ids: list[int],
+        options: SamplingOptions,
+        max_new_tokens: int,
+        deadline: float | None,
+        tokenizer: Tokenizer,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.prompt_ids = prompt_ids
+        self.options = options
+        self.max_new_tokens = max_new_tokens
+        self.deadline = deadline  # time.monotonic() value, or None
+        self.key = options.batch_key()
+        self.exact_length = options.history_penalty
+        self.arrived = time.monotonic()
+        self.eos_id = tokenizer.eos_id
+        self.decoder = tokenizer.decoder()
+        self.reply = ReplyAssembler(options.stop)
+        self.loop = loop
+        self.queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+        self.cancelled = threading.Event()
+        self.token_ids: list[int] = []
+        self.steps = 0
+        self.steps_after_cancel = 0
+        self.finish_reason: FinishReason | None = None
+        self.on_finish: Callable[[Generation], None] | None = None
+        self._lock = threading.Lock()
+
+    def send(self, item: str | BaseException | None) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+
+    def expired(self, now: float) -> bool:
+        return self.deadline is not None and now >= self.deadline
+
+    def on_step(self, step: Any) -> bool:
+        """CTranslate2's per-token callback (generation thread). True stops this sequence."""
+        if self.finish_reason is not None:
+            return True
+        if self.cancelled.is_set() or self.expired(time.monotonic()):
+            self.steps_after_cancel += self.cancelled.is_set()
+            self.finish(FinishReason.DEADLINE if self.expired(time.monotonic()) else FinishReason.CANCELLED)
+            return True
+        self.steps += 1
+        if step.token_id == self.eos_id:
+            self.finish(FinishReason.END_OF_TURN)
+            return True
+        self.token_ids.append(step.token_id)
+        text = self.reply.push(self.decoder.feed(step.token_id))
+        if text:
+            self.send(text)
+        if self.reply.stopped:
+            self.finish(FinishReason.STOP)
+        elif self.steps >= self.max_new_tokens or step.is_last:
+            self.finish(FinishReason.LENGTH)
+        return self.finish_reason is not None
+
+    def finish(self, reason: FinishReason, error: BaseException | None = None) -> None:
+        """End the sequence once: release held-back text (a normal end) and tell the caller."""
+        with self._lock:
+            if self.finish_reason is not None:
+                return
+            self.finish_reason = reason
+        if reason in (FinishReason.END_OF_TURN, FinishReason.LENGTH):
+            text = self.reply.push(self.decoder.flush()) + self.reply.finish()
+            if text:
+                self.send(text)
+        if error is not None:
+            self.send(error)
+        self.send(None)
+        if self.on_finish is not None:
+            self.on_finish(self)
+
+
+class Scheduler:
+    def __init__(
+        self, generator: Any, tokenizer: Tokenizer, options: SchedulerOptions, observer: SchedulerObserver | None = None
+    ) -> None:
+        self.generator = generator
+        self.tokenizer = tokenizer
+        self.options = options
+        self.observer = observer
+        self.pending: list[Generation] = []
+        self._arrived: asyncio.Event | None = None
+        self._slots: asyncio.Semaphore | None = None
+        self._executor = ThreadPoolExecutor(max_workers=options.replicas, thread_name_prefix="jachat-gen")
+        self._task: asyncio.Task[None] | None = None
+        self._batch_seconds = 1.0  # running estimate of a batch's duration, for Retry-After
+
+    def _ensure_started(self) -> None:
+        """Start the batching task on the running event loop (again, if an earlier loop has gone)."""
+        loop = asyncio.get_running_loop()
+        if self._task is None or self._task.done() or self._task.get_loop() is not loop:
+            self.pending = [gen for gen in self.pending if gen.loop is loop]
+            self._arrived = asyncio.Event()
+            self._slots = asyncio.Semaphore(self.options.replicas)
+            self._task = asyncio.get_running_loop().create_task(self._run(), name="jachat-scheduler")
+
+    def submit(self, gen: Generation) -> None:
+        self._ensure_started()
+        assert self._arrived is not None
+        if len(self.pending) >= self.options.max_queued:
+            raise Overloaded(
+                f"the queue is full ({self.options.max_queued} requests wait); retry after {self._batch_seconds:.1f} s",
+                retry_after=self._batch_seconds,
+            )
+        gen.on_finish = self._finished
+        self.pending.append(gen)
+        self._queue_changed()
+        self._arrived.set()
+
+    def withdraw(self, gen: Generation) -> None:
+        """The caller is gone: a waiting sequence leaves the queue (a running one stops at its next token)."""
+        gen.cancelled.set()
+        if gen in self.pending:
+            self.pending.remove(gen)
+            self._queue_changed()
+            gen.finish(FinishReason.DEADLINE if gen.expired(time.monotonic()) else FinishReason.CANCELLED)
+
+    def _finished(self, gen: Generation) -> None:
+        if self.observer is not None:
+            self.observer.generation_finished(gen)
+
+    def _queue_changed(self) -> None:
+        if self.observer is not None:
+            self.observer.queue_changed(len(self.pending))
+
+    async def _run(self) -> None:
+        assert self._slots is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            await self._slots.acquire()
+            try:
+                batch = await self._next_batch()
+            except BaseException:
+                self._slots.release()
+                raise
+            future = loop.run_in_executor(self._executor, self._generate, batch)
+            future.add_done_callback(lambda _: self._slots.release() if self._slots else None)
+
+    def _drop_expired(self) -> None:
+        now = time.monotonic()
+        for gen in [s for s in self.pending if s.expired(now)]:
+            self.pending.remove(gen)
+            gen.finish(FinishReason.DEADLINE)
+        self._queue_changed()
+
+    def _compatible(self, head: Generation) -> list[Generation]:
+        batch, low, high = [head], len(head.prompt_ids), len(head.prompt_ids)
+        spread = 0 if head.exact_length else self.options.max_prompt_length_spread
+        for gen in self.pending[1:]:
+            if len(batch) >= self.options.max_batch_size:
+                break
+            length = len(gen.prompt_ids)
+            if gen.key == head.key and max(high, length) - min(low, length) <= spread:
+                batch.append(gen)
+                low, high = min(low, length), max(high, length)
+        return batch
+
+    async def _next_batch(self) -> list[Generation]:
+        assert self._arrived is not None
+        while True:
+            self._drop_expired()
+            if not self.pending:
+                self._arrived.clear()
+                await self._arrived.wait()
+                continue
+            head = self.pending[0]
+            batch = self._compatible(head)
+            remaining = head.arrived + self.options.max_batch_wait - time.monotonic()
+            if len(batch) >= self.options.max_batch_size or remaining <= 0:
+                break
+            self._arrived.clear()
+            with contextlib.suppress(asyncio.TimeoutError):  # not the builtin TimeoutError on Python 3.10
+                await asyncio.wait_for(self._arrived.wait(), remaining)
+        for gen in batch:
+            self.pending.remove(gen)
+        self._queue_changed()
+        if self.observer is not None:
+            now = time.monotonic()
+            self.observer.batch_started(len(batch), [now - s.arrived for s in batch])
+        return batch
+
+    def _generate(self, batch: list[Generation]) -> None:
+        """Run one batch on a generation thread."""
+        started = time.monotonic()
+        try:
+            self.generator.generate_batch(
+                [[self.tokenizer.pieces[i] for i in gen.prompt_ids] for gen in batch],
+                max_length=max(gen.max_new_tokens for gen in batch),
+                include_prompt_in_result=False,
+                end_token=[self.tokenizer.eos_id],
+                callback=lambda step: batch[step.batch_id].on_step(step),
+                **batch[0].options.ctranslate2_kwargs(),
+            )
+        except Exception:  # reported to every caller in the batch, never raised in the worker thread
+            log.exception("generation failed for a batch of %d", len(batch))
+            for gen in batch:
+                gen.finish(FinishReason.ERROR, EngineFailure("generation failed"))
+        finally:
+            for gen in batch:
+                gen.finish(FinishReason.LENGTH)  # no-op for sequences that already ended
+            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
+
+    def close(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+        for gen in list(self.pending):
+            self.withdraw(gen)
+        self._executor.shutdown(wait=True, cancel_futures=True)
