@@ -37,6 +37,10 @@ from service.tokenizer import Tokenizer
 
 log = logging.getLogger("jachat.scheduler")
 
+# gRPC cancels a call at its deadline by its own clock; a cancellation this close to our copy of the deadline is
+# that deadline, not the caller going away.
+DEADLINE_SLACK = 0.05
+
 
 class FinishReason(enum.Enum):
     END_OF_TURN = "end_of_turn"  # the model wrote </s>
@@ -102,13 +106,20 @@ class Generation:
     def expired(self, now: float) -> bool:
         return self.deadline is not None and now >= self.deadline
 
+    def stop_reason(self) -> FinishReason:
+        """Why a sequence that must stop now stops: its deadline, or its caller going away."""
+        now = time.monotonic()
+        if self.expired(now) or (self.cancelled.is_set() and self.expired(now + DEADLINE_SLACK)):
+            return FinishReason.DEADLINE
+        return FinishReason.CANCELLED
+
     def on_step(self, step: Any) -> bool:
         """CTranslate2's per-token callback (generation thread). True stops this sequence."""
         if self.finish_reason is not None:
             return True
         if self.cancelled.is_set() or self.expired(time.monotonic()):
             self.steps_after_cancel += self.cancelled.is_set()
-            self.finish(FinishReason.DEADLINE if self.expired(time.monotonic()) else FinishReason.CANCELLED)
+            self.finish(self.stop_reason())
             return True
         self.steps += 1
         if step.token_id == self.eos_id:
@@ -134,11 +145,11 @@ class Generation:
             text = self.reply.push(self.decoder.flush()) + self.reply.finish()
             if text:
                 self.send(text)
+        if self.on_finish is not None:  # before the caller hears of the end, so metrics are never behind
+            self.on_finish(self)
         if error is not None:
             self.send(error)
         self.send(None)
-        if self.on_finish is not None:
-            self.on_finish(self)
 
 
 class Scheduler:
@@ -184,7 +195,7 @@ class Scheduler:
         if gen in self.pending:
             self.pending.remove(gen)
             self._queue_changed()
-            gen.finish(FinishReason.DEADLINE if gen.expired(time.monotonic()) else FinishReason.CANCELLED)
+            gen.finish(gen.stop_reason())
 
     def _finished(self, gen: Generation) -> None:
         if self.observer is not None:

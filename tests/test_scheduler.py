@@ -1,0 +1,214 @@
+"""Batching, cancellation, deadlines and backpressure against real server processes (float32 demo model)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from jachat.v1 import chat_pb2, chat_pb2_grpc
+from tests.helpers import ServerProcess, greedy, start_server, user
+
+PROMPTS = [
+    "こんにちは",
+    "日本の首都はどこですか?",
+    "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。",
+    "おすすめの本を教えてください。最近は小説よりもエッセイをよく読みます。何かありますか?",
+]
+
+
+def fixed(tokens: int, **kwargs: object) -> chat_pb2.SamplingParams:
+    """Greedy, exactly `tokens` tokens long."""
+    return greedy(tokens, min_new_tokens=tokens, **kwargs)
+
+
+def request(text: str, sampling: chat_pb2.SamplingParams) -> chat_pb2.GenerateStreamRequest:
+    return chat_pb2.GenerateStreamRequest(turns=[user(text)], sampling=sampling)
+
+
+async def collect(
+    stub: chat_pb2_grpc.ChatServiceStub, text: str, sampling: chat_pb2.SamplingParams, timeout: float = 60
+) -> tuple[str, chat_pb2.GenerateStreamResponse]:
+    parts = []
+    async for message in stub.GenerateStream(request(text, sampling), timeout=timeout):
+        parts.append(message.text)
+    return "".join(parts), message
+
+
+def delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
+    return after.get(name, 0.0) - before.get(name, 0.0)
+
+
+@pytest.fixture(scope="module")
+def batching_server(model_f32: Path) -> Iterator[ServerProcess]:
+    server = start_server(model_f32, "--max-batch-size", "16", "--max-batch-wait-ms", "50")
+    yield server
+    server.stop()
+
+
+def test_greedy_output_is_the_same_alone_and_batched(batching_server: ServerProcess) -> None:
+    async def scenario() -> tuple[list[str], list[str], dict[str, float], dict[str, float]]:
+        async with grpc.aio.insecure_channel(batching_server.target) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            alone = [(await collect(stub, p, fixed(24)))[0] for p in PROMPTS]
+            before = batching_server.scrape()
+            together = await asyncio.gather(*(collect(stub, p, fixed(24)) for p in PROMPTS))
+            return alone, [t for t, _ in together], before, batching_server.scrape()
+
+    alone, batched, before, after = asyncio.run(scenario())
+    assert batched == alone
+    # they really shared a batch: 4 requests in fewer than 4 generate_batch calls
+    assert delta(before, after, "jachat_batch_size_sum") == 4
+    assert delta(before, after, "jachat_batch_size_count") < 4
+
+
+def test_different_sampling_options_in_flight_together_all_complete(batching_server: ServerProcess) -> None:
+    penalised = chat_pb2.SamplingParams(temperature=0, max_new_tokens=20, min_new_tokens=20, repetition_penalty=1.3)
+    sampled = chat_pb2.SamplingParams(temperature=0.9, top_k=20, top_p=0.9, max_new_tokens=16, min_new_tokens=16)
+
+    async def scenario() -> None:
+        async with grpc.aio.insecure_channel(batching_server.target) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            expected_greedy = (await collect(stub, PROMPTS[1], fixed(20)))[0]
+            expected_penalised = (await collect(stub, PROMPTS[2], penalised))[0]
+            stop = expected_greedy[5:7]
+            results = await asyncio.gather(
+                collect(stub, PROMPTS[1], fixed(20)),
+                collect(stub, PROMPTS[2], penalised),
+                collect(stub, PROMPTS[0], sampled),
+                collect(stub, PROMPTS[3], sampled),
+                collect(stub, PROMPTS[1], greedy(20, stop=[stop])),
+            )
+            (g, g_last), (p, _), (_, s1), (_, s2), (st, st_last) = results
+            assert g == expected_greedy and g_last.finish_reason == chat_pb2.FINISH_REASON_LENGTH
+            assert p == expected_penalised
+            assert s1.usage.completion_tokens == s2.usage.completion_tokens == 16
+            assert st == expected_greedy[: expected_greedy.find(stop)]
+            assert st_last.finish_reason == chat_pb2.FINISH_REASON_STOP
+
+    asyncio.run(scenario())
+
+
+def test_cancelled_stream_stops_within_two_tokens_and_batch_mates_finish(batching_server: ServerProcess) -> None:
+    long = fixed(400)
+
+    async def scenario() -> None:
+        async with grpc.aio.insecure_channel(batching_server.target) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            expected = [(await collect(stub, p, fixed(60)))[0] for p in PROMPTS[:3]]
+            before = batching_server.scrape()
+            victim = stub.GenerateStream(request(PROMPTS[3], long))
+            mates = [asyncio.ensure_future(collect(stub, p, fixed(60))) for p in PROMPTS[:3]]
+            received = 0
+            async for message in victim:
+                received += bool(message.text)
+                if received == 5:
+                    victim.cancel()
+                    break
+            assert [t for t, _ in await asyncio.gather(*mates)] == expected
+            # the freed capacity is used by the next call
+            assert (await collect(stub, PROMPTS[0], fixed(60)))[0] == expected[0]
+            after = batching_server.scrape()
+            assert delta(before, after, 'jachat_finished_total{reason="cancelled"}') == 1
+            assert delta(before, after, "jachat_tokens_after_cancel_count") == 1
+            assert delta(before, after, 'jachat_tokens_after_cancel_bucket{le="2.0"}') == 1
+            # the victim generated far fewer than its 400 tokens: 3 mates x 60 + next 60 + victim
+            victim_tokens = delta(before, after, "jachat_generated_tokens_total") - 4 * 60
+            assert 5 <= victim_tokens < 100
+            assert after["jachat_running_requests"] == 0 and after["jachat_queue_size"] == 0
+
+    asyncio.run(scenario())
+
+
+@pytest.fixture
+def single_slot_server(model_f32: Path) -> Iterator[ServerProcess]:
+    """One replica, batches of one, one waiting request at most."""
+    server = start_server(model_f32, "--max-batch-size", "1", "--max-queued-requests", "1", "--replicas", "1")
+    yield server
+    server.stop()
+
+
+def test_deadline_stops_a_running_call_and_an_expired_queued_call_never_starts(
+    single_slot_server: ServerProcess,
+) -> None:
+    server = single_slot_server
+
+    async def scenario() -> None:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            before = server.scrape()
+            with pytest.raises(grpc.aio.AioRpcError) as running:
+                await collect(stub, PROMPTS[0], fixed(1900), timeout=0.5)
+            assert running.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await asyncio.sleep(0.3)
+            mid = server.scrape()
+            assert delta(before, mid, 'jachat_finished_total{reason="deadline"}') == 1
+            assert delta(before, mid, "jachat_generated_tokens_total") < 1900
+            blocker = asyncio.ensure_future(collect(stub, PROMPTS[1], fixed(1900)))
+            await asyncio.sleep(0.1)  # the blocker runs; the next call must wait in the queue
+            with pytest.raises(grpc.aio.AioRpcError) as queued:
+                await collect(stub, PROMPTS[2], fixed(10), timeout=0.2)
+            assert queued.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            await blocker
+            after = server.scrape()
+            assert delta(mid, after, 'jachat_finished_total{reason="deadline"}') == 1
+            assert delta(mid, after, "jachat_batch_size_sum") == 1  # only the blocker ever started
+            assert delta(mid, after, "jachat_generated_tokens_total") == 1900
+
+    asyncio.run(scenario())
+
+
+def test_full_queue_is_resource_exhausted_at_once_with_retry_info(single_slot_server: ServerProcess) -> None:
+    server = single_slot_server
+
+    async def scenario() -> None:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            expected = [(await collect(stub, p, fixed(1500)))[0] for p in PROMPTS[:2]]
+            running = asyncio.ensure_future(collect(stub, PROMPTS[0], fixed(1500)))
+            await asyncio.sleep(0.1)
+            waiting = asyncio.ensure_future(collect(stub, PROMPTS[1], fixed(1500)))
+            await asyncio.sleep(0.1)
+            started = time.monotonic()
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.Generate(chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=fixed(5)))
+            assert time.monotonic() - started < 0.5
+            error = refused.value
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            status = rpc_status.from_call(error)
+            assert status is not None
+            retry = error_details_pb2.RetryInfo()
+            assert any(detail.Unpack(retry) for detail in status.details)
+            assert retry.retry_delay.ToNanoseconds() > 0
+            assert [(await running)[0], (await waiting)[0]] == expected
+
+    asyncio.run(scenario())
+
+
+def test_health_answers_fast_while_sixteen_streams_generate(batching_server: ServerProcess) -> None:
+    async def scenario() -> float:
+        async with grpc.aio.insecure_channel(batching_server.target) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            health = health_pb2_grpc.HealthStub(channel)
+            streams = [asyncio.ensure_future(collect(stub, PROMPTS[i % 4], fixed(200))) for i in range(16)]
+            await asyncio.sleep(0.3)
+            slowest = 0.0
+            for _ in range(10):
+                started = time.perf_counter()
+                reply = await health.Check(health_pb2.HealthCheckRequest(service="jachat.v1.ChatService"))
+                slowest = max(slowest, time.perf_counter() - started)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+                await asyncio.sleep(0.05)
+            assert not any(s.done() for s in streams)  # still generating while we checked
+            await asyncio.gather(*streams)
+            return slowest
+
+    slowest = asyncio.run(scenario())
+    assert slowest < 0.1, f"health took {slowest * 1000:.0f} ms"
