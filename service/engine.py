@@ -9,7 +9,9 @@ caller's event loop, which is never blocked by generation.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -77,6 +79,24 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_threads(device: str, replicas: int, intra_threads: int) -> tuple[int, int]:
+    """(replicas, intra_threads), 0 meaning auto. On CPU the cores are shared out: a single sequence's decoding is
+    bound by memory, not compute (one thread decodes as fast as two here), so several one-thread replicas serve
+    concurrent batches better than one wide one. On GPU one replica; intra_threads only matters for the CPU."""
+    if device != "cpu":
+        return replicas or 1, intra_threads
+    cores = cpu_cores()
+    replicas = replicas or min(4, cores)
+    return replicas, intra_threads or max(1, cores // replicas)
+
+
 def resolve_compute_type(requested: str, quantization: str, device: str) -> str:
     """The compute type to run: the requested one (default: the converted one), or a fallback the device has."""
     wanted = quantization if requested == "default" else requested
@@ -103,13 +123,15 @@ class Engine:
         self.tokenizer = Tokenizer(model_dir / TOKENIZER_FILE)
         device = resolve_device(options.device)
         compute_type = resolve_compute_type(options.compute_type, self.manifest.quantization, device)
+        replicas, intra_threads = resolve_threads(device, options.scheduler.replicas, options.intra_threads)
+        scheduler_options = dataclasses.replace(options.scheduler, replicas=replicas)
         self.generator = ctranslate2.Generator(
             str(model_dir),
             device=device,
             device_index=options.device_index,
             compute_type=compute_type,
-            inter_threads=options.scheduler.replicas,
-            intra_threads=options.intra_threads,
+            inter_threads=replicas,
+            intra_threads=intra_threads,
         )
         self.info = ModelInfo(
             model_name=self.manifest.source,
@@ -119,9 +141,15 @@ class Engine:
             vocab_size=self.manifest.shape.vocab_size,
             context_length=self.manifest.shape.context_length,
         )
-        self.scheduler = Scheduler(self.generator, self.tokenizer, options.scheduler, observer)
+        self.scheduler = Scheduler(self.generator, self.tokenizer, scheduler_options, observer)
         log.info(
-            "loaded %s (%s) on %s as %s", self.info.model_name, self.info.quantization, device, self.info.compute_type
+            "loaded %s (%s) on %s as %s, %d replicas x %d threads",
+            self.info.model_name,
+            self.info.quantization,
+            device,
+            self.info.compute_type,
+            replicas,
+            intra_threads,
         )
 
     def close(self) -> None:

@@ -4,8 +4,10 @@ CTranslate2 has no continuous batching: one call is one static batch with one se
 joins it once it runs. So the scheduler decides what starts together:
 
 - A batch starts when a replica (`inter_threads`) is free. Its head is the oldest waiting request; it takes the
-  other waiting requests that can share the call, in arrival order, up to `max_batch_size`, waiting at most
-  `max_batch_wait` (from the head's arrival) for more to come.
+  other waiting requests that can share the call, in arrival order, up to `max_batch_size`. While requests keep
+  arriving it waits for more: it starts when it is full, when none has arrived for `batch_idle` seconds, or
+  `max_batch_wait` after its head arrived, whichever comes first. A lone caller so waits only `batch_idle`, and
+  callers that arrive together (closed-loop clients whose replies ended together) start together.
 - Requests share a call only with identical decoding options (temperature, top-k, top-p, repetition penalty,
   n-gram blocking, min_new_tokens). Their prompts may differ in length by at most `max_prompt_length_spread`
   tokens: CTranslate2 decodes a longer prompt's extra tokens one step at a time, which costs latency. With a
@@ -54,9 +56,10 @@ class FinishReason(enum.Enum):
 @dataclass(frozen=True)
 class SchedulerOptions:
     max_batch_size: int = 16
-    max_batch_wait: float = 0.005  # seconds a batch may wait to fill, from its oldest request's arrival
+    max_batch_wait: float = 0.05  # the longest a batch waits to fill, from its oldest request's arrival (s)
+    batch_idle: float = 0.002  # a batch starts once no request has arrived for this long (s)
     max_queued: int = 256
-    replicas: int = 1
+    replicas: int = 1  # resolved: the engine turns 0 (auto) into a count
     max_prompt_length_spread: int = 64
 
 
@@ -166,6 +169,7 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(max_workers=options.replicas, thread_name_prefix="jachat-gen")
         self._task: asyncio.Task[None] | None = None
         self._batch_seconds = 1.0  # running estimate of a batch's duration, for Retry-After
+        self._last_arrival = 0.0
 
     def _ensure_started(self) -> None:
         """Start the batching task on the running event loop (again, if an earlier loop has gone)."""
@@ -185,6 +189,7 @@ class Scheduler:
                 retry_after=self._batch_seconds,
             )
         gen.on_finish = self._finished
+        self._last_arrival = time.monotonic()
         self.pending.append(gen)
         self._queue_changed()
         self._arrived.set()
@@ -247,12 +252,13 @@ class Scheduler:
                 continue
             head = self.pending[0]
             batch = self._compatible(head)
-            remaining = head.arrived + self.options.max_batch_wait - time.monotonic()
-            if len(batch) >= self.options.max_batch_size or remaining <= 0:
+            now = time.monotonic()
+            start_at = min(head.arrived + self.options.max_batch_wait, self._last_arrival + self.options.batch_idle)
+            if len(batch) >= self.options.max_batch_size or now >= start_at:
                 break
             self._arrived.clear()
             with contextlib.suppress(asyncio.TimeoutError):  # not the builtin TimeoutError on Python 3.10
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+                await asyncio.wait_for(self._arrived.wait(), start_at - now)
         for gen in batch:
             self.pending.remove(gen)
         self._queue_changed()

@@ -86,6 +86,7 @@ class Service:
             scheduler=SchedulerOptions(
                 max_batch_size=self.settings.max_batch_size,
                 max_batch_wait=self.settings.max_batch_wait_ms / 1000,
+                batch_idle=self.settings.batch_idle_ms / 1000,
                 max_queued=self.settings.max_queued_requests,
                 replicas=self.settings.replicas,
                 max_prompt_length_spread=self.settings.max_prompt_length_spread,

@@ -49,17 +49,23 @@ class Settings:
         ),
     )
     device_index: int = field(default=0, metadata=_opt("GPU index"))
-    intra_threads: int = field(default=0, metadata=_opt("CPU threads per generation (0: CTranslate2 default)"))
+    intra_threads: int = field(
+        default=0, metadata=_opt("CPU threads per replica (0: auto, the CPU cores shared out among the replicas)")
+    )
     max_batch_size: int = field(default=16, metadata=_opt("most requests in one generate_batch call"))
     max_batch_wait_ms: float = field(
-        default=5.0, metadata=_opt("how long a batch may wait for more requests, from its oldest request's arrival")
+        default=50.0, metadata=_opt("the longest a batch waits for more requests, from its oldest request's arrival")
     )
+    batch_idle_ms: float = field(default=2.0, metadata=_opt("a batch starts once no request has arrived for this long"))
     max_queued_requests: int = field(
         default=256, metadata=_opt("requests that may wait for a batch; more are refused with RESOURCE_EXHAUSTED")
     )
     replicas: int = field(
-        default=1,
-        metadata=_opt("CTranslate2 replicas sharing the weights (inter_threads): batches that run at the same time"),
+        default=0,
+        metadata=_opt(
+            "CTranslate2 replicas sharing the weights (inter_threads): batches that run at the same time "
+            "(0: auto, one per CPU core up to 4 on CPU, 1 on GPU)"
+        ),
     )
     max_prompt_length_spread: int = field(
         default=64,

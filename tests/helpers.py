@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
-import re
 import shutil
-import subprocess
-import sys
-import threading
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import grpc
 import numpy as np
 
-from jachat.v1 import chat_pb2, chat_pb2_grpc
+from jachat.v1 import chat_pb2
+from service.launcher import ServerProcess, spawn
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CARD = REPO.parent / "shared" / "model-card.txt"
@@ -79,91 +72,9 @@ def script_checkpoint(src: Path, dst: Path, script: list[int]) -> Path:
     return dst
 
 
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen[str]
-    port: int
-    metrics_port: int
-    log: list[str] = field(default_factory=list)
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.target)
-
-    def stub(self, channel: grpc.Channel) -> chat_pb2_grpc.ChatServiceStub:
-        return chat_pb2_grpc.ChatServiceStub(channel)
-
-    def scrape(self) -> dict[str, float]:
-        """The jachat_ samples of /metrics, by name with labels."""
-        import urllib.request
-
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        samples = {}
-        for line in text.splitlines():
-            if line.startswith("jachat_") and " " in line:
-                name, value = line.rsplit(" ", 1)
-                samples[name] = float(value)
-        return samples
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        if self.process.stderr is not None:
-            self.process.stderr.close()
-        return self.process.returncode
-
-
-def start_server(model: Path, *extra: str, timeout: float = 120.0) -> ServerProcess:
-    """Run `python -m service` on free loopback ports; returns once its health is SERVING."""
-    cmd = [
-        sys.executable,
-        "-m",
-        "service",
-        "--model",
-        str(model),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        "0",
-        "--metrics-host",
-        "127.0.0.1",
-        "--metrics-port",
-        "0",
-        "--device",
-        "cpu",
-        *extra,
-    ]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
-    lines: list[str] = []
-    ready = threading.Event()
-    ports: dict[str, int] = {}
-
-    def read() -> None:
-        assert process.stderr is not None
-        for line in process.stderr:
-            lines.append(line)
-            if m := re.search(r"listening on .*:(\d+) \(metrics on (\d+)\)", line):
-                ports["grpc"], ports["metrics"] = int(m.group(1)), int(m.group(2))
-            if "serving" in line and " on port " in line:
-                ready.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    while not ready.wait(0.1):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError("jachat-serve did not start:\n" + "".join(lines))
-    return ServerProcess(process, ports["grpc"], ports["metrics"], lines)
+def start_server(model: Path, *extra: str) -> ServerProcess:
+    """A real `python -m service` process on free loopback ports, on the CPU, SERVING."""
+    return spawn(model, "--device", "cpu", *extra)
 
 
 def hf_generate(
