@@ -3,20 +3,18 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import sys
 from collections.abc import Sequence
 
 from converter.manifest import ManifestError
+from service.logs import configure as configure_logging
 from service.server import run
 from service.settings import load_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     settings = load_settings(argv)
-    logging.basicConfig(
-        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
-    )
+    configure_logging(settings.log_level, settings.log_format)
     try:
         asyncio.run(run(settings))
     except ManifestError as exc:

@@ -1,4 +1,10 @@
-"""Prometheus metrics. One module, one class, built on a registry so tests can use a fresh one."""
+"""Prometheus metrics. One module, one class, built on a registry so tests can use a fresh one.
+
+Names follow Prometheus conventions: prefix `jachat_`, base units in the name (`_seconds`), counters end in
+`_total`. The per-request token histograms are `jachat_request_prompt_tokens` / `jachat_request_generated_tokens`,
+not `jachat_prompt_tokens` / `jachat_generated_tokens`: those names belong to the `_total` counters' families, and
+one family cannot be both a counter and a histogram (prometheus-client refuses it; OpenMetrics forbids it).
+"""
 
 from __future__ import annotations
 
@@ -11,66 +17,107 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 if TYPE_CHECKING:
     from service.scheduler import Generation
 
-# Latency buckets for LLM serving: time to first token spans ~10 ms (small prompt on GPU) to seconds (long
-# prompt on CPU, queueing); whole requests run up to minutes for long replies on CPU.
+# Bucket choices, for LLM serving:
+# - time to first token: from ~10 ms (short prompt, GPU, idle) through the 0.5-2.5 s of a long prompt on a CPU or a
+#   wait for a batch, to 30 s under overload; the 2.5 s bucket is the TTFT SLO's threshold (alert rules).
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# - inter-token latency: ~5-20 ms per token on a GPU, 15-60 ms on a CPU, more in large batches; 100 ms and above
+#   is a reader-visible stall.
+ITL_BUCKETS = (0.0025, 0.005, 0.01, 0.02, 0.035, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 1.0, 2.5)
+# - whole requests: replies of up to 2048 tokens run from 50 ms to minutes on a CPU.
 DURATION_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
-# Waiting in the queue: from the batch-fill wait (~5 ms) to seconds under overload.
+# - queueing: the batch window is 2-50 ms; seconds mean a backlog.
 QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+# - tokens per request: powers of two up to the 2048-token context.
+TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+
+# finished_total{reason} and rejected_total{reason} label values
+FINISH_REASONS = ("eos", "length", "stop", "cancelled", "deadline", "error")
+REJECT_REASONS = ("invalid", "overloaded", "unavailable")
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
+        r = registry
         self.requests = Counter(
-            "jachat_requests", "Finished RPCs by method and gRPC status code.", ["rpc", "code"], registry=registry
+            "jachat_requests", "Finished RPCs by method and gRPC status code.", ["rpc", "code"], registry=r
         )
         self.request_duration = Histogram(
             "jachat_request_duration_seconds",
             "Time from receiving an RPC to its end.",
             ["rpc"],
             buckets=DURATION_BUCKETS,
-            registry=registry,
+            registry=r,
         )
         self.time_to_first_token = Histogram(
             "jachat_time_to_first_token_seconds",
-            "Time from receiving a generation RPC to its first token.",
+            "Time from a generation request's arrival to its first token.",
             buckets=TTFT_BUCKETS,
-            registry=registry,
+            registry=r,
         )
-        self.prompt_tokens = Counter("jachat_prompt_tokens", "Prompt tokens of generation requests.", registry=registry)
-        self.generated_tokens = Counter("jachat_generated_tokens", "Tokens generated.", registry=registry)
-        self.finished = Counter("jachat_finished", "Generations by finish reason.", ["reason"], registry=registry)
-        self.running = Gauge("jachat_running_requests", "Generation RPCs in progress.", registry=registry)
-        self.queue_size = Gauge("jachat_queue_size", "Requests waiting for a batch.", registry=registry)
+        self.inter_token_latency = Histogram(
+            "jachat_inter_token_latency_seconds",
+            "Time between consecutive tokens of one sequence.",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
         self.queue_duration = Histogram(
             "jachat_queue_duration_seconds",
-            "Time from arrival to the start of its batch.",
+            "Time from a request's arrival to the start of its batch.",
             buckets=QUEUE_BUCKETS,
-            registry=registry,
+            registry=r,
+        )
+        self.request_prompt_tokens = Histogram(
+            "jachat_request_prompt_tokens", "Prompt tokens per generation request.", buckets=TOKEN_BUCKETS, registry=r
+        )
+        self.request_generated_tokens = Histogram(
+            "jachat_request_generated_tokens",
+            "Tokens generated per generation request.",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.prompt_tokens = Counter("jachat_prompt_tokens", "Prompt tokens of generation requests.", registry=r)
+        self.generated_tokens = Counter(
+            "jachat_generated_tokens", "Tokens generated (cancelled requests' too).", registry=r
+        )
+        self.finished = Counter("jachat_finished", "Generations by how they ended.", ["reason"], registry=r)
+        self.rejected = Counter(
+            "jachat_rejected", "Requests refused before any generation, by reason.", ["reason"], registry=r
+        )
+        self.running = Gauge(
+            "jachat_running_requests", "Generation RPCs in progress (queued or generating).", registry=r
+        )
+        self.queue_size = Gauge("jachat_queue_size", "Requests waiting for a batch.", registry=r)
+        self.queue_capacity = Gauge(
+            "jachat_queue_capacity", "Most requests that may wait (--max-queued-requests).", registry=r
         )
         self.batch_size = Histogram(
-            "jachat_batch_size", "Requests per generate_batch call.", buckets=BATCH_BUCKETS, registry=registry
+            "jachat_batch_size", "Requests per generate_batch call.", buckets=BATCH_BUCKETS, registry=r
         )
         self.tokens_after_cancel = Histogram(
             "jachat_tokens_after_cancel",
             "Tokens a cancelled sequence generated after its cancellation was seen.",
             buckets=(0, 1, 2, 3, 5, 10),
-            registry=registry,
+            registry=r,
         )
         self.model_info = Gauge(
             "jachat_model_info",
             "The served model (value 1).",
             ["model", "quantization", "compute_type", "device"],
-            registry=registry,
+            registry=r,
         )
         self.build_info = Gauge(
-            "jachat_build_info", "jachat and engine versions (value 1).", ["version", "ctranslate2"], registry=registry
+            "jachat_build_info", "jachat and engine versions (value 1).", ["version", "ctranslate2"], registry=r
         )
         self.build_info.labels(_version("jachat"), _version("ctranslate2")).set(1)
+        for reason in FINISH_REASONS:  # every series exists from the start, so rates and alerts see zeros
+            self.finished.labels(reason)
+        for reason in REJECT_REASONS:
+            self.rejected.labels(reason)
 
-    # SchedulerObserver
+    # SchedulerObserver: called from the event loop and from generation threads
     def queue_changed(self, size: int) -> None:
         self.queue_size.set(size)
 
@@ -79,11 +126,19 @@ class Metrics:
         for seconds in queued_seconds:
             self.queue_duration.observe(seconds)
 
+    def first_token(self, seconds: float) -> None:
+        self.time_to_first_token.observe(seconds)
+
+    def token_interval(self, seconds: float) -> None:
+        self.inter_token_latency.observe(seconds)
+
     def generation_finished(self, gen: Generation) -> None:
         assert gen.finish_reason is not None
         self.finished.labels(gen.finish_reason.value).inc()
         self.prompt_tokens.inc(len(gen.prompt_ids))
         self.generated_tokens.inc(gen.steps)
+        self.request_prompt_tokens.observe(len(gen.prompt_ids))
+        self.request_generated_tokens.observe(gen.steps)
         if gen.finish_reason.value == "cancelled":
             self.tokens_after_cancel.observe(gen.steps_after_cancel)
 

@@ -45,7 +45,7 @@ DEADLINE_SLACK = 0.05
 
 
 class FinishReason(enum.Enum):
-    END_OF_TURN = "end_of_turn"  # the model wrote </s>
+    END_OF_TURN = "eos"  # the model wrote </s>
     LENGTH = "length"  # max_new_tokens (or the context) was reached
     STOP = "stop"  # a stop string was generated
     CANCELLED = "cancelled"  # the caller went away
@@ -68,6 +68,8 @@ class SchedulerObserver(Protocol):
 
     def queue_changed(self, size: int) -> None: ...
     def batch_started(self, size: int, queued_seconds: Sequence[float]) -> None: ...
+    def first_token(self, seconds: float) -> None: ...
+    def token_interval(self, seconds: float) -> None: ...
     def generation_finished(self, gen: Generation) -> None: ...
 
 
@@ -101,6 +103,8 @@ class Generation:
         self.steps_after_cancel = 0
         self.finish_reason: FinishReason | None = None
         self.on_finish: Callable[[Generation], None] | None = None
+        self.observer: SchedulerObserver | None = None
+        self.last_token_at = 0.0
         self._lock = threading.Lock()
 
     def send(self, item: str | BaseException | None) -> None:
@@ -125,6 +129,13 @@ class Generation:
             self.finish(self.stop_reason())
             return True
         self.steps += 1
+        now = time.monotonic()
+        if self.observer is not None:
+            if self.steps == 1:
+                self.observer.first_token(now - self.arrived)
+            else:
+                self.observer.token_interval(now - self.last_token_at)
+        self.last_token_at = now
         if step.token_id == self.eos_id:
             self.finish(FinishReason.END_OF_TURN)
             return True
@@ -189,6 +200,7 @@ class Scheduler:
                 retry_after=self._batch_seconds,
             )
         gen.on_finish = self._finished
+        gen.observer = self.observer
         self._last_arrival = time.monotonic()
         self.pending.append(gen)
         self._queue_changed()

@@ -95,6 +95,7 @@ class Service:
         engine = await asyncio.to_thread(Engine, options, self.metrics)
         self.servicer.attach(engine)
         info = engine.info
+        self.metrics.queue_capacity.set(self.settings.max_queued_requests)
         self.metrics.model_info.labels(info.model_name, info.quantization, info.compute_type, info.device).set(1)
         await set_serving(self.health, True)
         log.info("serving %s on port %d", info.model_name, self.port)

@@ -16,6 +16,7 @@ import grpc
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 from service.engine import Completion, Engine
 from service.errors import FieldViolation, InvalidRequest, JachatError, ModelNotReady, to_status
+from service.logs import REQUEST_ID_HEADER, request_id, request_id_from
 from service.metrics import Metrics
 from service.prompt import Speaker, Turn, render_prompt
 from service.sampling import SamplingOptions
@@ -30,6 +31,11 @@ _FINISH_REASONS = {
     FinishReason.STOP: chat_pb2.FINISH_REASON_STOP,
 }
 SAMPLING_DEFAULTS = SamplingOptions()
+_REJECTIONS = {  # refused before any generation: jachat_rejected_total{reason}
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
+    grpc.StatusCode.UNAVAILABLE: "unavailable",
+}
 
 
 @dataclass(frozen=True)
@@ -113,9 +119,13 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     @asynccontextmanager
     async def _rpc(self, name: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """Record the RPC's outcome and map every error to its status, in one place."""
+        """The frame of every RPC: its request id (sent back as x-request-id), its log line and metrics, and
+        the mapping of every error to its status, in one place."""
         started = time.perf_counter()
+        rid = request_id_from(context.invocation_metadata())
+        token = request_id.set(rid)
         code = grpc.StatusCode.OK
+        await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
         try:
             yield
         except grpc.aio.AbortError:  # the status is already set
@@ -128,10 +138,21 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 log.exception("%s failed", name)
             status = to_status(exc)
             code = status.code
+            if code in _REJECTIONS:
+                self.metrics.rejected.labels(_REJECTIONS[code]).inc()
             await context.abort(status.code, status.details, status.trailing_metadata)
         finally:
+            seconds = time.perf_counter() - started
             self.metrics.requests.labels(name, code.name).inc()
-            self.metrics.request_duration.labels(name).observe(time.perf_counter() - started)
+            self.metrics.request_duration.labels(name).observe(seconds)
+            log.info(
+                "%s %s in %.1f ms",
+                name,
+                code.name,
+                seconds * 1000,
+                extra={"rpc": name, "code": code.name, "duration_ms": round(seconds * 1000, 1)},
+            )
+            request_id.reset(token)
 
     def _prepare(self, turns: Sequence[chat_pb2.Turn], sampling: chat_pb2.SamplingParams) -> PreparedRequest:
         engine = self._engine()
@@ -146,17 +167,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self, request: PreparedRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[str | Completion]:
         engine = self._engine()
-        started = time.perf_counter()
-        first = True
         self.metrics.running.inc()
         try:
             stream = engine.stream(
                 request.prompt_ids, request.options, request.max_new_tokens, timeout=context.time_remaining()
             )
             async for item in stream:
-                if first and not isinstance(item, Completion):
-                    self.metrics.time_to_first_token.observe(time.perf_counter() - started)
-                    first = False
                 yield item
         finally:
             self.metrics.running.dec()

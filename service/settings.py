@@ -75,6 +75,9 @@ class Settings:
     )
     verify_checksums: bool = field(default=True, metadata=_opt("check the model files against the manifest"))
     grace_seconds: float = field(default=10.0, metadata=_opt("on SIGTERM, how long in-flight calls may finish"))
+    log_format: str = field(
+        default="text", metadata=_opt("log lines as plain text or JSON (one object per line)", choices=("text", "json"))
+    )
     log_level: str = field(default="info", metadata=_opt("log level", choices=("debug", "info", "warning", "error")))
 
 
