@@ -25,16 +25,27 @@ CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
+def server_options(settings: Settings | None = None) -> list[tuple[str, int]]:
+    options = [
+        ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+        ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+    ]
+    if settings is not None and settings.max_connection_age_seconds > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_seconds * 1000)),
+        ]
+    return options
+
+
 def create_server(
-    address: str, servicer: ChatServicer, health_servicer: health.aio.HealthServicer
+    address: str,
+    servicer: ChatServicer,
+    health_servicer: health.aio.HealthServicer,
+    options: list[tuple[str, int]] | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A gRPC server with ChatService, health and reflection, bound to address (not started)."""
-    server = grpc.aio.server(
-        options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ]
-    )
+    server = grpc.aio.server(options=options if options is not None else server_options())
     chat_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((CHAT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
@@ -67,7 +78,9 @@ class Service:
         servicer = ChatServicer(metrics)
         health_servicer = health.aio.HealthServicer()
         await set_serving(health_servicer, False)
-        server, port = create_server(f"{settings.host}:{settings.port}", servicer, health_servicer)
+        server, port = create_server(
+            f"{settings.host}:{settings.port}", servicer, health_servicer, server_options(settings)
+        )
         metrics_port = (
             None if settings.metrics_port < 0 else metrics.serve(settings.metrics_port, settings.metrics_host)
         )

@@ -73,6 +73,16 @@ class Settings:
             "most prompt tokens by which requests in one batch may differ (the excess is decoded step by step)"
         ),
     )
+    max_connection_age_seconds: float = field(
+        default=0.0,
+        metadata=_opt(
+            "close client connections after this long (0: never), so clients reconnect and spread over new pods; "
+            "calls in flight get --max-connection-age-grace-seconds to finish"
+        ),
+    )
+    max_connection_age_grace_seconds: float = field(
+        default=300.0, metadata=_opt("how long calls may finish on a connection past its max age")
+    )
     verify_checksums: bool = field(default=True, metadata=_opt("check the model files against the manifest"))
     grace_seconds: float = field(default=10.0, metadata=_opt("on SIGTERM, how long in-flight calls may finish"))
     log_format: str = field(

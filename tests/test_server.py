@@ -138,3 +138,35 @@ def test_chat_client_reports_errors(tmp_path: Path) -> None:
         env={**os.environ},
     )
     assert result.returncode == 1 and "UNAVAILABLE" in result.stderr
+
+
+def test_max_connection_age_closes_connections_and_calls_in_flight_finish(model_f32: Path) -> None:
+    """Clients reconnect (and spread over pods) when the server ends a connection at its max age."""
+    import threading
+    import time
+
+    from tests.helpers import greedy, start_server
+
+    server = start_server(model_f32, "--max-connection-age-seconds", "1", "--max-connection-age-grace-seconds", "30")
+    try:
+        states: list[grpc.ChannelConnectivity] = []
+        with grpc.insecure_channel(server.target) as channel:
+            channel.subscribe(states.append, try_to_connect=True)
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            long = chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(1900, min_new_tokens=1900))
+            replies: list[chat_pb2.GenerateResponse] = []
+            started = time.monotonic()
+            worker = threading.Thread(target=lambda: replies.append(stub.Generate(long, timeout=60)))
+            worker.start()
+            worker.join(60)
+            took = time.monotonic() - started
+            assert replies and replies[0].usage.completion_tokens == 1900
+            assert took > 1.2, f"the call took {took:.2f} s: too short to outlive the 1 s max age"
+            deadline = time.monotonic() + 10
+            while grpc.ChannelConnectivity.IDLE not in states[1:] and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert grpc.ChannelConnectivity.IDLE in states[1:], states  # the server closed the connection
+            again = stub.Generate(chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(2)), timeout=30)
+            assert again.usage.completion_tokens == 2  # and the client simply reconnected
+    finally:
+        assert server.stop() == 0
