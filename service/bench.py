@@ -31,6 +31,7 @@ import grpc
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 from service.prompt import Speaker, Turn, render_prompt
 from service.sampling import SamplingOptions
+from service.servicer import sampling_to_pb
 
 PROMPTS = (
     "コンタクトレンズを慣れるにはどうすればよいですか?",
@@ -57,14 +58,7 @@ class Workload:
         return render_prompt([Turn(Speaker.USER, self.prompts[i % len(self.prompts)])])
 
     def sampling_pb(self) -> chat_pb2.SamplingParams:
-        return chat_pb2.SamplingParams(
-            max_new_tokens=self.tokens,
-            min_new_tokens=self.tokens,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            repetition_penalty=self.repetition_penalty,
-        )
+        return sampling_to_pb(self.options())
 
     def options(self) -> SamplingOptions:
         return SamplingOptions(
