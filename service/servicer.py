@@ -124,7 +124,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         started = time.perf_counter()
         rid = request_id_from(context.invocation_metadata())
         token = request_id.set(rid)
-        code = grpc.StatusCode.OK
+        code: grpc.StatusCode | None = grpc.StatusCode.OK
         await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
         try:
             yield
@@ -137,22 +137,28 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             if not isinstance(exc, JachatError):
                 log.exception("%s failed", name)
             status = to_status(exc)
-            code = status.code
-            if code in _REJECTIONS:
-                self.metrics.rejected.labels(_REJECTIONS[code]).inc()
+            if status.code in _REJECTIONS:
+                self.metrics.rejected.labels(_REJECTIONS[status.code]).inc()
+            # abort() sends the status before it raises: record the outcome first, so no caller sees it earlier
+            self._record(name, status.code, started)
+            code = None
             await context.abort(status.code, status.details, status.trailing_metadata)
         finally:
-            seconds = time.perf_counter() - started
-            self.metrics.requests.labels(name, code.name).inc()
-            self.metrics.request_duration.labels(name).observe(seconds)
-            log.info(
-                "%s %s in %.1f ms",
-                name,
-                code.name,
-                seconds * 1000,
-                extra={"rpc": name, "code": code.name, "duration_ms": round(seconds * 1000, 1)},
-            )
+            if code is not None:
+                self._record(name, code, started)
             request_id.reset(token)
+
+    def _record(self, name: str, code: grpc.StatusCode, started: float) -> None:
+        seconds = time.perf_counter() - started
+        self.metrics.requests.labels(name, code.name).inc()
+        self.metrics.request_duration.labels(name).observe(seconds)
+        log.info(
+            "%s %s in %.1f ms",
+            name,
+            code.name,
+            seconds * 1000,
+            extra={"rpc": name, "code": code.name, "duration_ms": round(seconds * 1000, 1)},
+        )
 
     def _prepare(self, turns: Sequence[chat_pb2.Turn], sampling: chat_pb2.SamplingParams) -> PreparedRequest:
         engine = self._engine()
