@@ -24,8 +24,13 @@ def _held_suffix(text: str, patterns: Sequence[str]) -> int:
 
 
 class ReplyAssembler:
-    def __init__(self, stop: Sequence[str] = ()) -> None:
-        self.stop = tuple(s for s in stop if s)
+    """`stop`: the caller's stop strings. `turn_markers`: text with which the model starts another speaker's turn
+    (prompt.TURN_MARKERS); a match ends the reply just like a stop string, but counts as the end of the turn."""
+
+    def __init__(self, stop: Sequence[str] = (), turn_markers: Sequence[str] = ()) -> None:
+        self.turn_markers = tuple(turn_markers)
+        self.stop = tuple(s for s in stop if s) + self.turn_markers
+        self.ended_turn = False
         self._raw = ""  # decoded model text not yet converted (may end in part of "<NL>")
         self._text = ""  # converted text not yet emitted (may end in part of a stop string)
         self.stopped = False
@@ -42,10 +47,13 @@ class ReplyAssembler:
         return self._release()
 
     def _release(self) -> str:
-        matches = [i for i in (self._text.find(s) for s in self.stop) if i >= 0]
+        matches = [(i, s) for i, s in ((self._text.find(s), s) for s in self.stop) if i >= 0]
         if matches:
+            # the earliest match; at the same place the caller's stop string wins over a turn marker
+            first, stop = min(matches, key=lambda m: (m[0], m[1] in self.turn_markers))
             self.stopped = True
-            out, self._text, self._raw = self._text[: min(matches)], "", ""
+            self.ended_turn = stop in self.turn_markers
+            out, self._text, self._raw = self._text[:first], "", ""
             return out
         keep = _held_suffix(self._text, self.stop)
         cut = len(self._text) - keep

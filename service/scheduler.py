@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from service.errors import EngineFailure, Overloaded
+from service.prompt import TURN_MARKERS
 from service.reply import ReplyAssembler
 from service.sampling import SamplingOptions
 from service.tokenizer import Tokenizer
@@ -94,7 +95,7 @@ class Generation:
         self.arrived = time.monotonic()
         self.eos_id = tokenizer.eos_id
         self.decoder = tokenizer.decoder()
-        self.reply = ReplyAssembler(options.stop)
+        self.reply = ReplyAssembler(options.stop, TURN_MARKERS)
         self.loop = loop
         self.queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
         self.cancelled = threading.Event()
@@ -144,7 +145,7 @@ class Generation:
         if text:
             self.send(text)
         if self.reply.stopped:
-            self.finish(FinishReason.STOP)
+            self.finish(FinishReason.END_OF_TURN if self.reply.ended_turn else FinishReason.STOP)
         elif self.steps >= self.max_new_tokens or step.is_last:
             self.finish(FinishReason.LENGTH)
         return self.finish_reason is not None

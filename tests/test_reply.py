@@ -67,3 +67,20 @@ def test_nl_spelled_with_several_pieces_streams_as_newline(demo_checkpoint_split
     decoder, reply = tokenizer.decoder(), ReplyAssembler()
     deltas = [reply.push(decoder.feed(i)) for i in ids] + [reply.finish()]
     assert "".join(deltas) == "はい\nいいえ\n"
+
+
+def test_model_starting_the_users_turn_ends_the_reply_unsent() -> None:
+    from service.prompt import TURN_MARKERS
+
+    reply = ReplyAssembler((), TURN_MARKERS)
+    out = [reply.push(c) for c in ["はい、", "どうぞ。<", "NL>ユー", "ザー: 次の質問", "です"]] + [reply.finish()]
+    assert "".join(out) == "はい、どうぞ。"
+    assert reply.stopped and reply.ended_turn
+
+
+def test_a_callers_stop_string_at_the_same_place_wins_over_the_turn_marker() -> None:
+    from service.prompt import TURN_MARKERS
+
+    reply = ReplyAssembler(("\n",), TURN_MARKERS)
+    assert reply.push("a<NL>ユーザー: b") + reply.finish() == "a"
+    assert reply.stopped and not reply.ended_turn
