@@ -38,6 +38,12 @@ class ModelNotReady(JachatError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class ShuttingDown(JachatError):
+    """The server is draining: retry on another replica."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class Overloaded(JachatError):
     """The queue is full. Clients should retry after `retry_after` seconds (sent as google.rpc.RetryInfo)."""
 

@@ -180,6 +180,8 @@ class Scheduler:
         self._slots: asyncio.Semaphore | None = None
         self._executor = ThreadPoolExecutor(max_workers=options.replicas, thread_name_prefix="jachat-gen")
         self._task: asyncio.Task[None] | None = None
+        self.running: set[Generation] = set()  # changed by generation threads: under _running_lock
+        self._running_lock = threading.Lock()
         self._batch_seconds = 1.0  # running estimate of a batch's duration, for Retry-After
         self._last_arrival = 0.0
 
@@ -283,6 +285,8 @@ class Scheduler:
     def _generate(self, batch: list[Generation]) -> None:
         """Run one batch on a generation thread."""
         started = time.monotonic()
+        with self._running_lock:
+            self.running.update(batch)
         try:
             self.generator.generate_batch(
                 [[self.tokenizer.pieces[i] for i in gen.prompt_ids] for gen in batch],
@@ -299,7 +303,19 @@ class Scheduler:
         finally:
             for gen in batch:
                 gen.finish(FinishReason.LENGTH)  # no-op for sequences that already ended
+            with self._running_lock:
+                self.running.difference_update(batch)
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
+
+    def abandon(self, error: BaseException) -> None:
+        """End every waiting and running sequence now, telling each caller `error` (the drain's grace is over)."""
+        with self._running_lock:
+            running = list(self.running)
+        for gen in list(self.pending) + running:
+            gen.cancelled.set()
+            gen.finish(FinishReason.CANCELLED, error)
+        self.pending.clear()
+        self._queue_changed()
 
     def close(self) -> None:
         if self._task is not None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ from prometheus_client import CollectorRegistry
 
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 from service.engine import Engine, EngineOptions
+from service.errors import ShuttingDown
 from service.metrics import Metrics
 from service.scheduler import SchedulerOptions
 from service.servicer import ChatServicer
@@ -115,9 +117,20 @@ class Service:
         return engine
 
     async def stop(self, grace: float | None = None) -> None:
-        """Health NOT_SERVING, refuse new calls, let in-flight ones finish within grace, release the model."""
+        """Drain: health NOT_SERVING at once, new calls refused with UNAVAILABLE, calls in flight get `grace`
+        seconds to finish; those still running then end with UNAVAILABLE. Then the model is released."""
+        grace = self.settings.grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        await self.server.stop(self.settings.grace_seconds if grace is None else grace)
+        self.servicer.draining = True
+        try:
+            await asyncio.wait_for(self.servicer.idle.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning("drain: %d calls still running after %.1f s; ending them", self.servicer.in_flight, grace)
+            if self.servicer.engine is not None:
+                self.servicer.engine.scheduler.abandon(ShuttingDown("the server shut down before the reply ended"))
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.servicer.idle.wait(), 2.0)
+        await self.server.stop(0.5)
         engine, self.servicer.engine = self.servicer.engine, None
         if engine is not None:
             await asyncio.to_thread(engine.close)

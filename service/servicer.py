@@ -15,7 +15,7 @@ import grpc
 
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 from service.engine import Completion, Engine
-from service.errors import FieldViolation, InvalidRequest, JachatError, ModelNotReady, to_status
+from service.errors import FieldViolation, InvalidRequest, JachatError, ModelNotReady, ShuttingDown, to_status
 from service.logs import REQUEST_ID_HEADER, request_id, request_id_from
 from service.metrics import Metrics
 from service.prompt import Speaker, Turn, render_prompt
@@ -108,11 +108,17 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self.engine: Engine | None = None
+        self.draining = False
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     def attach(self, engine: Engine) -> None:
         self.engine = engine
 
     def _engine(self) -> Engine:
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
         if self.engine is None:
             raise ModelNotReady("the model is still loading; retry shortly")
         return self.engine
@@ -125,8 +131,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         rid = request_id_from(context.invocation_metadata())
         token = request_id.set(rid)
         code: grpc.StatusCode | None = grpc.StatusCode.OK
-        await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
+        self.in_flight += 1
+        self.idle.clear()
         try:
+            await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
             yield
         except grpc.aio.AbortError:  # the status is already set
             raise
@@ -147,6 +155,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             if code is not None:
                 self._record(name, code, started)
             request_id.reset(token)
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
 
     def _record(self, name: str, code: grpc.StatusCode, started: float) -> None:
         seconds = time.perf_counter() - started

@@ -170,3 +170,55 @@ def test_max_connection_age_closes_connections_and_calls_in_flight_finish(model_
             assert again.usage.completion_tokens == 2  # and the client simply reconnected
     finally:
         assert server.stop() == 0
+
+
+def test_sigterm_drain_finishes_short_calls_ends_long_ones_and_exits_zero(model_f32: Path) -> None:
+    """SIGTERM: health NOT_SERVING at once, new calls UNAVAILABLE, in-flight calls get the grace to finish,
+    the rest end with UNAVAILABLE, and the process exits 0 before the grace plus a little has passed.
+    (The short call needs ~0.1 s, the long one over 1 s, the grace is 0.5 s.)"""
+    import threading
+    import time
+
+    from tests.helpers import greedy, start_server
+
+    server = start_server(model_f32, "--grace-seconds", "0.5")
+    outcomes: dict[str, object] = {}
+    with grpc.insecure_channel(server.target) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        health = health_pb2_grpc.HealthStub(channel)
+
+        def stream(name: str, tokens: int) -> None:
+            request = chat_pb2.GenerateStreamRequest(
+                turns=[user("やあ")], sampling=greedy(tokens, min_new_tokens=tokens)
+            )
+            try:
+                outcomes[name] = list(stub.GenerateStream(request, timeout=30))[-1].usage.completion_tokens
+            except grpc.RpcError as exc:
+                outcomes[name] = exc.code()
+
+        workers = [
+            threading.Thread(target=stream, args=("long", 1900)),
+            threading.Thread(target=stream, args=("short", 60)),
+        ]
+        for w in workers:
+            w.start()
+        time.sleep(0.15)  # both are generating
+        terminated = time.monotonic()
+        server.process.terminate()
+        deadline = time.monotonic() + 0.5
+        status = None
+        while time.monotonic() < deadline:
+            status = health.Check(health_pb2.HealthCheckRequest(service="jachat.v1.ChatService"), timeout=1).status
+            if status == health_pb2.HealthCheckResponse.NOT_SERVING:
+                break
+        assert status == health_pb2.HealthCheckResponse.NOT_SERVING
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.Generate(chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(2)), timeout=5)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.value.details()
+        for w in workers:
+            w.join(30)
+    assert server.process.wait(30) == 0
+    elapsed = time.monotonic() - terminated
+    assert outcomes == {"short": 60, "long": grpc.StatusCode.UNAVAILABLE}, outcomes
+    assert elapsed < 0.5 + 3, f"took {elapsed:.1f} s to exit"
+    server.stop()
