@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import json
 import logging
 import os
 import time
@@ -79,6 +80,23 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def check_vocabulary(tokenizer: Tokenizer, model_dir: Path) -> None:
+    """spiece.model must be the tokenizer the model was converted with: same pieces at the same ids."""
+    path = model_dir / "vocabulary.json"
+    try:
+        vocabulary = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read {path}: {exc}") from exc
+    pieces = tokenizer.pieces
+    if len(vocabulary) < len(pieces) or vocabulary[: len(pieces)] != pieces:
+        first = next((i for i, (a, b) in enumerate(zip(pieces, vocabulary, strict=False)) if a != b), len(vocabulary))
+        raise ValueError(
+            f"{tokenizer.path} does not match the model's vocabulary ({path}): {len(pieces)} pieces against "
+            f"{len(vocabulary)} tokens, first difference at id {first}; the tokenizer and the weights must come from "
+            "the same conversion"
+        )
+
+
 def cpu_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
@@ -121,6 +139,7 @@ class Engine:
         if options.verify_checksums:
             verify_manifest(model_dir, self.manifest)
         self.tokenizer = Tokenizer(model_dir / TOKENIZER_FILE)
+        check_vocabulary(self.tokenizer, model_dir)
         device = resolve_device(options.device)
         compute_type = resolve_compute_type(options.compute_type, self.manifest.quantization, device)
         replicas, intra_threads = resolve_threads(device, options.scheduler.replicas, options.intra_threads)

@@ -222,3 +222,91 @@ def test_sigterm_drain_finishes_short_calls_ends_long_ones_and_exits_zero(model_
     assert outcomes == {"short": 60, "long": grpc.StatusCode.UNAVAILABLE}, outcomes
     assert elapsed < 0.5 + 3, f"took {elapsed:.1f} s to exit"
     server.stop()
+
+
+def _serve_and_fail(model: Path, *args: str) -> str:
+    """Run jachat-serve expecting it to fail at start; returns its one error line."""
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--model",
+            str(model),
+            "--port",
+            "0",
+            "--metrics-port",
+            "-1",
+            "--device",
+            "cpu",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("jachat-serve: error:")]
+    assert len(errors) == 1, result.stderr
+    return errors[0]
+
+
+def test_start_up_failures_exit_with_one_clear_line(
+    model_f32: Path, demo_checkpoint_split_nl: Path, tmp_path: Path
+) -> None:
+    import json
+    import shutil
+    import socket
+
+    from converter.manifest import MANIFEST_NAME, checksum_folder
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(model_f32, corrupt)
+    with (corrupt / "model.bin").open("r+b") as f:
+        f.seek(4096)
+        f.write(b"\xff" * 16)
+    line = _serve_and_fail(corrupt)
+    assert "model.bin: sha256 mismatch" in line and str(corrupt) in line
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(model_f32, truncated)
+    with (truncated / "model.bin").open("r+b") as f:
+        f.truncate(1000)
+    line = _serve_and_fail(truncated, "--verify-checksums", "false")  # so the engine itself meets the damage
+    assert str(truncated) in line
+
+    mismatched = tmp_path / "mismatched"
+    shutil.copytree(model_f32, mismatched)
+    shutil.copy(demo_checkpoint_split_nl / "spiece.model", mismatched / "spiece.model")  # another vocabulary
+    manifest = json.loads((mismatched / MANIFEST_NAME).read_text())
+    manifest["files"] = checksum_folder(mismatched)  # checksums agree: only the vocabularies differ
+    (mismatched / MANIFEST_NAME).write_text(json.dumps(manifest))
+    line = _serve_and_fail(mismatched)
+    assert "does not match the model's vocabulary" in line and "first difference at id" in line
+
+    with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as taken:
+        taken.bind(("::" if socket.has_ipv6 else "0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "service",
+                "--model",
+                str(model_f32),
+                "--port",
+                str(port),
+                "--metrics-port",
+                "-1",
+                "--device",
+                "cpu",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("jachat-serve: error:")]
+    assert len(errors) == 1 and str(port) in errors[0], result.stderr
