@@ -186,7 +186,9 @@ class Engine:
             raise InvalidRequest(
                 [
                     FieldViolation(
-                        "turns", f"the prompt has {prompt_tokens} tokens; the context holds {self.info.context_length}"
+                        "turns",
+                        f"the prompt has {prompt_tokens} tokens; the context holds {self.info.context_length} "
+                        "(set drop_oldest_turns to leave out the oldest turns)",
                     )
                 ]
             )

@@ -9,6 +9,9 @@ from service.errors import FieldViolation
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+MAX_TEMPERATURE = 100.0
+MAX_REPETITION_PENALTY = 100.0
+MAX_NO_REPEAT_NGRAM_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -37,19 +40,23 @@ class SamplingOptions:
         """Requests with equal keys can share one generate_batch call."""
         return tuple(sorted(self.ctranslate2_kwargs().items()))
 
-    def violations(self) -> list[FieldViolation]:
+    def violations(self, context_length: int = 2048, vocab_size: int = 32000) -> list[FieldViolation]:
         """Every rule these options break, each naming its field under `sampling.`."""
         problems: list[tuple[str, str]] = []
-        if self.max_new_tokens < 1:
-            problems.append(("max_new_tokens", "must be at least 1"))
+        if not 1 <= self.max_new_tokens < context_length:
+            problems.append(("max_new_tokens", f"must be 1 to {context_length - 1}"))
         if self.min_new_tokens > self.max_new_tokens:
             problems.append(("min_new_tokens", f"must not exceed max_new_tokens ({self.max_new_tokens})"))
-        if not self.temperature >= 0.0 or self.temperature == float("inf"):
-            problems.append(("temperature", "must be a finite number >= 0 (0 means greedy)"))
+        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:  # also refuses NaN
+            problems.append(("temperature", f"must be 0 to {MAX_TEMPERATURE:g} (0 means greedy)"))
+        if self.top_k > vocab_size:
+            problems.append(("top_k", f"must be at most the vocabulary size, {vocab_size} (0 means no limit)"))
         if not 0.0 < self.top_p <= 1.0:
             problems.append(("top_p", "must be in (0, 1]"))
-        if not 0.0 < self.repetition_penalty < float("inf"):
-            problems.append(("repetition_penalty", "must be a finite number > 0 (1 disables it)"))
+        if not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            problems.append(("repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY:g}] (1 disables it)"))
+        if self.no_repeat_ngram_size > MAX_NO_REPEAT_NGRAM_SIZE:
+            problems.append(("no_repeat_ngram_size", f"must be 0 to {MAX_NO_REPEAT_NGRAM_SIZE}"))
         if len(self.stop) > MAX_STOP_STRINGS:
             problems.append(("stop", f"at most {MAX_STOP_STRINGS} stop strings"))
         for i, s in enumerate(self.stop):

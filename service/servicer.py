@@ -18,7 +18,7 @@ from service.engine import Completion, Engine
 from service.errors import FieldViolation, InvalidRequest, JachatError, ModelNotReady, ShuttingDown, to_status
 from service.logs import REQUEST_ID_HEADER, request_id, request_id_from
 from service.metrics import Metrics
-from service.prompt import Speaker, Turn, render_prompt
+from service.prompt import Speaker, Turn, render_prompt, render_turn
 from service.sampling import SamplingOptions
 from service.scheduler import FinishReason
 
@@ -38,6 +38,10 @@ _REJECTIONS = {  # refused before any generation: jachat_rejected_total{reason}
 }
 
 
+MAX_TURNS = 256
+MAX_TURN_CHARACTERS = 16_384
+
+
 @dataclass(frozen=True)
 class PreparedRequest:
     turns: list[Turn]
@@ -45,15 +49,22 @@ class PreparedRequest:
     prompt_ids: list[int]
     options: SamplingOptions
     max_new_tokens: int
+    dropped_turns: int = 0
 
 
 def turns_from_pb(turns: Sequence[chat_pb2.Turn]) -> list[Turn]:
     """Turns of a request; the conversation must be non-empty and end with the user's turn."""
     if not turns:
         raise InvalidRequest([FieldViolation("turns", "must not be empty: give at least the user's turn")])
+    if len(turns) > MAX_TURNS:
+        raise InvalidRequest([FieldViolation("turns", f"{len(turns)} turns; at most {MAX_TURNS}")])
     violations = []
     result = []
     for i, turn in enumerate(turns):
+        if len(turn.text) > MAX_TURN_CHARACTERS:
+            violations.append(
+                FieldViolation(f"turns[{i}].text", f"{len(turn.text)} characters; at most {MAX_TURN_CHARACTERS}")
+            )
         speaker = _SPEAKERS.get(turn.speaker)
         if speaker is None:
             name = chat_pb2.Speaker.Name(turn.speaker) if turn.speaker in chat_pb2.Speaker.values() else turn.speaker
@@ -85,11 +96,13 @@ _OPTIONAL_SAMPLING_FIELDS = (
 )
 
 
-def sampling_from_pb(params: chat_pb2.SamplingParams) -> tuple[SamplingOptions, bool]:
+def sampling_from_pb(
+    params: chat_pb2.SamplingParams, context_length: int = 2048, vocab_size: int = 32000
+) -> tuple[SamplingOptions, bool]:
     """Options with unset fields at their defaults, and whether max_new_tokens was set explicitly."""
     given = {name: getattr(params, name) for name in _OPTIONAL_SAMPLING_FIELDS if params.HasField(name)}
     options = dataclasses.replace(SAMPLING_DEFAULTS, **given, stop=tuple(params.stop))
-    violations = options.violations()
+    violations = options.violations(context_length, vocab_size)
     if violations:
         raise InvalidRequest(violations)
     return options, "max_new_tokens" in given
@@ -100,8 +113,12 @@ def sampling_to_pb(options: SamplingOptions) -> chat_pb2.SamplingParams:
     return chat_pb2.SamplingParams(**fields, stop=list(options.stop))
 
 
-def usage_to_pb(completion: Completion) -> chat_pb2.Usage:
-    return chat_pb2.Usage(prompt_tokens=completion.prompt_tokens, completion_tokens=completion.completion_tokens)
+def usage_to_pb(completion: Completion, dropped_turns: int = 0) -> chat_pb2.Usage:
+    return chat_pb2.Usage(
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        dropped_turns=dropped_turns,
+    )
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
@@ -171,14 +188,30 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             extra={"rpc": name, "code": code.name, "duration_ms": round(seconds * 1000, 1)},
         )
 
-    def _prepare(self, turns: Sequence[chat_pb2.Turn], sampling: chat_pb2.SamplingParams) -> PreparedRequest:
+    def _prepare(
+        self, turns: Sequence[chat_pb2.Turn], sampling: chat_pb2.SamplingParams, drop_oldest_turns: bool = False
+    ) -> PreparedRequest:
+        """Validate and render a generation request; with drop_oldest_turns, leave out the oldest whole turns
+        until prompt plus max_new_tokens fits the context."""
         engine = self._engine()
+        context = engine.info.context_length
         parsed = turns_from_pb(turns)
-        options, explicit_max = sampling_from_pb(sampling)
-        prompt = render_prompt(parsed)
-        prompt_ids = engine.prompt_ids(prompt)
+        options, explicit_max = sampling_from_pb(sampling, context, engine.info.vocab_size)
+        too_long = [
+            FieldViolation(f"turns[{i}].text", f"{n} tokens; one turn may have at most {context - 1}")
+            for i, n in enumerate(len(engine.prompt_ids(render_turn(t))) for t in parsed)
+            if n >= context
+        ]
+        if too_long:
+            raise InvalidRequest(too_long)
+        first = 0
+        prompt_ids = engine.prompt_ids(render_prompt(parsed))
+        while drop_oldest_turns and len(prompt_ids) + options.max_new_tokens > context and first < len(parsed) - 1:
+            first += 1
+            prompt_ids = engine.prompt_ids(render_prompt(parsed[first:]))
+        kept = parsed[first:]
         max_new = engine.max_new_tokens(len(prompt_ids), options, explicit_max)
-        return PreparedRequest(parsed, prompt, prompt_ids, options, max_new)
+        return PreparedRequest(kept, render_prompt(kept), prompt_ids, options, max_new, dropped_turns=first)
 
     async def _generate(
         self, request: PreparedRequest, context: grpc.aio.ServicerContext
@@ -198,14 +231,14 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.GenerateResponse:
         async with self._rpc("Generate", context):
-            prepared = self._prepare(request.turns, request.sampling)
+            prepared = self._prepare(request.turns, request.sampling, request.drop_oldest_turns)
             parts: list[str] = []
             async for item in self._generate(prepared, context):
                 if isinstance(item, Completion):
                     return chat_pb2.GenerateResponse(
                         text="".join(parts),
                         finish_reason=_FINISH_REASONS[item.finish_reason],
-                        usage=usage_to_pb(item),
+                        usage=usage_to_pb(item, prepared.dropped_turns),
                     )
                 parts.append(item)
         raise AssertionError("engine stream ended without a Completion")  # pragma: no cover
@@ -214,11 +247,12 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.GenerateStreamResponse]:
         async with self._rpc("GenerateStream", context):
-            prepared = self._prepare(request.turns, request.sampling)
+            prepared = self._prepare(request.turns, request.sampling, request.drop_oldest_turns)
             async for item in self._generate(prepared, context):
                 if isinstance(item, Completion):
                     yield chat_pb2.GenerateStreamResponse(
-                        finish_reason=_FINISH_REASONS[item.finish_reason], usage=usage_to_pb(item)
+                        finish_reason=_FINISH_REASONS[item.finish_reason],
+                        usage=usage_to_pb(item, prepared.dropped_turns),
                     )
                 else:
                     yield chat_pb2.GenerateStreamResponse(text=item)

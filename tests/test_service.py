@@ -225,3 +225,68 @@ def test_nl_spelled_with_several_pieces_streams_as_one_newline(
         assert messages[-1].finish_reason == chat_pb2.FINISH_REASON_END_OF_TURN
     finally:
         assert server.stop() == 0
+
+
+@pytest.mark.parametrize(
+    ("turns", "sampling", "fields"),
+    [
+        ([user("a")] * 257, chat_pb2.SamplingParams(), ["turns"]),
+        ([user("あ" * 16_385)], chat_pb2.SamplingParams(), ["turns[0].text"]),
+        (
+            [user("猫" * 2100)],
+            chat_pb2.SamplingParams(),
+            ["turns[0].text"],
+        ),  # under the character limit, too many tokens
+        ([user("a")], chat_pb2.SamplingParams(temperature=float("nan")), ["sampling.temperature"]),
+        ([user("a")], chat_pb2.SamplingParams(temperature=1000), ["sampling.temperature"]),
+        ([user("a")], chat_pb2.SamplingParams(top_k=40000), ["sampling.top_k"]),
+        ([user("a")], chat_pb2.SamplingParams(top_p=float("nan")), ["sampling.top_p"]),
+        ([user("a")], chat_pb2.SamplingParams(repetition_penalty=float("inf")), ["sampling.repetition_penalty"]),
+        ([user("a")], chat_pb2.SamplingParams(no_repeat_ngram_size=65), ["sampling.no_repeat_ngram_size"]),
+        ([user("a")], chat_pb2.SamplingParams(stop=["x"] * 17), ["sampling.stop"]),
+        ([user("a")], chat_pb2.SamplingParams(stop=["x" * 257]), ["sampling.stop[0]"]),
+        (
+            [user("a")],
+            chat_pb2.SamplingParams(temperature=-1, top_p=2, max_new_tokens=0),
+            ["sampling.max_new_tokens", "sampling.temperature", "sampling.top_p"],
+        ),
+    ],
+)
+def test_validation_table(
+    stub: object, turns: list[chat_pb2.Turn], sampling: chat_pb2.SamplingParams, fields: list[str]
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        generate(stub, turns, sampling)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    status = rpc_status.from_call(info.value)
+    assert status is not None
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    assert [v.field for v in bad_request.field_violations] == fields
+
+
+def test_dropping_the_oldest_turns_makes_a_long_conversation_fit(stub: object) -> None:
+    history = []
+    for i in range(12):
+        history += [user(f"{i}番目の質問です。" + "吾輩は猫である。" * 20), system("はい。" + "名前はまだ無い。" * 20)]
+    history.append(user("最後の質問"))
+    sampling = greedy(100)
+    with pytest.raises(grpc.RpcError) as info:
+        generate(stub, history, sampling)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("turns: the prompt has") and "drop_oldest_turns" in info.value.details()
+    request = chat_pb2.GenerateRequest(turns=history, sampling=sampling, drop_oldest_turns=True)
+    reply = stub.Generate(request, timeout=60)
+    dropped = reply.usage.dropped_turns
+    assert 0 < dropped < len(history)
+    assert reply.usage.prompt_tokens + 100 <= 2048
+    tokens_kept = stub.Tokenize(chat_pb2.TokenizeRequest(turns=history[dropped:])).token_count
+    assert reply.usage.prompt_tokens == tokens_kept  # exactly the newest turns that fit, oldest dropped first
+    assert stub.Tokenize(chat_pb2.TokenizeRequest(turns=history[dropped - 1 :])).token_count + 100 > 2048
+    streamed = list(
+        stub.GenerateStream(
+            chat_pb2.GenerateStreamRequest(turns=history, sampling=sampling, drop_oldest_turns=True), timeout=60
+        )
+    )
+    assert streamed[-1].usage.dropped_turns == dropped
+    assert "".join(m.text for m in streamed) == reply.text
