@@ -13,17 +13,15 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from jachat.v1 import chat_pb2, chat_pb2_grpc
 from service.engine import Engine, EngineOptions
 from service.errors import ShuttingDown
 from service.metrics import Metrics
 from service.scheduler import SchedulerOptions
-from service.servicer import ChatServicer
+from service.servicer import CHAT_SERVICE, ChatServicer, method_handlers
 from service.settings import Settings
 
 log = logging.getLogger("jachat.server")
 
-CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
@@ -48,7 +46,7 @@ def create_server(
 ) -> tuple[grpc.aio.Server, int]:
     """A gRPC server with ChatService, health and reflection, bound to address (not started)."""
     server = grpc.aio.server(options=options if options is not None else server_options())
-    chat_pb2_grpc.add_ChatServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((method_handlers(servicer),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((CHAT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     port = server.add_insecure_port(address)

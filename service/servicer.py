@@ -7,11 +7,13 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 from service.engine import Completion, Engine
@@ -50,6 +52,30 @@ class PreparedRequest:
     options: SamplingOptions
     max_new_tokens: int
     dropped_turns: int = 0
+
+
+class MalformedRequest:
+    """What the service receives instead of a request whose bytes do not parse as its protobuf message."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def tolerant_parser(message_type: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: gRPC would answer UNKNOWN with the exception's text."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return MalformedRequest(message_type.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def check_parsed(request: object) -> None:
+    if isinstance(request, MalformedRequest):
+        raise InvalidRequest([FieldViolation("request", f"not a valid {request.type_name} message")])
 
 
 def turns_from_pb(turns: Sequence[chat_pb2.Turn]) -> list[Turn]:
@@ -231,6 +257,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.GenerateResponse:
         async with self._rpc("Generate", context):
+            check_parsed(request)
             prepared = self._prepare(request.turns, request.sampling, request.drop_oldest_turns)
             parts: list[str] = []
             async for item in self._generate(prepared, context):
@@ -247,6 +274,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[chat_pb2.GenerateStreamResponse]:
         async with self._rpc("GenerateStream", context):
+            check_parsed(request)
             prepared = self._prepare(request.turns, request.sampling, request.drop_oldest_turns)
             async for item in self._generate(prepared, context):
                 if isinstance(item, Completion):
@@ -261,6 +289,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.TokenizeResponse:
         async with self._rpc("Tokenize", context):
+            check_parsed(request)
             engine = self._engine()
             prompt = render_prompt(turns_from_pb(request.turns))
             ids = engine.prompt_ids(prompt)
@@ -276,6 +305,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.GetModelInfoResponse:
         async with self._rpc("GetModelInfo", context):
+            check_parsed(request)
             info = self._engine().info
             return chat_pb2.GetModelInfoResponse(
                 model_name=info.model_name,
@@ -287,3 +317,29 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 quantization=info.quantization,
             )
         raise AssertionError("unreachable")  # pragma: no cover
+
+
+def method_handlers(servicer: ChatServicer) -> grpc.GenericRpcHandler:
+    """ChatService's handlers, as the generated add_ChatServiceServicer_to_server makes them, but with request
+    parsers that turn unparseable bytes into INVALID_ARGUMENT instead of UNKNOWN."""
+    pb = chat_pb2
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate, tolerant_parser(pb.GenerateRequest), pb.GenerateResponse.SerializeToString
+        ),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            servicer.GenerateStream,
+            tolerant_parser(pb.GenerateStreamRequest),
+            pb.GenerateStreamResponse.SerializeToString,
+        ),
+        "Tokenize": grpc.unary_unary_rpc_method_handler(
+            servicer.Tokenize, tolerant_parser(pb.TokenizeRequest), pb.TokenizeResponse.SerializeToString
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, tolerant_parser(pb.GetModelInfoRequest), pb.GetModelInfoResponse.SerializeToString
+        ),
+    }
+    return grpc.method_handlers_generic_handler(CHAT_SERVICE, handlers)
+
+
+CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
