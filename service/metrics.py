@@ -34,7 +34,7 @@ BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 
 # finished_total{reason} and rejected_total{reason} label values
 FINISH_REASONS = ("eos", "length", "stop", "cancelled", "deadline", "error")
-REJECT_REASONS = ("invalid", "overloaded", "unavailable")
+REJECT_REASONS = ("invalid", "overloaded", "unavailable", "unauthenticated")
 
 
 class Metrics:

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import signal
 from dataclasses import dataclass
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -17,6 +18,7 @@ from service.engine import Engine, EngineOptions
 from service.errors import ShuttingDown
 from service.metrics import Metrics
 from service.scheduler import SchedulerOptions
+from service.security import TokenAuthInterceptor, server_credentials
 from service.servicer import CHAT_SERVICE, ChatServicer, method_handlers
 from service.settings import Settings
 
@@ -29,6 +31,13 @@ def server_options(settings: Settings | None = None) -> list[tuple[str, int]]:
     options = [
         ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
         ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        # keepalive: ping idle clients every 60 s and drop the dead; clients may ping at most every 10 s (also
+        # without calls), and one that pings more often twice is sent GOAWAY (too_many_pings)
+        ("grpc.keepalive_time_ms", 60_000),
+        ("grpc.keepalive_timeout_ms", 20_000),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+        ("grpc.http2.max_ping_strikes", 2),
     ]
     if settings is not None and settings.max_connection_age_seconds > 0:
         options += [
@@ -43,14 +52,35 @@ def create_server(
     servicer: ChatServicer,
     health_servicer: health.aio.HealthServicer,
     options: list[tuple[str, int]] | None = None,
+    credentials: grpc.ServerCredentials | None = None,
+    interceptors: list[grpc.aio.ServerInterceptor] | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A gRPC server with ChatService, health and reflection, bound to address (not started)."""
-    server = grpc.aio.server(options=options if options is not None else server_options())
+    server = grpc.aio.server(
+        options=options if options is not None else server_options(), interceptors=interceptors or None
+    )
     server.add_generic_rpc_handlers((method_handlers(servicer),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection((CHAT_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
-    port = server.add_insecure_port(address)
+    port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     return server, port
+
+
+def security(settings: Settings, metrics: Metrics) -> tuple[grpc.ServerCredentials | None, list[Any]]:
+    """TLS credentials and interceptors that the settings ask for."""
+    if (settings.tls_cert is None) != (settings.tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    if settings.tls_client_ca is not None and settings.tls_cert is None:
+        raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+    credentials = None
+    if settings.tls_cert is not None and settings.tls_key is not None:
+        credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
+    interceptors: list[Any] = []
+    if settings.auth_token_file is not None:
+        interceptors.append(
+            TokenAuthInterceptor(settings.auth_token_file, metrics.rejected.labels("unauthenticated").inc)
+        )
+    return credentials, interceptors
 
 
 async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
@@ -78,8 +108,14 @@ class Service:
         servicer = ChatServicer(metrics)
         health_servicer = health.aio.HealthServicer()
         await set_serving(health_servicer, False)
+        credentials, interceptors = security(settings, metrics)
         server, port = create_server(
-            f"{settings.host}:{settings.port}", servicer, health_servicer, server_options(settings)
+            f"{settings.host}:{settings.port}",
+            servicer,
+            health_servicer,
+            server_options(settings),
+            credentials,
+            interceptors,
         )
         metrics_port = (
             None if settings.metrics_port < 0 else metrics.serve(settings.metrics_port, settings.metrics_host)

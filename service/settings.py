@@ -83,6 +83,15 @@ class Settings:
     max_connection_age_grace_seconds: float = field(
         default=300.0, metadata=_opt("how long calls may finish on a connection past its max age")
     )
+    tls_cert: Path | None = field(default=None, metadata=_opt("PEM certificate chain: serve TLS (reloaded on change)"))
+    tls_key: Path | None = field(default=None, metadata=_opt("PEM private key for --tls-cert"))
+    tls_client_ca: Path | None = field(
+        default=None, metadata=_opt("PEM CA bundle: require client certificates signed by it (mutual TLS)")
+    )
+    auth_token_file: Path | None = field(
+        default=None,
+        metadata=_opt("file of bearer tokens, one per line: calls (not health, reflection) must carry one"),
+    )
     verify_checksums: bool = field(default=True, metadata=_opt("check the model files against the manifest"))
     grace_seconds: float = field(default=10.0, metadata=_opt("on SIGTERM, how long in-flight calls may finish"))
     log_format: str = field(
@@ -110,7 +119,7 @@ def _parse_bool(text: str) -> bool:
 
 
 def _converter(f: dataclasses.Field[Any]) -> Any:
-    kind = {"Path": Path, "int": int, "float": float, "bool": _parse_bool}.get(str(f.type), str)
+    kind = {"Path": Path, "Path | None": Path, "int": int, "float": float, "bool": _parse_bool}.get(str(f.type), str)
     return kind
 
 

@@ -1,0 +1,199 @@
+"""TLS, mutual TLS with certificate reload, bearer tokens, message size and keepalive limits, on real servers."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jachat.v1 import chat_pb2, chat_pb2_grpc
+from service.launcher import ServerProcess
+from tests.helpers import greedy, start_server, user
+
+REQUEST = chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(2))
+
+
+class Authority:
+    """A throwaway certificate authority."""
+
+    def __init__(self, name: str) -> None:
+        self.key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        self.cert = (
+            self._builder(subject, self.key.public_key(), subject)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(self.key, hashes.SHA256())
+        )
+
+    @staticmethod
+    def _builder(subject: x509.Name, public_key: object, issuer: x509.Name) -> x509.CertificateBuilder:
+        now = datetime.datetime.now(datetime.timezone.utc)
+        return (
+            x509.CertificateBuilder()
+            .subject_name(subject)
+            .issuer_name(issuer)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+        )
+
+    def issue(self, name: str, server: bool) -> tuple[bytes, bytes]:
+        """(certificate PEM, key PEM) for localhost (server) or a client."""
+        key = ec.generate_private_key(ec.SECP256R1())
+        builder = self._builder(
+            x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]), key.public_key(), self.cert.subject
+        )
+        if server:
+            builder = builder.add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+                ),
+                critical=False,
+            )
+        usage = ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH
+        cert = builder.add_extension(x509.ExtendedKeyUsage([usage]), critical=False).sign(self.key, hashes.SHA256())
+        key_pem = key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        return cert.public_bytes(serialization.Encoding.PEM), key_pem
+
+    @property
+    def pem(self) -> bytes:
+        return self.cert.public_bytes(serialization.Encoding.PEM)
+
+
+def write_server_files(folder: Path, ca: Authority) -> tuple[Path, Path]:
+    cert, key = ca.issue("localhost", server=True)
+    (folder / "tls.crt").write_bytes(cert)
+    (folder / "tls.key").write_bytes(key)
+    return folder / "tls.crt", folder / "tls.key"
+
+
+def secure_call(server: ServerProcess, ca: Authority, client: tuple[bytes, bytes] | None = None) -> int:
+    credentials = grpc.ssl_channel_credentials(ca.pem, *(reversed(client) if client else (None, None)))
+    with grpc.secure_channel(f"localhost:{server.port}", credentials) as channel:
+        return int(chat_pb2_grpc.ChatServiceStub(channel).Generate(REQUEST, timeout=10).usage.completion_tokens)
+
+
+@pytest.fixture
+def ca() -> Authority:
+    return Authority("jachat test CA")
+
+
+def test_tls_serves_encrypted_and_refuses_plaintext(model_f32: Path, tmp_path: Path, ca: Authority) -> None:
+    cert, key = write_server_files(tmp_path, ca)
+    server = start_server(model_f32, "--tls-cert", str(cert), "--tls-key", str(key))
+    try:
+        assert secure_call(server, ca) == 2
+        with server.channel() as plaintext, pytest.raises(grpc.RpcError) as info:
+            chat_pb2_grpc.ChatServiceStub(plaintext).Generate(REQUEST, timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        with pytest.raises(grpc.RpcError):
+            secure_call(server, Authority("a stranger"))  # a server certificate we do not trust
+    finally:
+        assert server.stop() == 0
+
+
+def test_mutual_tls_requires_a_client_certificate_and_reloads_on_change(
+    model_f32: Path, tmp_path: Path, ca: Authority
+) -> None:
+    cert, key = write_server_files(tmp_path, ca)
+    client_ca = tmp_path / "clients.pem"
+    client_ca.write_bytes(ca.pem)
+    server = start_server(model_f32, "--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(client_ca))
+    try:
+        client = ca.issue("a client", server=False)
+        assert secure_call(server, ca, client) == 2
+        with pytest.raises(grpc.RpcError):
+            secure_call(server, ca)  # no client certificate
+        with pytest.raises(grpc.RpcError):
+            secure_call(server, ca, Authority("another CA").issue("intruder", server=False))
+        # rotate everything to a new authority while the server runs
+        rotated = Authority("rotated CA")
+        time.sleep(0.05)
+        write_server_files(tmp_path, rotated)
+        client_ca.write_bytes(rotated.pem)
+        os.utime(client_ca)
+        assert secure_call(server, rotated, rotated.issue("new client", server=False)) == 2
+        with pytest.raises(grpc.RpcError):
+            secure_call(server, ca, client)  # the old certificates no longer work
+        assert server.process.poll() is None  # no restart
+    finally:
+        assert server.stop() == 0
+
+
+@pytest.fixture
+def token_server(model_f32: Path, tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("# one token per line\nfirst-secret-token\nsecond-secret-token\n")
+    server = start_server(model_f32, "--auth-token-file", str(tokens))
+    yield server, tokens
+    server.stop()
+
+
+def test_bearer_tokens_guard_every_call_but_health_and_reflection(token_server: tuple[ServerProcess, Path]) -> None:
+    server, tokens = token_server
+    before = server.scrape()
+    with server.channel() as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", "first-secret-token"),)):
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Generate(REQUEST, metadata=metadata, timeout=10)
+            assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        with pytest.raises(grpc.RpcError) as streamed:
+            list(stub.GenerateStream(chat_pb2.GenerateStreamRequest(turns=REQUEST.turns), timeout=10))
+        assert streamed.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        after_rejections = server.scrape()
+        for token in ("first-secret-token", "second-secret-token"):
+            reply = stub.Generate(REQUEST, metadata=(("authorization", f"Bearer {token}"),), timeout=10)
+            assert reply.usage.completion_tokens == 2
+        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING  # exempt
+        time.sleep(0.05)
+        tokens.write_text("rotated-token\n")  # re-read on change, no restart
+        with pytest.raises(grpc.RpcError) as old:
+            stub.Generate(REQUEST, metadata=(("authorization", "Bearer first-secret-token"),), timeout=10)
+        assert old.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert stub.Generate(REQUEST, metadata=(("authorization", "Bearer rotated-token"),), timeout=10).usage
+    assert (
+        after_rejections['jachat_rejected_total{reason="unauthenticated"}']
+        - before['jachat_rejected_total{reason="unauthenticated"}']
+        == 4
+    )
+    # refused before any model work
+    assert after_rejections["jachat_generated_tokens_total"] == before["jachat_generated_tokens_total"]
+
+
+def test_oversized_messages_are_refused(server: ServerProcess) -> None:
+    with server.channel() as channel, pytest.raises(grpc.RpcError) as info:
+        big = chat_pb2.GenerateRequest(turns=[user("あ" * 2_000_000)])  # about 6 MB of UTF-8
+        chat_pb2_grpc.ChatServiceStub(channel).Generate(big, timeout=10)
+    assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+def test_clients_that_ping_too_often_are_sent_away(server: ServerProcess) -> None:
+    states: list[grpc.ChannelConnectivity] = []
+    options = [
+        ("grpc.keepalive_time_ms", 100),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+    ]
+    with grpc.insecure_channel(server.target, options=options) as channel:
+        channel.subscribe(states.append, try_to_connect=True)
+        assert chat_pb2_grpc.ChatServiceStub(channel).Generate(REQUEST, timeout=10).usage.completion_tokens == 2
+        deadline = time.monotonic() + 10
+        while grpc.ChannelConnectivity.IDLE not in states[2:] and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert grpc.ChannelConnectivity.IDLE in states[2:], states  # the server closed the abusive connection
