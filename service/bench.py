@@ -106,9 +106,12 @@ class Report:
     e2e: dict[str, float] = field(default_factory=dict)
     errors: dict[str, int] = field(default_factory=dict)
 
+    cancelled: int = 0  # calls the client cancelled on purpose (--cancel-fraction): not errors
+
     @classmethod
     def of(cls, name: str, concurrency: int, records: list[Record], seconds: float) -> Report:
         ok = [r for r in records if r.code == "OK"]
+        on_purpose = sum(r.code == "CANCELLED_BY_CLIENT" for r in records)
         output = sum(r.tokens for r in ok)
 
         def pcts(values: list[float]) -> dict[str, float]:
@@ -124,7 +127,8 @@ class Report:
             ttft=pcts([r.ttft for r in ok]),
             itl=pcts([r.itl for r in ok if r.itl is not None]),
             e2e=pcts([r.e2e for r in ok]),
-            errors=dict(Counter(r.code for r in records if r.code != "OK")),
+            errors=dict(Counter(r.code for r in records if r.code not in ("OK", "CANCELLED_BY_CLIENT"))),
+            cancelled=on_purpose,
         )
 
 
@@ -157,18 +161,27 @@ class Progress:
 
 
 # ---------------------------------------------------------------------------------------------------- gRPC ----
-async def _grpc_request(stub: chat_pb2_grpc.ChatServiceStub, workload: Workload, i: int, timeout: float) -> Record:
+async def _grpc_request(
+    stub: chat_pb2_grpc.ChatServiceStub, workload: Workload, i: int, timeout: float, cancel_after: int | None = None
+) -> Record:
+    """One GenerateStream call; with cancel_after, the client cancels it after that many messages."""
     turns = [chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text=workload.prompts[i % len(workload.prompts)])]
     request = chat_pb2.GenerateStreamRequest(turns=turns, sampling=workload.sampling_pb())
     started = time.perf_counter()
     first: float | None = None
     tokens = 0
+    call = stub.GenerateStream(request, timeout=timeout)
     try:
-        async for message in stub.GenerateStream(request, timeout=timeout):
+        received = 0
+        async for message in call:
+            received += 1
             if first is None and message.text:
                 first = time.perf_counter() - started
             if message.HasField("usage"):
                 tokens = message.usage.completion_tokens
+            if cancel_after is not None and received >= cancel_after:
+                call.cancel()
+                return Record(math.nan, time.perf_counter() - started, 0, "CANCELLED_BY_CLIENT")
     except grpc.aio.AioRpcError as exc:
         return Record(math.nan, time.perf_counter() - started, 0, exc.code().name)
     e2e = time.perf_counter() - started
@@ -184,9 +197,11 @@ async def run_grpc(
     rate: float | None = None,
     timeout: float = 600.0,
     label: str | None = None,
+    cancel_fraction: float = 0.0,
 ) -> Report:
     """Closed loop: `concurrency` clients, each sending its next request when the last one ends. With `rate`,
-    an open loop: Poisson arrivals at `rate` requests/s (at most `concurrency` in flight)."""
+    an open loop: Poisson arrivals at `rate` requests/s (at most `concurrency` in flight). With cancel_fraction,
+    that share of calls is cancelled by the client after a random number of messages."""
     if requests is None and duration is None:
         requests = 4 * concurrency
     name = label or (f"service, {concurrency} streams" if rate is None else f"service, {rate}/s")
@@ -206,9 +221,12 @@ async def run_grpc(
         await _grpc_request(stub, workload, 0, timeout)  # warm-up, not counted
         started = time.perf_counter()
 
+        chance = random.Random(1)
+
         async def one() -> None:
             in_flight[0] += 1
-            record = await _grpc_request(stub, workload, next(counter), timeout)
+            cancel_after = chance.randint(1, max(1, workload.tokens - 1)) if chance.random() < cancel_fraction else None
+            record = await _grpc_request(stub, workload, next(counter), timeout, cancel_after)
             in_flight[0] -= 1
             records.append(record)
             progress.advance()
@@ -348,6 +366,72 @@ def run_hf(checkpoint: Path, workload: Workload, requests: int) -> Report:
     return Report.of("transformers (card), 1 sequence", 1, records, seconds)
 
 
+# ------------------------------------------------------------------------------------------------------- soak --
+def rss_bytes(pid: int) -> int:
+    """Resident memory of a process (Linux)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for process {pid}")
+
+
+async def run_soak(
+    model: Path,
+    workload: Workload,
+    concurrency: int,
+    duration: float,
+    warmup: float,
+    cancel_fraction: float,
+    serve_args: Sequence[str] = (),
+) -> dict[str, Any]:
+    """Load a fresh jachat-serve for `duration` seconds with cancellations, watching its memory and health."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from service.launcher import spawn
+
+    server = spawn(model, *serve_args)
+    samples: list[tuple[float, int]] = []
+    health_failures: list[str] = []
+    try:
+        started = time.monotonic()
+
+        async def watch() -> None:
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                health = health_pb2_grpc.HealthStub(channel)
+                while True:
+                    samples.append((time.monotonic() - started, rss_bytes(server.process.pid)))
+                    try:
+                        reply = await health.Check(
+                            health_pb2.HealthCheckRequest(service="jachat.v1.ChatService"), timeout=1
+                        )
+                        if reply.status != health_pb2.HealthCheckResponse.SERVING:
+                            health_failures.append(f"{time.monotonic() - started:.0f}s: {reply.status}")
+                    except grpc.aio.AioRpcError as exc:
+                        health_failures.append(f"{time.monotonic() - started:.0f}s: {exc.code().name}")
+                    await asyncio.sleep(1.0)
+
+        watcher = asyncio.ensure_future(watch())
+        report = await run_grpc(
+            server.target, workload, concurrency, duration=duration, label="soak", cancel_fraction=cancel_fraction
+        )
+        watcher.cancel()
+    finally:
+        exit_code = server.stop()
+    after_warmup = [rss for t, rss in samples if t >= warmup]
+    baseline = after_warmup[0] if after_warmup else samples[0][1]
+    peak_after = max(after_warmup or [baseline])
+    return {
+        "report": asdict(report),
+        "rss_at_warmup_bytes": baseline,
+        "rss_end_bytes": samples[-1][1],
+        "rss_peak_after_warmup_bytes": peak_after,
+        "rss_growth": (samples[-1][1] - baseline) / baseline,
+        "health_failures": health_failures,
+        "server_exit_code": exit_code,
+        "rss_samples": samples[:: max(1, len(samples) // 200)],
+    }
+
+
 # ----------------------------------------------------------------------------------------------------- output --
 def table(reports: list[Report]) -> str:
     header = (
@@ -426,7 +510,7 @@ def print_results(reports: dict[str, Report], concurrency: int, output: Path | N
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jachat-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("grpc", "ct2", "hf", "all"))
+    parser.add_argument("mode", choices=("grpc", "ct2", "hf", "all", "soak"))
     parser.add_argument("--target", default="localhost:50051", help="grpc: HOST:PORT of a running service")
     parser.add_argument("--model", type=Path, help="ct2/all: converted model folder")
     parser.add_argument("--checkpoint", type=Path, help="hf/all: the Hugging Face checkpoint it came from")
@@ -440,6 +524,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repetition-penalty", type=float, default=Workload.repetition_penalty)
     parser.add_argument("--hf-requests", type=int, default=4, help="all: requests for the transformers run")
     parser.add_argument("--serve-arg", action="append", default=[], help="all: extra jachat-serve argument")
+    parser.add_argument(
+        "--cancel-fraction", type=float, default=0.0, help="grpc/soak: cancel this fraction of calls at a random point"
+    )
+    parser.add_argument("--warmup", type=float, default=60.0, help="soak: seconds before memory growth is counted")
     parser.add_argument("--output", "-o", type=Path, help="write the JSON report here")
     return parser
 
@@ -453,10 +541,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     requests = args.requests or 4 * n
     reports: dict[str, Report] = {}
     meta = {"argv": sys.argv, "workload": asdict(workload), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    need = {"ct2": ["model"], "hf": ["checkpoint"], "all": ["model", "checkpoint"]}.get(args.mode, [])
-    for name in need:
+    need = {"ct2": ["model"], "hf": ["checkpoint"], "all": ["model", "checkpoint"], "soak": ["model", "duration"]}
+    for name in need.get(args.mode, []):
         if getattr(args, name) is None:
             build_parser().error(f"{args.mode} needs --{name}")
+    if args.mode == "soak":
+        return soak_main(args, workload, meta)
     runners: list[tuple[str, Callable[[], Report]]] = []
     if args.mode == "grpc":
         runners.append(
@@ -493,3 +583,44 @@ def main(argv: Sequence[str] | None = None) -> int:
         if server is not None:
             server.stop()
     return print_results(reports, n, args.output, meta)
+
+
+def soak_main(args: argparse.Namespace, workload: Workload, meta: dict[str, Any]) -> int:
+    """Soak: zero unexpected errors, memory growth under 5% after warm-up, health SERVING throughout."""
+    result = asyncio.run(
+        run_soak(
+            args.model,
+            workload,
+            args.concurrency,
+            args.duration,
+            args.warmup,
+            args.cancel_fraction,
+            ["--device", "cpu", *args.serve_arg],
+        )
+    )
+    report = result["report"]
+    checks = [
+        ("unexpected errors", sum(report["errors"].values()), 0, sum(report["errors"].values()) == 0),
+        ("memory growth after warm-up (%)", 100 * result["rss_growth"], 5.0, result["rss_growth"] < 0.05),
+        ("health checks not SERVING", len(result["health_failures"]), 0, not result["health_failures"]),
+        ("server exit code", result["server_exit_code"], 0, result["server_exit_code"] == 0),
+    ]
+    print(
+        f"soak: {report['requests']} calls in {report['seconds']:.0f} s, {report['cancelled']} cancelled on purpose,"
+        f" {report['tokens_per_second']:.1f} tokens/s; RSS {result['rss_at_warmup_bytes'] / 2**20:.1f} MiB after"
+        f" warm-up, {result['rss_end_bytes'] / 2**20:.1f} MiB at the end"
+    )
+    for what, value, target, met in checks:
+        print(
+            f"{what:<40} {value:10.2f}  target {'<' if 'growth' in what else '=='} {target:<5} "
+            f"{'met' if met else 'NOT MET'}"
+        )
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        document = {
+            "meta": meta,
+            "soak": result,
+            "checks": [{"what": w, "value": v, "target": t, "met": m} for w, v, t, m in checks],
+        }
+        args.output.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    return 0 if all(m for *_, m in checks) else 1
