@@ -417,15 +417,17 @@ async def run_soak(
         watcher.cancel()
     finally:
         exit_code = server.stop()
-    after_warmup = [rss for t, rss in samples if t >= warmup]
-    baseline = after_warmup[0] if after_warmup else samples[0][1]
-    peak_after = max(after_warmup or [baseline])
+    after_warmup = [rss for t, rss in samples if t >= warmup] or [rss for _, rss in samples]
+    fifth = max(1, len(after_warmup) // 5)  # compare means of the first and last fifths: single samples are noisy
+    baseline = sum(after_warmup[:fifth]) / fifth
+    end = sum(after_warmup[-fifth:]) / fifth
+    peak_after = max(after_warmup)
     return {
         "report": asdict(report),
-        "rss_at_warmup_bytes": baseline,
-        "rss_end_bytes": samples[-1][1],
+        "rss_at_warmup_bytes": baseline,  # mean over the first fifth after warm-up
+        "rss_end_bytes": end,  # mean over the last fifth
         "rss_peak_after_warmup_bytes": peak_after,
-        "rss_growth": (samples[-1][1] - baseline) / baseline,
+        "rss_growth": (end - baseline) / baseline,
         "health_failures": health_failures,
         "server_exit_code": exit_code,
         "rss_samples": samples[:: max(1, len(samples) // 200)],
