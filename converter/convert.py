@@ -24,13 +24,12 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
-from converter.manifest import Manifest, ModelShape, checksum_folder, write_manifest
+from converter.manifest import TOKENIZER_FILE, Manifest, ModelShape, checksum_folder, write_manifest
 
 log = logging.getLogger("jachat.converter")
 
 DEFAULT_SOURCE = "rinna/japanese-gpt-neox-3.6b-instruction-ppo"
 QUANTIZATIONS = ("int8", "int8_float16", "int8_bfloat16", "int8_float32", "float16", "bfloat16", "float32")
-TOKENIZER_FILE = "spiece.model"
 T = TypeVar("T")
 
 

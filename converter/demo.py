@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from converter.manifest import TOKENIZER_FILE
+
 SPECIAL_PIECES = ("[PAD]", "[UNK]", "<s>", "</s>", "[CLS]", "[SEP]", "[MASK]")
 NEWLINE_PIECE = "<NL>"
 
@@ -124,7 +126,7 @@ def train_tokenizer(output: Path, vocab_size: int, newline_piece: bool = True) -
     del proto.trainer_spec.input[:]  # temporary paths: drop them so the same options give the same file
     proto.trainer_spec.model_prefix = "spiece"
     _pad_vocabulary(proto, vocab_size)
-    path = output / "spiece.model"
+    path = output / TOKENIZER_FILE
     path.write_bytes(proto.SerializeToString())
     return path
 

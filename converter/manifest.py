@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST_NAME = "jachat-manifest.json"
+TOKENIZER_FILE = "spiece.model"  # the sentencepiece model, copied beside the converted model
 FORMAT_VERSION = 1
 
 

@@ -28,6 +28,7 @@ from typing import Any
 
 import grpc
 
+from converter.manifest import TOKENIZER_FILE
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 from service.prompt import Speaker, Turn, render_prompt
 from service.sampling import SamplingOptions
@@ -264,7 +265,7 @@ def _ct2(model: Path) -> tuple[Any, Any]:
     from service.tokenizer import Tokenizer
 
     compute_type = resolve_compute_type("default", read_manifest(model).quantization, "cpu")
-    return ctranslate2.Generator(str(model), device="cpu", compute_type=compute_type), Tokenizer(model / "spiece.model")
+    return ctranslate2.Generator(str(model), device="cpu", compute_type=compute_type), Tokenizer(model / TOKENIZER_FILE)
 
 
 def _ct2_batch(generator: Any, tokenizer: Any, workload: Workload, indices: list[int]) -> list[Record]:
@@ -314,7 +315,7 @@ def run_hf(checkpoint: Path, workload: Workload, requests: int) -> Report:
 
     from service.tokenizer import Tokenizer
 
-    tokenizer = Tokenizer(checkpoint / "spiece.model")
+    tokenizer = Tokenizer(checkpoint / TOKENIZER_FILE)
     model = transformers.AutoModelForCausalLM.from_pretrained(str(checkpoint), dtype=torch.float32)
     model.eval()  # type: ignore[no-untyped-call]
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import ctranslate2
 
-from converter.manifest import Manifest, read_manifest, verify_manifest
+from converter.manifest import TOKENIZER_FILE, Manifest, read_manifest, verify_manifest
 from service.errors import DeadlineExceeded, FieldViolation, InvalidRequest
 from service.sampling import SamplingOptions
 from service.scheduler import FinishReason, Generation, Scheduler, SchedulerObserver, SchedulerOptions
@@ -28,7 +28,6 @@ from service.tokenizer import Tokenizer
 
 log = logging.getLogger("jachat.engine")
 
-TOKENIZER_FILE = "spiece.model"
 
 # What to run when the device cannot run a compute type (first supported entry wins).
 _FALLBACKS = {
