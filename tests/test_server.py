@@ -147,7 +147,10 @@ def test_max_connection_age_closes_connections_and_calls_in_flight_finish(model_
 
     from tests.helpers import greedy, start_server
 
-    server = start_server(model_f32, "--max-connection-age-seconds", "1", "--max-connection-age-grace-seconds", "30")
+    age = 0.25  # well below the call's length on any machine (1900 tokens took 0.9 s on a fast 2-core one)
+    server = start_server(
+        model_f32, "--max-connection-age-seconds", str(age), "--max-connection-age-grace-seconds", "30"
+    )
     try:
         states: list[grpc.ChannelConnectivity] = []
         with grpc.insecure_channel(server.target) as channel:
@@ -161,7 +164,7 @@ def test_max_connection_age_closes_connections_and_calls_in_flight_finish(model_
             worker.join(60)
             took = time.monotonic() - started
             assert replies and replies[0].usage.completion_tokens == 1900
-            assert took > 1.2, f"the call took {took:.2f} s: too short to outlive the 1 s max age"
+            assert took > age + 0.1, f"the call took {took:.2f} s: too short to outlive the {age} s max age"
             deadline = time.monotonic() + 10
             while grpc.ChannelConnectivity.IDLE not in states[1:] and time.monotonic() < deadline:
                 time.sleep(0.1)
