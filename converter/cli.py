@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from converter.convert import DEFAULT_SOURCE, QUANTIZATIONS, ConversionError, ConvertOptions, convert
-from converter.demo import DemoShape, build_demo_checkpoint
+from converter.demo import NORMALIZATIONS, DemoShape, build_demo_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--demo-dtype", choices=("float32", "float16"), default=DemoShape.dtype)
     demo.add_argument("--demo-seed", type=int, default=DemoShape.seed)
     demo.add_argument(
+        "--demo-normalization",
+        choices=NORMALIZATIONS,
+        default=DemoShape.normalization,
+        help="spiece.model's normalization rule (rinna's own applies NFKC; custom: a strict look-alike table)",
+    )
+    demo.add_argument(
         "--demo-no-newline-piece",
         action="store_true",
         help="leave <NL> out of the vocabulary (it is then spelled with several pieces)",
@@ -75,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                     vocab_size=args.demo_vocab_size,
                     dtype=args.demo_dtype,
                     newline_piece=not args.demo_no_newline_piece,
+                    normalization=args.demo_normalization,
                     seed=args.demo_seed,
                 )
             )

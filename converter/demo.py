@@ -13,11 +13,17 @@ import json
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from converter.manifest import TOKENIZER_FILE
 
+# sentencepiece's built-in rules, and "custom": CUSTOM_RULE, a table that maps the usual full-width and
+# look-alike replacements for "<", ">" and ":" back to ASCII (as a stricter normalizer might), so that tests can
+# check that the injection defence adapts to a rule it has never seen.
+NORMALIZATIONS = ("identity", "nmt_nfkc", "nfkc", "nmt_nfkc_cf", "nfkc_cf", "custom")
+CUSTOM_RULE = {"＜": "<", "＞": ">", "〈": "<", "〉": ">", "：": ":", "꞉": ":", "∶": ":", "\u3000": " "}
 SPECIAL_PIECES = ("[PAD]", "[UNK]", "<s>", "</s>", "[CLS]", "[SEP]", "[MASK]")
 NEWLINE_PIECE = "<NL>"
 
@@ -56,6 +62,7 @@ class DemoShape:
     context_length: int = 2048
     dtype: str = "float32"  # float32 or float16 (rinna ships float16)
     newline_piece: bool = True  # whether "<NL>" is one piece of the vocabulary
+    normalization: str = "identity"  # spiece.model's normalization rule: one of NORMALIZATIONS
     seed: int = 0
 
     @classmethod
@@ -88,15 +95,22 @@ class DemoShape:
         }
 
 
-def train_tokenizer(output: Path, vocab_size: int, newline_piece: bool = True) -> Path:
+def train_tokenizer(output: Path, vocab_size: int, newline_piece: bool = True, normalization: str = "identity") -> Path:
     """Train spiece.model like rinna's, then pad it with CJK pieces to exactly vocab_size pieces."""
     import sentencepiece as spm
     from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization rule {normalization!r}; choose one of: {', '.join(NORMALIZATIONS)}")
     with tempfile.TemporaryDirectory() as tmp:
         corpus = Path(tmp) / "corpus.txt"
         corpus.write_text(_CORPUS, encoding="utf-8")
         prefix = Path(tmp) / "spiece"
+        rule: dict[str, Any] = {"normalization_rule_name": normalization}
+        if normalization == "custom":
+            table = Path(tmp) / "rule.tsv"
+            table.write_text("".join(f"{ord(a):X}\t{ord(b):X}\n" for a, b in CUSTOM_RULE.items()))
+            rule = {"normalization_rule_tsv": str(table)}
         spm.SentencePieceTrainer.train(
             input=str(corpus),
             model_prefix=str(prefix),
@@ -108,7 +122,7 @@ def train_tokenizer(output: Path, vocab_size: int, newline_piece: bool = True) -
             add_dummy_prefix=False,
             remove_extra_whitespaces=False,
             split_by_whitespace=True,
-            normalization_rule_name="identity",
+            **rule,
             pad_id=0,
             unk_id=1,
             bos_id=2,
@@ -125,6 +139,9 @@ def train_tokenizer(output: Path, vocab_size: int, newline_piece: bool = True) -
         proto.ParseFromString(prefix.with_suffix(".model").read_bytes())
     del proto.trainer_spec.input[:]  # temporary paths: drop them so the same options give the same file
     proto.trainer_spec.model_prefix = "spiece"
+    proto.normalizer_spec.normalization_rule_tsv = ""
+    if normalization == "custom":
+        proto.normalizer_spec.name = "custom"
     _pad_vocabulary(proto, vocab_size)
     path = output / TOKENIZER_FILE
     path.write_bytes(proto.SerializeToString())
@@ -253,7 +270,7 @@ def build_demo_checkpoint(output: Path, shape: DemoShape | None = None, force: b
     (output / "config.json").write_text(json.dumps(shape.config(), indent=2) + "\n")
     for name, content in tokenizer_files().items():
         (output / name).write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n")
-    train_tokenizer(output, shape.vocab_size, shape.newline_piece)
+    train_tokenizer(output, shape.vocab_size, shape.newline_piece, shape.normalization)
     write_weights(output, shape)
     (output / "README.md").write_text(
         "Random-weight checkpoint shaped like rinna/japanese-gpt-neox-3.6b-instruction-ppo, built by "

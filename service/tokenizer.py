@@ -42,6 +42,21 @@ class Tokenizer:
         ids: list[int] = self._sp.encode(text)
         return ids
 
+    def encode_spans(self, text: str) -> list[tuple[int, int, int]]:
+        """(id, begin, end) of every token of text: begin and end are UTF-8 byte offsets into text itself (before
+        normalization), so a token can be traced back to the characters that produced it."""
+        proto = self._sp.encode(text, return_type="proto")
+        return [(piece.id, piece.begin, piece.end) for piece in proto.pieces]
+
+    @property
+    def normalization_rule(self) -> str:
+        """The normalization rule spiece.model declares (identity, nmt_nfkc, nfkc, nmt_nfkc_cf, or a custom one)."""
+        from sentencepiece import sentencepiece_model_pb2 as model_pb2
+
+        proto = model_pb2.ModelProto()  # type: ignore[attr-defined]
+        proto.ParseFromString(self._sp.serialized_model_proto())
+        return str(proto.normalizer_spec.name) or "custom"
+
     def decode(self, ids: list[int]) -> str:
         decoder = self.decoder()
         return "".join(decoder.feed(i) for i in ids) + decoder.flush()
