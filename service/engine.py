@@ -14,19 +14,23 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import ctranslate2
 
 from converter.manifest import TOKENIZER_FILE, Manifest, read_manifest, verify_manifest
-from service.errors import DeadlineExceeded, FieldViolation, InvalidRequest
+from service.errors import DeadlineExceeded
+from service.preparation import ChatRequest, PreparedRequest, Preparer, Prompt
+from service.prompt import Turn
 from service.sampling import SamplingOptions
 from service.scheduler import FinishReason, Generation, Scheduler, SchedulerObserver, SchedulerOptions
 from service.tokenizer import Tokenizer
 
 log = logging.getLogger("jachat.engine")
+T = TypeVar("T")
 
 
 # What to run when the device cannot run a compute type (first supported entry wins).
@@ -160,6 +164,7 @@ class Engine:
             context_length=self.manifest.shape.context_length,
         )
         self.scheduler = Scheduler(self.generator, self.tokenizer, scheduler_options, observer)
+        self.preparer = Preparer(self.tokenizer, self.info.context_length)
         log.info(
             "loaded %s (%s) on %s as %s, %d replicas x %d threads",
             self.info.model_name,
@@ -171,6 +176,7 @@ class Engine:
         )
 
     def close(self) -> None:
+        self.preparer.close()
         self.scheduler.close()
         self.generator.unload_model()
         del self.generator
@@ -178,32 +184,25 @@ class Engine:
     def prompt_ids(self, prompt: str) -> list[int]:
         return self.tokenizer.encode(prompt)
 
-    def max_new_tokens(self, prompt_tokens: int, options: SamplingOptions, explicit: bool) -> int:
-        """max_new_tokens for this prompt; an explicit value that overflows the context is an error."""
-        room = self.info.context_length - prompt_tokens
-        if room < 1:
-            raise InvalidRequest(
-                [
-                    FieldViolation(
-                        "turns",
-                        f"the prompt has {prompt_tokens} tokens; the context holds {self.info.context_length} "
-                        "(set drop_oldest_turns to leave out the oldest turns)",
-                    )
-                ]
-            )
-        if options.max_new_tokens <= room:
-            return options.max_new_tokens
-        if explicit:
-            raise InvalidRequest(
-                [
-                    FieldViolation(
-                        "sampling.max_new_tokens",
-                        f"prompt ({prompt_tokens} tokens) + max_new_tokens ({options.max_new_tokens}) exceeds the "
-                        f"context of {self.info.context_length} tokens; at most {room} fit",
-                    )
-                ]
-            )
-        return room
+    def check_capacity(self) -> None:
+        """Raise Overloaded at once when the queue is full: before a request costs any preparation."""
+        self.scheduler.check_capacity()
+
+    async def prepare(self, request: ChatRequest) -> PreparedRequest:
+        """Validate, render, encode and fit a generation request (on the preparation pool)."""
+        return await self.preparer.prepare(request)
+
+    async def tokenize(self, turns: Sequence[Turn]) -> Prompt:
+        """The conversation's prompt as the model would see it (on the preparation pool)."""
+        return await self.preparer.tokenize(turns)
+
+    async def offload(self, work: Callable[[], T]) -> T:
+        """Run other CPU work of a request (building a large reply) on the preparation pool, off the event loop."""
+        return await self.preparer.run(work)
+
+    def abandon(self, error: BaseException) -> None:
+        """End every waiting and running generation now, telling each caller `error` (the drain's grace is over)."""
+        self.scheduler.abandon(error)
 
     async def stream(
         self,
@@ -211,7 +210,7 @@ class Engine:
         options: SamplingOptions,
         max_new_tokens: int | None = None,
         timeout: float | None = None,
-    ) -> AsyncIterator[str | Completion]:
+    ) -> AsyncGenerator[str | Completion, None]:
         """Text deltas of the reply, then one Completion. Closing the iterator early stops the sequence.
 
         Raises Overloaded when the queue is full, DeadlineExceeded when `timeout` seconds pass first."""

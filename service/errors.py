@@ -24,6 +24,14 @@ class JachatError(Exception):
     code = grpc.StatusCode.INTERNAL
 
 
+# A status travels in the trailers, which clients cap (8 KiB by default): a request with hundreds of violations must
+# still get INVALID_ARGUMENT, not a RESOURCE_EXHAUSTED from its own oversized error. So the message names the first
+# few violations and the BadRequest detail lists at most MAX_REPORTED_VIOLATIONS, each saying how many were left out.
+MAX_MESSAGE_VIOLATIONS = 3
+MAX_REPORTED_VIOLATIONS = 10
+MAX_DESCRIPTION = 240
+
+
 class InvalidRequest(JachatError):
     """The request breaks a rule; each broken rule names its field."""
 
@@ -31,7 +39,17 @@ class InvalidRequest(JachatError):
 
     def __init__(self, violations: list[FieldViolation]) -> None:
         self.violations = violations
-        super().__init__("; ".join(str(v) for v in violations))
+        shown = "; ".join(str(v)[:MAX_DESCRIPTION] for v in violations[:MAX_MESSAGE_VIOLATIONS])
+        more = len(violations) - MAX_MESSAGE_VIOLATIONS
+        super().__init__(shown + (f" (and {more} more violations)" if more > 0 else ""))
+
+    def reported(self) -> list[FieldViolation]:
+        """The violations the BadRequest detail lists: the first ones, and a last entry counting the rest."""
+        if len(self.violations) <= MAX_REPORTED_VIOLATIONS:
+            return self.violations
+        head = self.violations[: MAX_REPORTED_VIOLATIONS - 1]
+        rest = len(self.violations) - len(head)
+        return [*head, FieldViolation("request", f"{rest} more violations are not listed")]
 
 
 class ModelNotReady(JachatError):
@@ -77,8 +95,10 @@ def to_status(exc: BaseException) -> grpc.Status:
     if isinstance(exc, InvalidRequest):
         detail = error_details_pb2.BadRequest(
             field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
-                for v in exc.violations
+                error_details_pb2.BadRequest.FieldViolation(
+                    field=v.field[:MAX_DESCRIPTION], description=v.description[:MAX_DESCRIPTION]
+                )
+                for v in exc.reported()
             ]
         )
         status.details.add().Pack(detail)

@@ -28,8 +28,8 @@ class ReplyAssembler:
     (prompt.TURN_MARKERS); a match ends the reply just like a stop string, but counts as the end of the turn."""
 
     def __init__(self, stop: Sequence[str] = (), turn_markers: Sequence[str] = ()) -> None:
-        self.turn_markers = tuple(turn_markers)
-        self.stop = tuple(s for s in stop if s) + self.turn_markers
+        self.caller_stops = tuple(s for s in stop if s)
+        self.stop = self.caller_stops + tuple(turn_markers)
         self.ended_turn = False
         self._raw = ""  # decoded model text not yet converted (may end in part of "<NL>")
         self._text = ""  # converted text not yet emitted (may end in part of a stop string)
@@ -49,10 +49,10 @@ class ReplyAssembler:
     def _release(self) -> str:
         matches = [(i, s) for i, s in ((self._text.find(s), s) for s in self.stop) if i >= 0]
         if matches:
-            # the earliest match; at the same place the caller's stop string wins over a turn marker
-            first, stop = min(matches, key=lambda m: (m[0], m[1] in self.turn_markers))
+            # the earliest match; at the same place (or when they are equal) the caller's stop string wins
+            first, stop = min(matches, key=lambda m: (m[0], m[1] not in self.caller_stops))
             self.stopped = True
-            self.ended_turn = stop in self.turn_markers
+            self.ended_turn = stop not in self.caller_stops
             out, self._text, self._raw = self._text[:first], "", ""
             return out
         keep = _held_suffix(self._text, self.stop)

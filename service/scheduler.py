@@ -42,7 +42,7 @@ log = logging.getLogger("jachat.scheduler")
 
 # gRPC cancels a call at its deadline by its own clock; a cancellation this close to our copy of the deadline is
 # that deadline, not the caller going away.
-DEADLINE_SLACK = 0.05
+DEADLINE_SLACK = 0.1
 
 
 class FinishReason(enum.Enum):
@@ -151,13 +151,16 @@ class Generation:
         return self.finish_reason is not None
 
     def finish(self, reason: FinishReason, error: BaseException | None = None) -> None:
-        """End the sequence once: release held-back text (a normal end) and tell the caller."""
+        """End the sequence once: release held-back text (a normal end) and tell the caller. Text released at the
+        end can still complete a stop string: then the reply ended there, and the reason says so."""
         with self._lock:
             if self.finish_reason is not None:
                 return
             self.finish_reason = reason
         if reason in (FinishReason.END_OF_TURN, FinishReason.LENGTH):
             text = self.reply.push(self.decoder.flush()) + self.reply.finish()
+            if self.reply.stopped:
+                self.finish_reason = FinishReason.END_OF_TURN if self.reply.ended_turn else FinishReason.STOP
             if text:
                 self.send(text)
         if self.on_finish is not None:  # before the caller hears of the end, so metrics are never behind
@@ -194,14 +197,18 @@ class Scheduler:
             self._slots = asyncio.Semaphore(self.options.replicas)
             self._task = asyncio.get_running_loop().create_task(self._run(), name="jachat-scheduler")
 
-    def submit(self, gen: Generation) -> None:
-        self._ensure_started()
-        assert self._arrived is not None
+    def check_capacity(self) -> None:
+        """Raise Overloaded when the queue is full."""
         if len(self.pending) >= self.options.max_queued:
             raise Overloaded(
                 f"the queue is full ({self.options.max_queued} requests wait); retry after {self._batch_seconds:.1f} s",
                 retry_after=self._batch_seconds,
             )
+
+    def submit(self, gen: Generation) -> None:
+        self._ensure_started()
+        assert self._arrived is not None
+        self.check_capacity()
         gen.on_finish = self._finished
         gen.observer = self.observer
         self._last_arrival = time.monotonic()

@@ -7,9 +7,8 @@ import asyncio
 import dataclasses
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -17,12 +16,21 @@ from google.protobuf.message import DecodeError
 
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 from service.engine import Completion, Engine
-from service.errors import FieldViolation, InvalidRequest, JachatError, ModelNotReady, ShuttingDown, to_status
+from service.errors import (
+    DeadlineExceeded,
+    FieldViolation,
+    InvalidRequest,
+    JachatError,
+    ModelNotReady,
+    ShuttingDown,
+    to_status,
+)
 from service.logs import REQUEST_ID_HEADER, request_id, request_id_from
 from service.metrics import Metrics
-from service.prompt import Speaker, Turn, render_prompt, render_turn
+from service.preparation import MAX_TURNS, ChatRequest, PreparedRequest, Prompt
+from service.prompt import Speaker, Turn
 from service.sampling import SamplingOptions
-from service.scheduler import FinishReason
+from service.scheduler import DEADLINE_SLACK, FinishReason
 
 log = logging.getLogger("jachat.servicer")
 
@@ -38,20 +46,6 @@ _REJECTIONS = {  # refused before any generation: jachat_rejected_total{reason}
     grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
     grpc.StatusCode.UNAVAILABLE: "unavailable",
 }
-
-
-MAX_TURNS = 256
-MAX_TURN_CHARACTERS = 16_384
-
-
-@dataclass(frozen=True)
-class PreparedRequest:
-    turns: list[Turn]
-    prompt: str
-    prompt_ids: list[int]
-    options: SamplingOptions
-    max_new_tokens: int
-    dropped_turns: int = 0
 
 
 class MalformedRequest:
@@ -79,18 +73,12 @@ def check_parsed(request: object) -> None:
 
 
 def turns_from_pb(turns: Sequence[chat_pb2.Turn]) -> list[Turn]:
-    """Turns of a request; the conversation must be non-empty and end with the user's turn."""
-    if not turns:
-        raise InvalidRequest([FieldViolation("turns", "must not be empty: give at least the user's turn")])
-    if len(turns) > MAX_TURNS:
+    """Turns of a request, their speakers checked (the other rules are request preparation's)."""
+    if len(turns) > MAX_TURNS:  # before looking at any turn
         raise InvalidRequest([FieldViolation("turns", f"{len(turns)} turns; at most {MAX_TURNS}")])
     violations = []
     result = []
     for i, turn in enumerate(turns):
-        if len(turn.text) > MAX_TURN_CHARACTERS:
-            violations.append(
-                FieldViolation(f"turns[{i}].text", f"{len(turn.text)} characters; at most {MAX_TURN_CHARACTERS}")
-            )
         speaker = _SPEAKERS.get(turn.speaker)
         if speaker is None:
             name = chat_pb2.Speaker.Name(turn.speaker) if turn.speaker in chat_pb2.Speaker.values() else turn.speaker
@@ -99,13 +87,6 @@ def turns_from_pb(turns: Sequence[chat_pb2.Turn]) -> list[Turn]:
             )
             continue
         result.append(Turn(speaker, turn.text))
-    if not violations and result[-1].speaker is not Speaker.USER:
-        violations.append(
-            FieldViolation(
-                f"turns[{len(turns) - 1}].speaker",
-                "the last turn must be the user's (SPEAKER_USER): the model writes the next system turn",
-            )
-        )
     if violations:
         raise InvalidRequest(violations)
     return result
@@ -148,8 +129,12 @@ def usage_to_pb(completion: Completion, dropped_turns: int = 0) -> chat_pb2.Usag
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(
+        self, metrics: Metrics, stream_write_timeout: float = 30.0, max_response_bytes: int = 4 * 1024 * 1024
+    ) -> None:
         self.metrics = metrics
+        self.max_response_bytes = max_response_bytes
+        self.stream_write_timeout = stream_write_timeout
         self.engine: Engine | None = None
         self.draining = False
         self.in_flight = 0
@@ -168,11 +153,15 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
 
     @asynccontextmanager
     async def _rpc(self, name: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
-        """The frame of every RPC: its request id (sent back as x-request-id), its log line and metrics, and
-        the mapping of every error to its status, in one place."""
+        """The frame of every RPC: its request id (sent back as x-request-id), its log line and metrics, the
+        mapping of every error to its status, in one place, and its release, exactly once whatever ends it."""
         started = time.perf_counter()
+        remaining = context.time_remaining()
+        deadline = None if remaining is None else time.monotonic() + remaining
         rid = request_id_from(context.invocation_metadata())
-        token = request_id.set(rid)
+        # Each RPC runs in a task of its own, with its own copy of the context, so the id is never reset: a
+        # stream's generator may be closed from another context, where reset() raises.
+        request_id.set(rid)
         code: grpc.StatusCode | None = grpc.StatusCode.OK
         self.in_flight += 1
         self.idle.clear()
@@ -181,8 +170,9 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             yield
         except grpc.aio.AbortError:  # the status is already set
             raise
-        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled or went away
-            code = grpc.StatusCode.CANCELLED
+        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled, went away, or its deadline passed
+            expired = deadline is not None and time.monotonic() + DEADLINE_SLACK >= deadline
+            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
             raise
         except Exception as exc:
             if not isinstance(exc, JachatError):
@@ -195,12 +185,11 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             code = None
             await context.abort(status.code, status.details, status.trailing_metadata)
         finally:
-            if code is not None:
-                self._record(name, code, started)
-            request_id.reset(token)
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
+            if code is not None:
+                self._record(name, code, started)
 
     def _record(self, name: str, code: grpc.StatusCode, started: float) -> None:
         seconds = time.perf_counter() - started
@@ -214,42 +203,30 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             extra={"rpc": name, "code": code.name, "duration_ms": round(seconds * 1000, 1)},
         )
 
-    def _prepare(
-        self, turns: Sequence[chat_pb2.Turn], sampling: chat_pb2.SamplingParams, drop_oldest_turns: bool = False
-    ) -> PreparedRequest:
-        """Validate and render a generation request; with drop_oldest_turns, leave out the oldest whole turns
-        until prompt plus max_new_tokens fits the context."""
+    async def _prepare(self, request: chat_pb2.GenerateRequest | chat_pb2.GenerateStreamRequest) -> PreparedRequest:
+        """The cheap checks on the event loop, the queue's room, then preparation on the worker pool."""
+        check_parsed(request)
         engine = self._engine()
-        context = engine.info.context_length
-        parsed = turns_from_pb(turns)
-        options, explicit_max = sampling_from_pb(sampling, context, engine.info.vocab_size)
-        too_long = [
-            FieldViolation(f"turns[{i}].text", f"{n} tokens; one turn may have at most {context - 1}")
-            for i, n in enumerate(len(engine.prompt_ids(render_turn(t))) for t in parsed)
-            if n >= context
-        ]
-        if too_long:
-            raise InvalidRequest(too_long)
-        first = 0
-        prompt_ids = engine.prompt_ids(render_prompt(parsed))
-        while drop_oldest_turns and len(prompt_ids) + options.max_new_tokens > context and first < len(parsed) - 1:
-            first += 1
-            prompt_ids = engine.prompt_ids(render_prompt(parsed[first:]))
-        kept = parsed[first:]
-        max_new = engine.max_new_tokens(len(prompt_ids), options, explicit_max)
-        return PreparedRequest(kept, render_prompt(kept), prompt_ids, options, max_new, dropped_turns=first)
+        turns = turns_from_pb(request.turns)
+        options, explicit_max = sampling_from_pb(request.sampling, engine.info.context_length, engine.info.vocab_size)
+        engine.check_capacity()  # a full server refuses before doing any work
+        chat = ChatRequest(turns, options, explicit_max, request.drop_oldest_turns)
+        return await engine.prepare(chat)
 
     async def _generate(
         self, request: PreparedRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[str | Completion]:
+    ) -> AsyncGenerator[str | Completion, None]:
         engine = self._engine()
         self.metrics.running.inc()
         try:
             stream = engine.stream(
-                request.prompt_ids, request.options, request.max_new_tokens, timeout=context.time_remaining()
+                request.prompt.ids, request.options, request.max_new_tokens, timeout=context.time_remaining()
             )
-            async for item in stream:
-                yield item
+            try:
+                async for item in stream:
+                    yield item
+            finally:
+                await stream.aclose()  # stops the sequence now if the caller left early
         finally:
             self.metrics.running.dec()
 
@@ -257,33 +234,44 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         self, request: chat_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> chat_pb2.GenerateResponse:
         async with self._rpc("Generate", context):
-            check_parsed(request)
-            prepared = self._prepare(request.turns, request.sampling, request.drop_oldest_turns)
+            prepared = await self._prepare(request)
             parts: list[str] = []
             async for item in self._generate(prepared, context):
                 if isinstance(item, Completion):
                     return chat_pb2.GenerateResponse(
                         text="".join(parts),
                         finish_reason=_FINISH_REASONS[item.finish_reason],
-                        usage=usage_to_pb(item, prepared.dropped_turns),
+                        usage=usage_to_pb(item, prepared.prompt.dropped_turns),
                     )
                 parts.append(item)
         raise AssertionError("engine stream ended without a Completion")  # pragma: no cover
 
-    async def GenerateStream(
-        self, request: chat_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[chat_pb2.GenerateStreamResponse]:
+    async def GenerateStream(self, request: chat_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext) -> None:
         async with self._rpc("GenerateStream", context):
-            check_parsed(request)
-            prepared = self._prepare(request.turns, request.sampling, request.drop_oldest_turns)
-            async for item in self._generate(prepared, context):
-                if isinstance(item, Completion):
-                    yield chat_pb2.GenerateStreamResponse(
-                        finish_reason=_FINISH_REASONS[item.finish_reason],
-                        usage=usage_to_pb(item, prepared.dropped_turns),
-                    )
-                else:
-                    yield chat_pb2.GenerateStreamResponse(text=item)
+            prepared = await self._prepare(request)
+            messages = self._generate(prepared, context)
+            try:
+                async for item in messages:
+                    if isinstance(item, Completion):
+                        message = chat_pb2.GenerateStreamResponse(
+                            finish_reason=_FINISH_REASONS[item.finish_reason],
+                            usage=usage_to_pb(item, prepared.prompt.dropped_turns),
+                        )
+                    else:
+                        message = chat_pb2.GenerateStreamResponse(text=item)
+                    await self._write(context, message)
+            finally:
+                await messages.aclose()
+
+    async def _write(self, context: grpc.aio.ServicerContext, message: chat_pb2.GenerateStreamResponse) -> None:
+        """Send one stream message; a client that reads nothing for stream_write_timeout seconds (its flow-control
+        window stays full) loses the stream, so it stops holding a sequence and counting as running."""
+        try:
+            await asyncio.wait_for(context.write(message), self.stream_write_timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(
+                f"the client read nothing for {self.stream_write_timeout:g} s; the stream was ended"
+            ) from None
 
     async def Tokenize(
         self, request: chat_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
@@ -291,15 +279,30 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         async with self._rpc("Tokenize", context):
             check_parsed(request)
             engine = self._engine()
-            prompt = render_prompt(turns_from_pb(request.turns))
-            ids = engine.prompt_ids(prompt)
-            return chat_pb2.TokenizeResponse(
-                token_count=len(ids),
-                pieces=[engine.tokenizer.pieces[i] for i in ids],
-                token_ids=ids,
-                prompt=prompt,
-            )
+            prompt = await engine.tokenize(turns_from_pb(request.turns))
+            return await engine.offload(lambda: self._tokenize_response(prompt, engine.tokenizer.pieces))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _tokenize_response(self, prompt: Prompt, pieces: Sequence[str]) -> chat_pb2.TokenizeResponse:
+        """Tokenize's reply, refused before it is built when it could exceed the message limit (per token at most
+        8 bytes of framing and id besides its piece)."""
+        size = len(prompt.text.encode()) + sum(len(pieces[i].encode()) + 8 for i in prompt.ids) + 64
+        if size > self.max_response_bytes:
+            raise InvalidRequest(
+                [
+                    FieldViolation(
+                        "turns",
+                        f"the reply would take up to {size} bytes ({len(prompt.ids)} tokens); at most "
+                        f"{self.max_response_bytes} can be sent",
+                    )
+                ]
+            )
+        return chat_pb2.TokenizeResponse(
+            token_count=len(prompt.ids),
+            pieces=[pieces[i] for i in prompt.ids],
+            token_ids=prompt.ids,
+            prompt=prompt.text,
+        )
 
     async def GetModelInfo(
         self, request: chat_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext

@@ -1,0 +1,218 @@
+"""Request preparation: the one step between a front end and the engine, the same for Generate, GenerateStream
+and Tokenize (and any later front end).
+
+A request costs the server in proportion to its text, and a client controls the text, so:
+- The cheap checks come first, on the event loop, before any text is touched beyond its length: turn count,
+  characters per turn and in the whole request, the sampling ranges (`check_turns`, SamplingOptions.violations).
+  Then the front end asks the engine whether the queue has room, so a full server refuses at once.
+- The CPU work (neutralising, sentencepiece encoding, fitting the context) runs on a small worker pool, never on the
+  event loop; at most `max_waiting` preparations wait for it, beyond that the call is refused as overloaded.
+- Each turn is encoded once (plus a bounded number of rewrites by the injection guard), and the whole prompt once.
+  `drop_oldest_turns` finds its cut in one pass from the newest turn backwards, encoding only the turns it keeps
+  (and the first one it drops), then verifies it with one encode of the kept prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import TypeVar
+
+from service.errors import FieldViolation, InvalidRequest, Overloaded
+from service.injection import RenderedTurn, TurnGuard
+from service.prompt import CUE, SEPARATOR, Speaker, Turn, join_turns
+from service.sampling import SamplingOptions
+from service.tokenizer import Tokenizer
+
+MAX_TURNS = 256
+MAX_TURN_CHARACTERS = 16_384
+# The whole request: 32 contexts' worth of Japanese text, far more than a conversation that drop_oldest_turns can
+# still use, and little enough to encode in a few milliseconds.
+MAX_REQUEST_CHARACTERS = 65_536
+MAX_REQUEST_TOKENS = 65_536  # tokens of all encoded turns (byte fallback can spend several per character)
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A generation request as every front end hands it to the engine."""
+
+    turns: Sequence[Turn]
+    options: SamplingOptions
+    explicit_max_new_tokens: bool = False  # an explicit value that does not fit is an error, a default shrinks
+    drop_oldest_turns: bool = False
+
+
+@dataclass(frozen=True)
+class Prompt:
+    text: str
+    ids: list[int]
+    dropped_turns: int = 0
+
+
+@dataclass(frozen=True)
+class PreparedRequest:
+    prompt: Prompt
+    options: SamplingOptions
+    max_new_tokens: int
+
+
+def check_turns(turns: Sequence[Turn]) -> None:
+    """The cheap checks: count, characters per turn and in all, the last turn the user's."""
+    if not turns:
+        raise InvalidRequest([FieldViolation("turns", "must not be empty: give at least the user's turn")])
+    if len(turns) > MAX_TURNS:
+        raise InvalidRequest([FieldViolation("turns", f"{len(turns)} turns; at most {MAX_TURNS}")])
+    violations = [
+        FieldViolation(f"turns[{i}].text", f"{len(t.text)} characters; at most {MAX_TURN_CHARACTERS}")
+        for i, t in enumerate(turns)
+        if len(t.text) > MAX_TURN_CHARACTERS
+    ]
+    total = sum(len(t.text) for t in turns)
+    if total > MAX_REQUEST_CHARACTERS:
+        violations.append(
+            FieldViolation("turns", f"{total} characters in all; one request may have at most {MAX_REQUEST_CHARACTERS}")
+        )
+    if turns[-1].speaker is not Speaker.USER:
+        violations.append(
+            FieldViolation(
+                f"turns[{len(turns) - 1}].speaker",
+                "the last turn must be the user's (SPEAKER_USER): the model writes the next system turn",
+            )
+        )
+    if violations:
+        raise InvalidRequest(violations)
+
+
+class Preparer:
+    def __init__(self, tokenizer: Tokenizer, context_length: int, workers: int = 2, max_waiting: int = 64) -> None:
+        self.tokenizer = tokenizer
+        self.guard = TurnGuard(tokenizer)
+        self.context_length = context_length
+        self.max_waiting = max_waiting
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jachat-prepare")
+        self._waiting = 0
+        self._separator = len(tokenizer.encode(SEPARATOR))
+        self._cue = len(tokenizer.encode(CUE))
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def run(self, work: Callable[[], T]) -> T:
+        """Run CPU work on the pool; refuse at once (Overloaded) when `max_waiting` preparations already wait."""
+        if self._waiting >= self.max_waiting:
+            raise Overloaded(f"{self._waiting} requests are being prepared; retry shortly", retry_after=0.5)
+        self._waiting += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, work)
+        finally:
+            self._waiting -= 1
+
+    async def prepare(self, request: ChatRequest) -> PreparedRequest:
+        check_turns(request.turns)
+        return await self.run(lambda: self.prepare_now(request))
+
+    async def tokenize(self, turns: Sequence[Turn]) -> Prompt:
+        check_turns(turns)
+        return await self.run(lambda: self.prompt(turns))
+
+    def prompt(self, turns: Sequence[Turn]) -> Prompt:
+        """The whole conversation as the model sees it (Tokenize)."""
+        rendered = self._render(turns, range(len(turns)))
+        return self._join(rendered, 0)
+
+    def prepare_now(self, request: ChatRequest) -> PreparedRequest:
+        """Render, encode and fit one generation request (on a worker thread)."""
+        turns, options = request.turns, request.options
+        if request.drop_oldest_turns:
+            first, rendered = self._cut(turns, options.max_new_tokens)
+        else:
+            first, rendered = 0, self._render(turns, range(len(turns)))
+        prompt = self._join(rendered, first)
+        while request.drop_oldest_turns and len(prompt.ids) + options.max_new_tokens > self.context_length:
+            if len(rendered) == 1:
+                break
+            rendered, first = rendered[1:], first + 1  # the estimate was short (pieces merged across turns)
+            prompt = self._join(rendered, first)
+        return PreparedRequest(prompt, options, self._max_new_tokens(len(prompt.ids), request))
+
+    def _render(self, turns: Sequence[Turn], indices: range) -> list[RenderedTurn]:
+        rendered, total = [], 0
+        for i in indices:
+            turn = self.guard.render(turns[i], i)
+            total += len(turn.ids)
+            if total > MAX_REQUEST_TOKENS:
+                raise InvalidRequest(
+                    [FieldViolation("turns", f"more than {MAX_REQUEST_TOKENS} tokens in all; too long to serve")]
+                )
+            rendered.append(turn)
+        self._check_turn_lengths(rendered, indices.start)
+        return rendered
+
+    def _check_turn_lengths(self, rendered: Sequence[RenderedTurn], first: int) -> None:
+        violations = [
+            FieldViolation(f"turns[{i}].text", f"{n} tokens; one turn may have at most {self.context_length - 1}")
+            for i, n in enumerate((len(t.ids) for t in rendered), start=first)
+            if n >= self.context_length
+        ]
+        if violations:
+            raise InvalidRequest(violations)
+
+    def _cut(self, turns: Sequence[Turn], max_new_tokens: int) -> tuple[int, list[RenderedTurn]]:
+        """drop_oldest_turns: the newest turns whose estimated prompt leaves room for max_new_tokens (the last turn
+        always stays). One pass from the newest backwards; turns older than the first dropped one are never
+        encoded."""
+        budget = self.context_length - max_new_tokens - self._cue
+        kept: list[RenderedTurn] = []
+        used, first = 0, 0
+        for i in range(len(turns) - 1, -1, -1):
+            turn = self.guard.render(turns[i], i)
+            used += len(turn.ids) + (self._separator if kept else 0)
+            if kept and used > budget:
+                first = i + 1
+                break
+            kept.append(turn)
+        kept.reverse()
+        self._check_turn_lengths(kept, first)
+        return first, kept
+
+    def _join(self, rendered: Sequence[RenderedTurn], dropped: int) -> Prompt:
+        text = join_turns([t.text for t in rendered])
+        ids = self.tokenizer.encode(text)
+        self.guard.check_prompt(ids, len(rendered))
+        return Prompt(text, ids, dropped)
+
+    def _max_new_tokens(self, prompt_tokens: int, request: ChatRequest) -> int:
+        """max_new_tokens for this prompt; an explicit value that overflows the context is an error, and so is a
+        min_new_tokens the context cannot hold."""
+        options, context = request.options, self.context_length
+        room = context - prompt_tokens
+        if room < 1:
+            hint = "" if request.drop_oldest_turns else " (set drop_oldest_turns to leave out the oldest turns)"
+            raise InvalidRequest(
+                [FieldViolation("turns", f"the prompt has {prompt_tokens} tokens; the context holds {context}{hint}")]
+            )
+        if options.max_new_tokens > room and request.explicit_max_new_tokens:
+            raise InvalidRequest(
+                [
+                    FieldViolation(
+                        "sampling.max_new_tokens",
+                        f"prompt ({prompt_tokens} tokens) + max_new_tokens ({options.max_new_tokens}) exceeds the "
+                        f"context of {context} tokens; at most {room} fit",
+                    )
+                ]
+            )
+        if options.min_new_tokens > room:
+            raise InvalidRequest(
+                [
+                    FieldViolation(
+                        "sampling.min_new_tokens",
+                        f"{options.min_new_tokens} tokens do not fit after the prompt ({prompt_tokens} tokens); at "
+                        f"most {room} fit in the context of {context}",
+                    )
+                ]
+            )
+        return min(options.max_new_tokens, room)
