@@ -8,11 +8,12 @@ one family cannot be both a counter and a histogram (prometheus-client refuses i
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from importlib import metadata
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 if TYPE_CHECKING:
     from service.scheduler import Generation
@@ -31,6 +32,10 @@ QUEUE_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
 # - tokens per request: powers of two up to the 2048-token context.
 TOKEN_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+# - event-loop lag: how late a timer fires. A healthy loop answers in well under 5 ms; 50 ms delays every stream
+#   and health check visibly; a gRPC liveness probe (1 s timeout) fails at 1 s.
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+LOOP_LAG_INTERVAL = 0.05  # seconds between two samples
 
 # finished_total{reason} and rejected_total{reason} label values
 FINISH_REASONS = ("eos", "length", "stop", "cancelled", "deadline", "error")
@@ -102,6 +107,12 @@ class Metrics:
             buckets=(0, 1, 2, 3, 5, 10),
             registry=r,
         )
+        self.event_loop_lag = Histogram(
+            "jachat_event_loop_lag_seconds",
+            f"How late the event loop ran a timer set {LOOP_LAG_INTERVAL * 1000:g} ms ahead (sampled continuously).",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
+        )
         self.model_info = Gauge(
             "jachat_model_info",
             "The served model (value 1).",
@@ -142,17 +153,14 @@ class Metrics:
         if gen.finish_reason.value == "cancelled":
             self.tokens_after_cancel.observe(gen.steps_after_cancel)
 
-    def serve(self, port: int, host: str = "0.0.0.0") -> int:
-        """Expose /metrics over HTTP on a background thread; returns the bound port."""
-        self._http, _thread = start_http_server(port, addr=host, registry=self.registry)
-        bound: int = self._http.server_address[1]
-        return bound
-
-    def close(self) -> None:
-        http = getattr(self, "_http", None)
-        if http is not None:
-            http.shutdown()
-            http.server_close()
+    async def sample_event_loop_lag(self, interval: float = LOOP_LAG_INTERVAL) -> None:
+        """Forever: sleep `interval` and record how much later than asked the loop woke up. Work that blocks the
+        loop (CPU work on it, a blocking call) shows here before health checks start to time out."""
+        loop = asyncio.get_running_loop()
+        while True:
+            asked = loop.time() + interval
+            await asyncio.sleep(interval)
+            self.event_loop_lag.observe(max(0.0, loop.time() - asked))
 
 
 def _version(dist: str) -> str:

@@ -16,6 +16,8 @@ from prometheus_client import CollectorRegistry
 
 from service.engine import Engine, EngineOptions
 from service.errors import ShuttingDown
+from service.exposition import MetricsEndpoint
+from service.health import HealthServicer
 from service.metrics import Metrics
 from service.scheduler import SchedulerOptions
 from service.security import TokenAuthInterceptor, server_credentials
@@ -39,6 +41,8 @@ def server_options(settings: Settings | None = None) -> list[tuple[str, int]]:
         ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
         ("grpc.http2.max_ping_strikes", 2),
     ]
+    if settings is not None:
+        options.append(("grpc.max_concurrent_streams", settings.max_streams_per_connection))
     if settings is not None and settings.max_connection_age_seconds > 0:
         options += [
             ("grpc.max_connection_age_ms", int(settings.max_connection_age_seconds * 1000)),
@@ -54,10 +58,13 @@ def create_server(
     options: list[tuple[str, int]] | None = None,
     credentials: grpc.ServerCredentials | None = None,
     interceptors: list[grpc.aio.ServerInterceptor] | None = None,
+    max_concurrent_rpcs: int | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """A gRPC server with ChatService, health and reflection, bound to address (not started)."""
     server = grpc.aio.server(
-        options=options if options is not None else server_options(), interceptors=interceptors or None
+        options=options if options is not None else server_options(),
+        interceptors=interceptors or None,
+        maximum_concurrent_rpcs=max_concurrent_rpcs,
     )
     server.add_generic_rpc_handlers((method_handlers(servicer),))
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -99,14 +106,16 @@ class Service:
     metrics: Metrics
     metrics_port: int | None
     servicer: ChatServicer
-    health: health.aio.HealthServicer
+    health: HealthServicer
+    metrics_endpoint: MetricsEndpoint
+    lag_sampler: asyncio.Task[None]
 
     @classmethod
     async def start(cls, settings: Settings, registry: CollectorRegistry | None = None) -> Service:
         """Listen at once (health NOT_SERVING), then load the model off the event loop."""
         metrics = Metrics(registry or CollectorRegistry())
-        servicer = ChatServicer(metrics)
-        health_servicer = health.aio.HealthServicer()
+        servicer = ChatServicer(metrics, settings.stream_write_timeout_seconds, MAX_MESSAGE_BYTES)
+        health_servicer = HealthServicer(settings.max_health_watchers)
         await set_serving(health_servicer, False)
         credentials, interceptors = security(settings, metrics)
         server, port = create_server(
@@ -116,13 +125,16 @@ class Service:
             server_options(settings),
             credentials,
             interceptors,
+            settings.max_concurrent_rpcs,
         )
+        endpoint = MetricsEndpoint(metrics.registry)
         metrics_port = (
-            None if settings.metrics_port < 0 else metrics.serve(settings.metrics_port, settings.metrics_host)
+            None if settings.metrics_port < 0 else await endpoint.start(settings.metrics_host, settings.metrics_port)
         )
+        lag_sampler = asyncio.create_task(metrics.sample_event_loop_lag(), name="jachat-loop-lag")
         await server.start()
         log.info("listening on %s:%d (metrics on %s), loading %s", settings.host, port, metrics_port, settings.model)
-        return cls(settings, server, port, metrics, metrics_port, servicer, health_servicer)
+        return cls(settings, server, port, metrics, metrics_port, servicer, health_servicer, endpoint, lag_sampler)
 
     async def load_model(self) -> Engine:
         options = EngineOptions(
@@ -161,14 +173,15 @@ class Service:
         except asyncio.TimeoutError:
             log.warning("drain: %d calls still running after %.1f s; ending them", self.servicer.in_flight, grace)
             if self.servicer.engine is not None:
-                self.servicer.engine.scheduler.abandon(ShuttingDown("the server shut down before the reply ended"))
+                self.servicer.engine.abandon(ShuttingDown("the server shut down before the reply ended"))
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self.servicer.idle.wait(), 2.0)
         await self.server.stop(0.5)
         engine, self.servicer.engine = self.servicer.engine, None
         if engine is not None:
             await asyncio.to_thread(engine.close)
-        self.metrics.close()
+        self.lag_sampler.cancel()
+        await self.metrics_endpoint.close()
 
 
 async def run(settings: Settings) -> None:

@@ -83,6 +83,26 @@ class Settings:
     max_connection_age_grace_seconds: float = field(
         default=300.0, metadata=_opt("how long calls may finish on a connection past its max age")
     )
+    max_concurrent_rpcs: int = field(
+        default=1024,
+        metadata=_opt(
+            "calls in progress at once on this server, health and streams included; more get RESOURCE_EXHAUSTED "
+            "(above --max-queued-requests, so generation calls meet the queue limit first)"
+        ),
+    )
+    max_streams_per_connection: int = field(
+        default=128, metadata=_opt("concurrent calls one client connection may open (HTTP/2 max concurrent streams)")
+    )
+    max_health_watchers: int = field(
+        default=64, metadata=_opt("grpc.health.v1 Watch streams at once (unauthenticated); more get RESOURCE_EXHAUSTED")
+    )
+    stream_write_timeout_seconds: float = field(
+        default=30.0,
+        metadata=_opt(
+            "a GenerateStream whose client reads nothing for this long is ended (DEADLINE_EXCEEDED) and stops "
+            "counting as running"
+        ),
+    )
     tls_cert: Path | None = field(default=None, metadata=_opt("PEM certificate chain: serve TLS (reloaded on change)"))
     tls_key: Path | None = field(default=None, metadata=_opt("PEM private key for --tls-cert"))
     tls_client_ca: Path | None = field(

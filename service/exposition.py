@@ -1,0 +1,70 @@
+"""The Prometheus /metrics endpoint, served on the event loop.
+
+prometheus-client's own server starts a thread per connection, so idle connections cost threads without bound. This
+one is a few coroutines: at most `max_connections` at once (others are closed at once), each with `timeout` seconds
+to send its request (bounded in size), one response, then the connection closes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+MAX_HEADER_LINES = 100
+MAX_LINE_BYTES = 8192
+
+
+class MetricsEndpoint:
+    def __init__(self, registry: CollectorRegistry, max_connections: int = 32, timeout: float = 10.0) -> None:
+        self.registry = registry
+        self.max_connections = max_connections
+        self.timeout = timeout
+        self.connections = 0
+        self._server: asyncio.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        """Listen on host:port (0 picks a free port); returns the bound port."""
+        self._server = await asyncio.start_server(self._serve, host, port, limit=MAX_LINE_BYTES)
+        bound: int = self._server.sockets[0].getsockname()[1]
+        return bound
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 1.0)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= self.max_connections:
+            writer.close()
+            return
+        self.connections += 1
+        try:
+            status, body, content_type = await asyncio.wait_for(self._respond(reader), self.timeout)
+            head = (
+                f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
+                "Connection: close\r\n\r\n"
+            )
+            writer.write(head.encode("ascii") + body)
+            await asyncio.wait_for(writer.drain(), self.timeout)
+        except (asyncio.TimeoutError, ConnectionError, asyncio.LimitOverrunError, asyncio.IncompleteReadError):
+            pass  # a slow, oversized or vanished client: just close
+        finally:
+            self.connections -= 1
+            writer.close()
+
+    async def _respond(self, reader: asyncio.StreamReader) -> tuple[str, bytes, str]:
+        request = (await reader.readuntil(b"\n")).decode("latin-1").split()
+        for _ in range(MAX_HEADER_LINES):
+            if (await reader.readuntil(b"\n")).strip() == b"":
+                break
+        else:
+            return "431 Request Header Fields Too Large", b"too many header lines\n", "text/plain"
+        if len(request) != 3 or request[0] not in ("GET", "HEAD"):
+            return "400 Bad Request", b"GET /metrics\n", "text/plain"
+        if request[1].split("?")[0] != "/metrics":
+            return "404 Not Found", b"try /metrics\n", "text/plain"
+        body = generate_latest(self.registry)
+        return "200 OK", b"" if request[0] == "HEAD" else body, CONTENT_TYPE_LATEST
