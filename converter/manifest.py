@@ -20,6 +20,10 @@ class ManifestError(Exception):
     """A manifest is missing, unreadable, or does not match the files beside it."""
 
 
+# The files the service loads: each must have a checksum in the manifest, or a corrupted one would be served.
+MODEL_FILES = ("model.bin", "config.json", "vocabulary.json", TOKENIZER_FILE)
+
+
 @dataclass(frozen=True)
 class ModelShape:
     architecture: str
@@ -28,6 +32,18 @@ class ModelShape:
     num_heads: int
     vocab_size: int
     context_length: int
+
+    def problems(self) -> list[str]:
+        """What makes no sense for a GPT-NeoX model (a hand-edited or damaged manifest)."""
+        found = [f"{name} is {getattr(self, name)}; must be at least 1" for name in _SIZES if getattr(self, name) < 1]
+        if not found and self.hidden_size % self.num_heads:
+            found.append(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.context_length < 16:
+            found.append(f"context_length is {self.context_length}; a chat prompt needs at least 16 tokens")
+        return found
+
+
+_SIZES = ("num_layers", "hidden_size", "num_heads", "vocab_size", "context_length")
 
 
 @dataclass(frozen=True)
@@ -92,11 +108,24 @@ def read_manifest(folder: Path) -> Manifest:
         raise ManifestError(f"cannot read {path}: {exc}") from exc
     if not isinstance(data, dict):
         raise ManifestError(f"malformed manifest {path}: not a JSON object")
-    return Manifest.from_dict(data)
+    manifest = Manifest.from_dict(data)
+    if problems := manifest.shape.problems():
+        raise ManifestError(f"malformed manifest {path}: {'; '.join(problems)}")
+    return manifest
+
+
+def check_manifest(folder: Path, manifest: Manifest) -> None:
+    """Raise ManifestError when the manifest cannot vouch for the model: a file the service loads has no checksum."""
+    unlisted = [name for name in MODEL_FILES if name not in manifest.files]
+    if unlisted:
+        raise ManifestError(
+            f"the manifest in {folder} is incomplete: no checksum for {', '.join(unlisted)} (convert the model again)"
+        )
 
 
 def verify_manifest(folder: Path, manifest: Manifest) -> None:
     """Raise ManifestError naming every file that is missing or whose sha256 differs."""
+    check_manifest(folder, manifest)
     problems = []
     for name, expected in sorted(manifest.files.items()):
         path = folder / name

@@ -1,6 +1,7 @@
 """Logging: plain text or JSON lines, and the request id on every line logged while serving a request.
 
-The id comes from the caller's `x-request-id` metadata (printable ASCII, at most 128 characters) or is generated;
+The id comes from the caller's `x-request-id` metadata (at most 128 characters of letters, digits and `-_.:/+=@~`,
+so it cannot forge text in a log line) or is generated;
 the service sends it back in the response's initial metadata. It lives in a context variable, so every log line
 written in the request's task carries it, and the scheduler copies it into the request's Generation.
 """
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import uuid
 from collections.abc import Sequence
@@ -22,12 +24,16 @@ request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "request_id"}
 
 
+# ids in the formats callers use (UUIDs, W3C trace ids, ULIDs, base64) but no space, quote, bracket or control
+# character: a caller's id can never end a log field early or look like another one
+_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:/+=@~-]{1,128}")
+
+
 def request_id_from(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
-    """The caller's x-request-id when it is usable, else a new one."""
+    """The caller's x-request-id when it is safe to log, else a new one."""
     for key, value in metadata or ():
-        usable = isinstance(value, str) and 0 < len(value) <= 128 and value.isascii() and value.isprintable()
-        if key.lower() == REQUEST_ID_HEADER and usable:
-            return str(value)
+        if key.lower() == REQUEST_ID_HEADER and isinstance(value, str) and _SAFE_REQUEST_ID.fullmatch(value):
+            return value
     return uuid.uuid4().hex
 
 

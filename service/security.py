@@ -67,46 +67,72 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.Se
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Bearer tokens from a file, one per line (`#` starts a comment line, leading spaces allowed).
+
+    The file is re-read when it changes. A file that goes missing or holds no token keeps the current tokens (an
+    operator rewriting it must not lock every client out, nor let everyone in), and says so once per change."""
+
     def __init__(self, token_file: Path, on_reject: Callable[[], None] | None = None) -> None:
         self.token_file = token_file
         self.on_reject = on_reject
         self._watch = _Watched(token_file)
         self._tokens: list[bytes] = []
-        self._reload()
+        self._problem: str | None = None
+        self._watch.changed()
+        self._tokens = self._read()
+        if not self._tokens:
+            raise ValueError(f"{self.token_file} holds no token")
+
+    def _read(self) -> list[bytes]:
+        lines = (line.strip() for line in self.token_file.read_text(encoding="utf-8").splitlines())
+        return [line.encode() for line in lines if line and not line.startswith("#")]
 
     def _reload(self) -> None:
-        if self._watch.changed():
-            lines = self.token_file.read_text(encoding="utf-8").splitlines()
-            self._tokens = [t.strip().encode() for t in lines if t.strip() and not t.startswith("#")]
-            if not self._tokens:
-                raise ValueError(f"{self.token_file} holds no token")
+        try:
+            if not self._watch.changed():
+                return
+            tokens = self._read()
+        except (OSError, UnicodeDecodeError) as exc:
+            self._keep(f"cannot read {self.token_file} ({exc.__class__.__name__}: {exc})")
+            return
+        if not tokens:
+            self._keep(f"{self.token_file} holds no token")
+            return
+        self._tokens, self._problem = tokens, None
+        log.info("re-read %s: %d tokens", self.token_file, len(tokens))
+
+    def _keep(self, problem: str) -> None:
+        if problem != self._problem:  # once per new problem, not once per call
+            log.warning("%s; keeping the current %d tokens", problem, len(self._tokens))
+        self._problem = problem
 
     def _authorized(self, metadata: Any) -> bool:
-        with_prefix = [v for k, v in metadata or () if k == "authorization" and isinstance(v, str)]
-        if len(with_prefix) != 1 or not with_prefix[0].startswith("Bearer "):
+        values = [v for k, v in metadata or () if k == "authorization" and isinstance(v, str)]
+        if len(values) != 1:
             return False
-        given = with_prefix[0][len("Bearer ") :].encode()
+        scheme, _, given = values[0].partition(" ")
+        if scheme.lower() != "bearer" or not given.strip():  # RFC 6750: the scheme is case-insensitive
+            return False
         # constant time, and every token is compared, so timing reveals neither a token nor which one matched
-        return sum(hmac.compare_digest(given, token) for token in self._tokens) > 0
+        return sum(hmac.compare_digest(given.strip().encode(), token) for token in self._tokens) > 0
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
     ) -> Any:
         if details.method.startswith(EXEMPT_PREFIXES):
             return await continuation(details)
-        try:
-            self._reload()
-        except (OSError, ValueError):
-            log.exception("cannot re-read %s; keeping the current tokens", self.token_file)
+        self._reload()
         if self._authorized(details.invocation_metadata):
             return await continuation(details)
         if self.on_reject is not None:
             self.on_reject()
+        # an unknown method has no handler: deny it all the same, so strangers learn nothing of what exists
         return _denied(await continuation(details))
 
 
 def _denied(handler: Any) -> Any:
-    """A handler of the same shape as `handler` that answers UNAUTHENTICATED without running it."""
+    """A handler of the same shape as `handler` (None: an unknown method) that answers UNAUTHENTICATED without
+    running it."""
 
     async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
         await context.abort(
@@ -117,8 +143,7 @@ def _denied(handler: Any) -> Any:
         await deny(request, context)
         yield  # pragma: no cover - abort raised
 
-    if handler.unary_stream is not None:
-        return grpc.unary_stream_rpc_method_handler(
-            deny_stream, handler.request_deserializer, handler.response_serializer
-        )
-    return grpc.unary_unary_rpc_method_handler(deny, handler.request_deserializer, handler.response_serializer)
+    # raw bytes in, nothing out: a stranger's request is never even parsed
+    if handler is not None and handler.unary_stream is not None:
+        return grpc.unary_stream_rpc_method_handler(deny_stream)
+    return grpc.unary_unary_rpc_method_handler(deny)

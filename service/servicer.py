@@ -9,6 +9,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
+from importlib import import_module
 from typing import Any
 
 import grpc
@@ -33,6 +34,8 @@ from service.sampling import SamplingOptions
 from service.scheduler import DEADLINE_SLACK, FinishReason
 
 log = logging.getLogger("jachat.servicer")
+# What grpc.aio raises when a message is written to a call that is already over (no public name exists for it).
+_CALL_OVER: type[Exception] = getattr(import_module("grpc._cython.cygrpc"), "ExecuteBatchError", RuntimeError)
 
 _SPEAKERS = {chat_pb2.SPEAKER_USER: Speaker.USER, chat_pb2.SPEAKER_SYSTEM: Speaker.SYSTEM}
 _FINISH_REASONS = {
@@ -272,6 +275,10 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             raise DeadlineExceeded(
                 f"the client read nothing for {self.stream_write_timeout:g} s; the stream was ended"
             ) from None
+        except _CALL_OVER:
+            # gRPC refuses a write on a call the client already cancelled (or whose deadline passed), often before
+            # context.cancelled() says so; its own streaming path reads this error the same way: the caller left
+            raise asyncio.CancelledError from None
 
     async def Tokenize(
         self, request: chat_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
