@@ -84,3 +84,38 @@ def test_a_callers_stop_string_at_the_same_place_wins_over_the_turn_marker() -> 
     reply = ReplyAssembler(("\n",), TURN_MARKERS)
     assert reply.push("a<NL>ユーザー: b") + reply.finish() == "a"
     assert reply.stopped and not reply.ended_turn
+
+
+def test_a_callers_stop_string_equal_to_the_turn_marker_is_a_stop() -> None:
+    from service.prompt import TURN_MARKERS
+
+    reply = ReplyAssembler(TURN_MARKERS, TURN_MARKERS)
+    assert reply.push("a<NL>ユーザー: b") + reply.finish() == "a"
+    assert reply.stopped and not reply.ended_turn  # the caller asked for it: FINISH_REASON_STOP
+
+
+def test_a_stop_string_completed_at_the_final_flush_is_a_stop(demo_checkpoint: object) -> None:
+    """The model ends with half a character: the flush turns it into U+FFFD, which completes the stop string."""
+    import asyncio
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from service.sampling import SamplingOptions
+    from service.scheduler import FinishReason, Generation
+
+    tokenizer = Tokenizer(Path(str(demo_checkpoint)) / "spiece.model")
+    lead = tokenizer.pieces.index("<0xE3>")  # the first byte of a three-byte character
+
+    async def run() -> tuple[FinishReason | None, str]:
+        options = SamplingOptions(stop=("猫\ufffd",))
+        gen = Generation([5], options, 8, None, tokenizer, asyncio.get_running_loop())
+        for token in [*tokenizer.encode("猫"), lead, tokenizer.eos_id]:
+            if gen.on_step(SimpleNamespace(token_id=token, is_last=False)):
+                break
+        texts = []
+        while (item := await gen.queue.get()) is not None:
+            texts.append(str(item))
+        return gen.finish_reason, "".join(texts)
+
+    reason, text = asyncio.run(run())
+    assert (reason, text) == (FinishReason.STOP, "")

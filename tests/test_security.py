@@ -197,3 +197,51 @@ def test_clients_that_ping_too_often_are_sent_away(server: ServerProcess) -> Non
         while grpc.ChannelConnectivity.IDLE not in states[2:] and time.monotonic() < deadline:
             time.sleep(0.1)
     assert grpc.ChannelConnectivity.IDLE in states[2:], states  # the server closed the abusive connection
+
+
+HANDLER = grpc.unary_unary_rpc_method_handler(lambda request, context: None)
+
+
+def _call(interceptor: object, authorization: str | None) -> object:
+    """What the interceptor hands gRPC for one call: the real handler ("handler") or a denying one."""
+    import asyncio
+    from types import SimpleNamespace
+
+    async def continuation(details: object) -> object:
+        return HANDLER
+
+    metadata = () if authorization is None else (("authorization", authorization),)
+    details = SimpleNamespace(method="/jachat.v1.ChatService/Generate", invocation_metadata=metadata)
+    handler = asyncio.run(interceptor.intercept_service(continuation, details))  # type: ignore[attr-defined]
+    return "handler" if handler is HANDLER else "denied"
+
+
+def test_token_file_rules_scheme_comments_and_a_vanishing_file(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from service.security import TokenAuthInterceptor
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("  # an indented comment is still a comment\n\tsecret-one  \n\n# another\nsecret-two\n")
+    interceptor = TokenAuthInterceptor(tokens)
+    for header in ("Bearer secret-one", "bearer secret-one", "BEARER secret-two", "Bearer  secret-two "):
+        assert _call(interceptor, header) == "handler", header  # RFC 6750: the scheme is case-insensitive
+    for header in (None, "Bearer # an indented comment is still a comment", "Bearer", "Basic secret-one", "secret"):
+        assert _call(interceptor, header) != "handler", header
+
+    caplog.set_level("INFO", logger="jachat.security")
+    tokens.unlink()  # deleted: the current tokens stay, and it is said once, without a traceback
+    for _ in range(3):
+        assert _call(interceptor, "Bearer secret-one") == "handler"
+    time.sleep(0.01)
+    tokens.write_text("# emptied by a careless edit\n")  # no token left: keep the current ones, say so once
+    for _ in range(3):
+        assert _call(interceptor, "Bearer secret-two") == "handler"
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2, [r.getMessage() for r in warnings]
+    assert "keeping the current 2 tokens" in warnings[0].getMessage() and "holds no token" in warnings[1].getMessage()
+    assert not any(r.exc_info for r in caplog.records)
+    time.sleep(0.01)
+    tokens.write_text("secret-three\n")  # a good file again is taken at once
+    assert _call(interceptor, "Bearer secret-three") == "handler"
+    assert _call(interceptor, "Bearer secret-one") != "handler"

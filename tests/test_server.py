@@ -288,6 +288,24 @@ def test_start_up_failures_exit_with_one_clear_line(
     line = _serve_and_fail(mismatched)
     assert "does not match the model's vocabulary" in line and "first difference at id" in line
 
+    # a manifest that vouches for nothing, or for too little, or for an impossible shape, is refused
+    for name, change, expected in (
+        ("empty-files", lambda m: m.update(files={}), "no checksum for model.bin, config.json, vocabulary.json"),
+        ("partial-files", lambda m: m["files"].pop("model.bin"), "no checksum for model.bin"),
+        ("no-context", lambda m: m["shape"].update(context_length=0), "context_length is 0"),
+        ("no-heads", lambda m: m["shape"].update(num_heads=0), "num_heads is 0"),
+    ):
+        broken = tmp_path / name
+        shutil.copytree(model_f32, broken)
+        manifest = json.loads((broken / MANIFEST_NAME).read_text())
+        change(manifest)
+        (broken / MANIFEST_NAME).write_text(json.dumps(manifest))
+        with (broken / "model.bin").open("r+b") as f:  # damaged too: an incomplete manifest must not hide it
+            f.seek(4096)
+            f.write(b"\xff" * 16)
+        line = _serve_and_fail(broken)
+        assert expected in line and str(broken) in line, line
+
     with socket.socket(socket.AF_INET6 if socket.has_ipv6 else socket.AF_INET) as taken:
         taken.bind(("::" if socket.has_ipv6 else "0.0.0.0", 0))
         taken.listen()

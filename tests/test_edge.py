@@ -1,0 +1,279 @@
+"""The edge under hostile and busy traffic: streams released exactly once, deadlines recorded as deadlines,
+bounded streams and connections, statuses that stay right however bad the request (real servers on loopback)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
+
+from jachat.v1 import chat_pb2, chat_pb2_grpc
+from service.launcher import ServerProcess
+from service.logs import request_id_from
+from tests.helpers import greedy, start_server, user
+
+LONG = chat_pb2.SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=1500, min_new_tokens=1500)
+
+
+@pytest.fixture(scope="module")
+def edge_server(model_f32: Path) -> Iterator[ServerProcess]:
+    process = start_server(model_f32, "--max-health-watchers", "3", "--grace-seconds", "20")
+    yield process
+    process.stop()
+
+
+def problems_in_log(server: ServerProcess) -> list[str]:
+    return [line for line in server.log if "Traceback" in line or "never retrieved" in line or "ERROR" in line]
+
+
+def test_twenty_streams_cancelled_between_messages_are_released_and_sigterm_exits_at_once(model_f32: Path) -> None:
+    server = start_server(model_f32, "--grace-seconds", "20")
+    try:
+        with server.channel() as channel:
+            stub = server.stub(channel)
+            for i in range(20):
+                call = stub.GenerateStream(chat_pb2.GenerateStreamRequest(turns=[user(f"やあ{i}")], sampling=LONG))
+                next(call), next(call)  # two messages read, then the client goes away between messages
+                call.cancel()
+        deadline = time.monotonic() + 10
+        while server.scrape().get("jachat_running_requests", 1) > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        started = time.monotonic()
+        assert server.stop(timeout=30) == 0
+        took = time.monotonic() - started
+        assert took < 10, f"SIGTERM took {took:.1f} s: a stream was never released, so the drain waited its grace"
+    finally:
+        server.stop()
+    assert not problems_in_log(server), problems_in_log(server)
+
+
+def test_a_storm_of_cancellations_and_deadlines_is_recorded_as_each_caller_saw_it(edge_server: ServerProcess) -> None:
+    before = edge_server.scrape()
+
+    async def storm() -> dict[grpc.StatusCode, int]:
+        seen: dict[grpc.StatusCode, int] = {}
+        async with grpc.aio.insecure_channel(edge_server.target) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+
+            async def one(i: int) -> None:
+                request = chat_pb2.GenerateStreamRequest(turns=[user(f"嵐{i}")], sampling=LONG)
+                call = stub.GenerateStream(request, timeout=0.3 if i % 3 else None)
+                try:
+                    async for _ in call:
+                        if i % 3 == 0:  # a third cancel after their first message
+                            call.cancel()
+                    code = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as error:
+                    code = error.code()
+                except asyncio.CancelledError:
+                    code = grpc.StatusCode.CANCELLED
+                seen[code] = seen.get(code, 0) + 1
+
+            await asyncio.gather(*(one(i) for i in range(30)))
+        return seen
+
+    seen = asyncio.run(storm())
+    assert seen.get(grpc.StatusCode.DEADLINE_EXCEEDED, 0) > 0 and seen.get(grpc.StatusCode.CANCELLED, 0) == 10
+
+    def moved(name: str) -> float:
+        return edge_server.scrape().get(name, 0.0) - before.get(name, 0.0)
+
+    deadline = time.monotonic() + 10
+    while moved("jachat_running_requests") != 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for code, n in seen.items():
+        assert moved(f'jachat_requests_total{{code="{code.name}",rpc="GenerateStream"}}') == n, code
+    assert moved('jachat_finished_total{reason="deadline"}') == seen[grpc.StatusCode.DEADLINE_EXCEEDED]
+    assert moved('jachat_finished_total{reason="cancelled"}') == seen[grpc.StatusCode.CANCELLED]
+    assert not problems_in_log(edge_server), problems_in_log(edge_server)
+
+
+def test_a_stream_whose_client_reads_nothing_is_ended_and_stops_counting_as_running(model_f32: Path) -> None:
+    server = start_server(model_f32, "--stream-write-timeout-seconds", "1")
+    try:
+        # a small flow-control window that never grows: the server's writes block once it is full
+        options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+        with grpc.insecure_channel(server.target, options=options) as channel:
+            call = server.stub(channel).GenerateStream(
+                chat_pb2.GenerateStreamRequest(turns=[user("やあ")], sampling=LONG)
+            )
+            deadline = time.monotonic() + 30
+            while server.scrape().get('jachat_requests_total{code="DEADLINE_EXCEEDED",rpc="GenerateStream"}', 0) < 1:
+                assert time.monotonic() < deadline, "the stream was never ended"
+                time.sleep(0.1)
+            assert server.scrape()["jachat_running_requests"] == 0
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in call:
+                    pass
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "read nothing" in info.value.details()
+    finally:
+        server.stop()
+
+
+def test_health_watchers_are_capped_and_check_still_answers(edge_server: ServerProcess) -> None:
+    with edge_server.channel() as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        watches = [health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(3)]
+        for watch in watches:
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            next(health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5))
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+        watches[0].cancel()
+        deadline = time.monotonic() + 10
+        while True:  # the freed place is reused
+            try:
+                assert next(health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)).status == 1
+                break
+            except grpc.RpcError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        for watch in watches:
+            watch.cancel()
+        with pytest.raises(grpc.RpcError) as info:
+            next(health.Watch(health_pb2.HealthCheckRequest(service="x" * 300), timeout=5))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def _threads(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("Threads:"):
+            return int(line.split()[1])
+    raise AssertionError("no thread count")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="counts threads through /proc")
+def test_idle_metrics_connections_cost_no_threads_and_scrapes_still_work(edge_server: ServerProcess) -> None:
+    pid = edge_server.process.pid
+    before = _threads(pid)
+    idle = [socket.create_connection(("127.0.0.1", edge_server.metrics_port)) for _ in range(200)]
+    try:
+        time.sleep(0.5)
+        assert _threads(pid) <= before + 2, "a thread per connection"
+        for s in idle[:32]:  # the ones beyond the cap were closed at once; free some places
+            s.close()
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                assert "jachat_event_loop_lag_seconds_count" in "".join(edge_server.scrape())
+                break
+            except OSError:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+    finally:
+        for s in idle:
+            s.close()
+
+
+def test_the_event_loop_lag_is_measured(edge_server: ServerProcess) -> None:
+    time.sleep(0.2)
+    samples = edge_server.scrape()
+    assert samples["jachat_event_loop_lag_seconds_count"] > 0
+    assert samples['jachat_event_loop_lag_seconds_bucket{le="+Inf"}'] == samples["jachat_event_loop_lag_seconds_count"]
+
+
+def test_hundreds_of_violations_are_still_invalid_argument_with_a_capped_list(edge_server: ServerProcess) -> None:
+    turns = [chat_pb2.Turn(speaker=7, text="a") for _ in range(256)]
+    with edge_server.channel() as channel, pytest.raises(grpc.RpcError) as info:
+        edge_server.stub(channel).Generate(chat_pb2.GenerateRequest(turns=turns), timeout=10)
+    error = info.value
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "and 253 more violations" in error.details()
+    status = rpc_status.from_call(error)
+    assert status is not None
+    bad_request = error_details_pb2.BadRequest()
+    assert status.details[0].Unpack(bad_request)
+    fields = [v.field for v in bad_request.field_violations]
+    assert fields[:9] == [f"turns[{i}].speaker" for i in range(9)] and len(fields) == 10
+    assert bad_request.field_violations[-1].description == "247 more violations are not listed"
+
+
+def test_min_new_tokens_beyond_the_room_left_is_invalid_argument(edge_server: ServerProcess) -> None:
+    """max_new_tokens unset shrinks to the room after a long prompt; a min_new_tokens (within the default 128) that
+    no longer fits must be the caller's error, not an engine failure."""
+    with edge_server.channel() as channel:
+        stub = edge_server.stub(channel)
+
+        def tokens(n: int) -> int:
+            return stub.Tokenize(chat_pb2.TokenizeRequest(turns=[user("吾輩は猫である。" * n)]), timeout=10).token_count
+
+        per = (tokens(200) - tokens(100)) / 100
+        n = 100 + int((2048 - 60 - tokens(100)) / per)
+        room = 2048 - tokens(n)
+        assert 1 <= room < 100, room
+        long = chat_pb2.GenerateRequest(
+            turns=[user("吾輩は猫である。" * n)], sampling=chat_pb2.SamplingParams(min_new_tokens=100)
+        )
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Generate(long, timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details().startswith("sampling.min_new_tokens:")
+
+
+def test_absurd_requests_are_refused_cheaply_naming_the_field(edge_server: ServerProcess) -> None:
+    turns = [user("吾輩は猫である。" * 600) for _ in range(256)]  # ~1.2 MB: a 12 MB Tokenize reply on old servers
+    with edge_server.channel() as channel:
+        stub = edge_server.stub(channel)
+        for call in (
+            lambda: stub.Tokenize(chat_pb2.TokenizeRequest(turns=turns), timeout=10),
+            lambda: stub.Generate(chat_pb2.GenerateRequest(turns=turns, drop_oldest_turns=True), timeout=10),
+        ):
+            with pytest.raises(grpc.RpcError) as info:
+                call()
+            assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert info.value.details().startswith("turns: 1228800 characters in all; one request may have at most")
+        assert stub.Generate(chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(2)), timeout=10).text
+
+
+def test_request_ids_that_could_forge_log_text_are_replaced() -> None:
+    assert request_id_from([("x-request-id", "9f1c-42_a.b:c/d+e=f@g~h")]) == "9f1c-42_a.b:c/d+e=f@g~h"
+    for hostile in ("ok] INFO forged line", 'a"b', "a\tb", "x" * 129, "", "id\u3000"):
+        replaced = request_id_from([("x-request-id", hostile)])
+        assert replaced != hostile and len(replaced) == 32
+
+
+def test_unauthenticated_calls_to_unknown_methods_are_denied_without_a_traceback(
+    tmp_path: Path, model_f32: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("secret\n")
+    server = start_server(model_f32, "--auth-token-file", str(tokens))
+    try:
+        with server.channel() as channel:
+            unknown = channel.unary_unary("/jachat.v1.ChatService/NoSuchMethod")
+            for _ in range(3):
+                with pytest.raises(grpc.RpcError) as info:
+                    unknown(b"", timeout=5)
+                assert info.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED)
+    finally:
+        server.stop()
+    assert not problems_in_log(server), problems_in_log(server)
+
+
+def test_concurrent_rpcs_are_capped_per_server(model_f32: Path) -> None:
+    server = start_server(model_f32, "--max-concurrent-rpcs", "4")
+    try:
+        with server.channel() as channel:
+            stub = server.stub(channel)
+            calls = [
+                stub.GenerateStream(chat_pb2.GenerateStreamRequest(turns=[user("やあ")], sampling=LONG))
+                for _ in range(4)
+            ]
+            for call in calls:
+                next(call)
+            with pytest.raises(grpc.RpcError) as info:
+                stub.Generate(chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(2)), timeout=10)
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for call in calls:
+                call.cancel()
+    finally:
+        server.stop()
