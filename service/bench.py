@@ -513,7 +513,7 @@ def print_results(reports: dict[str, Report], concurrency: int, output: Path | N
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jachat-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("grpc", "ct2", "hf", "all", "soak"))
+    parser.add_argument("mode", choices=("grpc", "ct2", "hf", "all", "soak", "abuse"))
     parser.add_argument("--target", default="localhost:50051", help="grpc: HOST:PORT of a running service")
     parser.add_argument("--model", type=Path, help="ct2/all: converted model folder")
     parser.add_argument("--checkpoint", type=Path, help="hf/all: the Hugging Face checkpoint it came from")
@@ -531,6 +531,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--cancel-fraction", type=float, default=0.0, help="grpc/soak: cancel this fraction of calls at a random point"
     )
     parser.add_argument("--warmup", type=float, default=60.0, help="soak: seconds before memory growth is counted")
+    parser.add_argument("--clients", type=int, default=4, help="abuse: clients sending worst-case requests")
     parser.add_argument("--output", "-o", type=Path, help="write the JSON report here")
     return parser
 
@@ -544,12 +545,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     requests = args.requests or 4 * n
     reports: dict[str, Report] = {}
     meta = {"argv": sys.argv, "workload": asdict(workload), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
-    need = {"ct2": ["model"], "hf": ["checkpoint"], "all": ["model", "checkpoint"], "soak": ["model", "duration"]}
+    need = {
+        "ct2": ["model"],
+        "hf": ["checkpoint"],
+        "all": ["model", "checkpoint"],
+        "soak": ["model", "duration"],
+        "abuse": ["model"],
+    }
     for name in need.get(args.mode, []):
         if getattr(args, name) is None:
             build_parser().error(f"{args.mode} needs --{name}")
     if args.mode == "soak":
         return soak_main(args, workload, meta)
+    if args.mode == "abuse":
+        from service.abuse import abuse_main
+
+        return abuse_main(args.model, args.duration or 20.0, args.clients, args.serve_arg, args.output, meta)
     runners: list[tuple[str, Callable[[], Report]]] = []
     if args.mode == "grpc":
         runners.append(

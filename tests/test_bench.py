@@ -72,3 +72,33 @@ def test_bench_counts_errors_by_status_code(server: object, tmp_path: Path) -> N
     )
     report = json.loads(output.read_text())["reports"]["service_n"]
     assert report["errors"] == {"INVALID_ARGUMENT": 4}, result.stderr
+
+
+def test_bench_abuse_reports_every_figure_and_the_expected_outcomes(model_f32: Path, tmp_path: Path) -> None:
+    """The mode runs end to end; its figures are printed and recorded, not asserted (they depend on the machine)."""
+    output = tmp_path / "abuse.json"
+    result = subprocess.run(
+        ["jachat-bench", "abuse", "--model", str(model_f32), "--duration", "3", "--clients", "2", "-o", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode in (0, 1), result.stderr
+    document = json.loads(output.read_text())
+    abuse = document["abuse"]
+    for key in ("health_p50_ms", "health_p99_ms", "health_max_ms", "stream_worst_gap_ms", "refusal_max_ms"):
+        assert abuse[key] > 0, key
+    assert abuse["health_checks"] > 10 and abuse["stream_gaps"] > 10 and abuse["event_loop_lag"]["samples"] > 10
+    outcomes = abuse["abuse_outcomes"]
+    for name in ("generate_4mb", "generate_4mb_drop", "tokenize_4mb", "generate_256_turns_drop"):  # over the budget
+        assert set(outcomes[name]) <= {"INVALID_ARGUMENT"}, outcomes
+    for name in ("generate_budget_drop", "tokenize_budget"):  # the heaviest that pass are served
+        assert set(outcomes[name]) <= {"OK"}, outcomes
+    assert all(set(codes) == {"RESOURCE_EXHAUSTED"} for codes in abuse["refusal_codes"].values())
+    assert abuse["server_exit_code"] == 0
+    assert [c["what"] for c in document["checks"]][:4] == [
+        "health check p99",
+        "health check max",
+        "normal stream's worst gap",
+        "full server refuses (max)",
+    ]

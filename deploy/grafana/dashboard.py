@@ -199,6 +199,16 @@ def build() -> dashboard.Dashboard:
         ),
         (
             series(
+                "Event-loop lag by pod",
+                "s",
+                quantiles("jachat_event_loop_lag_seconds", "pod"),
+                "How late each pod's event loop runs a timer set 50 ms ahead. Over 50 ms, streams and health "
+                "checks stall; the JachatEventLoopStalled alert fires at a p99 over 100 ms.",
+            ),
+            8,
+        ),
+        (
+            series(
                 "Output tokens/s by pod",
                 "short",
                 [

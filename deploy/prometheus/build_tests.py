@@ -39,6 +39,16 @@ def ttft(slow_fraction: float, minutes: int) -> list[dict[str, str]]:
     ]
 
 
+def loop_lag(share_over_100ms: float, minutes: int) -> list[dict[str, str]]:
+    """1200 samples a minute (one per 50 ms), share_over_100ms of them between 100 and 250 ms late."""
+    late = 1200 * share_over_100ms
+    buckets = {"0.05": 1200 - late, "0.1": 1200 - late, "0.25": 1200, "+Inf": 1200}
+    return [
+        series("jachat_event_loop_lag_seconds_bucket", f'pod="a",le="{le}"', f"0+{n:g}x{minutes}")
+        for le, n in buckets.items()
+    ]
+
+
 # alert -> (labels of the firing alert besides alertname and severity, firing input, quiet input, eval time)
 SCENARIOS: dict[str, tuple[dict[str, str], list[dict[str, str]], list[dict[str, str]], str]] = {
     "JachatTargetDown": (
@@ -89,6 +99,7 @@ SCENARIOS: dict[str, tuple[dict[str, str], list[dict[str, str]], list[dict[str, 
         ],
         "20m",
     ),
+    "JachatEventLoopStalled": ({"pod": "a"}, loop_lag(0.05, 20), loop_lag(0.005, 20), "10m"),  # p99 late; quiet
     "JachatTTFTBudgetBurnFast": ({}, ttft(0.20, 90), ttft(0.005, 90), "70m"),  # 20x the budget; quiet: 0.5x
     "JachatTTFTBudgetBurnSlow": ({}, ttft(0.10, 480), ttft(0.03, 480), "7h"),  # 10x (under fast's 14.4x); 3x
 }

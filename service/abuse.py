@@ -1,0 +1,260 @@
+"""jachat-bench abuse: a fresh server under worst-case requests, measured from the outside.
+
+Phase 1 (`duration` seconds): `clients` abusers send, in a loop, the heaviest requests a client may send: 4 MB
+GenerateRequests (256 turns of 5,400 characters) with and without drop_oldest_turns, 4 MB Tokenize calls, 256 turns
+of 1,800 characters with drop_oldest_turns (each turn under the context: the worst case of the old quadratic drop
+loop), and the heaviest requests that pass the request budget (61,200 characters in 34 turns, with drop_oldest_turns, and as
+Tokenize). Meanwhile a prober checks health every 50 ms (1 s timeout, like a liveness probe) and one normal client
+streams greedy replies. Reported: health latency p50/p99/max, the normal stream's worst gap between two messages,
+and the server's event-loop lag (from its own histogram).
+
+Phase 2: the queue is filled with long generations (the server runs with a small --max-queued-requests), then 4 MB
+and at-budget requests are sent one at a time: each must be refused (RESOURCE_EXHAUSTED); reported is how long the
+refusal took, request transfer included.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from jachat.v1 import chat_pb2, chat_pb2_grpc
+from service.launcher import ServerProcess, spawn
+
+FOUR_MB_TURNS = 256
+FOUR_MB_TURN_CHARACTERS = 5_400
+# within the request budget (65,536 characters) with every turn under the context (about a token per character
+# in Japanese): the heaviest requests that are actually prepared, encoded and served
+BUDGET_TURNS, BUDGET_TURN_CHARACTERS = 34, 1_800
+QUEUE = 4  # --max-queued-requests for the run: small, so phase 2 fills it quickly
+BATCH = 4  # --max-batch-size, likewise
+# the targets of the edge issue: (what, key in the report, limit in ms)
+TARGETS = (
+    ("health check p99", "health_p99_ms", 50.0),
+    ("health check max", "health_max_ms", 250.0),
+    ("normal stream's worst gap", "stream_worst_gap_ms", 250.0),
+    ("full server refuses (max)", "refusal_max_ms", 50.0),
+)
+_TEXT = "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。"
+
+
+def _turns(count: int, characters: int) -> list[chat_pb2.Turn]:
+    text = (_TEXT * (characters // len(_TEXT) + 1))[:characters]
+    speakers = (chat_pb2.SPEAKER_USER, chat_pb2.SPEAKER_SYSTEM)
+    turns = [chat_pb2.Turn(speaker=speakers[i % 2], text=text) for i in range(count - 1)]
+    return [*turns, chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text=text)]
+
+
+def heavy_requests() -> dict[str, tuple[str, Any]]:
+    """name -> (method, request): the worst cases, as the abusers send them."""
+    four_mb = _turns(FOUR_MB_TURNS, FOUR_MB_TURN_CHARACTERS)
+    budget = _turns(BUDGET_TURNS, BUDGET_TURN_CHARACTERS)
+    short = chat_pb2.SamplingParams(max_new_tokens=8)
+    return {
+        "generate_4mb": ("Generate", chat_pb2.GenerateRequest(turns=four_mb, sampling=short)),
+        "generate_4mb_drop": (
+            "Generate",
+            chat_pb2.GenerateRequest(turns=four_mb, sampling=short, drop_oldest_turns=True),
+        ),
+        "tokenize_4mb": ("Tokenize", chat_pb2.TokenizeRequest(turns=four_mb)),
+        # every turn under the context: what drove the old quadratic drop_oldest_turns loop (1.4 MB)
+        "generate_256_turns_drop": (
+            "Generate",
+            chat_pb2.GenerateRequest(
+                turns=_turns(FOUR_MB_TURNS, BUDGET_TURN_CHARACTERS), sampling=short, drop_oldest_turns=True
+            ),
+        ),
+        "generate_budget_drop": (
+            "Generate",
+            chat_pb2.GenerateRequest(turns=budget, sampling=short, drop_oldest_turns=True),
+        ),
+        "tokenize_budget": ("Tokenize", chat_pb2.TokenizeRequest(turns=budget)),
+    }
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
+
+
+def _lag_histogram(server: ServerProcess) -> dict[str, float]:
+    return {k: v for k, v in server.scrape().items() if k.startswith("jachat_event_loop_lag_seconds")}
+
+
+def _lag_summary(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """p50/p99 (as bucket bounds) and the share of samples over 50 ms, over the phase (empty for a server that
+    does not measure its loop, such as one older than the metric)."""
+    if "jachat_event_loop_lag_seconds_count" not in after:
+        return {}
+    count = after["jachat_event_loop_lag_seconds_count"] - before["jachat_event_loop_lag_seconds_count"]
+    buckets = sorted(
+        (float(k.split('le="')[1].rstrip('"}')), after[k] - before.get(k, 0.0))
+        for k in after
+        if "_bucket{" in k and "+Inf" not in k
+    )
+
+    def bound(q: float) -> float:
+        return next((le for le, n in buckets if n >= q * count), float("inf"))
+
+    over_50ms = count - next(n for le, n in buckets if le == 0.05)
+    return {
+        "samples": count,
+        "p50_ms_at_most": 1000 * bound(0.5),
+        "p99_ms_at_most": 1000 * bound(0.99),
+        "share_over_50ms": over_50ms / count if count else 0.0,
+    }
+
+
+async def _call(stub: chat_pb2_grpc.ChatServiceStub, method: str, request: Any, timeout: float) -> str:
+    try:
+        await getattr(stub, method)(request, timeout=timeout)
+        return "OK"
+    except grpc.aio.AioRpcError as error:
+        return str(error.code().name)
+
+
+async def phase_one(target: str, duration: float, clients: int) -> dict[str, Any]:
+    heavy = heavy_requests()
+    stop_at = time.monotonic() + duration
+    health_ms: list[float] = []
+    health_failures: list[str] = []
+    gaps_ms: list[float] = []
+    outcomes: dict[str, dict[str, int]] = {name: {} for name in heavy}
+
+    async def prober() -> None:
+        async with grpc.aio.insecure_channel(target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while time.monotonic() < stop_at:
+                started = time.perf_counter()
+                try:
+                    await health.Check(health_pb2.HealthCheckRequest(service="jachat.v1.ChatService"), timeout=1)
+                except grpc.aio.AioRpcError as error:
+                    health_failures.append(error.code().name)
+                health_ms.append(1000 * (time.perf_counter() - started))
+                await asyncio.sleep(0.05)
+
+    async def normal() -> None:
+        sampling = chat_pb2.SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=64)
+        request = chat_pb2.GenerateStreamRequest(
+            turns=[chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text="今日は良い天気ですね。")], sampling=sampling
+        )
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            while time.monotonic() < stop_at:
+                last = None
+                async for _ in stub.GenerateStream(request, timeout=60):
+                    now = time.perf_counter()
+                    if last is not None:
+                        gaps_ms.append(1000 * (now - last))
+                    last = now
+
+    async def abuser(offset: int) -> None:
+        names = list(heavy)
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            i = offset
+            while time.monotonic() < stop_at:
+                name = names[i % len(names)]
+                method, request = heavy[name]
+                code = await _call(stub, method, request, timeout=60)
+                outcomes[name][code] = outcomes[name].get(code, 0) + 1
+                i += 1
+
+    await asyncio.gather(prober(), normal(), *(abuser(i) for i in range(clients)))
+    return {
+        "health_checks": len(health_ms),
+        "health_failures": health_failures,
+        "health_p50_ms": percentile(health_ms, 0.5),
+        "health_p99_ms": percentile(health_ms, 0.99),
+        "health_max_ms": max(health_ms, default=float("nan")),
+        "stream_gaps": len(gaps_ms),
+        "stream_worst_gap_ms": max(gaps_ms, default=float("nan")),
+        "stream_gap_p99_ms": percentile(gaps_ms, 0.99),
+        "abuse_outcomes": outcomes,
+    }
+
+
+async def phase_two(server: ServerProcess, attempts: int) -> dict[str, Any]:
+    target = server.target
+    heavy = heavy_requests()
+    long = chat_pb2.GenerateRequest(
+        turns=[chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text="やあ")],
+        sampling=chat_pb2.SamplingParams(max_new_tokens=1900, min_new_tokens=1900),
+    )
+    refusals: dict[str, list[float]] = {}
+    codes: dict[str, dict[str, int]] = {}
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        # more than the replicas' batches and the queue hold (the surplus is refused at once)
+        fillers = [asyncio.ensure_future(_call(stub, "Generate", long, 120)) for _ in range(64)]
+        deadline = time.monotonic() + 30
+        while server.scrape().get("jachat_queue_size", 0) < QUEUE:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the queue did not fill")
+            await asyncio.sleep(0.05)
+        for name in ("generate_4mb", "generate_4mb_drop", "generate_256_turns_drop", "generate_budget_drop"):
+            method, request = heavy[name]
+            for _ in range(attempts):
+                started = time.perf_counter()
+                code = await _call(stub, method, request, timeout=30)
+                refusals.setdefault(name, []).append(1000 * (time.perf_counter() - started))
+                seen = codes.setdefault(name, {})
+                seen[code] = seen.get(code, 0) + 1
+        for filler in fillers:
+            filler.cancel()
+    everything = [ms for values in refusals.values() for ms in values]
+    return {
+        "refusal_codes": codes,
+        "refusal_p50_ms": percentile(everything, 0.5),
+        "refusal_max_ms": max(everything),
+        "refusal_ms_by_request": {k: {"p50": percentile(v, 0.5), "max": max(v)} for k, v in refusals.items()},
+    }
+
+
+def run_abuse(
+    model: Path, duration: float, clients: int, serve_args: Sequence[str] = (), attempts: int = 10
+) -> dict[str, Any]:
+    server = spawn(model, "--max-queued-requests", str(QUEUE), "--max-batch-size", str(BATCH), *serve_args)
+    try:
+        time.sleep(1.0)
+        before = _lag_histogram(server)
+        first = asyncio.run(phase_one(server.target, duration, clients))
+        first["event_loop_lag"] = _lag_summary(before, _lag_histogram(server))
+        second = asyncio.run(phase_two(server, attempts))
+    finally:
+        exit_code = server.stop()
+    return {**first, **second, "server_exit_code": exit_code}
+
+
+def abuse_main(
+    model: Path, duration: float, clients: int, serve_args: Sequence[str], output: Path | None, meta: dict[str, Any]
+) -> int:
+    result = run_abuse(model, duration, clients, ["--device", "cpu", *serve_args])
+    lag = result["event_loop_lag"]
+    print(
+        f"abuse: {clients} clients for {duration:.0f} s; {result['health_checks']} health checks "
+        f"({len(result['health_failures'])} failed), {result['stream_gaps']} stream gaps; loop lag p50 <= "
+        f"{lag.get('p50_ms_at_most', 'n/a')} ms, p99 <= {lag.get('p99_ms_at_most', 'n/a')} ms, "
+        f"{100 * lag.get('share_over_50ms', float('nan')):.1f}% over 50 ms"
+    )
+    print(f"heavy requests: {json.dumps(result['abuse_outcomes'])}")
+    print(f"refusals when full: {json.dumps(result['refusal_codes'])}")
+    checks = [(what, result[key], limit, result[key] < limit) for what, key, limit in TARGETS]
+    checks.append(("health checks failed", len(result["health_failures"]), 0, not result["health_failures"]))
+    for what, value, limit, met in checks:
+        print(f"{what:<30} {value:10.1f}  target < {limit:<6g} {'met' if met else 'NOT MET'}")
+    if output is not None:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        document = {
+            "abuse": result,
+            "checks": [{"what": w, "value": v, "target": t, "met": m} for w, v, t, m in checks],
+        }
+        output.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    return 0 if all(m for *_, m in checks) else 1
