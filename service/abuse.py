@@ -1,16 +1,18 @@
 """jachat-bench abuse: a fresh server under worst-case requests, measured from the outside.
 
-Phase 1 (`duration` seconds): `clients` abusers send, in a loop, the heaviest requests a client may send: 4 MB
-GenerateRequests (256 turns of 5,400 characters) with and without drop_oldest_turns, 4 MB Tokenize calls, 256 turns
-of 1,800 characters with drop_oldest_turns (each turn under the context: the worst case of the old quadratic drop
-loop), and the heaviest requests that pass the request budget (61,200 characters in 34 turns, with drop_oldest_turns, and as
-Tokenize). Meanwhile a prober checks health every 50 ms (1 s timeout, like a liveness probe) and one normal client
-streams greedy replies. Reported: health latency p50/p99/max, the normal stream's worst gap between two messages,
-and the server's event-loop lag (from its own histogram).
+Phase 1 (`duration` seconds): `clients` abusers send, in a loop, the heaviest requests a client may send:
+- 4 MB GenerateRequests (256 turns of 5,400 characters), with and without drop_oldest_turns, and 4 MB Tokenize calls;
+- 256 turns of 1,800 characters with drop_oldest_turns (each turn under the context: the worst case of the old
+  quadratic drop loop);
+- the heaviest requests that pass the request budget (61,200 characters in 34 turns), with drop_oldest_turns and as
+  Tokenize.
+Meanwhile a prober checks health every 50 ms (1 s timeout, like a liveness probe) and one normal client streams
+greedy replies. Reported: health latency p50/p99/max, the normal stream's worst gap between two messages, and the
+server's event-loop lag (from its own histogram).
 
-Phase 2: the queue is filled with long generations (the server runs with a small --max-queued-requests), then 4 MB
-and at-budget requests are sent one at a time: each must be refused (RESOURCE_EXHAUSTED); reported is how long the
-refusal took, request transfer included.
+Phase 2: the queue is filled with long generations (the server runs with a small --max-queued-requests), then the
+heavy generation requests are sent one at a time: each must be refused (RESOURCE_EXHAUSTED); reported is how long
+the refusal took, request transfer included.
 """
 
 from __future__ import annotations

@@ -239,14 +239,18 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         async with self._rpc("Generate", context):
             prepared = await self._prepare(request)
             parts: list[str] = []
-            async for item in self._generate(prepared, context):
+            completion: Completion | None = None
+            async for item in self._generate(prepared, context):  # to its end, so its cleanup runs before we reply
                 if isinstance(item, Completion):
-                    return chat_pb2.GenerateResponse(
-                        text="".join(parts),
-                        finish_reason=_FINISH_REASONS[item.finish_reason],
-                        usage=usage_to_pb(item, prepared.prompt.dropped_turns),
-                    )
-                parts.append(item)
+                    completion = item
+                else:
+                    parts.append(item)
+            if completion is not None:
+                return chat_pb2.GenerateResponse(
+                    text="".join(parts),
+                    finish_reason=_FINISH_REASONS[completion.finish_reason],
+                    usage=usage_to_pb(completion, prepared.prompt.dropped_turns),
+                )
         raise AssertionError("engine stream ended without a Completion")  # pragma: no cover
 
     async def GenerateStream(self, request: chat_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -54,6 +56,13 @@ def test_drop_oldest_turns_finds_its_cut_in_one_pass(demo_checkpoint: Path) -> N
     assert len(tokenizer.encode(render_prompt(turns[-kept - 1 :]))) + 100 > 2048
 
 
+async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0.01)
+
+
 def test_preparation_runs_off_the_event_loop_and_a_full_server_refuses_before_any(model_f32: Path) -> None:
     async def scenario() -> None:
         settings = Settings(
@@ -73,13 +82,12 @@ def test_preparation_runs_off_the_event_loop_and_a_full_server_refuses_before_an
                 assert reply.usage.dropped_turns > 0
                 assert tokenizer.calls and {name.split("_")[0] for name, _ in tokenizer.calls} == {"jachat-prepare"}
 
-                long = chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(1500, min_new_tokens=1500))
+                long = chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(1900, min_new_tokens=1900))
                 running = asyncio.ensure_future(stub.Generate(long))
-                while engine.scheduler.running == set():
-                    await asyncio.sleep(0.01)
+                # the earlier request's batch may still be winding down: wait for this one's
+                await until(lambda: any(g.max_new_tokens == 1900 for g in engine.scheduler.running))
                 queued = asyncio.ensure_future(stub.Generate(long))
-                while not engine.scheduler.pending:
-                    await asyncio.sleep(0.01)
+                await until(lambda: bool(engine.scheduler.pending))
                 tokenizer.calls.clear()
                 with pytest.raises(grpc.aio.AioRpcError) as refused:
                     await stub.Generate(chat_pb2.GenerateRequest(turns=history, drop_oldest_turns=True))
