@@ -1,3 +1,3 @@
-from converter.cli import main
+from jachat.converter.cli import main
 
 raise SystemExit(main())

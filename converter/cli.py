@@ -7,8 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
-from converter.convert import DEFAULT_SOURCE, QUANTIZATIONS, ConversionError, ConvertOptions, convert
-from converter.demo import NORMALIZATIONS, DemoShape, build_demo_checkpoint
+from jachat.converter.convert import DEFAULT_SOURCE, QUANTIZATIONS, ConversionError, ConvertOptions, convert
+from jachat.converter.demo import NORMALIZATIONS, DemoShape, build_demo_checkpoint
 
 
 def build_parser() -> argparse.ArgumentParser:

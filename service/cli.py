@@ -6,10 +6,10 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from converter.manifest import ManifestError
-from service.logs import configure as configure_logging
-from service.server import run
-from service.settings import load_settings
+from jachat.converter.manifest import ManifestError
+from jachat.service.logs import configure as configure_logging
+from jachat.service.server import run
+from jachat.service.settings import load_settings
 
 
 def main(argv: Sequence[str] | None = None) -> int:

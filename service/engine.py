@@ -15,19 +15,22 @@ import logging
 import os
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
 import ctranslate2
 
-from converter.manifest import TOKENIZER_FILE, Manifest, read_manifest, verify_manifest
-from service.errors import DeadlineExceeded
-from service.preparation import ChatRequest, PreparedRequest, Preparer, Prompt
-from service.prompt import Turn
-from service.sampling import SamplingOptions
-from service.scheduler import FinishReason, Generation, Scheduler, SchedulerObserver, SchedulerOptions
-from service.tokenizer import Tokenizer
+from jachat.converter.manifest import TOKENIZER_FILE, Manifest, read_manifest, verify_manifest
+from jachat.service.errors import DeadlineExceeded
+from jachat.service.options import EngineOptions
+from jachat.service.preparation import ChatRequest, PreparedRequest, Preparer, Prompt
+from jachat.service.prompt import TURN_MARKERS, Turn
+from jachat.service.reply import ReplyAssembler
+from jachat.service.results import Completion, FinishReason, ModelInfo
+from jachat.service.sampling import SamplingOptions
+from jachat.service.scheduler import Scheduler, SchedulerObserver
+from jachat.service.sequence import Generation
+from jachat.service.tokenizer import Tokenizer
 
 log = logging.getLogger("jachat.engine")
 T = TypeVar("T")
@@ -44,35 +47,6 @@ _FALLBACKS = {
     "int16": ("int8", "float32"),
     "float32": (),
 }
-
-
-@dataclass(frozen=True)
-class Completion:
-    finish_reason: FinishReason
-    prompt_tokens: int
-    completion_tokens: int  # tokens generated, including a final </s>
-    token_ids: tuple[int, ...]  # generated ids, without a final </s>
-
-
-@dataclass(frozen=True)
-class ModelInfo:
-    model_name: str
-    quantization: str
-    compute_type: str
-    device: str
-    vocab_size: int
-    context_length: int
-
-
-@dataclass(frozen=True)
-class EngineOptions:
-    model_dir: Path
-    device: str = "auto"  # auto, cpu or cuda
-    compute_type: str = "default"  # default keeps the converted type
-    device_index: int = 0
-    intra_threads: int = 0
-    verify_checksums: bool = True
-    scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)
 
 
 def resolve_device(device: str) -> str:
@@ -163,7 +137,8 @@ class Engine:
             vocab_size=self.manifest.shape.vocab_size,
             context_length=self.manifest.shape.context_length,
         )
-        self.scheduler = Scheduler(self.generator, self.tokenizer, scheduler_options, observer)
+        tokenizer = self.tokenizer
+        self.scheduler = Scheduler(self.generator, tokenizer.pieces, tokenizer.eos_id, scheduler_options, observer)
         self.preparer = Preparer(self.tokenizer, self.info.context_length)
         log.info(
             "loaded %s (%s) on %s as %s, %d replicas x %d threads",
@@ -216,7 +191,16 @@ class Engine:
         Raises Overloaded when the queue is full, DeadlineExceeded when `timeout` seconds pass first."""
         deadline = None if timeout is None else time.monotonic() + timeout
         max_new = options.max_new_tokens if max_new_tokens is None else max_new_tokens
-        gen = Generation(prompt_ids, options, max_new, deadline, self.tokenizer, asyncio.get_running_loop())
+        gen = Generation(
+            prompt_ids,
+            options,
+            max_new,
+            deadline,
+            self.tokenizer.eos_id,
+            self.tokenizer.decoder(),
+            ReplyAssembler(options.stop, TURN_MARKERS),
+            asyncio.get_running_loop(),
+        )
         self.scheduler.submit(gen)
         try:
             while (item := await gen.queue.get()) is not None:

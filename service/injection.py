@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.errors import FieldViolation, InvalidRequest
-from service.prompt import NEWLINE, Speaker, Turn, render_turn
-from service.tokenizer import Tokenizer
+from jachat.service.errors import FieldViolation, InvalidRequest
+from jachat.service.prompt import NEWLINE, Speaker, Turn, render_turn
+from jachat.service.tokenizer import Tokenizer
 
 NEWLINE_CANDIDATES = ("＜NL＞", "〈NL〉", "‹NL›", "[NL]", "NL")
 COLON_CANDIDATES = ("：", "꞉", "∶", "」", "")

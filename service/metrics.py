@@ -11,12 +11,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 from importlib import metadata
-from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-if TYPE_CHECKING:
-    from service.scheduler import Generation
+from jachat.service.results import FinishedGeneration, FinishReason
 
 # Bucket choices, for LLM serving:
 # - time to first token: from ~10 ms (short prompt, GPU, idle) through the 0.5-2.5 s of a long prompt on a CPU or a
@@ -38,7 +36,7 @@ LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0
 LOOP_LAG_INTERVAL = 0.05  # seconds between two samples
 
 # finished_total{reason} and rejected_total{reason} label values
-FINISH_REASONS = ("eos", "length", "stop", "cancelled", "deadline", "error")
+FINISH_REASONS = tuple(reason.value for reason in FinishReason)
 REJECT_REASONS = ("invalid", "overloaded", "unavailable", "unauthenticated")
 
 
@@ -143,15 +141,14 @@ class Metrics:
     def token_interval(self, seconds: float) -> None:
         self.inter_token_latency.observe(seconds)
 
-    def generation_finished(self, gen: Generation) -> None:
-        assert gen.finish_reason is not None
-        self.finished.labels(gen.finish_reason.value).inc()
-        self.prompt_tokens.inc(len(gen.prompt_ids))
-        self.generated_tokens.inc(gen.steps)
-        self.request_prompt_tokens.observe(len(gen.prompt_ids))
-        self.request_generated_tokens.observe(gen.steps)
-        if gen.finish_reason.value == "cancelled":
-            self.tokens_after_cancel.observe(gen.steps_after_cancel)
+    def generation_finished(self, record: FinishedGeneration) -> None:
+        self.finished.labels(record.reason.value).inc()
+        self.prompt_tokens.inc(record.prompt_tokens)
+        self.generated_tokens.inc(record.generated_tokens)
+        self.request_prompt_tokens.observe(record.prompt_tokens)
+        self.request_generated_tokens.observe(record.generated_tokens)
+        if record.reason is FinishReason.CANCELLED:
+            self.tokens_after_cancel.observe(record.tokens_after_cancel)
 
     async def sample_event_loop_lag(self, interval: float = LOOP_LAG_INTERVAL) -> None:
         """Forever: sleep `interval` and record how much later than asked the loop woke up. Work that blocks the

@@ -20,11 +20,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from service.errors import FieldViolation, InvalidRequest, Overloaded
-from service.injection import RenderedTurn, TurnGuard
-from service.prompt import CUE, SEPARATOR, Speaker, Turn, join_turns
-from service.sampling import SamplingOptions
-from service.tokenizer import Tokenizer
+from jachat.service.errors import FieldViolation, InvalidRequest, Overloaded
+from jachat.service.injection import RenderedTurn, TurnGuard
+from jachat.service.prompt import CUE, SEPARATOR, Speaker, Turn, join_turns
+from jachat.service.sampling import SamplingOptions
+from jachat.service.tokenizer import Tokenizer
 
 MAX_TURNS = 256
 MAX_TURN_CHARACTERS = 16_384

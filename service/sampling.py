@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from service.errors import FieldViolation
+from jachat.service.errors import FieldViolation
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256

@@ -23,159 +23,41 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-from service.errors import EngineFailure, Overloaded
-from service.prompt import TURN_MARKERS
-from service.reply import ReplyAssembler
-from service.sampling import SamplingOptions
-from service.tokenizer import Tokenizer
+from jachat.service.errors import EngineFailure, Overloaded
+from jachat.service.options import SchedulerOptions
+from jachat.service.results import FinishedGeneration, FinishReason
+from jachat.service.sequence import Generation, TokenObserver
 
 log = logging.getLogger("jachat.scheduler")
 
-# gRPC cancels a call at its deadline by its own clock; a cancellation this close to our copy of the deadline is
-# that deadline, not the caller going away.
-DEADLINE_SLACK = 0.1
 
-
-class FinishReason(enum.Enum):
-    END_OF_TURN = "eos"  # the model wrote </s>
-    LENGTH = "length"  # max_new_tokens (or the context) was reached
-    STOP = "stop"  # a stop string was generated
-    CANCELLED = "cancelled"  # the caller went away
-    DEADLINE = "deadline"  # the caller's deadline passed
-    ERROR = "error"  # the engine failed
-
-
-@dataclass(frozen=True)
-class SchedulerOptions:
-    max_batch_size: int = 16
-    max_batch_wait: float = 0.05  # the longest a batch waits to fill, from its oldest request's arrival (s)
-    batch_idle: float = 0.002  # a batch starts once no request has arrived for this long (s)
-    max_queued: int = 256
-    replicas: int = 1  # resolved: the engine turns 0 (auto) into a count
-    max_prompt_length_spread: int = 64
-
-
-class SchedulerObserver(Protocol):
-    """What the scheduler reports (the service's metrics implement it). Called from any thread."""
+class SchedulerObserver(TokenObserver, Protocol):
+    """What the scheduler and its sequences report (the service's metrics implement it). Called from any thread."""
 
     def queue_changed(self, size: int) -> None: ...
     def batch_started(self, size: int, queued_seconds: Sequence[float]) -> None: ...
-    def first_token(self, seconds: float) -> None: ...
-    def token_interval(self, seconds: float) -> None: ...
-    def generation_finished(self, gen: Generation) -> None: ...
-
-
-class Generation:
-    """One request: its inputs, and its state shared between a generation thread and its caller's event loop."""
-
-    def __init__(
-        self,
-        prompt_ids: list[int],
-        options: SamplingOptions,
-        max_new_tokens: int,
-        deadline: float | None,
-        tokenizer: Tokenizer,
-        loop: asyncio.AbstractEventLoop,
-    ) -> None:
-        self.prompt_ids = prompt_ids
-        self.options = options
-        self.max_new_tokens = max_new_tokens
-        self.deadline = deadline  # time.monotonic() value, or None
-        self.key = options.batch_key()
-        self.exact_length = options.history_penalty
-        self.arrived = time.monotonic()
-        self.eos_id = tokenizer.eos_id
-        self.decoder = tokenizer.decoder()
-        self.reply = ReplyAssembler(options.stop, TURN_MARKERS)
-        self.loop = loop
-        self.queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
-        self.cancelled = threading.Event()
-        self.token_ids: list[int] = []
-        self.steps = 0
-        self.steps_after_cancel = 0
-        self.finish_reason: FinishReason | None = None
-        self.on_finish: Callable[[Generation], None] | None = None
-        self.observer: SchedulerObserver | None = None
-        self.last_token_at = 0.0
-        self._lock = threading.Lock()
-
-    def send(self, item: str | BaseException | None) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
-
-    def expired(self, now: float) -> bool:
-        return self.deadline is not None and now >= self.deadline
-
-    def stop_reason(self) -> FinishReason:
-        """Why a sequence that must stop now stops: its deadline, or its caller going away."""
-        now = time.monotonic()
-        if self.expired(now) or (self.cancelled.is_set() and self.expired(now + DEADLINE_SLACK)):
-            return FinishReason.DEADLINE
-        return FinishReason.CANCELLED
-
-    def on_step(self, step: Any) -> bool:
-        """CTranslate2's per-token callback (generation thread). True stops this sequence."""
-        if self.finish_reason is not None:
-            return True
-        if self.cancelled.is_set() or self.expired(time.monotonic()):
-            self.steps_after_cancel += self.cancelled.is_set()
-            self.finish(self.stop_reason())
-            return True
-        self.steps += 1
-        now = time.monotonic()
-        if self.observer is not None:
-            if self.steps == 1:
-                self.observer.first_token(now - self.arrived)
-            else:
-                self.observer.token_interval(now - self.last_token_at)
-        self.last_token_at = now
-        if step.token_id == self.eos_id:
-            self.finish(FinishReason.END_OF_TURN)
-            return True
-        self.token_ids.append(step.token_id)
-        text = self.reply.push(self.decoder.feed(step.token_id))
-        if text:
-            self.send(text)
-        if self.reply.stopped:
-            self.finish(FinishReason.END_OF_TURN if self.reply.ended_turn else FinishReason.STOP)
-        elif self.steps >= self.max_new_tokens or step.is_last:
-            self.finish(FinishReason.LENGTH)
-        return self.finish_reason is not None
-
-    def finish(self, reason: FinishReason, error: BaseException | None = None) -> None:
-        """End the sequence once: release held-back text (a normal end) and tell the caller. Text released at the
-        end can still complete a stop string: then the reply ended there, and the reason says so."""
-        with self._lock:
-            if self.finish_reason is not None:
-                return
-            self.finish_reason = reason
-        if reason in (FinishReason.END_OF_TURN, FinishReason.LENGTH):
-            text = self.reply.push(self.decoder.flush()) + self.reply.finish()
-            if self.reply.stopped:
-                self.finish_reason = FinishReason.END_OF_TURN if self.reply.ended_turn else FinishReason.STOP
-            if text:
-                self.send(text)
-        if self.on_finish is not None:  # before the caller hears of the end, so metrics are never behind
-            self.on_finish(self)
-        if error is not None:
-            self.send(error)
-        self.send(None)
+    def generation_finished(self, record: FinishedGeneration) -> None: ...
 
 
 class Scheduler:
     def __init__(
-        self, generator: Any, tokenizer: Tokenizer, options: SchedulerOptions, observer: SchedulerObserver | None = None
+        self,
+        generator: Any,
+        pieces: Sequence[str],
+        eos_id: int,
+        options: SchedulerOptions,
+        observer: SchedulerObserver | None = None,
     ) -> None:
-        self.generator = generator
-        self.tokenizer = tokenizer
+        self.generator = generator  # a ctranslate2.Generator, or anything with its generate_batch
+        self.pieces = pieces  # token id -> piece: generate_batch takes prompts as pieces
+        self.eos_id = eos_id
         self.options = options
         self.observer = observer
         self.pending: list[Generation] = []
@@ -226,7 +108,7 @@ class Scheduler:
 
     def _finished(self, gen: Generation) -> None:
         if self.observer is not None:
-            self.observer.generation_finished(gen)
+            self.observer.generation_finished(gen.record())
 
     def _queue_changed(self) -> None:
         if self.observer is not None:
@@ -296,10 +178,10 @@ class Scheduler:
             self.running.update(batch)
         try:
             self.generator.generate_batch(
-                [[self.tokenizer.pieces[i] for i in gen.prompt_ids] for gen in batch],
+                [[self.pieces[i] for i in gen.prompt_ids] for gen in batch],
                 max_length=max(gen.max_new_tokens for gen in batch),
                 include_prompt_in_result=False,
-                end_token=[self.tokenizer.eos_id],
+                end_token=[self.eos_id],
                 callback=lambda step: batch[step.batch_id].on_step(step),
                 **batch[0].options.ctranslate2_kwargs(),
             )

@@ -14,15 +14,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from service.engine import Engine, EngineOptions
-from service.errors import ShuttingDown
-from service.exposition import MetricsEndpoint
-from service.health import HealthServicer
-from service.metrics import Metrics
-from service.scheduler import SchedulerOptions
-from service.security import TokenAuthInterceptor, server_credentials
-from service.servicer import CHAT_SERVICE, ChatServicer, method_handlers
-from service.settings import Settings
+from jachat.service.engine import Engine
+from jachat.service.errors import ShuttingDown
+from jachat.service.exposition import MetricsEndpoint
+from jachat.service.health import HealthServicer
+from jachat.service.metrics import Metrics
+from jachat.service.options import EngineOptions, SchedulerOptions
+from jachat.service.protocol import CHAT_SERVICE, method_handlers
+from jachat.service.security import TokenAuthInterceptor, server_credentials
+from jachat.service.servicer import ChatServicer
+from jachat.service.settings import Settings
 
 log = logging.getLogger("jachat.server")
 

@@ -1,23 +1,19 @@
-"""jachat.v1.ChatService: the only code that speaks protobuf. It converts requests to dataclasses, calls the
-engine, converts results back, and turns errors into statuses through `errors.to_status`."""
+"""jachat.v1.ChatService: one frame per RPC (request id, log line, metrics, status mapping, release), the request
+converted at the edge (protocol.py), one request-preparation step and one engine behind it."""
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib import import_module
-from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 
-from jachat.v1 import chat_pb2, chat_pb2_grpc
-from service.engine import Completion, Engine
-from service.errors import (
+from jachat.service.engine import Engine
+from jachat.service.errors import (
     DeadlineExceeded,
     FieldViolation,
     InvalidRequest,
@@ -26,109 +22,30 @@ from service.errors import (
     ShuttingDown,
     to_status,
 )
-from service.logs import REQUEST_ID_HEADER, request_id, request_id_from
-from service.metrics import Metrics
-from service.preparation import MAX_TURNS, ChatRequest, PreparedRequest, Prompt
-from service.prompt import Speaker, Turn
-from service.sampling import SamplingOptions
-from service.scheduler import DEADLINE_SLACK, FinishReason
+from jachat.service.logs import REQUEST_ID_HEADER, request_id, request_id_from
+from jachat.service.metrics import Metrics
+from jachat.service.preparation import ChatRequest, PreparedRequest, Prompt
+from jachat.service.protocol import (
+    FINISH_REASONS,
+    SAMPLING_DEFAULTS,
+    check_parsed,
+    sampling_from_pb,
+    sampling_to_pb,
+    turns_from_pb,
+    usage_to_pb,
+)
+from jachat.service.results import DEADLINE_SLACK, Completion
+from jachat.v1 import chat_pb2, chat_pb2_grpc
 
 log = logging.getLogger("jachat.servicer")
 # What grpc.aio raises when a message is written to a call that is already over (no public name exists for it).
 _CALL_OVER: type[Exception] = getattr(import_module("grpc._cython.cygrpc"), "ExecuteBatchError", RuntimeError)
 
-_SPEAKERS = {chat_pb2.SPEAKER_USER: Speaker.USER, chat_pb2.SPEAKER_SYSTEM: Speaker.SYSTEM}
-_FINISH_REASONS = {
-    FinishReason.END_OF_TURN: chat_pb2.FINISH_REASON_END_OF_TURN,
-    FinishReason.LENGTH: chat_pb2.FINISH_REASON_LENGTH,
-    FinishReason.STOP: chat_pb2.FINISH_REASON_STOP,
-}
-SAMPLING_DEFAULTS = SamplingOptions()
 _REJECTIONS = {  # refused before any generation: jachat_rejected_total{reason}
     grpc.StatusCode.INVALID_ARGUMENT: "invalid",
     grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
     grpc.StatusCode.UNAVAILABLE: "unavailable",
 }
-
-
-class MalformedRequest:
-    """What the service receives instead of a request whose bytes do not parse as its protobuf message."""
-
-    def __init__(self, type_name: str) -> None:
-        self.type_name = type_name
-
-
-def tolerant_parser(message_type: Any) -> Callable[[bytes], Any]:
-    """A request deserializer that never raises: gRPC would answer UNKNOWN with the exception's text."""
-
-    def parse(data: bytes) -> Any:
-        try:
-            return message_type.FromString(data)
-        except DecodeError:
-            return MalformedRequest(message_type.DESCRIPTOR.full_name)
-
-    return parse
-
-
-def check_parsed(request: object) -> None:
-    if isinstance(request, MalformedRequest):
-        raise InvalidRequest([FieldViolation("request", f"not a valid {request.type_name} message")])
-
-
-def turns_from_pb(turns: Sequence[chat_pb2.Turn]) -> list[Turn]:
-    """Turns of a request, their speakers checked (the other rules are request preparation's)."""
-    if len(turns) > MAX_TURNS:  # before looking at any turn
-        raise InvalidRequest([FieldViolation("turns", f"{len(turns)} turns; at most {MAX_TURNS}")])
-    violations = []
-    result = []
-    for i, turn in enumerate(turns):
-        speaker = _SPEAKERS.get(turn.speaker)
-        if speaker is None:
-            name = chat_pb2.Speaker.Name(turn.speaker) if turn.speaker in chat_pb2.Speaker.values() else turn.speaker
-            violations.append(
-                FieldViolation(f"turns[{i}].speaker", f"is {name}; must be SPEAKER_USER or SPEAKER_SYSTEM")
-            )
-            continue
-        result.append(Turn(speaker, turn.text))
-    if violations:
-        raise InvalidRequest(violations)
-    return result
-
-
-_OPTIONAL_SAMPLING_FIELDS = (
-    "max_new_tokens",
-    "min_new_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-)
-
-
-def sampling_from_pb(
-    params: chat_pb2.SamplingParams, context_length: int = 2048, vocab_size: int = 32000
-) -> tuple[SamplingOptions, bool]:
-    """Options with unset fields at their defaults, and whether max_new_tokens was set explicitly."""
-    given = {name: getattr(params, name) for name in _OPTIONAL_SAMPLING_FIELDS if params.HasField(name)}
-    options = dataclasses.replace(SAMPLING_DEFAULTS, **given, stop=tuple(params.stop))
-    violations = options.violations(context_length, vocab_size)
-    if violations:
-        raise InvalidRequest(violations)
-    return options, "max_new_tokens" in given
-
-
-def sampling_to_pb(options: SamplingOptions) -> chat_pb2.SamplingParams:
-    fields = {name: getattr(options, name) for name in _OPTIONAL_SAMPLING_FIELDS}
-    return chat_pb2.SamplingParams(**fields, stop=list(options.stop))
-
-
-def usage_to_pb(completion: Completion, dropped_turns: int = 0) -> chat_pb2.Usage:
-    return chat_pb2.Usage(
-        prompt_tokens=completion.prompt_tokens,
-        completion_tokens=completion.completion_tokens,
-        dropped_turns=dropped_turns,
-    )
 
 
 class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
@@ -248,7 +165,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             if completion is not None:
                 return chat_pb2.GenerateResponse(
                     text="".join(parts),
-                    finish_reason=_FINISH_REASONS[completion.finish_reason],
+                    finish_reason=FINISH_REASONS[completion.finish_reason],
                     usage=usage_to_pb(completion, prepared.prompt.dropped_turns),
                 )
         raise AssertionError("engine stream ended without a Completion")  # pragma: no cover
@@ -261,7 +178,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 async for item in messages:
                     if isinstance(item, Completion):
                         message = chat_pb2.GenerateStreamResponse(
-                            finish_reason=_FINISH_REASONS[item.finish_reason],
+                            finish_reason=FINISH_REASONS[item.finish_reason],
                             usage=usage_to_pb(item, prepared.prompt.dropped_turns),
                         )
                     else:
@@ -331,29 +248,3 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 quantization=info.quantization,
             )
         raise AssertionError("unreachable")  # pragma: no cover
-
-
-def method_handlers(servicer: ChatServicer) -> grpc.GenericRpcHandler:
-    """ChatService's handlers, as the generated add_ChatServiceServicer_to_server makes them, but with request
-    parsers that turn unparseable bytes into INVALID_ARGUMENT instead of UNKNOWN."""
-    pb = chat_pb2
-    handlers = {
-        "Generate": grpc.unary_unary_rpc_method_handler(
-            servicer.Generate, tolerant_parser(pb.GenerateRequest), pb.GenerateResponse.SerializeToString
-        ),
-        "GenerateStream": grpc.unary_stream_rpc_method_handler(
-            servicer.GenerateStream,
-            tolerant_parser(pb.GenerateStreamRequest),
-            pb.GenerateStreamResponse.SerializeToString,
-        ),
-        "Tokenize": grpc.unary_unary_rpc_method_handler(
-            servicer.Tokenize, tolerant_parser(pb.TokenizeRequest), pb.TokenizeResponse.SerializeToString
-        ),
-        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
-            servicer.GetModelInfo, tolerant_parser(pb.GetModelInfoRequest), pb.GetModelInfoResponse.SerializeToString
-        ),
-    }
-    return grpc.method_handlers_generic_handler(CHAT_SERVICE, handlers)
-
-
-CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name

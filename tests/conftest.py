@@ -5,10 +5,10 @@ from pathlib import Path
 
 import pytest
 
-from converter.convert import ConvertOptions, convert
-from converter.demo import DemoShape, build_demo_checkpoint
-from service.prompt import Speaker, Turn, render_prompt
-from service.tokenizer import Tokenizer
+from jachat.converter.convert import ConvertOptions, convert
+from jachat.converter.demo import DemoShape, build_demo_checkpoint
+from jachat.service.prompt import Speaker, Turn, render_prompt
+from jachat.service.tokenizer import Tokenizer
 from tests.helpers import ServerProcess, script_checkpoint, start_server
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
+from jachat.bench.launcher import ServerProcess, spawn
 from jachat.v1 import chat_pb2
-from service.launcher import ServerProcess, spawn
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CARD = REPO.parent / "shared" / "model-card.txt"

@@ -46,7 +46,7 @@ def test_bench_all_modes_write_a_report(model_f32: Path, demo_checkpoint: Path, 
 
 
 def test_bench_counts_errors_by_status_code(server: object, tmp_path: Path) -> None:
-    from service.launcher import ServerProcess
+    from jachat.bench.launcher import ServerProcess
 
     assert isinstance(server, ServerProcess)
     output = tmp_path / "errors.json"

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import pytest
 
-from converter.convert import ConversionError, ConvertOptions, convert
-from converter.manifest import MANIFEST_NAME, ManifestError, read_manifest, sha256_file, verify_manifest
+from jachat.converter.convert import ConversionError, ConvertOptions, convert
+from jachat.converter.manifest import MANIFEST_NAME, ManifestError, read_manifest, sha256_file, verify_manifest
 from tests.helpers import REPO
 
 
 def run_convert(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "converter", *args], capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "jachat.converter", *args], capture_output=True, text=True, timeout=600
+    )
 
 
 def test_output_folder_holds_model_tokenizer_and_manifest(model_int8: Path, demo_checkpoint: Path) -> None:
@@ -156,7 +158,7 @@ def test_transformers_5_gives_the_same_model(demo_checkpoint: Path, model_f32: P
     assert version.returncode == 0, version.stdout + version.stderr
     out = tmp_path / "tf5"
     result = subprocess.run(
-        [sys.executable, "-m", "converter", str(demo_checkpoint), "--output", str(out), "-q", "float32"],
+        [sys.executable, "-m", "jachat.converter", str(demo_checkpoint), "--output", str(out), "-q", "float32"],
         env=env,
         capture_output=True,
         text=True,
@@ -174,7 +176,7 @@ def test_unreachable_hub_says_so_and_names_the_offline_demo(tmp_path: Path) -> N
         [
             sys.executable,
             "-m",
-            "converter",
+            "jachat.converter",
             "rinna/japanese-gpt-neox-3.6b-instruction-ppo",
             "--output",
             str(tmp_path / "out"),
@@ -191,7 +193,7 @@ def test_unreachable_hub_says_so_and_names_the_offline_demo(tmp_path: Path) -> N
 
 
 def test_demo_builder_is_reproducible(demo_checkpoint: Path, tmp_path: Path) -> None:
-    from converter.demo import build_demo_checkpoint
+    from jachat.converter.demo import build_demo_checkpoint
 
     again = build_demo_checkpoint(tmp_path / "again")
     for name in ("spiece.model", "model.safetensors", "config.json", "tokenizer_config.json"):

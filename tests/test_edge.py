@@ -15,9 +15,9 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
+from jachat.bench.launcher import ServerProcess
+from jachat.service.logs import request_id_from
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from service.launcher import ServerProcess
-from service.logs import request_id_from
 from tests.helpers import greedy, start_server, user
 
 LONG = chat_pb2.SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=1500, min_new_tokens=1500)

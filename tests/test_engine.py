@@ -6,7 +6,8 @@ from pathlib import Path
 import ctranslate2
 import pytest
 
-from service.engine import Engine, EngineOptions, resolve_compute_type
+from jachat.service.engine import Engine, resolve_compute_type
+from jachat.service.options import EngineOptions
 
 
 def test_unsupported_compute_type_falls_back_with_a_log_line(

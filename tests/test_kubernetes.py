@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import yaml
 
-from service.metrics import Metrics
-from service.settings import env_names
+from jachat.service.metrics import Metrics
+from jachat.service.settings import env_names
 from tests.helpers import REPO
 
 K8S = REPO / "deploy" / "kubernetes"
@@ -244,7 +244,7 @@ def test_autoscaler_and_disruption_budget_target_the_server(overlay: str) -> Non
 
 
 def test_the_hpa_metric_is_exported(server: object) -> None:
-    from service.launcher import ServerProcess
+    from jachat.bench.launcher import ServerProcess
 
     assert isinstance(server, ServerProcess)
     assert "jachat_running_requests" in server.scrape()

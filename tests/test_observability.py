@@ -16,8 +16,8 @@ import grpc
 import pytest
 import yaml
 
+from jachat.bench.launcher import ServerProcess
 from jachat.v1 import chat_pb2
-from service.launcher import ServerProcess
 from tests.helpers import REPO, greedy, start_server, user
 
 DASHBOARD = REPO / "deploy" / "grafana" / "jachat-dashboard.json"

@@ -36,16 +36,22 @@ def test_wheel_ships_generated_stubs_and_entry_points(tmp_path: Path) -> None:
         entry_points = next(archive.read(n).decode() for n in names if n.endswith("entry_points.txt"))
         metadata = next(archive.read(n).decode() for n in names if n.endswith("METADATA"))
     assert {
+        "jachat/__init__.py",
         "jachat/v1/chat_pb2.py",
         "jachat/v1/chat_pb2_grpc.py",
         "jachat/v1/chat_pb2.pyi",
-        "service/server.py",
-        "converter/convert.py",
+        "jachat/service/server.py",
+        "jachat/converter/convert.py",
+        "jachat/bench/cli.py",
     } <= names
+    # one import namespace: nothing but jachat (and the wheel's own metadata) at the top level
+    assert {name.split("/")[0] for name in names} == {"jachat", "jachat-0.1.0.dist-info"}
+    assert not [n for n in names if "__pycache__" in n or n.endswith(".pyc")]
     for script in (
-        "jachat-convert = converter.cli:main",
-        "jachat-serve = service.cli:main",
-        "jachat-chat = service.client:main",
+        "jachat-convert = jachat.converter.cli:main",
+        "jachat-serve = jachat.service.cli:main",
+        "jachat-chat = jachat.service.client:main",
+        "jachat-bench = jachat.bench.cli:main",
     ):
         assert script in entry_points
     runtime = [line for line in metadata.splitlines() if line.startswith("Requires-Dist:") and "extra ==" not in line]
@@ -57,7 +63,10 @@ def test_wheel_ships_generated_stubs_and_entry_points(tmp_path: Path) -> None:
         check=True,
         timeout=300,
     )
-    code = "import jachat.v1.chat_pb2 as p, jachat.v1.chat_pb2_grpc as g; print(p.__file__, g.ChatServiceStub)"
+    code = (
+        "import jachat.v1.chat_pb2 as p, jachat.v1.chat_pb2_grpc as g, jachat.service.servicer as s, jachat.bench.cli;"
+        "print(p.__file__, s.__file__, g.ChatServiceStub)"
+    )
     env = {**os.environ, "PYTHONPATH": str(target)}
     out = subprocess.run(
         [sys.executable, "-I", "-c", f"import sys; sys.path.insert(0, {str(target)!r}); {code}"],
@@ -67,13 +76,29 @@ def test_wheel_ships_generated_stubs_and_entry_points(tmp_path: Path) -> None:
         cwd=tmp_path,
     )
     assert out.returncode == 0, out.stderr
-    assert out.stdout.startswith(str(target))
+    assert out.stdout.startswith(str(target)) and out.stdout.split()[1].startswith(str(target))
 
 
 def test_module_entry_points_run() -> None:
-    for module in ("converter", "service"):
+    for module in ("jachat.converter", "jachat.service", "jachat.bench"):
         result = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True)
         assert result.returncode == 0 and "usage:" in result.stdout
+
+
+def test_the_editable_install_imports_the_checkout_through_one_namespace() -> None:
+    """`pip install -e .` (the quickstart's): jachat.service is the repository's service/ folder, seen through
+    the jachat/service link, so an edit in service/ is what runs."""
+    import jachat.bench.cli
+    import jachat.converter.convert
+    import jachat.service.servicer
+
+    for module, folder in (
+        (jachat.service.servicer, "service"),
+        (jachat.converter.convert, "converter"),
+        (jachat.bench.cli, "bench"),
+    ):
+        assert Path(module.__file__ or "").resolve().parent == REPO / folder
+    assert (REPO / "jachat" / "service").is_symlink() and (REPO / "jachat" / "service").resolve() == REPO / "service"
 
 
 BUF = os.environ.get("JACHAT_BUF") or shutil.which("buf")

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from service.engine import Completion, Engine, EngineOptions
-from service.prompt import Speaker, Turn, render_prompt
-from service.sampling import SamplingOptions
-from service.scheduler import FinishReason
+from jachat.service.engine import Engine
+from jachat.service.options import EngineOptions
+from jachat.service.prompt import Speaker, Turn, render_prompt
+from jachat.service.results import Completion, FinishReason
+from jachat.service.sampling import SamplingOptions
 from tests.helpers import CARD_TURNS, hf_generate
 
 PROMPTS = [

@@ -1,9 +1,8 @@
-"""Request preparation: off the event loop, linear in the request, and after the cheap refusals."""
+"""Request preparation in a real server: off the event loop, and after the cheap refusals."""
 
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -12,48 +11,11 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
+from jachat.service.server import Service
+from jachat.service.settings import Settings
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from service.preparation import ChatRequest, Preparer
-from service.prompt import Speaker, Turn, render_prompt
-from service.sampling import SamplingOptions
-from service.server import Service
-from service.settings import Settings
-from service.tokenizer import Tokenizer
+from tests.fast.test_preparation import CountingTokenizer
 from tests.helpers import greedy, user
-
-
-class CountingTokenizer(Tokenizer):
-    """The real tokenizer, recording which thread encoded how much."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(path)
-        self.calls: list[tuple[str, int]] = []
-
-    def encode(self, text: str) -> list[int]:
-        self.calls.append((threading.current_thread().name, len(text)))
-        return super().encode(text)
-
-
-def conversation(turns: int, text: str) -> list[Turn]:
-    return [Turn(Speaker.USER if i % 2 == 0 else Speaker.SYSTEM, f"{i}: {text}") for i in range(turns - 1)] + [
-        Turn(Speaker.USER, "最後の質問")
-    ]
-
-
-def test_drop_oldest_turns_finds_its_cut_in_one_pass(demo_checkpoint: Path) -> None:
-    tokenizer = CountingTokenizer(demo_checkpoint / "spiece.model")
-    preparer = Preparer(tokenizer, 2048)
-    turns = conversation(255, "吾輩は猫である。名前はまだ無い。" * 16)
-    tokenizer.calls.clear()
-    prepared = preparer.prepare_now(ChatRequest(turns, SamplingOptions(max_new_tokens=100), True, True))
-    kept = len(turns) - prepared.prompt.dropped_turns
-    # each kept turn once, the first dropped one once, the kept prompt once: not once per dropped turn
-    assert len(tokenizer.calls) <= kept + 2
-    assert sum(n for _, n in tokenizer.calls) < 3 * len(render_prompt(turns[-kept:]))
-    # and the cut is the one the quadratic search found: the newest turns that fit, one more would not
-    ids = tokenizer.encode(render_prompt(turns[-kept:]))
-    assert prepared.prompt.ids == ids and len(ids) + 100 <= 2048
-    assert len(tokenizer.encode(render_prompt(turns[-kept - 1 :]))) + 100 > 2048
 
 
 async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
@@ -99,22 +61,3 @@ def test_preparation_runs_off_the_event_loop_and_a_full_server_refuses_before_an
             await service.stop(grace=1)
 
     asyncio.run(scenario())
-
-
-def test_too_many_waiting_preparations_are_refused_as_overloaded(demo_checkpoint: Path) -> None:
-    from service.errors import Overloaded
-
-    preparer = Preparer(Tokenizer(demo_checkpoint / "spiece.model"), 2048, workers=1, max_waiting=2)
-    release = threading.Event()
-
-    async def scenario() -> None:
-        blocked = [asyncio.ensure_future(preparer.run(release.wait)) for _ in range(2)]
-        await asyncio.sleep(0.05)
-        with pytest.raises(Overloaded):
-            await preparer.run(lambda: None)
-        release.set()
-        await asyncio.gather(*blocked)
-        assert await preparer.run(lambda: 7) == 7  # room again
-
-    asyncio.run(scenario())
-    preparer.close()

@@ -17,8 +17,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from jachat.bench.launcher import ServerProcess
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from service.launcher import ServerProcess
 from tests.helpers import greedy, start_server, user
 
 REQUEST = chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(2))
@@ -219,7 +219,7 @@ def _call(interceptor: object, authorization: str | None) -> object:
 def test_token_file_rules_scheme_comments_and_a_vanishing_file(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from service.security import TokenAuthInterceptor
+    from jachat.service.security import TokenAuthInterceptor
 
     tokens = tmp_path / "tokens"
     tokens.write_text("  # an indented comment is still a comment\n\tsecret-one  \n\n# another\nsecret-two\n")

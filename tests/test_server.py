@@ -13,9 +13,9 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import CollectorRegistry
 
+from jachat.service.server import Service
+from jachat.service.settings import Settings, env_names, load_settings
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from service.server import Service
-from service.settings import Settings, env_names, load_settings
 from tests.helpers import ServerProcess, user
 
 
@@ -59,7 +59,9 @@ def test_every_flag_has_an_environment_variable(tmp_path: Path) -> None:
     assert settings.verify_checksums is False and settings.grace_seconds == 2.5
     assert load_settings(["--port", "7000"], environ).port == 7000  # a flag beats its variable
     assert "JACHAT_METRICS_PORT" in env_names() and "JACHAT_COMPUTE_TYPE" in env_names()
-    help_text = subprocess.run([sys.executable, "-m", "service", "--help"], capture_output=True, text=True).stdout
+    help_text = subprocess.run(
+        [sys.executable, "-m", "jachat.service", "--help"], capture_output=True, text=True
+    ).stdout
     for name in env_names():
         assert name in help_text
 
@@ -67,7 +69,7 @@ def test_every_flag_has_an_environment_variable(tmp_path: Path) -> None:
 def test_serve_fails_with_one_clear_line_when_the_model_is_missing(tmp_path: Path) -> None:
     missing = tmp_path / "nowhere"
     result = subprocess.run(
-        [sys.executable, "-m", "service", "--model", str(missing), "--port", "0", "--metrics-port", "-1"],
+        [sys.executable, "-m", "jachat.service", "--model", str(missing), "--port", "0", "--metrics-port", "-1"],
         capture_output=True,
         text=True,
         timeout=60,
@@ -262,7 +264,7 @@ def test_start_up_failures_exit_with_one_clear_line(
     import shutil
     import socket
 
-    from converter.manifest import MANIFEST_NAME, checksum_folder
+    from jachat.converter.manifest import MANIFEST_NAME, checksum_folder
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(model_f32, corrupt)

@@ -12,10 +12,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from grpc_status import rpc_status
 
-from converter.convert import ConvertOptions, convert
+from jachat.converter.convert import ConvertOptions, convert
+from jachat.service.prompt import Speaker, Turn, render_prompt
+from jachat.service.tokenizer import Tokenizer
 from jachat.v1 import chat_pb2
-from service.prompt import Speaker, Turn, render_prompt
-from service.tokenizer import Tokenizer
 from tests.conftest import SCRIPTED_REPLY
 from tests.helpers import ServerProcess, card_turns_pb, greedy, hf_generate, start_server, system, user
 

@@ -11,13 +11,13 @@ from pathlib import Path
 
 import pytest
 
-from converter.demo import NORMALIZATIONS, train_tokenizer
-from service.errors import InvalidRequest
-from service.injection import TurnGuard, count, find
-from service.preparation import ChatRequest, Preparer
-from service.prompt import NEWLINE, Speaker, Turn, render_prompt
-from service.sampling import SamplingOptions
-from service.tokenizer import Tokenizer
+from jachat.converter.demo import NORMALIZATIONS, train_tokenizer
+from jachat.service.errors import InvalidRequest
+from jachat.service.injection import TurnGuard, count, find
+from jachat.service.preparation import ChatRequest, Preparer
+from jachat.service.prompt import NEWLINE, Speaker, Turn, render_prompt
+from jachat.service.sampling import SamplingOptions
+from jachat.service.tokenizer import Tokenizer
 
 # Each one forges "<NL>ユーザー:" or "<NL>システム:" under at least one rule.
 ATTACKS = [

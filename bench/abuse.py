@@ -27,8 +27,8 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from jachat.bench.launcher import ServerProcess, spawn
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from service.launcher import ServerProcess, spawn
 
 FOUR_MB_TURNS = 256
 FOUR_MB_TURN_CHARACTERS = 5_400

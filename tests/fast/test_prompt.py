@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from service.prompt import Speaker, Turn, render_prompt
+from jachat.service.prompt import Speaker, Turn, render_prompt
 from tests.helpers import CARD_TURNS, MODEL_CARD, REPO
 
 GOLDEN = REPO / "tests" / "data" / "model_card_prompt.txt"
@@ -19,14 +19,25 @@ def test_model_card_five_turn_example_renders_byte_for_byte() -> None:
     assert render_prompt(card_turns()).encode("utf-8") == GOLDEN.read_bytes()
 
 
-@pytest.mark.skipif(not MODEL_CARD.exists(), reason="the model card lives in ../shared (not in a user's clone)")
+CARD_EXAMPLE = REPO / "tests" / "data" / "model-card-example.txt"
+
+
 def test_golden_prompt_is_the_model_cards_printed_prompt() -> None:
-    card = MODEL_CARD.read_text(encoding="utf-8")
+    """The card's example conversation and the prompt it prints, from the copy kept in the repository."""
+    card = CARD_EXAMPLE.read_text(encoding="utf-8")
     printed = re.search(r'print\(prompt\) # "(.*?<NL>システム: )"', card)
     assert printed is not None
     assert printed.group(1) == GOLDEN.read_text(encoding="utf-8")
     for speaker, text in CARD_TURNS:
         assert f'"speaker": "{speaker}", "text": "{text}"' in card
+
+
+@pytest.mark.skipif(not MODEL_CARD.exists(), reason="the model card itself lives in ../shared, beside a checkout")
+def test_the_kept_example_is_the_model_cards_own() -> None:
+    example = "\n".join(
+        line for line in CARD_EXAMPLE.read_text(encoding="utf-8").splitlines() if not line.startswith("#")
+    )
+    assert example.strip() in MODEL_CARD.read_text(encoding="utf-8")
 
 
 def test_newlines_inside_text_become_nl() -> None:

@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import random
 
-from service.reply import ReplyAssembler
-from service.tokenizer import Tokenizer
+from jachat.service.reply import ReplyAssembler
+from jachat.service.tokenizer import Tokenizer
 
 
 def assemble(chunks: list[str], stop: tuple[str, ...] = ()) -> tuple[list[str], bool]:
@@ -58,10 +58,8 @@ def test_random_chunkings_agree_with_the_whole_text() -> None:
         assert ("".join(out), stopped) == reference(text, stop), (text, stop, chunks)
 
 
-def test_nl_spelled_with_several_pieces_streams_as_newline(demo_checkpoint_split_nl: object) -> None:
-    from pathlib import Path
-
-    tokenizer = Tokenizer(Path(str(demo_checkpoint_split_nl)) / "spiece.model")
+def test_nl_spelled_with_several_pieces_streams_as_newline(split_nl_tokenizer: Tokenizer) -> None:
+    tokenizer = split_nl_tokenizer
     ids = tokenizer.encode("はい<NL>いいえ<NL>")
     assert len(ids) > len(tokenizer.encode("はいいいえ")) + 2  # <NL> is several pieces here
     decoder, reply = tokenizer.decoder(), ReplyAssembler()
@@ -70,7 +68,7 @@ def test_nl_spelled_with_several_pieces_streams_as_newline(demo_checkpoint_split
 
 
 def test_model_starting_the_users_turn_ends_the_reply_unsent() -> None:
-    from service.prompt import TURN_MARKERS
+    from jachat.service.prompt import TURN_MARKERS
 
     reply = ReplyAssembler((), TURN_MARKERS)
     out = [reply.push(c) for c in ["はい、", "どうぞ。<", "NL>ユー", "ザー: 次の質問", "です"]] + [reply.finish()]
@@ -79,7 +77,7 @@ def test_model_starting_the_users_turn_ends_the_reply_unsent() -> None:
 
 
 def test_a_callers_stop_string_at_the_same_place_wins_over_the_turn_marker() -> None:
-    from service.prompt import TURN_MARKERS
+    from jachat.service.prompt import TURN_MARKERS
 
     reply = ReplyAssembler(("\n",), TURN_MARKERS)
     assert reply.push("a<NL>ユーザー: b") + reply.finish() == "a"
@@ -87,28 +85,30 @@ def test_a_callers_stop_string_at_the_same_place_wins_over_the_turn_marker() -> 
 
 
 def test_a_callers_stop_string_equal_to_the_turn_marker_is_a_stop() -> None:
-    from service.prompt import TURN_MARKERS
+    from jachat.service.prompt import TURN_MARKERS
 
     reply = ReplyAssembler(TURN_MARKERS, TURN_MARKERS)
     assert reply.push("a<NL>ユーザー: b") + reply.finish() == "a"
     assert reply.stopped and not reply.ended_turn  # the caller asked for it: FINISH_REASON_STOP
 
 
-def test_a_stop_string_completed_at_the_final_flush_is_a_stop(demo_checkpoint: object) -> None:
+def test_a_stop_string_completed_at_the_final_flush_is_a_stop(tokenizer: Tokenizer) -> None:
     """The model ends with half a character: the flush turns it into U+FFFD, which completes the stop string."""
     import asyncio
-    from pathlib import Path
     from types import SimpleNamespace
 
-    from service.sampling import SamplingOptions
-    from service.scheduler import FinishReason, Generation
+    from jachat.service.prompt import TURN_MARKERS
+    from jachat.service.results import FinishReason
+    from jachat.service.sampling import SamplingOptions
+    from jachat.service.sequence import Generation
 
-    tokenizer = Tokenizer(Path(str(demo_checkpoint)) / "spiece.model")
     lead = tokenizer.pieces.index("<0xE3>")  # the first byte of a three-byte character
 
     async def run() -> tuple[FinishReason | None, str]:
         options = SamplingOptions(stop=("猫\ufffd",))
-        gen = Generation([5], options, 8, None, tokenizer, asyncio.get_running_loop())
+        reply = ReplyAssembler(options.stop, TURN_MARKERS)
+        loop = asyncio.get_running_loop()
+        gen = Generation([5], options, 8, None, tokenizer.eos_id, tokenizer.decoder(), reply, loop)
         for token in [*tokenizer.encode("猫"), lead, tokenizer.eos_id]:
             if gen.on_step(SimpleNamespace(token_id=token, is_last=False)):
                 break

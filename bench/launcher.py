@@ -65,7 +65,7 @@ def spawn(model: Path, *args: str, timeout: float = 120.0) -> ServerProcess:
     cmd = [
         sys.executable,
         "-m",
-        "service",
+        "jachat.service",
         "--model",
         str(model),
         "--host",

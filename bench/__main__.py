@@ -1,0 +1,3 @@
+from jachat.bench.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,46 @@
+"""The benchmark's targets, as data: what is measured from which runs, the limit, and which side of it passes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from jachat.bench.workload import Report
+
+Runs = dict[str, Report]
+
+
+@dataclass(frozen=True)
+class Target:
+    what: str  # {n} stands for the concurrency
+    measure: Callable[[Runs], float | None]  # None when the runs it needs are missing
+    limit: float
+    floor: bool = True  # True: the figure must be at least `limit`; False: at most
+
+
+def _ratio(a: str, b: str, figure: Callable[[Report], float]) -> Callable[[Runs], float | None]:
+    return lambda runs: figure(runs[a]) / figure(runs[b]) if a in runs and b in runs else None
+
+
+def _tokens_per_second(report: Report) -> float:
+    return report.tokens_per_second
+
+
+def _ttft_p99_over_alone(runs: Runs) -> float | None:
+    if "service_n" not in runs or "service_1" not in runs:
+        return None
+    return runs["service_n"].ttft["p99"] / runs["service_1"].e2e["p50"]
+
+
+def _errors(runs: Runs) -> float | None:
+    return float(sum(runs["service_n"].errors.values())) if "service_n" in runs else None
+
+
+TARGETS = (
+    Target("service 1 stream / ctranslate2 1 sequence", _ratio("service_1", "ct2_1", _tokens_per_second), 0.95),
+    Target("service {n} streams / ctranslate2 batch of {n}", _ratio("service_n", "ct2_n", _tokens_per_second), 0.85),
+    Target("service {n} streams / service 1 stream", _ratio("service_n", "service_1", _tokens_per_second), 2.5),
+    Target("service 1 stream / transformers 1 sequence", _ratio("service_1", "hf", _tokens_per_second), 5.0),
+    Target("TTFT p99 at {n} streams / one generation alone (e2e p50)", _ttft_p99_over_alone, 2.0, floor=False),
+    Target("errors at {n} streams", _errors, 0.0, floor=False),
+)

@@ -1,0 +1,27 @@
+"""The engine's options, flat and frozen (the settings build them; tests and tools build them directly)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SchedulerOptions:
+    max_batch_size: int = 16
+    max_batch_wait: float = 0.05  # the longest a batch waits to fill, from its oldest request's arrival (s)
+    batch_idle: float = 0.002  # a batch starts once no request has arrived for this long (s)
+    max_queued: int = 256
+    replicas: int = 1  # resolved: the engine turns 0 (auto) into a count
+    max_prompt_length_spread: int = 64
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    model_dir: Path
+    device: str = "auto"  # auto, cpu or cuda
+    compute_type: str = "default"  # default keeps the converted type
+    device_index: int = 0
+    intra_threads: int = 0
+    verify_checksums: bool = True
+    scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)

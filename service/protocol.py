@@ -1,0 +1,130 @@
+"""Protobuf at the edge: requests to dataclasses, results to messages, and the method handlers that parse
+tolerantly. Nothing past this module (and the servicer that calls it) sees a protobuf message."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from jachat.service.errors import FieldViolation, InvalidRequest
+from jachat.service.preparation import MAX_TURNS
+from jachat.service.prompt import Speaker, Turn
+from jachat.service.results import Completion, FinishReason
+from jachat.service.sampling import SamplingOptions
+from jachat.v1 import chat_pb2
+
+SPEAKERS = {chat_pb2.SPEAKER_USER: Speaker.USER, chat_pb2.SPEAKER_SYSTEM: Speaker.SYSTEM}
+FINISH_REASONS = {
+    FinishReason.END_OF_TURN: chat_pb2.FINISH_REASON_END_OF_TURN,
+    FinishReason.LENGTH: chat_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP: chat_pb2.FINISH_REASON_STOP,
+}
+SAMPLING_DEFAULTS = SamplingOptions()
+CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
+
+
+class MalformedRequest:
+    """What the service receives instead of a request whose bytes do not parse as its protobuf message."""
+
+    def __init__(self, type_name: str) -> None:
+        self.type_name = type_name
+
+
+def tolerant_parser(message_type: Any) -> Callable[[bytes], Any]:
+    """A request deserializer that never raises: gRPC would answer UNKNOWN with the exception's text."""
+
+    def parse(data: bytes) -> Any:
+        try:
+            return message_type.FromString(data)
+        except DecodeError:
+            return MalformedRequest(message_type.DESCRIPTOR.full_name)
+
+    return parse
+
+
+def check_parsed(request: object) -> None:
+    if isinstance(request, MalformedRequest):
+        raise InvalidRequest([FieldViolation("request", f"not a valid {request.type_name} message")])
+
+
+def turns_from_pb(turns: Sequence[chat_pb2.Turn]) -> list[Turn]:
+    """Turns of a request, their speakers checked (the other rules are request preparation's)."""
+    if len(turns) > MAX_TURNS:  # before looking at any turn
+        raise InvalidRequest([FieldViolation("turns", f"{len(turns)} turns; at most {MAX_TURNS}")])
+    violations = []
+    result = []
+    for i, turn in enumerate(turns):
+        speaker = SPEAKERS.get(turn.speaker)
+        if speaker is None:
+            name = chat_pb2.Speaker.Name(turn.speaker) if turn.speaker in chat_pb2.Speaker.values() else turn.speaker
+            violations.append(
+                FieldViolation(f"turns[{i}].speaker", f"is {name}; must be SPEAKER_USER or SPEAKER_SYSTEM")
+            )
+            continue
+        result.append(Turn(speaker, turn.text))
+    if violations:
+        raise InvalidRequest(violations)
+    return result
+
+
+_OPTIONAL_SAMPLING_FIELDS = (
+    "max_new_tokens",
+    "min_new_tokens",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "no_repeat_ngram_size",
+)
+
+
+def sampling_from_pb(
+    params: chat_pb2.SamplingParams, context_length: int = 2048, vocab_size: int = 32000
+) -> tuple[SamplingOptions, bool]:
+    """Options with unset fields at their defaults, and whether max_new_tokens was set explicitly."""
+    given = {name: getattr(params, name) for name in _OPTIONAL_SAMPLING_FIELDS if params.HasField(name)}
+    options = dataclasses.replace(SAMPLING_DEFAULTS, **given, stop=tuple(params.stop))
+    violations = options.violations(context_length, vocab_size)
+    if violations:
+        raise InvalidRequest(violations)
+    return options, "max_new_tokens" in given
+
+
+def sampling_to_pb(options: SamplingOptions) -> chat_pb2.SamplingParams:
+    fields = {name: getattr(options, name) for name in _OPTIONAL_SAMPLING_FIELDS}
+    return chat_pb2.SamplingParams(**fields, stop=list(options.stop))
+
+
+def usage_to_pb(completion: Completion, dropped_turns: int = 0) -> chat_pb2.Usage:
+    return chat_pb2.Usage(
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        dropped_turns=dropped_turns,
+    )
+
+
+def method_handlers(servicer: Any) -> grpc.GenericRpcHandler:
+    """ChatService's handlers, as the generated add_ChatServiceServicer_to_server makes them, but with request
+    parsers that turn unparseable bytes into INVALID_ARGUMENT instead of UNKNOWN."""
+    pb = chat_pb2
+    handlers = {
+        "Generate": grpc.unary_unary_rpc_method_handler(
+            servicer.Generate, tolerant_parser(pb.GenerateRequest), pb.GenerateResponse.SerializeToString
+        ),
+        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+            servicer.GenerateStream,
+            tolerant_parser(pb.GenerateStreamRequest),
+            pb.GenerateStreamResponse.SerializeToString,
+        ),
+        "Tokenize": grpc.unary_unary_rpc_method_handler(
+            servicer.Tokenize, tolerant_parser(pb.TokenizeRequest), pb.TokenizeResponse.SerializeToString
+        ),
+        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+            servicer.GetModelInfo, tolerant_parser(pb.GetModelInfoRequest), pb.GetModelInfoResponse.SerializeToString
+        ),
+    }
+    return grpc.method_handlers_generic_handler(CHAT_SERVICE, handlers)

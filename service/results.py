@@ -1,0 +1,49 @@
+"""The engine's result vocabulary: what front ends and metrics read about a generation. Plain data, no logic.
+
+Text deltas are plain `str`; a stream of them ends with one `Completion`. `FinishedGeneration` is the frozen record
+the metrics receive when a generation ends (never the live, thread-shared state itself).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+# gRPC cancels a call at its deadline by its own clock (and a client's deadline fires a moment before the server's):
+# a cancellation this close to the deadline is that deadline, not the caller going away.
+DEADLINE_SLACK = 0.1
+
+
+class FinishReason(enum.Enum):
+    END_OF_TURN = "eos"  # the model wrote </s> (or started the user's turn itself)
+    LENGTH = "length"  # max_new_tokens (or the context) was reached
+    STOP = "stop"  # a caller's stop string was generated
+    CANCELLED = "cancelled"  # the caller went away
+    DEADLINE = "deadline"  # the caller's deadline passed
+    ERROR = "error"  # the engine failed
+
+
+@dataclass(frozen=True)
+class Completion:
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int  # tokens generated, including a final </s>
+    token_ids: tuple[int, ...]  # generated ids, without a final </s>
+
+
+@dataclass(frozen=True)
+class FinishedGeneration:
+    reason: FinishReason
+    prompt_tokens: int
+    generated_tokens: int
+    tokens_after_cancel: int  # tokens generated after a cancellation was seen (promise: <= 2)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    model_name: str
+    quantization: str
+    compute_type: str
+    device: str
+    vocab_size: int
+    context_length: int

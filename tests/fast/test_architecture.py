@@ -1,0 +1,60 @@
+"""The layout's rules (ARCHITECTURE.md), checked on the source: who may import whom, and how big a module may grow."""
+
+from __future__ import annotations
+
+import ast
+
+from tests.helpers import REPO
+
+RUNTIME = ("service", "converter", "bench")  # the installed packages, jachat.<folder>
+# the edge: the only modules that speak the generated API (bench is a client of it)
+EDGE = {"service/servicer.py", "service/protocol.py", "service/client.py"} | {
+    p.relative_to(REPO).as_posix() for p in (REPO / "bench").glob("*.py")
+}
+
+
+def modules() -> dict[str, set[str]]:
+    """Every runtime module (path relative to the repository) and the modules it imports."""
+    found = {}
+    for folder in RUNTIME:
+        for path in sorted((REPO / folder).glob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            imported: set[str] = set()
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Import):
+                    imported |= {alias.name for alias in node.names}
+                elif isinstance(node, ast.ImportFrom) and node.module:
+                    imported |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+            found[path.relative_to(REPO).as_posix()] = imported
+    return found
+
+
+def test_everything_is_imported_through_the_jachat_namespace() -> None:
+    for module, imported in modules().items():
+        stray = {m for m in imported if m.split(".")[0] in RUNTIME}
+        assert not stray, f"{module} imports {stray}: use jachat.<package>"
+
+
+def test_only_the_engine_imports_the_scheduler() -> None:
+    importers = {m for m, imported in modules().items() if "jachat.service.scheduler" in imported}
+    assert importers == {"service/engine.py"}
+
+
+def test_only_the_edge_imports_the_generated_chat_stubs() -> None:
+    importers = {m for m, imported in modules().items() if any(i.startswith("jachat.v1") for i in imported)}
+    assert importers <= EDGE, importers - EDGE
+    assert "service/servicer.py" in importers and "service/protocol.py" in importers
+
+
+def test_metrics_never_see_a_live_sequence() -> None:
+    imported = modules()["service/metrics.py"]
+    assert not {m for m in imported if m.startswith(("jachat.service.sequence", "jachat.service.scheduler"))}
+
+
+def test_no_runtime_module_is_over_300_lines() -> None:
+    sizes = {
+        p.relative_to(REPO).as_posix(): len(p.read_text(encoding="utf-8").splitlines())
+        for folder in RUNTIME
+        for p in (REPO / folder).glob("*.py")
+    }
+    assert {m: n for m, n in sizes.items() if n > 300} == {}

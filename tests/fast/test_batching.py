@@ -1,0 +1,269 @@
+"""The batching policy, pinned deterministically: the real scheduler and sequences against a fake generator with
+CTranslate2's generate_batch signature (no model). Who shares a batch, in what order, and what deadlines,
+cancellation and the queue limit do."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from jachat.service.errors import Overloaded
+from jachat.service.options import SchedulerOptions
+from jachat.service.prompt import TURN_MARKERS
+from jachat.service.reply import ReplyAssembler
+from jachat.service.results import FinishReason
+from jachat.service.sampling import SamplingOptions
+from jachat.service.scheduler import Scheduler
+from jachat.service.sequence import Generation
+from jachat.service.tokenizer import Tokenizer
+
+GREEDY = SamplingOptions(temperature=0.0, repetition_penalty=1.0)
+
+
+@dataclass
+class FakeGenerator:
+    """generate_batch without a model: every sequence writes `token` until max_length or its callback stops it.
+    It records each batch (its prompts' first pieces identify the requests) and can hold a batch until released."""
+
+    token: int
+    batches: list[list[str]] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    release: threading.Event = field(default_factory=threading.Event)
+    started: threading.Event = field(default_factory=threading.Event)
+    on_step: Callable[[int, int], None] | None = None  # (batch_id, step) before the callback: a test's hook
+
+    def __post_init__(self) -> None:
+        self.release.set()
+
+    def generate_batch(
+        self, prompts: Sequence[Sequence[str]], max_length: int, callback: Callable[[Any], bool], **kwargs: Any
+    ) -> list[Any]:
+        self.batches.append([p[0] for p in prompts])
+        self.kwargs.append(kwargs)
+        self.started.set()
+        assert self.release.wait(30), "the test never released the batch"
+        done: set[int] = set()
+        for step in range(max_length):
+            for b in range(len(prompts)):
+                if b in done:
+                    continue
+                if self.on_step is not None:
+                    self.on_step(b, step)
+                if callback(
+                    SimpleNamespace(batch_id=b, step=step, token_id=self.token, is_last=step == max_length - 1)
+                ):
+                    done.add(b)
+            if len(done) == len(prompts):
+                break
+        return []
+
+
+@pytest.fixture
+def pieces(tokenizer: Tokenizer) -> list[str]:
+    return tokenizer.pieces
+
+
+def sequence(
+    tokenizer: Tokenizer,
+    name: int,
+    length: int = 8,
+    options: SamplingOptions = GREEDY,
+    max_new_tokens: int = 4,
+    deadline: float | None = None,
+) -> Generation:
+    """A sequence whose prompt starts with piece `name` (its identity in FakeGenerator.batches)."""
+    prompt = [name] + [600] * (length - 1)
+    reply = ReplyAssembler(options.stop, TURN_MARKERS)
+    loop = asyncio.get_running_loop()
+    return Generation(prompt, options, max_new_tokens, deadline, tokenizer.eos_id, tokenizer.decoder(), reply, loop)
+
+
+async def finished(gen: Generation) -> FinishReason | None:
+    while await gen.queue.get() is not None:
+        pass
+    return gen.finish_reason
+
+
+def names(tokenizer: Tokenizer, *ids: int) -> list[str]:
+    return [tokenizer.pieces[i] for i in ids]
+
+
+@pytest.fixture
+def run(tokenizer: Tokenizer) -> Iterator[Callable[..., Any]]:
+    """Run an async scenario with a scheduler over a fake generator; closes the scheduler after."""
+    schedulers: list[Scheduler] = []
+
+    def make(options: SchedulerOptions, generator: FakeGenerator) -> Scheduler:
+        scheduler = Scheduler(generator, tokenizer.pieces, tokenizer.eos_id, options)
+        schedulers.append(scheduler)
+        return scheduler
+
+    def go(scenario: Callable[[Callable[[SchedulerOptions, FakeGenerator], Scheduler]], Any]) -> Any:
+        return asyncio.run(scenario(make))
+
+    yield go
+    for scheduler in schedulers:
+        scheduler.close()
+
+
+def test_compatible_sequences_share_batches_in_arrival_order_up_to_the_size(
+    tokenizer: Tokenizer, run: Callable[..., Any]
+) -> None:
+    async def scenario(make: Callable[..., Scheduler]) -> None:
+        fake = FakeGenerator(token=700)
+        scheduler = make(SchedulerOptions(max_batch_size=3, replicas=1), fake)
+        gens = [sequence(tokenizer, 100 + i) for i in range(7)]
+        for gen in gens:
+            scheduler.submit(gen)
+        assert [await finished(g) for g in gens] == [FinishReason.LENGTH] * 7
+        assert fake.batches == [
+            names(tokenizer, 100, 101, 102),
+            names(tokenizer, 103, 104, 105),
+            names(tokenizer, 106),
+        ]
+        assert all(len(g.token_ids) == 4 for g in gens)
+
+    run(scenario)
+
+
+def test_different_decoding_options_never_share_a_batch(tokenizer: Tokenizer, run: Callable[..., Any]) -> None:
+    async def scenario(make: Callable[..., Scheduler]) -> None:
+        fake = FakeGenerator(token=700)
+        scheduler = make(SchedulerOptions(replicas=1), fake)
+        sampled = SamplingOptions(temperature=0.7, repetition_penalty=1.0)
+        gens = [
+            sequence(tokenizer, 100),
+            sequence(tokenizer, 101, options=sampled),
+            sequence(tokenizer, 102),
+            sequence(tokenizer, 103, options=sampled),
+        ]
+        for gen in gens:
+            scheduler.submit(gen)
+        for gen in gens:
+            await finished(gen)
+        # the oldest waiting request heads each batch and takes the compatible ones after it, in order
+        assert fake.batches == [names(tokenizer, 100, 102), names(tokenizer, 101, 103)]
+        assert fake.kwargs[0]["sampling_topk"] == 1 and fake.kwargs[1]["sampling_temperature"] == 0.7
+
+    run(scenario)
+
+
+def test_prompt_lengths_in_a_batch_stay_within_the_spread(tokenizer: Tokenizer, run: Callable[..., Any]) -> None:
+    async def scenario(make: Callable[..., Scheduler]) -> None:
+        fake = FakeGenerator(token=700)
+        scheduler = make(SchedulerOptions(replicas=1, max_prompt_length_spread=16), fake)
+        penalised = SamplingOptions(temperature=0.0, repetition_penalty=1.1)
+        gens = [
+            sequence(tokenizer, 100, length=10),
+            sequence(tokenizer, 101, length=40),  # too long for 100's batch
+            sequence(tokenizer, 102, length=26),  # within 16 of 10
+            sequence(tokenizer, 103, length=10, options=penalised),
+            sequence(tokenizer, 104, length=11, options=penalised),  # a history penalty needs equal lengths
+            sequence(tokenizer, 105, length=10, options=penalised),
+        ]
+        for gen in gens:
+            scheduler.submit(gen)
+        for gen in gens:
+            await finished(gen)
+        assert fake.batches == [
+            names(tokenizer, 100, 102),
+            names(tokenizer, 101),
+            names(tokenizer, 103, 105),
+            names(tokenizer, 104),
+        ]
+
+    run(scenario)
+
+
+def test_the_queue_limit_refuses_at_once_with_a_retry_delay(tokenizer: Tokenizer, run: Callable[..., Any]) -> None:
+    async def scenario(make: Callable[..., Scheduler]) -> None:
+        fake = FakeGenerator(token=700)
+        fake.release.clear()  # the first batch holds the only replica
+        scheduler = make(SchedulerOptions(replicas=1, max_queued=2), fake)
+        running = sequence(tokenizer, 100)
+        scheduler.submit(running)
+        await asyncio.get_running_loop().run_in_executor(None, fake.started.wait)
+        waiting = [sequence(tokenizer, 101), sequence(tokenizer, 102)]
+        for gen in waiting:
+            scheduler.submit(gen)
+        with pytest.raises(Overloaded) as refused:
+            scheduler.submit(sequence(tokenizer, 103))
+        assert refused.value.retry_after > 0
+        fake.release.set()
+        assert [await finished(g) for g in [running, *waiting]] == [FinishReason.LENGTH] * 3
+        assert fake.batches == [names(tokenizer, 100), names(tokenizer, 101, 102)]  # 103 never ran
+
+    run(scenario)
+
+
+def test_expired_and_withdrawn_waiting_sequences_never_start(tokenizer: Tokenizer, run: Callable[..., Any]) -> None:
+    async def scenario(make: Callable[..., Scheduler]) -> None:
+        fake = FakeGenerator(token=700)
+        fake.release.clear()
+        scheduler = make(SchedulerOptions(replicas=1), fake)
+        loop = asyncio.get_running_loop()
+        running = sequence(tokenizer, 100)
+        scheduler.submit(running)
+        await loop.run_in_executor(None, fake.started.wait)
+        expired = sequence(tokenizer, 101, deadline=loop.time() - 1)  # monotonic: the loop's clock is time.monotonic
+        withdrawn = sequence(tokenizer, 102)
+        kept = sequence(tokenizer, 103)
+        for gen in (expired, withdrawn, kept):
+            scheduler.submit(gen)
+        scheduler.withdraw(withdrawn)
+        fake.release.set()
+        assert await finished(withdrawn) is FinishReason.CANCELLED
+        assert await finished(expired) is FinishReason.DEADLINE
+        assert await finished(kept) is FinishReason.LENGTH
+        assert fake.batches == [names(tokenizer, 100), names(tokenizer, 103)]
+
+    run(scenario)
+
+
+def test_a_cancelled_running_sequence_stops_within_two_tokens_and_its_batch_mates_go_on(
+    tokenizer: Tokenizer, run: Callable[..., Any]
+) -> None:
+    async def scenario(make: Callable[..., Scheduler]) -> None:
+        fake = FakeGenerator(token=700)
+        scheduler = make(SchedulerOptions(replicas=1), fake)
+        gens = [sequence(tokenizer, 100 + i, max_new_tokens=50) for i in range(3)]
+
+        def cancel_the_middle_one(batch_id: int, step: int) -> None:
+            if (batch_id, step) == (1, 10):  # its caller goes away while it generates
+                gens[1].cancelled.set()
+
+        fake.on_step = cancel_the_middle_one
+        for gen in gens:
+            scheduler.submit(gen)
+        reasons = [await finished(g) for g in gens]
+        assert reasons == [FinishReason.LENGTH, FinishReason.CANCELLED, FinishReason.LENGTH]
+        assert gens[1].steps <= 10 + 2 and gens[1].steps_after_cancel <= 2
+        assert len(gens[0].token_ids) == len(gens[2].token_ids) == 50
+
+    run(scenario)
+
+
+def test_a_sequence_stops_at_end_of_text_and_at_its_own_max_new_tokens(
+    tokenizer: Tokenizer, run: Callable[..., Any]
+) -> None:
+    async def scenario(make: Callable[..., Scheduler]) -> None:
+        eos = FakeGenerator(token=tokenizer.eos_id)
+        scheduler = make(SchedulerOptions(replicas=1), eos)
+        ends = sequence(tokenizer, 100, max_new_tokens=9)
+        scheduler.submit(ends)
+        assert await finished(ends) is FinishReason.END_OF_TURN and ends.steps == 1
+        plain = FakeGenerator(token=700)
+        other = make(SchedulerOptions(replicas=1), plain)
+        short, long = sequence(tokenizer, 101, max_new_tokens=3), sequence(tokenizer, 102, max_new_tokens=9)
+        other.submit(short)
+        other.submit(long)
+        assert (await finished(short), await finished(long)) == (FinishReason.LENGTH, FinishReason.LENGTH)
+        assert (short.steps, long.steps) == (3, 9)  # one batch, each to its own length
+
+    run(scenario)
