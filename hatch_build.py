@@ -2,10 +2,15 @@
 
 The stubs are build outputs, never committed. They are written into the source tree (ignored by git) so that
 both `pip install .` (shipped as wheel artifacts) and `pip install -e .` (imported from the tree) see them.
+Type stubs come from mypy-protobuf (`chat_pb2.pyi` and `chat_pb2_grpc.pyi`, typed against grpc's own stubs), so
+mypy checks every message and every call; its protoc plugins run through small scripts that call this Python, which
+works inside pip's isolated build environment too.
 """
 
 from __future__ import annotations
 
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,17 +25,26 @@ def generate_stubs(root: Path) -> list[Path]:
     protos = root / "protos"
     include = Path(grpc_tools.__file__).parent / "_proto"
     sources = sorted(str(p.relative_to(protos)) for p in protos.rglob("*.proto"))
-    args = [
-        "grpc_tools.protoc",
-        f"-I{protos}",
-        f"-I{include}",
-        f"--python_out={root}",
-        f"--pyi_out={root}",
-        f"--grpc_python_out={root}",
-        *sources,
-    ]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed on {sources}")
+    with tempfile.TemporaryDirectory() as tmp:
+        plugins = []
+        for name, entry in (("mypy", "main"), ("mypy_grpc", "grpc")):
+            script = Path(tmp) / f"protoc-gen-{name}"
+            script.write_text(f"#!{sys.executable}\nimport mypy_protobuf.main as m\nm.{entry}()\n")
+            script.chmod(0o755)
+            plugins.append(f"--plugin=protoc-gen-{name}={script}")
+        args = [
+            "grpc_tools.protoc",
+            f"-I{protos}",
+            f"-I{include}",
+            *plugins,
+            f"--python_out={root}",
+            f"--mypy_out={root}",
+            f"--grpc_python_out={root}",
+            f"--mypy_grpc_out={root}",
+            *sources,
+        ]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed on {sources}")
     generated = []
     for source in sources:
         package_dir = root / Path(source).parent
@@ -46,6 +60,7 @@ def generate_stubs(root: Path) -> list[Path]:
             package_dir / f"{stem}_pb2.py",
             package_dir / f"{stem}_pb2.pyi",
             package_dir / f"{stem}_pb2_grpc.py",
+            package_dir / f"{stem}_pb2_grpc.pyi",
         ]
     return generated
 

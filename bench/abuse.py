@@ -25,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
-from jachat.bench.launcher import ServerProcess, spawn
+from jachat.bench.launcher import ServerProcess, health_stub, spawn
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 
 FOUR_MB_TURNS = 256
@@ -114,7 +114,7 @@ def _lag_summary(before: dict[str, float], after: dict[str, float]) -> dict[str,
     }
 
 
-async def _call(stub: chat_pb2_grpc.ChatServiceStub, method: str, request: Any, timeout: float) -> str:
+async def _call(stub: chat_pb2_grpc.ChatServiceAsyncStub, method: str, request: Any, timeout: float) -> str:
     try:
         await getattr(stub, method)(request, timeout=timeout)
         return "OK"
@@ -132,7 +132,7 @@ async def phase_one(target: str, duration: float, clients: int) -> dict[str, Any
 
     async def prober() -> None:
         async with grpc.aio.insecure_channel(target) as channel:
-            health = health_pb2_grpc.HealthStub(channel)
+            health = health_stub(channel)
             while time.monotonic() < stop_at:
                 started = time.perf_counter()
                 try:

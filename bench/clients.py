@@ -14,7 +14,11 @@ from jachat.v1 import chat_pb2, chat_pb2_grpc
 
 
 async def _grpc_request(
-    stub: chat_pb2_grpc.ChatServiceStub, workload: Workload, i: int, timeout: float, cancel_after: int | None = None
+    stub: chat_pb2_grpc.ChatServiceAsyncStub,
+    workload: Workload,
+    i: int,
+    timeout: float,
+    cancel_after: int | None = None,
 ) -> Record:
     """One GenerateStream call; with cancel_after, the client cancels it after that many messages."""
     turns = [chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text=workload.prompts[i % len(workload.prompts)])]

@@ -10,10 +10,17 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
+from grpc_health.v1 import health_pb2_grpc
 
 from jachat.v1 import chat_pb2_grpc
+
+
+def health_stub(channel: grpc.Channel | grpc.aio.Channel) -> Any:
+    """grpc.health.v1's stub. Typed Any: types-grpcio-health-checking declares HealthStub without its methods."""
+    return health_pb2_grpc.HealthStub(channel)
 
 
 @dataclass
@@ -45,6 +52,9 @@ class ServerProcess:
                 name, value = line.rsplit(" ", 1)
                 samples[name] = float(value)
         return samples
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
 
     def stop(self, timeout: float = 30.0) -> int:
         """SIGTERM, wait for the graceful exit (SIGKILL after timeout); returns the exit code."""

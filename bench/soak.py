@@ -35,9 +35,9 @@ async def run_soak(
     serve_args: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Load a fresh jachat-serve for `duration` seconds with cancellations, watching its memory and health."""
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
+    from grpc_health.v1 import health_pb2
 
-    from jachat.bench.launcher import spawn
+    from jachat.bench.launcher import health_stub, spawn
 
     server = spawn(model, *serve_args)
     samples: list[tuple[float, int]] = []
@@ -47,7 +47,7 @@ async def run_soak(
 
         async def watch() -> None:
             async with grpc.aio.insecure_channel(server.target) as channel:
-                health = health_pb2_grpc.HealthStub(channel)
+                health = health_stub(channel)
                 while True:
                     samples.append((time.monotonic() - started, rss_bytes(server.process.pid)))
                     try:

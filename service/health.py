@@ -8,19 +8,21 @@ RESOURCE_EXHAUSTED), and a service name is at most MAX_SERVICE_NAME characters. 
 
 from __future__ import annotations
 
+from typing import Any
+
 from grpc import StatusCode, aio
 from grpc_health.v1 import health, health_pb2
 
 MAX_SERVICE_NAME = 256
 
 
-class HealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
+class HealthServicer(health.aio.HealthServicer):
     def __init__(self, max_watchers: int = 64) -> None:
         super().__init__()
         self.max_watchers = max_watchers
         self.watchers = 0
 
-    async def Watch(self, request: health_pb2.HealthCheckRequest, context: aio.ServicerContext) -> None:
+    async def Watch(self, request: health_pb2.HealthCheckRequest, context: aio.ServicerContext[Any, Any]) -> None:
         if len(request.service) > MAX_SERVICE_NAME:
             await context.abort(
                 StatusCode.INVALID_ARGUMENT, f"service: at most {MAX_SERVICE_NAME} characters; health knows no longer"

@@ -13,7 +13,7 @@ import logging
 import re
 import sys
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable
 from contextvars import ContextVar
 from datetime import datetime, timezone
 
@@ -29,7 +29,7 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"me
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:/+=@~-]{1,128}")
 
 
-def request_id_from(metadata: Sequence[tuple[str, str | bytes]] | None) -> str:
+def request_id_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     """The caller's x-request-id when it is safe to log, else a new one."""
     for key, value in metadata or ():
         if key.lower() == REQUEST_ID_HEADER and isinstance(value, str) and _SAFE_REQUEST_ID.fullmatch(value):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -71,7 +71,10 @@ def turns_from_pb(turns: Sequence[chat_pb2.Turn]) -> list[Turn]:
     return result
 
 
-_OPTIONAL_SAMPLING_FIELDS = (
+SamplingField = Literal[
+    "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size"
+]
+_OPTIONAL_SAMPLING_FIELDS: tuple[SamplingField, ...] = (
     "max_new_tokens",
     "min_new_tokens",
     "temperature",

@@ -66,7 +66,7 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.Se
     return grpc.dynamic_ssl_server_credentials(initial, fetch, require_client_authentication=client_ca is not None)
 
 
-class TokenAuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     """Bearer tokens from a file, one per line (`#` starts a comment line, leading spaces allowed).
 
     The file is re-read when it changes. A file that goes missing or holds no token keeps the current tokens (an
@@ -134,12 +134,12 @@ def _denied(handler: Any) -> Any:
     """A handler of the same shape as `handler` (None: an unknown method) that answers UNAUTHENTICATED without
     running it."""
 
-    async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def deny(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await context.abort(
             grpc.StatusCode.UNAUTHENTICATED, "missing or invalid bearer token (authorization: Bearer ...)"
         )
 
-    async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+    async def deny_stream(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
         await deny(request, context)
         yield  # pragma: no cover - abort raised
 

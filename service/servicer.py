@@ -9,6 +9,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from importlib import import_module
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -35,9 +36,11 @@ from jachat.service.protocol import (
     usage_to_pb,
 )
 from jachat.service.results import DEADLINE_SLACK, Completion
-from jachat.v1 import chat_pb2, chat_pb2_grpc
+from jachat.v1 import chat_pb2
 
 log = logging.getLogger("jachat.servicer")
+if TYPE_CHECKING:  # generic in grpc's type stubs only
+    Context = grpc.aio.ServicerContext[Any, Any]
 # What grpc.aio raises when a message is written to a call that is already over (no public name exists for it).
 _CALL_OVER: type[Exception] = getattr(import_module("grpc._cython.cygrpc"), "ExecuteBatchError", RuntimeError)
 
@@ -48,7 +51,10 @@ _REJECTIONS = {  # refused before any generation: jachat_rejected_total{reason}
 }
 
 
-class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
+class ChatServicer:
+    """ChatService's methods, registered through protocol.method_handlers (tolerant request parsers); it does not
+    subclass the generated servicer, whose signatures assume messages are yielded, not written."""
+
     def __init__(
         self, metrics: Metrics, stream_write_timeout: float = 30.0, max_response_bytes: int = 4 * 1024 * 1024
     ) -> None:
@@ -72,7 +78,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         return self.engine
 
     @asynccontextmanager
-    async def _rpc(self, name: str, context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
+    async def _rpc(self, name: str, context: Context) -> AsyncIterator[None]:
         """The frame of every RPC: its request id (sent back as x-request-id), its log line and metrics, the
         mapping of every error to its status, in one place, and its release, exactly once whatever ends it."""
         started = time.perf_counter()
@@ -133,9 +139,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         chat = ChatRequest(turns, options, explicit_max, request.drop_oldest_turns)
         return await engine.prepare(chat)
 
-    async def _generate(
-        self, request: PreparedRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncGenerator[str | Completion, None]:
+    async def _generate(self, request: PreparedRequest, context: Context) -> AsyncGenerator[str | Completion, None]:
         engine = self._engine()
         self.metrics.running.inc()
         try:
@@ -150,9 +154,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         finally:
             self.metrics.running.dec()
 
-    async def Generate(
-        self, request: chat_pb2.GenerateRequest, context: grpc.aio.ServicerContext
-    ) -> chat_pb2.GenerateResponse:
+    async def Generate(self, request: chat_pb2.GenerateRequest, context: Context) -> chat_pb2.GenerateResponse:
         async with self._rpc("Generate", context):
             prepared = await self._prepare(request)
             parts: list[str] = []
@@ -170,7 +172,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
                 )
         raise AssertionError("engine stream ended without a Completion")  # pragma: no cover
 
-    async def GenerateStream(self, request: chat_pb2.GenerateStreamRequest, context: grpc.aio.ServicerContext) -> None:
+    async def GenerateStream(self, request: chat_pb2.GenerateStreamRequest, context: Context) -> None:
         async with self._rpc("GenerateStream", context):
             prepared = await self._prepare(request)
             messages = self._generate(prepared, context)
@@ -187,7 +189,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             finally:
                 await messages.aclose()
 
-    async def _write(self, context: grpc.aio.ServicerContext, message: chat_pb2.GenerateStreamResponse) -> None:
+    async def _write(self, context: Context, message: chat_pb2.GenerateStreamResponse) -> None:
         """Send one stream message; a client that reads nothing for stream_write_timeout seconds (its flow-control
         window stays full) loses the stream, so it stops holding a sequence and counting as running."""
         try:
@@ -201,9 +203,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
             # context.cancelled() says so; its own streaming path reads this error the same way: the caller left
             raise asyncio.CancelledError from None
 
-    async def Tokenize(
-        self, request: chat_pb2.TokenizeRequest, context: grpc.aio.ServicerContext
-    ) -> chat_pb2.TokenizeResponse:
+    async def Tokenize(self, request: chat_pb2.TokenizeRequest, context: Context) -> chat_pb2.TokenizeResponse:
         async with self._rpc("Tokenize", context):
             check_parsed(request)
             engine = self._engine()
@@ -233,7 +233,7 @@ class ChatServicer(chat_pb2_grpc.ChatServiceServicer):
         )
 
     async def GetModelInfo(
-        self, request: chat_pb2.GetModelInfoRequest, context: grpc.aio.ServicerContext
+        self, request: chat_pb2.GetModelInfoRequest, context: Context
     ) -> chat_pb2.GetModelInfoResponse:
         async with self._rpc("GetModelInfo", context):
             check_parsed(request)

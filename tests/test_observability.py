@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -48,7 +49,10 @@ def test_known_traffic_moves_counters_exactly(json_server: ServerProcess) -> Non
         with pytest.raises(grpc.RpcError):
             stub.Generate(chat_pb2.GenerateRequest(turns=[]))
         after = json_server.scrape()
-    d = lambda name: delta(before, after, name)  # noqa: E731
+
+    def d(name: str) -> float:
+        return delta(before, after, name)
+
     assert d("jachat_generated_tokens_total") == 15
     assert d("jachat_prompt_tokens_total") == 3 * prompt_tokens
     assert d("jachat_request_generated_tokens_count") == 3 and d("jachat_request_generated_tokens_sum") == 15
@@ -187,10 +191,10 @@ def test_request_id_is_returned_and_on_every_log_line(json_server: ServerProcess
         list(stream)
         with pytest.raises(grpc.RpcError) as bad:
             stub.Generate(chat_pb2.GenerateRequest(turns=[]), metadata=(("x-request-id", "bad-1"),))
-        assert dict(bad.value.initial_metadata())["x-request-id"] == "bad-1"
-    assert re.fullmatch(r"[0-9a-f]{32}", generated)
+        assert dict(bad.value.initial_metadata())["x-request-id"] == "bad-1"  # type: ignore[attr-defined]
+    assert re.fullmatch(r"[0-9a-f]{32}", str(generated))
 
-    def read_records() -> list[dict[str, object]]:
+    def read_records() -> list[dict[str, Any]]:
         return [json.loads(line) for line in list(json_server.log) if line.startswith("{")]
 
     deadline = time.monotonic() + 5  # the server's stderr reaches us through a pipe and a reader thread

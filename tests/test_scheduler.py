@@ -6,15 +6,15 @@ import asyncio
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_status import rpc_status
+from grpc_health.v1 import health_pb2
 
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from tests.helpers import ServerProcess, greedy, start_server, user
+from tests.helpers import ServerProcess, greedy, health_stub, start_server, status_of, user
 
 PROMPTS = [
     "こんにちは",
@@ -24,7 +24,7 @@ PROMPTS = [
 ]
 
 
-def fixed(tokens: int, **kwargs: object) -> chat_pb2.SamplingParams:
+def fixed(tokens: int, **kwargs: Any) -> chat_pb2.SamplingParams:
     """Greedy, exactly `tokens` tokens long."""
     return greedy(tokens, min_new_tokens=tokens, **kwargs)
 
@@ -34,7 +34,7 @@ def request(text: str, sampling: chat_pb2.SamplingParams) -> chat_pb2.GenerateSt
 
 
 async def collect(
-    stub: chat_pb2_grpc.ChatServiceStub, text: str, sampling: chat_pb2.SamplingParams, timeout: float = 60
+    stub: chat_pb2_grpc.ChatServiceAsyncStub, text: str, sampling: chat_pb2.SamplingParams, timeout: float = 60
 ) -> tuple[str, chat_pb2.GenerateStreamResponse]:
     parts = []
     async for message in stub.GenerateStream(request(text, sampling), timeout=timeout):
@@ -182,7 +182,7 @@ def test_full_queue_is_resource_exhausted_at_once_with_retry_info(single_slot_se
             assert time.monotonic() - started < 0.5
             error = refused.value
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            status = rpc_status.from_call(error)
+            status = status_of(error)
             assert status is not None
             retry = error_details_pb2.RetryInfo()
             assert any(detail.Unpack(retry) for detail in status.details)
@@ -196,7 +196,7 @@ def test_health_answers_fast_while_sixteen_streams_generate(batching_server: Ser
     async def scenario() -> float:
         async with grpc.aio.insecure_channel(batching_server.target) as channel:
             stub = chat_pb2_grpc.ChatServiceStub(channel)
-            health = health_pb2_grpc.HealthStub(channel)
+            health = health_stub(channel)
             streams = [asyncio.ensure_future(collect(stub, PROMPTS[i % 4], fixed(1000))) for i in range(16)]
             await asyncio.sleep(0.3)
             slowest, checks_while_generating = 0.0, 0

@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -15,11 +16,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 
 from jachat.bench.launcher import ServerProcess
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from tests.helpers import greedy, start_server, user
+from tests.helpers import greedy, health_stub, start_server, user
 
 REQUEST = chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(2))
 
@@ -37,7 +38,9 @@ class Authority:
         )
 
     @staticmethod
-    def _builder(subject: x509.Name, public_key: object, issuer: x509.Name) -> x509.CertificateBuilder:
+    def _builder(
+        subject: x509.Name, public_key: ec.EllipticCurvePublicKey, issuer: x509.Name
+    ) -> x509.CertificateBuilder:
         now = datetime.datetime.now(datetime.timezone.utc)
         return (
             x509.CertificateBuilder()
@@ -159,7 +162,7 @@ def test_bearer_tokens_guard_every_call_but_health_and_reflection(token_server: 
         for token in ("first-secret-token", "second-secret-token"):
             reply = stub.Generate(REQUEST, metadata=(("authorization", f"Bearer {token}"),), timeout=10)
             assert reply.usage.completion_tokens == 2
-        health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        health = health_stub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING  # exempt
         time.sleep(0.05)
         tokens.write_text("rotated-token\n")  # re-read on change, no restart
@@ -199,7 +202,7 @@ def test_clients_that_ping_too_often_are_sent_away(server: ServerProcess) -> Non
     assert grpc.ChannelConnectivity.IDLE in states[2:], states  # the server closed the abusive connection
 
 
-HANDLER = grpc.unary_unary_rpc_method_handler(lambda request, context: None)
+HANDLER: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(lambda request, context: None)
 
 
 def _call(interceptor: object, authorization: str | None) -> object:
@@ -226,8 +229,9 @@ def test_token_file_rules_scheme_comments_and_a_vanishing_file(
     interceptor = TokenAuthInterceptor(tokens)
     for header in ("Bearer secret-one", "bearer secret-one", "BEARER secret-two", "Bearer  secret-two "):
         assert _call(interceptor, header) == "handler", header  # RFC 6750: the scheme is case-insensitive
-    for header in (None, "Bearer # an indented comment is still a comment", "Bearer", "Basic secret-one", "secret"):
-        assert _call(interceptor, header) != "handler", header
+    refused: tuple[str | None, ...] = (None, "Bearer # an indented comment", "Bearer", "Basic secret-one", "secret")
+    for wrong in refused:
+        assert _call(interceptor, wrong) != "handler", wrong
 
     caplog.set_level("INFO", logger="jachat.security")
     tokens.unlink()  # deleted: the current tokens stay, and it is said once, without a traceback

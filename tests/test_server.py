@@ -6,17 +6,19 @@ import asyncio
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from prometheus_client import CollectorRegistry
 
 from jachat.service.server import Service
 from jachat.service.settings import Settings, env_names, load_settings
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from tests.helpers import ServerProcess, user
+from tests.helpers import ServerProcess, details, health_stub, user
 
 
 def test_health_is_not_serving_until_the_model_is_loaded(model_f32: Path) -> None:
@@ -25,14 +27,14 @@ def test_health_is_not_serving_until_the_model_is_loaded(model_f32: Path) -> Non
         service = await Service.start(settings, CollectorRegistry())
         try:
             async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
-                health = health_pb2_grpc.HealthStub(channel)
+                health = health_stub(channel)
                 chat = chat_pb2_grpc.ChatServiceStub(channel)
                 before = await health.Check(health_pb2.HealthCheckRequest(service="jachat.v1.ChatService"))
                 assert before.status == health_pb2.HealthCheckResponse.NOT_SERVING
                 with pytest.raises(grpc.aio.AioRpcError) as info:
                     await chat.Generate(chat_pb2.GenerateRequest(turns=[user("やあ")]))
                 assert info.value.code() == grpc.StatusCode.UNAVAILABLE
-                assert "loading" in (info.value.details() or "")
+                assert "loading" in (details(info.value) or "")
                 await service.load_model()
                 after = await health.Check(health_pb2.HealthCheckRequest(service=""))
                 assert after.status == health_pb2.HealthCheckResponse.SERVING
@@ -190,7 +192,7 @@ def test_sigterm_drain_finishes_short_calls_ends_long_ones_and_exits_zero(model_
     outcomes: dict[str, object] = {}
     with grpc.insecure_channel(server.target) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
-        health = health_pb2_grpc.HealthStub(channel)
+        health = health_stub(channel)
 
         def stream(name: str, tokens: int) -> None:
             request = chat_pb2.GenerateStreamRequest(
@@ -219,7 +221,7 @@ def test_sigterm_drain_finishes_short_calls_ends_long_ones_and_exits_zero(model_
         assert status == health_pb2.HealthCheckResponse.NOT_SERVING
         with pytest.raises(grpc.RpcError) as refused:
             stub.Generate(chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(2)), timeout=5)
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in refused.value.details()
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE and "shutting down" in details(refused.value)
         for w in workers:
             w.join(30)
     assert server.process.wait(30) == 0
@@ -291,12 +293,13 @@ def test_start_up_failures_exit_with_one_clear_line(
     assert "does not match the model's vocabulary" in line and "first difference at id" in line
 
     # a manifest that vouches for nothing, or for too little, or for an impossible shape, is refused
-    for name, change, expected in (
+    cases: list[tuple[str, Callable[[dict[str, Any]], object], str]] = [
         ("empty-files", lambda m: m.update(files={}), "no checksum for model.bin, config.json, vocabulary.json"),
         ("partial-files", lambda m: m["files"].pop("model.bin"), "no checksum for model.bin"),
         ("no-context", lambda m: m["shape"].update(context_length=0), "context_length is 0"),
         ("no-heads", lambda m: m["shape"].update(num_heads=0), "num_heads is 0"),
-    ):
+    ]
+    for name, change, expected in cases:
         broken = tmp_path / name
         shutil.copytree(model_f32, broken)
         manifest = json.loads((broken / MANIFEST_NAME).read_text())

@@ -4,35 +4,48 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 from google.rpc import error_details_pb2
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from grpc_status import rpc_status
 
 from jachat.converter.convert import ConvertOptions, convert
 from jachat.service.prompt import Speaker, Turn, render_prompt
 from jachat.service.tokenizer import Tokenizer
-from jachat.v1 import chat_pb2
+from jachat.v1 import chat_pb2, chat_pb2_grpc
 from tests.conftest import SCRIPTED_REPLY
-from tests.helpers import ServerProcess, card_turns_pb, greedy, hf_generate, start_server, system, user
+from tests.helpers import (
+    ServerProcess,
+    card_turns_pb,
+    details,
+    greedy,
+    health_stub,
+    hf_generate,
+    start_server,
+    status_of,
+    system,
+    user,
+)
 
 
 def stream(
-    stub: object, turns: list[chat_pb2.Turn], sampling: chat_pb2.SamplingParams
+    stub: chat_pb2_grpc.ChatServiceStub, turns: list[chat_pb2.Turn], sampling: chat_pb2.SamplingParams
 ) -> list[chat_pb2.GenerateStreamResponse]:
     return list(stub.GenerateStream(chat_pb2.GenerateStreamRequest(turns=turns, sampling=sampling), timeout=60))
 
 
-def generate(stub: object, turns: list[chat_pb2.Turn], sampling: chat_pb2.SamplingParams) -> chat_pb2.GenerateResponse:
+def generate(
+    stub: chat_pb2_grpc.ChatServiceStub, turns: list[chat_pb2.Turn], sampling: chat_pb2.SamplingParams
+) -> chat_pb2.GenerateResponse:
     return stub.Generate(chat_pb2.GenerateRequest(turns=turns, sampling=sampling), timeout=60)
 
 
 def test_health_is_serving_after_load(server: ServerProcess) -> None:
     with server.channel() as channel:
-        health = health_pb2_grpc.HealthStub(channel)
+        health = health_stub(channel)
         for service in ("", "jachat.v1.ChatService"):
             reply = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
@@ -40,14 +53,14 @@ def test_health_is_serving_after_load(server: ServerProcess) -> None:
 
 def test_reflection_lists_the_chat_service(server: ServerProcess) -> None:
     with server.channel() as channel:
-        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        stub: Any = reflection_pb2_grpc.ServerReflectionStub(channel)  # its type stubs leave the method untyped
         request = reflection_pb2.ServerReflectionRequest(list_services="")
         (reply,) = list(stub.ServerReflectionInfo(iter([request]), timeout=5))
         names = {s.name for s in reply.list_services_response.service}
         assert {"jachat.v1.ChatService", "grpc.health.v1.Health"} <= names
 
 
-def test_stream_concatenates_to_generate(stub: object) -> None:
+def test_stream_concatenates_to_generate(stub: chat_pb2_grpc.ChatServiceStub) -> None:
     sampling = greedy(40)
     whole = generate(stub, card_turns_pb(), sampling)
     messages = stream(stub, card_turns_pb(), sampling)
@@ -60,7 +73,9 @@ def test_stream_concatenates_to_generate(stub: object) -> None:
     assert all(not m.HasField("usage") for m in messages[:-1])
 
 
-def test_generate_text_is_hugging_faces_greedy_reply(stub: object, demo_checkpoint: Path, tokenizer: Tokenizer) -> None:
+def test_generate_text_is_hugging_faces_greedy_reply(
+    stub: chat_pb2_grpc.ChatServiceStub, demo_checkpoint: Path, tokenizer: Tokenizer
+) -> None:
     turns = [Turn(Speaker.USER, "日本の首都はどこですか?")]
     prompt_ids = tokenizer.encode(render_prompt(turns))
     expected = hf_generate(demo_checkpoint, prompt_ids, 24)
@@ -69,7 +84,7 @@ def test_generate_text_is_hugging_faces_greedy_reply(stub: object, demo_checkpoi
     assert reply.usage.prompt_tokens == len(prompt_ids)
 
 
-def test_stop_string_ends_the_reply_before_it(stub: object) -> None:
+def test_stop_string_ends_the_reply_before_it(stub: chat_pb2_grpc.ChatServiceStub) -> None:
     full = generate(stub, [user("吾輩は猫である")], greedy(30)).text
     stop = full[10:13]
     first = full.find(stop)
@@ -81,7 +96,7 @@ def test_stop_string_ends_the_reply_before_it(stub: object) -> None:
     assert reply.usage.completion_tokens < 30
 
 
-def test_unset_sampling_fields_take_the_model_cards_values(stub: object) -> None:
+def test_unset_sampling_fields_take_the_model_cards_values(stub: chat_pb2_grpc.ChatServiceStub) -> None:
     info = stub.GetModelInfo(chat_pb2.GetModelInfoRequest(), timeout=5)
     d = info.sampling_defaults
     assert (d.max_new_tokens, d.min_new_tokens, d.top_k, d.no_repeat_ngram_size) == (128, 0, 50, 0)
@@ -94,7 +109,7 @@ def test_unset_sampling_fields_take_the_model_cards_values(stub: object) -> None
     assert reply.finish_reason in (chat_pb2.FINISH_REASON_LENGTH, chat_pb2.FINISH_REASON_END_OF_TURN)
 
 
-def test_tokenize_returns_the_prompt_tokens(stub: object, tokenizer: Tokenizer) -> None:
+def test_tokenize_returns_the_prompt_tokens(stub: chat_pb2_grpc.ChatServiceStub, tokenizer: Tokenizer) -> None:
     reply = stub.Tokenize(chat_pb2.TokenizeRequest(turns=card_turns_pb()), timeout=5)
     golden = (Path(__file__).parent / "data" / "model_card_prompt.txt").read_text(encoding="utf-8")
     assert reply.prompt == golden
@@ -109,11 +124,15 @@ def test_tokenize_returns_the_prompt_tokens(stub: object, tokenizer: Tokenizer) 
         ([], "turns", "must not be empty"),
         ([chat_pb2.Turn(speaker=chat_pb2.SPEAKER_UNSPECIFIED, text="やあ")], "turns[0].speaker", "SPEAKER_UNSPECIFIED"),
         ([user("やあ"), system("こんにちは")], "turns[1].speaker", "last turn must be the user's"),
-        ([user("a"), chat_pb2.Turn(speaker=7, text="b"), user("c")], "turns[1].speaker", "is 7"),
+        (
+            [user("a"), chat_pb2.Turn(speaker=chat_pb2.Speaker.ValueType(7), text="b"), user("c")],
+            "turns[1].speaker",
+            "is 7",
+        ),
     ],
 )
 def test_bad_conversations_are_invalid_argument_naming_the_problem(
-    stub: object, turns: list[chat_pb2.Turn], field: str, words: str
+    stub: chat_pb2_grpc.ChatServiceStub, turns: list[chat_pb2.Turn], field: str, words: str
 ) -> None:
     for call in (
         lambda: generate(stub, turns, greedy(4)),
@@ -124,8 +143,8 @@ def test_bad_conversations_are_invalid_argument_naming_the_problem(
             call()
         error = info.value
         assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
-        assert field in error.details() and words in error.details()
-        status = rpc_status.from_call(error)
+        assert field in details(error) and words in details(error)
+        status = status_of(error)
         assert status is not None
         bad_request = error_details_pb2.BadRequest()
         assert status.details[0].Unpack(bad_request)
@@ -146,20 +165,22 @@ def test_bad_conversations_are_invalid_argument_naming_the_problem(
     ],
 )
 def test_bad_sampling_is_invalid_argument_naming_the_field(
-    stub: object, sampling: chat_pb2.SamplingParams, field: str
+    stub: chat_pb2_grpc.ChatServiceStub, sampling: chat_pb2.SamplingParams, field: str
 ) -> None:
     with pytest.raises(grpc.RpcError) as info:
         generate(stub, [user("やあ")], sampling)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details().startswith(field + ":")
+    assert details(info.value).startswith(field + ":")
 
 
-def test_min_new_tokens_is_honoured(stub: object) -> None:
+def test_min_new_tokens_is_honoured(stub: chat_pb2_grpc.ChatServiceStub) -> None:
     reply = generate(stub, [user("やあ")], greedy(6, min_new_tokens=6))
     assert reply.usage.completion_tokens == 6
 
 
-def test_metrics_count_requests_by_rpc_and_code_and_generated_tokens(server: ServerProcess, stub: object) -> None:
+def test_metrics_count_requests_by_rpc_and_code_and_generated_tokens(
+    server: ServerProcess, stub: chat_pb2_grpc.ChatServiceStub
+) -> None:
     before = server.scrape()
     for _ in range(3):
         generate(stub, [user("やあ")], greedy(5))
@@ -253,19 +274,22 @@ def test_nl_spelled_with_several_pieces_streams_as_one_newline(
     ],
 )
 def test_validation_table(
-    stub: object, turns: list[chat_pb2.Turn], sampling: chat_pb2.SamplingParams, fields: list[str]
+    stub: chat_pb2_grpc.ChatServiceStub,
+    turns: list[chat_pb2.Turn],
+    sampling: chat_pb2.SamplingParams,
+    fields: list[str],
 ) -> None:
     with pytest.raises(grpc.RpcError) as info:
         generate(stub, turns, sampling)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    status = rpc_status.from_call(info.value)
+    status = status_of(info.value)
     assert status is not None
     bad_request = error_details_pb2.BadRequest()
     assert status.details[0].Unpack(bad_request)
     assert [v.field for v in bad_request.field_violations] == fields
 
 
-def test_dropping_the_oldest_turns_makes_a_long_conversation_fit(stub: object) -> None:
+def test_dropping_the_oldest_turns_makes_a_long_conversation_fit(stub: chat_pb2_grpc.ChatServiceStub) -> None:
     history = []
     for i in range(12):
         history += [user(f"{i}番目の質問です。" + "吾輩は猫である。" * 20), system("はい。" + "名前はまだ無い。" * 20)]
@@ -274,7 +298,7 @@ def test_dropping_the_oldest_turns_makes_a_long_conversation_fit(stub: object) -
     with pytest.raises(grpc.RpcError) as info:
         generate(stub, history, sampling)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
-    assert info.value.details().startswith("turns: the prompt has") and "drop_oldest_turns" in info.value.details()
+    assert details(info.value).startswith("turns: the prompt has") and "drop_oldest_turns" in details(info.value)
     request = chat_pb2.GenerateRequest(turns=history, sampling=sampling, drop_oldest_turns=True)
     reply = stub.Generate(request, timeout=60)
     dropped = reply.usage.dropped_turns

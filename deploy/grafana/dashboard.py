@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any
+from typing import Any, cast
 
 from grafana_foundation_sdk.builders import common as common_builders
 from grafana_foundation_sdk.builders import dashboard, prometheus, stat, table, timeseries
@@ -27,7 +27,7 @@ PERCENTILES = (("p50", 0.5), ("p90", 0.9), ("p99", 0.99))
 
 def query(expr: str, legend: str, ref: str = "A", instant: bool = False) -> prometheus.Dataquery:
     q = prometheus.Dataquery().expr(expr).legend_format(legend).ref_id(ref).datasource(DATASOURCE)
-    return q.instant().format(PromQueryFormat.TABLE) if instant else q.range()
+    return cast(prometheus.Dataquery, q.instant().format(PromQueryFormat.TABLE) if instant else q.range())
 
 
 def quantiles(metric: str, by: str = "") -> list[prometheus.Dataquery]:
@@ -69,7 +69,7 @@ def series(title: str, unit: str, targets: list[prometheus.Dataquery], descripti
     )
     for target in targets:
         panel = panel.with_target(target)
-    return panel
+    return cast(timeseries.Panel, panel)
 
 
 def build() -> dashboard.Dashboard:
@@ -291,7 +291,7 @@ def build() -> dashboard.Dashboard:
     ]
     for panel, width in panels:
         board = board.with_panel(layout.place(panel, width))
-    return board
+    return cast(dashboard.Dashboard, board)
 
 
 def render() -> str:

@@ -1,0 +1,147 @@
+"""The one server factory of the tests: `serving(model, *flags)` yields a running jachat on free loopback ports and
+always stops it. By default the server runs in this process (its own event loop on a thread): fast to start, and
+enough wherever the process itself is not what is tested. `process=True` runs a real `jachat-serve` child process,
+for signals, exit codes, stderr, start-up and per-process resources."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import urllib.request
+from collections.abc import Coroutine, Iterator
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+from typing import Any, Literal, Protocol, TypeVar, overload
+
+import grpc
+from prometheus_client import CollectorRegistry
+
+from jachat.bench.launcher import ServerProcess, spawn
+from jachat.service.logs import RequestIdFilter, TextFormatter
+from jachat.service.server import Service
+from jachat.service.settings import load_settings
+from jachat.v1 import chat_pb2_grpc
+
+T = TypeVar("T")
+
+
+class Server(Protocol):
+    """What the tests use of a server, in-process or a child process."""
+
+    log: list[str]
+
+    @property
+    def target(self) -> str: ...
+    @property
+    def metrics_port(self) -> int: ...
+    def channel(self) -> grpc.Channel: ...
+    def stub(self, channel: grpc.Channel) -> chat_pb2_grpc.ChatServiceStub: ...
+    def scrape(self) -> dict[str, float]: ...
+    def alive(self) -> bool: ...
+    def stop(self, timeout: float = 30.0) -> int: ...
+
+
+class _Lines(logging.Handler):
+    def __init__(self, lines: list[str]) -> None:
+        super().__init__(logging.INFO)
+        self.lines = lines
+        self.addFilter(RequestIdFilter())
+        self.setFormatter(TextFormatter())
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(self.format(record) + "\n")
+
+
+class InProcessServer:
+    """jachat's Service on an event loop of its own, on a thread of this process."""
+
+    def __init__(self, model: Path, *flags: str) -> None:
+        args = ["--model", str(model), "--host", "127.0.0.1", "--port", "0", "--metrics-host", "127.0.0.1"]
+        settings = load_settings([*args, "--metrics-port", "0", "--device", "cpu", *flags], environ={})
+        self.log: list[str] = []
+        self._handler = _Lines(self.log)
+        self._logger = logging.getLogger("jachat")
+        self._logger.addHandler(self._handler)
+        self._logger.setLevel(logging.INFO)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="jachat-test-server", daemon=True)
+        self._thread.start()
+        self._stopped = False
+        try:
+            self.service = self._run(self._start(settings))
+        except BaseException:
+            self._close()
+            raise
+
+    async def _start(self, settings: Any) -> Service:
+        service = await Service.start(settings, CollectorRegistry())
+        await service.load_model()
+        return service
+
+    def _run(self, work: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result(timeout)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.service.port}"
+
+    @property
+    def metrics_port(self) -> int:
+        assert self.service.metrics_port is not None
+        return self.service.metrics_port
+
+    def channel(self) -> grpc.Channel:
+        return grpc.insecure_channel(self.target)
+
+    def stub(self, channel: grpc.Channel) -> chat_pb2_grpc.ChatServiceStub:
+        return chat_pb2_grpc.ChatServiceStub(channel)
+
+    def scrape(self) -> dict[str, float]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line.startswith("jachat_") and " " in line:
+                name, value = line.rsplit(" ", 1)
+                samples[name] = float(value)
+        return samples
+
+    def alive(self) -> bool:
+        return not self._stopped and self._thread.is_alive()
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """The graceful stop SIGTERM runs; 0 once it is done (as the process's exit code would be)."""
+        if not self._stopped:
+            self._stopped = True
+            try:
+                self._run(self.service.stop(), timeout)
+            finally:
+                self._close()
+        return 0
+
+    def _close(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+        self._logger.removeHandler(self._handler)
+
+
+@overload
+def serving(model: Path, *flags: str, process: Literal[True]) -> AbstractContextManager[ServerProcess]: ...
+@overload
+def serving(model: Path, *flags: str, process: Literal[False] = False) -> AbstractContextManager[InProcessServer]: ...
+
+
+def serving(model: Path, *flags: str, process: bool = False) -> AbstractContextManager[Server]:
+    """A running server on the model with these jachat-serve flags, stopped on exit (in this process, or as a
+    child process with process=True)."""
+    return _serving(spawn(model, "--device", "cpu", *flags) if process else InProcessServer(model, *flags))
+
+
+@contextmanager
+def _serving(server: Server) -> Iterator[Server]:
+    try:
+        yield server
+    finally:
+        server.stop()
