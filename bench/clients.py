@@ -81,18 +81,22 @@ async def run_grpc(
         chance = random.Random(1)
 
         async def one() -> None:
-            in_flight[0] += 1
-            most[0] = max(most[0], in_flight[0])
+            """One call, already counted in flight by whoever launched it (so `more` never overshoots)."""
             cancel_after = chance.randint(1, max(1, workload.tokens - 1)) if chance.random() < cancel_fraction else None
             record = await _grpc_request(stub, workload, next(counter), timeout, cancel_after)
             in_flight[0] -= 1
             records.append(record)
             progress.advance()
 
+        def launched() -> None:
+            in_flight[0] += 1
+            most[0] = max(most[0], in_flight[0])
+
         if rate is None:
 
             async def client() -> None:
                 while more():
+                    launched()
                     await one()
 
             await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -103,6 +107,10 @@ async def run_grpc(
             while more():
                 await asyncio.sleep(rng.expovariate(rate))
                 await limit.acquire()  # held until the call ends: at most `concurrency` in flight
+                if not more():  # the last calls were launched while this one waited for its turn
+                    limit.release()
+                    break
+                launched()
                 task = asyncio.ensure_future(one())
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)

@@ -10,7 +10,8 @@ from jachat.converter.demo import DemoShape, build_demo_checkpoint
 from jachat.service.prompt import Speaker, Turn, render_prompt
 from jachat.service.tokenizer import Tokenizer
 from jachat.v1 import chat_pb2_grpc
-from tests.helpers import ServerProcess, script_checkpoint, start_server
+from tests.helpers import script_checkpoint
+from tests.servers import InProcessServer, serving
 
 
 @pytest.fixture(scope="session")
@@ -92,13 +93,12 @@ def scripted_model(scripted_checkpoint: Path, tmp_path_factory: pytest.TempPathF
 
 
 @pytest.fixture(scope="session")
-def server(model_f32: Path) -> Iterator[ServerProcess]:
-    process = start_server(model_f32)
-    yield process
-    process.stop()
+def server(model_f32: Path) -> Iterator[InProcessServer]:
+    with serving(model_f32) as running:
+        yield running
 
 
 @pytest.fixture
-def stub(server: ServerProcess) -> Iterator[chat_pb2_grpc.ChatServiceStub]:
+def stub(server: InProcessServer) -> Iterator[chat_pb2_grpc.ChatServiceStub]:
     with server.channel() as channel:
         yield server.stub(channel)

@@ -13,7 +13,7 @@ import numpy as np
 from google.rpc import status_pb2
 from grpc_status import rpc_status
 
-from jachat.bench.launcher import ServerProcess, health_stub, spawn
+from jachat.bench.launcher import ServerProcess, health_stub
 from jachat.v1 import chat_pb2
 
 __all__ = ["ServerProcess", "health_stub"]
@@ -88,11 +88,6 @@ def script_checkpoint(src: Path, dst: Path, script: list[int]) -> Path:
     weights["embed_out.weight"] = out
     save_file(weights, str(dst / "model.safetensors"), metadata={"format": "pt"})
     return dst
-
-
-def start_server(model: Path, *extra: str) -> ServerProcess:
-    """A real `python -m service` process on free loopback ports, on the CPU, SERVING."""
-    return spawn(model, "--device", "cpu", *extra)
 
 
 def hf_generate(

@@ -23,6 +23,8 @@ from jachat.service.server import Service
 from jachat.service.settings import load_settings
 from jachat.v1 import chat_pb2_grpc
 
+__all__ = ["InProcessServer", "Server", "ServerProcess", "serving", "start"]
+
 T = TypeVar("T")
 
 
@@ -31,6 +33,8 @@ class Server(Protocol):
 
     log: list[str]
 
+    @property
+    def port(self) -> int: ...
     @property
     def target(self) -> str: ...
     @property
@@ -83,8 +87,12 @@ class InProcessServer:
         return asyncio.run_coroutine_threadsafe(work, self._loop).result(timeout)
 
     @property
+    def port(self) -> int:
+        return self.service.port
+
+    @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.service.port}"
+        return f"127.0.0.1:{self.port}"
 
     @property
     def metrics_port(self) -> int:
@@ -128,14 +136,25 @@ class InProcessServer:
 
 
 @overload
+def start(model: Path, *flags: str, process: Literal[True]) -> ServerProcess: ...
+@overload
+def start(model: Path, *flags: str, process: Literal[False] = False) -> InProcessServer: ...
+
+
+def start(model: Path, *flags: str, process: bool = False) -> Server:
+    """The factory: a running, SERVING server on the model with these jachat-serve flags, on the CPU (in this
+    process, or as a child process with process=True). The caller stops it; `serving` does that for you."""
+    return spawn(model, "--device", "cpu", *flags) if process else InProcessServer(model, *flags)
+
+
+@overload
 def serving(model: Path, *flags: str, process: Literal[True]) -> AbstractContextManager[ServerProcess]: ...
 @overload
 def serving(model: Path, *flags: str, process: Literal[False] = False) -> AbstractContextManager[InProcessServer]: ...
 
 
 def serving(model: Path, *flags: str, process: bool = False) -> AbstractContextManager[Server]:
-    """A running server on the model with these jachat-serve flags, stopped on exit (in this process, or as a
-    child process with process=True)."""
+    """`start`, stopped on exit."""
     return _serving(spawn(model, "--device", "cpu", *flags) if process else InProcessServer(model, *flags))
 
 

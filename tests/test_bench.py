@@ -6,6 +6,8 @@ import json
 import subprocess
 from pathlib import Path
 
+from tests.servers import InProcessServer
+
 
 def test_bench_all_modes_write_a_report(model_f32: Path, demo_checkpoint: Path, tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
@@ -45,10 +47,7 @@ def test_bench_all_modes_write_a_report(model_f32: Path, demo_checkpoint: Path, 
     assert "service 4 streams / ctranslate2 batch of 4" in result.stdout
 
 
-def test_bench_counts_errors_by_status_code(server: object, tmp_path: Path) -> None:
-    from jachat.bench.launcher import ServerProcess
-
-    assert isinstance(server, ServerProcess)
+def test_bench_counts_errors_by_status_code(server: InProcessServer, tmp_path: Path) -> None:
     output = tmp_path / "errors.json"
     # 4000 tokens do not fit the 2048-token context: every request is INVALID_ARGUMENT
     result = subprocess.run(
@@ -102,3 +101,16 @@ def test_bench_abuse_reports_every_figure_and_the_expected_outcomes(model_f32: P
         "normal stream's worst gap",
         "full server refuses (max)",
     ]
+
+
+def test_the_open_loop_keeps_at_most_the_concurrency_in_flight(server: InProcessServer) -> None:
+    """--rate: Poisson arrivals, but never more than -c calls in flight (it once waited on the bound and let go)."""
+    import asyncio
+
+    from jachat.bench.clients import run_grpc
+    from jachat.bench.workload import Workload
+
+    workload = Workload(tokens=24, temperature=0.0)
+    report = asyncio.run(run_grpc(server.target, workload, concurrency=2, requests=12, rate=1000.0))
+    assert report.requests == 12 and report.errors == {}
+    assert report.max_in_flight == 2  # arrivals every millisecond, calls of tens: the bound is what holds them

@@ -14,19 +14,19 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 
-from jachat.bench.launcher import ServerProcess
 from jachat.service.logs import request_id_from
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from tests.helpers import details, greedy, health_stub, start_server, status_of, user
+from tests.helpers import details, greedy, health_stub, status_of, user
+from tests.servers import ServerProcess, serving, start
 
 LONG = chat_pb2.SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=1500, min_new_tokens=1500)
 
 
 @pytest.fixture(scope="module")
 def edge_server(model_f32: Path) -> Iterator[ServerProcess]:
-    process = start_server(model_f32, "--max-health-watchers", "3", "--grace-seconds", "20")
-    yield process
-    process.stop()
+    """A child process: its threads are counted, and its stderr searched for tracebacks."""
+    with serving(model_f32, "--max-health-watchers", "3", "--grace-seconds", "20", process=True) as server:
+        yield server
 
 
 def problems_in_log(server: ServerProcess) -> list[str]:
@@ -34,7 +34,7 @@ def problems_in_log(server: ServerProcess) -> list[str]:
 
 
 def test_twenty_streams_cancelled_between_messages_are_released_and_sigterm_exits_at_once(model_f32: Path) -> None:
-    server = start_server(model_f32, "--grace-seconds", "20")
+    server = start(model_f32, "--grace-seconds", "20", process=True)  # SIGTERM: a real process
     try:
         with server.channel() as channel:
             stub = server.stub(channel)
@@ -96,7 +96,7 @@ def test_a_storm_of_cancellations_and_deadlines_is_recorded_as_each_caller_saw_i
 
 
 def test_a_stream_whose_client_reads_nothing_is_ended_and_stops_counting_as_running(model_f32: Path) -> None:
-    server = start_server(model_f32, "--stream-write-timeout-seconds", "1")
+    server = start(model_f32, "--stream-write-timeout-seconds", "1")
     try:
         # a small flow-control window that never grows: the server's writes block once it is full
         options = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
@@ -245,7 +245,7 @@ def test_unauthenticated_calls_to_unknown_methods_are_denied_without_a_traceback
 ) -> None:
     tokens = tmp_path / "tokens"
     tokens.write_text("secret\n")
-    server = start_server(model_f32, "--auth-token-file", str(tokens))
+    server = start(model_f32, "--auth-token-file", str(tokens), process=True)  # its whole stderr is read
     try:
         with server.channel() as channel:
             unknown: grpc.UnaryUnaryMultiCallable[bytes, bytes] = channel.unary_unary(
@@ -261,7 +261,7 @@ def test_unauthenticated_calls_to_unknown_methods_are_denied_without_a_traceback
 
 
 def test_concurrent_rpcs_are_capped_per_server(model_f32: Path) -> None:
-    server = start_server(model_f32, "--max-concurrent-rpcs", "4")
+    server = start(model_f32, "--max-concurrent-rpcs", "4")
     try:
         with server.channel() as channel:
             stub = server.stub(channel)

@@ -12,9 +12,9 @@ from grpc_health.v1 import health_pb2
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jachat.bench.launcher import ServerProcess
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from tests.helpers import details, health_stub, start_server
+from tests.helpers import details, health_stub
+from tests.servers import Server, serving
 
 ACCEPTABLE = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT}
 
@@ -51,16 +51,15 @@ def sampling(draw: st.DrawFn) -> chat_pb2.SamplingParams:
 
 
 @pytest.fixture(scope="module")
-def fuzz_server(model_f32: Path) -> Iterator[ServerProcess]:
-    server = start_server(model_f32)
-    yield server
-    server.stop()
+def fuzz_server(model_f32: Path) -> Iterator[Server]:
+    with serving(model_f32) as server:
+        yield server
 
 
 @settings(max_examples=120, deadline=None, suppress_health_check=list(HealthCheck))
 @given(turns=turns, params=sampling(), streaming=st.booleans(), drop=st.booleans())
 def test_any_request_gets_a_deliberate_status(
-    fuzz_server: ServerProcess, turns: list[chat_pb2.Turn], params: chat_pb2.SamplingParams, streaming: bool, drop: bool
+    fuzz_server: Server, turns: list[chat_pb2.Turn], params: chat_pb2.SamplingParams, streaming: bool, drop: bool
 ) -> None:
     with fuzz_server.channel() as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
@@ -78,7 +77,7 @@ def test_any_request_gets_a_deliberate_status(
             assert details(exc) and "Traceback" not in details(exc)
 
 
-def test_unknown_fields_are_ignored(fuzz_server: ServerProcess) -> None:
+def test_unknown_fields_are_ignored(fuzz_server: Server) -> None:
     request = chat_pb2.GenerateRequest(
         turns=[chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text="やあ")],
         sampling=chat_pb2.SamplingParams(max_new_tokens=3, temperature=0),
@@ -103,8 +102,8 @@ def test_unknown_fields_are_ignored(fuzz_server: ServerProcess) -> None:
         assert details(info.value) == "request: not a valid jachat.v1.GenerateRequest message"
 
 
-def test_server_is_still_serving_after_the_fuzzing(fuzz_server: ServerProcess) -> None:
-    assert fuzz_server.process.poll() is None
+def test_server_is_still_serving_after_the_fuzzing(fuzz_server: Server) -> None:
+    assert fuzz_server.alive()
     with fuzz_server.channel() as channel:
         reply = health_stub(channel).Check(health_pb2.HealthCheckRequest(service="jachat.v1.ChatService"))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING

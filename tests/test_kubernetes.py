@@ -18,6 +18,7 @@ import yaml
 from jachat.service.metrics import Metrics
 from jachat.service.settings import env_names
 from tests.helpers import REPO
+from tests.servers import Server
 
 K8S = REPO / "deploy" / "kubernetes"
 OVERLAYS = ("gpu", "cpu")
@@ -245,10 +246,7 @@ def test_autoscaler_and_disruption_budget_target_the_server(overlay: str) -> Non
     assert adapter["rules"]["custom"][0]["name"]["as"] == metric
 
 
-def test_the_hpa_metric_is_exported(server: object) -> None:
-    from jachat.bench.launcher import ServerProcess
-
-    assert isinstance(server, ServerProcess)
+def test_the_hpa_metric_is_exported(server: Server) -> None:
     assert "jachat_running_requests" in server.scrape()
 
 

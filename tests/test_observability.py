@@ -17,9 +17,9 @@ import grpc
 import pytest
 import yaml
 
-from jachat.bench.launcher import ServerProcess
 from jachat.v1 import chat_pb2
-from tests.helpers import REPO, greedy, start_server, user
+from tests.helpers import REPO, greedy, user
+from tests.servers import Server, ServerProcess, serving
 
 DASHBOARD = REPO / "deploy" / "grafana" / "jachat-dashboard.json"
 ALERTS = REPO / "deploy" / "prometheus" / "jachat-alerts.yaml"
@@ -29,16 +29,16 @@ PROMTOOL = shutil.which("promtool")
 
 @pytest.fixture(scope="module")
 def json_server(model_f32: Path) -> Iterator[ServerProcess]:
-    server = start_server(model_f32, "--log-format", "json", "--max-queued-requests", "64")
-    yield server
-    server.stop()
+    """A child process: what is tested is the JSON it writes to stderr."""
+    with serving(model_f32, "--log-format", "json", "--max-queued-requests", "64", process=True) as server:
+        yield server
 
 
 def delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
     return after.get(name, 0.0) - before.get(name, 0.0)
 
 
-def test_known_traffic_moves_counters_exactly(json_server: ServerProcess) -> None:
+def test_known_traffic_moves_counters_exactly(json_server: Server) -> None:
     with json_server.channel() as channel:
         stub = json_server.stub(channel)
         prompt_tokens = stub.Tokenize(chat_pb2.TokenizeRequest(turns=[user("やあ")])).token_count
@@ -75,7 +75,7 @@ def test_known_traffic_moves_counters_exactly(json_server: ServerProcess) -> Non
     )
 
 
-def _model_name(server: ServerProcess) -> str:
+def _model_name(server: Server) -> str:
     with server.channel() as channel:
         return str(server.stub(channel).GetModelInfo(chat_pb2.GetModelInfoRequest()).model_name)
 
@@ -94,7 +94,7 @@ def alert_exprs() -> list[str]:
     return [r["expr"] for g in groups for r in g["rules"]]
 
 
-def test_every_metric_on_the_dashboard_and_in_alerts_is_exported(json_server: ServerProcess) -> None:
+def test_every_metric_on_the_dashboard_and_in_alerts_is_exported(json_server: Server) -> None:
     with json_server.channel() as channel:  # traffic, so that labelled series exist
         json_server.stub(channel).Generate(chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(3)))
     exported = {name.split("{")[0] for name in json_server.scrape()}
@@ -179,7 +179,7 @@ def test_promtool_checks_and_unit_tests_pass() -> None:
     assert test.stdout.count("SUCCESS") == 1
 
 
-def test_request_id_is_returned_and_on_every_log_line(json_server: ServerProcess) -> None:
+def test_request_id_is_returned_and_on_every_log_line(json_server: Server) -> None:
     with json_server.channel() as channel:
         stub = json_server.stub(channel)
         _, call = stub.Generate.with_call(

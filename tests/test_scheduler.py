@@ -14,7 +14,8 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from tests.helpers import ServerProcess, greedy, health_stub, start_server, status_of, user
+from tests.helpers import greedy, health_stub, status_of, user
+from tests.servers import Server, ServerProcess, serving
 
 PROMPTS = [
     "こんにちは",
@@ -48,12 +49,12 @@ def delta(before: dict[str, float], after: dict[str, float], name: str) -> float
 
 @pytest.fixture(scope="module")
 def batching_server(model_f32: Path) -> Iterator[ServerProcess]:
-    server = start_server(model_f32, "--max-batch-size", "16", "--max-batch-wait-ms", "50")
-    yield server
-    server.stop()
+    """A child process, so its event loop's latency is measured apart from the test's own Python."""
+    with serving(model_f32, "--max-batch-size", "16", "--max-batch-wait-ms", "50", process=True) as server:
+        yield server
 
 
-def test_greedy_output_is_the_same_alone_and_batched(batching_server: ServerProcess) -> None:
+def test_greedy_output_is_the_same_alone_and_batched(batching_server: Server) -> None:
     async def scenario() -> tuple[list[str], list[str], dict[str, float], dict[str, float]]:
         async with grpc.aio.insecure_channel(batching_server.target) as channel:
             stub = chat_pb2_grpc.ChatServiceStub(channel)
@@ -69,7 +70,7 @@ def test_greedy_output_is_the_same_alone_and_batched(batching_server: ServerProc
     assert delta(before, after, "jachat_batch_size_count") < 4
 
 
-def test_different_sampling_options_in_flight_together_all_complete(batching_server: ServerProcess) -> None:
+def test_different_sampling_options_in_flight_together_all_complete(batching_server: Server) -> None:
     penalised = chat_pb2.SamplingParams(temperature=0, max_new_tokens=20, min_new_tokens=20, repetition_penalty=1.3)
     sampled = chat_pb2.SamplingParams(temperature=0.9, top_k=20, top_p=0.9, max_new_tokens=16, min_new_tokens=16)
 
@@ -96,7 +97,7 @@ def test_different_sampling_options_in_flight_together_all_complete(batching_ser
     asyncio.run(scenario())
 
 
-def test_cancelled_stream_stops_within_two_tokens_and_batch_mates_finish(batching_server: ServerProcess) -> None:
+def test_cancelled_stream_stops_within_two_tokens_and_batch_mates_finish(batching_server: Server) -> None:
     long = fixed(400)
 
     async def scenario() -> None:
@@ -128,15 +129,14 @@ def test_cancelled_stream_stops_within_two_tokens_and_batch_mates_finish(batchin
 
 
 @pytest.fixture
-def single_slot_server(model_f32: Path) -> Iterator[ServerProcess]:
+def single_slot_server(model_f32: Path) -> Iterator[Server]:
     """One replica, batches of one, one waiting request at most."""
-    server = start_server(model_f32, "--max-batch-size", "1", "--max-queued-requests", "1", "--replicas", "1")
-    yield server
-    server.stop()
+    with serving(model_f32, "--max-batch-size", "1", "--max-queued-requests", "1", "--replicas", "1") as server:
+        yield server
 
 
 def test_deadline_stops_a_running_call_and_an_expired_queued_call_never_starts(
-    single_slot_server: ServerProcess,
+    single_slot_server: Server,
 ) -> None:
     server = single_slot_server
 
@@ -165,7 +165,7 @@ def test_deadline_stops_a_running_call_and_an_expired_queued_call_never_starts(
     asyncio.run(scenario())
 
 
-def test_full_queue_is_resource_exhausted_at_once_with_retry_info(single_slot_server: ServerProcess) -> None:
+def test_full_queue_is_resource_exhausted_at_once_with_retry_info(single_slot_server: Server) -> None:
     server = single_slot_server
 
     async def scenario() -> None:
@@ -192,7 +192,7 @@ def test_full_queue_is_resource_exhausted_at_once_with_retry_info(single_slot_se
     asyncio.run(scenario())
 
 
-def test_health_answers_fast_while_sixteen_streams_generate(batching_server: ServerProcess) -> None:
+def test_health_answers_fast_while_sixteen_streams_generate(batching_server: Server) -> None:
     async def scenario() -> float:
         async with grpc.aio.insecure_channel(batching_server.target) as channel:
             stub = chat_pb2_grpc.ChatServiceStub(channel)

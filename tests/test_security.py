@@ -18,9 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from grpc_health.v1 import health_pb2
 
-from jachat.bench.launcher import ServerProcess
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from tests.helpers import greedy, health_stub, start_server, user
+from tests.helpers import greedy, health_stub, user
+from tests.servers import Server, serving, start
 
 REQUEST = chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(2))
 
@@ -84,7 +84,7 @@ def write_server_files(folder: Path, ca: Authority) -> tuple[Path, Path]:
     return folder / "tls.crt", folder / "tls.key"
 
 
-def secure_call(server: ServerProcess, ca: Authority, client: tuple[bytes, bytes] | None = None) -> int:
+def secure_call(server: Server, ca: Authority, client: tuple[bytes, bytes] | None = None) -> int:
     credentials = grpc.ssl_channel_credentials(ca.pem, *(reversed(client) if client else (None, None)))
     with grpc.secure_channel(f"localhost:{server.port}", credentials) as channel:
         return int(chat_pb2_grpc.ChatServiceStub(channel).Generate(REQUEST, timeout=10).usage.completion_tokens)
@@ -97,7 +97,7 @@ def ca() -> Authority:
 
 def test_tls_serves_encrypted_and_refuses_plaintext(model_f32: Path, tmp_path: Path, ca: Authority) -> None:
     cert, key = write_server_files(tmp_path, ca)
-    server = start_server(model_f32, "--tls-cert", str(cert), "--tls-key", str(key))
+    server = start(model_f32, "--tls-cert", str(cert), "--tls-key", str(key))
     try:
         assert secure_call(server, ca) == 2
         with server.channel() as plaintext, pytest.raises(grpc.RpcError) as info:
@@ -115,7 +115,7 @@ def test_mutual_tls_requires_a_client_certificate_and_reloads_on_change(
     cert, key = write_server_files(tmp_path, ca)
     client_ca = tmp_path / "clients.pem"
     client_ca.write_bytes(ca.pem)
-    server = start_server(model_f32, "--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(client_ca))
+    server = start(model_f32, "--tls-cert", str(cert), "--tls-key", str(key), "--tls-client-ca", str(client_ca))
     try:
         client = ca.issue("a client", server=False)
         assert secure_call(server, ca, client) == 2
@@ -132,21 +132,20 @@ def test_mutual_tls_requires_a_client_certificate_and_reloads_on_change(
         assert secure_call(server, rotated, rotated.issue("new client", server=False)) == 2
         with pytest.raises(grpc.RpcError):
             secure_call(server, ca, client)  # the old certificates no longer work
-        assert server.process.poll() is None  # no restart
+        assert server.alive()  # no restart
     finally:
         assert server.stop() == 0
 
 
 @pytest.fixture
-def token_server(model_f32: Path, tmp_path: Path) -> Iterator[tuple[ServerProcess, Path]]:
+def token_server(model_f32: Path, tmp_path: Path) -> Iterator[tuple[Server, Path]]:
     tokens = tmp_path / "tokens"
     tokens.write_text("# one token per line\nfirst-secret-token\nsecond-secret-token\n")
-    server = start_server(model_f32, "--auth-token-file", str(tokens))
-    yield server, tokens
-    server.stop()
+    with serving(model_f32, "--auth-token-file", str(tokens)) as server:
+        yield server, tokens
 
 
-def test_bearer_tokens_guard_every_call_but_health_and_reflection(token_server: tuple[ServerProcess, Path]) -> None:
+def test_bearer_tokens_guard_every_call_but_health_and_reflection(token_server: tuple[Server, Path]) -> None:
     server, tokens = token_server
     before = server.scrape()
     with server.channel() as channel:
@@ -179,14 +178,14 @@ def test_bearer_tokens_guard_every_call_but_health_and_reflection(token_server: 
     assert after_rejections["jachat_generated_tokens_total"] == before["jachat_generated_tokens_total"]
 
 
-def test_oversized_messages_are_refused(server: ServerProcess) -> None:
+def test_oversized_messages_are_refused(server: Server) -> None:
     with server.channel() as channel, pytest.raises(grpc.RpcError) as info:
         big = chat_pb2.GenerateRequest(turns=[user("あ" * 2_000_000)])  # about 6 MB of UTF-8
         chat_pb2_grpc.ChatServiceStub(channel).Generate(big, timeout=10)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
-def test_clients_that_ping_too_often_are_sent_away(server: ServerProcess) -> None:
+def test_clients_that_ping_too_often_are_sent_away(server: Server) -> None:
     states: list[grpc.ChannelConnectivity] = []
     options = [
         ("grpc.keepalive_time_ms", 100),

@@ -18,7 +18,8 @@ from prometheus_client import CollectorRegistry
 from jachat.service.server import Service
 from jachat.service.settings import Settings, env_names, load_settings
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from tests.helpers import ServerProcess, details, health_stub, user
+from tests.helpers import details, health_stub, user
+from tests.servers import Server, start
 
 
 def test_health_is_not_serving_until_the_model_is_loaded(model_f32: Path) -> None:
@@ -83,14 +84,14 @@ def test_serve_fails_with_one_clear_line_when_the_model_is_missing(tmp_path: Pat
 
 
 def test_sigterm_drains_and_exits_zero(model_f32: Path) -> None:
-    from tests.helpers import start_server
+    from tests.servers import start
 
-    server = start_server(model_f32, "--grace-seconds", "5")
+    server = start(model_f32, "--grace-seconds", "5", process=True)  # SIGTERM: a real process
     assert server.stop() == 0
     assert any("stopping" in line for line in server.log)
 
 
-def test_chat_client_streams_one_reply(server: ServerProcess) -> None:
+def test_chat_client_streams_one_reply(server: Server) -> None:
     result = subprocess.run(
         ["jachat-chat", "--target", server.target, "--temperature", "0", "--max-new-tokens", "8", "こんにちは"],
         capture_output=True,
@@ -112,7 +113,7 @@ def test_chat_client_streams_one_reply(server: ServerProcess) -> None:
     assert result.stdout == expected + "\n"
 
 
-def test_chat_client_interactive_keeps_the_history(server: ServerProcess) -> None:
+def test_chat_client_interactive_keeps_the_history(server: Server) -> None:
     result = subprocess.run(
         ["jachat-chat", "--target", server.target, "--temperature", "0", "--max-new-tokens", "4"],
         input="こんにちは\n元気ですか?\n/quit\n",
@@ -149,12 +150,10 @@ def test_max_connection_age_closes_connections_and_calls_in_flight_finish(model_
     import threading
     import time
 
-    from tests.helpers import greedy, start_server
+    from tests.helpers import greedy
 
     age = 0.25  # well below the call's length on any machine (1900 tokens took 0.9 s on a fast 2-core one)
-    server = start_server(
-        model_f32, "--max-connection-age-seconds", str(age), "--max-connection-age-grace-seconds", "30"
-    )
+    server = start(model_f32, "--max-connection-age-seconds", str(age), "--max-connection-age-grace-seconds", "30")
     try:
         states: list[grpc.ChannelConnectivity] = []
         with grpc.insecure_channel(server.target) as channel:
@@ -186,9 +185,9 @@ def test_sigterm_drain_finishes_short_calls_ends_long_ones_and_exits_zero(model_
     import threading
     import time
 
-    from tests.helpers import greedy, start_server
+    from tests.helpers import greedy
 
-    server = start_server(model_f32, "--grace-seconds", "0.5")
+    server = start(model_f32, "--grace-seconds", "0.5", process=True)  # SIGTERM: a real process
     outcomes: dict[str, object] = {}
     with grpc.insecure_channel(server.target) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)

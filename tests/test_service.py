@@ -18,17 +18,16 @@ from jachat.service.tokenizer import Tokenizer
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 from tests.conftest import SCRIPTED_REPLY
 from tests.helpers import (
-    ServerProcess,
     card_turns_pb,
     details,
     greedy,
     health_stub,
     hf_generate,
-    start_server,
     status_of,
     system,
     user,
 )
+from tests.servers import Server, serving, start
 
 
 def stream(
@@ -43,7 +42,7 @@ def generate(
     return stub.Generate(chat_pb2.GenerateRequest(turns=turns, sampling=sampling), timeout=60)
 
 
-def test_health_is_serving_after_load(server: ServerProcess) -> None:
+def test_health_is_serving_after_load(server: Server) -> None:
     with server.channel() as channel:
         health = health_stub(channel)
         for service in ("", "jachat.v1.ChatService"):
@@ -51,7 +50,7 @@ def test_health_is_serving_after_load(server: ServerProcess) -> None:
             assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
-def test_reflection_lists_the_chat_service(server: ServerProcess) -> None:
+def test_reflection_lists_the_chat_service(server: Server) -> None:
     with server.channel() as channel:
         stub: Any = reflection_pb2_grpc.ServerReflectionStub(channel)  # its type stubs leave the method untyped
         request = reflection_pb2.ServerReflectionRequest(list_services="")
@@ -179,7 +178,7 @@ def test_min_new_tokens_is_honoured(stub: chat_pb2_grpc.ChatServiceStub) -> None
 
 
 def test_metrics_count_requests_by_rpc_and_code_and_generated_tokens(
-    server: ServerProcess, stub: chat_pb2_grpc.ChatServiceStub
+    server: Server, stub: chat_pb2_grpc.ChatServiceStub
 ) -> None:
     before = server.scrape()
     for _ in range(3):
@@ -200,14 +199,13 @@ def test_metrics_count_requests_by_rpc_and_code_and_generated_tokens(
 
 
 @pytest.fixture(scope="module")
-def scripted_server(scripted_model: Path) -> Iterator[ServerProcess]:
-    process = start_server(scripted_model)
-    yield process
-    process.stop()
+def scripted_server(scripted_model: Path) -> Iterator[Server]:
+    with serving(scripted_model) as server:
+        yield server
 
 
 def test_scripted_reply_streams_whole_characters_and_ends_at_eos(
-    scripted_server: ServerProcess, scripted_checkpoint: Path
+    scripted_server: Server, scripted_checkpoint: Path
 ) -> None:
     """The scripted model writes あ as three byte pieces, a stray byte, <NL>, 猫, an emoji as four byte pieces, a
     stray continuation byte and </s>. Each message holds whole characters; the text is sentencepiece's decode
@@ -236,7 +234,7 @@ def test_nl_spelled_with_several_pieces_streams_as_one_newline(
     scripted_split_nl_checkpoint: Path, tmp_path: Path
 ) -> None:
     model = convert(ConvertOptions(str(scripted_split_nl_checkpoint), tmp_path / "split", "float32"))
-    server = start_server(model)
+    server = start(model)
     try:
         with server.channel() as channel:
             messages = stream(server.stub(channel), [user("猫")], greedy(32))
