@@ -34,7 +34,7 @@ def problems_in_log(server: ServerProcess) -> list[str]:
 
 
 def test_twenty_streams_cancelled_between_messages_are_released_and_sigterm_exits_at_once(model_f32: Path) -> None:
-    server = start(model_f32, "--grace-seconds", "20", process=True)  # SIGTERM: a real process
+    server = start(model_f32, "--grace-seconds", "60", process=True)  # SIGTERM: a real process
     try:
         with server.channel() as channel:
             stub = server.stub(channel)
@@ -48,7 +48,8 @@ def test_twenty_streams_cancelled_between_messages_are_released_and_sigterm_exit
         started = time.monotonic()
         assert server.stop(timeout=30) == 0
         took = time.monotonic() - started
-        assert took < 10, f"SIGTERM took {took:.1f} s: a stream was never released, so the drain waited its grace"
+        # idle, it exits at once (about 1 s with the model's release); a stream never released makes it wait the 60 s
+        assert took < 30, f"SIGTERM took {took:.1f} s: a stream was never released, so the drain waited its grace"
     finally:
         server.stop()
     assert not problems_in_log(server), problems_in_log(server)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +23,13 @@ PROMPTS = [
     "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。",
     "おすすめの本を教えてください。最近は小説よりもエッセイをよく読みます。何かありますか?",
 ]
+
+
+async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "the condition never held"
+        await asyncio.sleep(0.01)
 
 
 def fixed(tokens: int, **kwargs: Any) -> chat_pb2.SamplingParams:
@@ -172,14 +179,16 @@ def test_full_queue_is_resource_exhausted_at_once_with_retry_info(single_slot_se
         async with grpc.aio.insecure_channel(server.target) as channel:
             stub = chat_pb2_grpc.ChatServiceStub(channel)
             expected = [(await collect(stub, p, fixed(1500)))[0] for p in PROMPTS[:2]]
+            batches = server.scrape()["jachat_batch_size_count"]
             running = asyncio.ensure_future(collect(stub, PROMPTS[0], fixed(1500)))
-            await asyncio.sleep(0.1)
+            await until(lambda: server.scrape()["jachat_batch_size_count"] > batches)  # it holds the replica
             waiting = asyncio.ensure_future(collect(stub, PROMPTS[1], fixed(1500)))
-            await asyncio.sleep(0.1)
+            await until(lambda: server.scrape()["jachat_queue_size"] == 1)  # it fills the queue
             started = time.monotonic()
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.Generate(chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=fixed(5)))
             assert time.monotonic() - started < 0.5
+            assert not running.done() and not waiting.done()  # refused at once: not after a generation
             error = refused.value
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             status = status_of(error)
@@ -212,4 +221,4 @@ def test_health_answers_fast_while_sixteen_streams_generate(batching_server: Ser
             return slowest
 
     slowest = asyncio.run(scenario())
-    assert slowest < 0.1, f"health took {slowest * 1000:.0f} ms"
+    assert slowest < 0.1, f"health took {slowest * 1000:.0f} ms"  # held twice with a CPU-bound process beside it
