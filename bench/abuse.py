@@ -10,9 +10,10 @@ Meanwhile a prober checks health every 50 ms (1 s timeout, like a liveness probe
 greedy replies. Reported: health latency p50/p99/max, the normal stream's worst gap between two messages, and the
 server's event-loop lag (from its own histogram).
 
-Phase 2: the queue is filled with long generations (the server runs with a small --max-queued-requests), then the
-heavy generation requests are sent one at a time: each must be refused (RESOURCE_EXHAUSTED); reported is how long
-the refusal took, request transfer included.
+Phase 2: the queue is kept full with long generations (the server runs with a small --max-queued-requests, and
+refused fillers try again), then the heavy generation requests are sent one at a time, each once the server's own
+gauge shows the queue full: each must be refused (RESOURCE_EXHAUSTED); reported is how long the refusal took,
+request transfer included.
 """
 
 from __future__ import annotations
@@ -184,7 +185,6 @@ async def phase_one(target: str, duration: float, clients: int) -> dict[str, Any
 
 
 async def phase_two(server: ServerProcess, attempts: int) -> dict[str, Any]:
-    target = server.target
     heavy = heavy_requests()
     long = chat_pb2.GenerateRequest(
         turns=[chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text="やあ")],
@@ -192,25 +192,41 @@ async def phase_two(server: ServerProcess, attempts: int) -> dict[str, Any]:
     )
     refusals: dict[str, list[float]] = {}
     codes: dict[str, dict[str, int]] = {}
-    async with grpc.aio.insecure_channel(target) as channel:
+    done = asyncio.Event()
+
+    def queue_full() -> bool:
+        return server.scrape().get("jachat_queue_size", 0) >= QUEUE
+
+    async with grpc.aio.insecure_channel(server.target) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
-        # more than the replicas' batches and the queue hold (the surplus is refused at once)
-        fillers = [asyncio.ensure_future(_call(stub, "Generate", long, 120)) for _ in range(64)]
-        deadline = time.monotonic() + 30
-        while server.scrape().get("jachat_queue_size", 0) < QUEUE:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the queue did not fill")
-            await asyncio.sleep(0.05)
-        for name in ("generate_4mb", "generate_4mb_drop", "generate_256_turns_drop", "generate_budget_drop"):
-            method, request = heavy[name]
-            for _ in range(attempts):
-                started = time.perf_counter()
-                code = await _call(stub, method, request, timeout=30)
-                refusals.setdefault(name, []).append(1000 * (time.perf_counter() - started))
-                seen = codes.setdefault(name, {})
-                seen[code] = seen.get(code, 0) + 1
-        for filler in fillers:
-            filler.cancel()
+
+        async def filler() -> None:
+            """Keeps the queue full: a refused call tries again, a finished one starts the next."""
+            while not done.is_set():
+                if await _call(stub, "Generate", long, 120) != "OK":
+                    await asyncio.sleep(0.05)  # not a storm of refusals: that would be measured too
+
+        # a few more than two replicas' batches and the queue hold, so a freed place is taken again at once
+        fillers = [asyncio.ensure_future(filler()) for _ in range(QUEUE + 2 * BATCH + 4)]
+        try:
+            for name in ("generate_4mb", "generate_4mb_drop", "generate_256_turns_drop", "generate_budget_drop"):
+                method, request = heavy[name]
+                for _ in range(attempts):
+                    deadline = time.monotonic() + 30
+                    while not queue_full():  # measured only against a full queue
+                        if time.monotonic() > deadline:
+                            raise RuntimeError("the queue did not fill")
+                        await asyncio.sleep(0.02)
+                    started = time.perf_counter()
+                    code = await _call(stub, method, request, timeout=30)
+                    refusals.setdefault(name, []).append(1000 * (time.perf_counter() - started))
+                    seen = codes.setdefault(name, {})
+                    seen[code] = seen.get(code, 0) + 1
+        finally:
+            done.set()
+            for task in fillers:
+                task.cancel()
+            await asyncio.gather(*fillers, return_exceptions=True)
     everything = [ms for values in refusals.values() for ms in values]
     return {
         "refusal_codes": codes,
