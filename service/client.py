@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--repetition-penalty", type=float)
     parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     parser.add_argument("--timeout", type=float, default=300.0, help="deadline per reply, in seconds")
+    parser.add_argument(
+        "--logprobs", action="store_true", help="after the reply, print each token with its log-probability"
+    )
     return parser
 
 
@@ -39,16 +42,25 @@ def sampling_params(args: argparse.Namespace) -> chat_pb2.SamplingParams:
 
 
 def stream_reply(
-    stub: chat_pb2_grpc.ChatServiceStub, turns: Sequence[chat_pb2.Turn], params: chat_pb2.SamplingParams, timeout: float
+    stub: chat_pb2_grpc.ChatServiceStub,
+    turns: Sequence[chat_pb2.Turn],
+    params: chat_pb2.SamplingParams,
+    timeout: float,
+    logprobs: bool = False,
 ) -> str:
-    """Print the reply as it streams; returns it."""
+    """Print the reply as it streams (then, with logprobs, its tokens); returns it."""
     parts = []
-    request = chat_pb2.GenerateStreamRequest(turns=turns, sampling=params)
+    tokens: list[chat_pb2.Token] = []
+    response = chat_pb2.ResponseOptions(token_logprobs=logprobs)
+    request = chat_pb2.GenerateStreamRequest(turns=turns, sampling=params, response=response)
     for message in stub.GenerateStream(request, timeout=timeout):
+        tokens.extend(message.tokens)
         if message.text:
             parts.append(message.text)
             print(message.text, end="", flush=True)
     print()
+    for token in tokens if logprobs else ():
+        print(f"{token.id:>6}  {token.logprob:9.4f}  {token.piece}")
     return "".join(parts)
 
 
@@ -59,15 +71,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         try:
             if args.text is not None:
-                stream_reply(stub, [chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text=args.text)], params, args.timeout)
+                turn = chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text=args.text)
+                stream_reply(stub, [turn], params, args.timeout, args.logprobs)
                 return 0
-            return interactive(stub, params, args.timeout)
+            return interactive(stub, params, args.timeout, args.logprobs)
         except grpc.RpcError as exc:
             print(f"jachat-chat: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
 
 
-def interactive(stub: chat_pb2_grpc.ChatServiceStub, params: chat_pb2.SamplingParams, timeout: float) -> int:
+def interactive(
+    stub: chat_pb2_grpc.ChatServiceStub, params: chat_pb2.SamplingParams, timeout: float, logprobs: bool = False
+) -> int:
     turns: list[chat_pb2.Turn] = []
     print("jachat: type a message (/reset clears the conversation, /quit or Ctrl-D leaves)")
     while True:
@@ -86,7 +101,7 @@ def interactive(stub: chat_pb2_grpc.ChatServiceStub, params: chat_pb2.SamplingPa
         turns.append(chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text=line))
         print("システム> ", end="", flush=True)
         try:
-            reply = stream_reply(stub, turns, params, timeout)
+            reply = stream_reply(stub, turns, params, timeout, logprobs)
         except grpc.RpcError as exc:
             turns.pop()
             print(f"\n[{exc.code().name}: {exc.details()}]", file=sys.stderr)

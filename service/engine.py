@@ -26,7 +26,7 @@ from jachat.service.options import EngineOptions
 from jachat.service.preparation import ChatRequest, PreparedRequest, Preparer, Prompt
 from jachat.service.prompt import TURN_MARKERS, Turn
 from jachat.service.reply import ReplyAssembler
-from jachat.service.results import Completion, FinishReason, ModelInfo
+from jachat.service.results import Completion, Delta, FinishReason, ModelInfo
 from jachat.service.sampling import SamplingOptions
 from jachat.service.scheduler import Scheduler, SchedulerObserver
 from jachat.service.sequence import Generation
@@ -185,8 +185,10 @@ class Engine:
         options: SamplingOptions,
         max_new_tokens: int | None = None,
         timeout: float | None = None,
-    ) -> AsyncGenerator[str | Completion, None]:
-        """Text deltas of the reply, then one Completion. Closing the iterator early stops the sequence.
+        include_stop: bool = False,
+    ) -> AsyncGenerator[Delta | Completion, None]:
+        """Deltas of the reply (text and tokens), then one Completion. Closing the iterator early stops the sequence.
+        With include_stop, the text ends with the caller's stop string that ended it.
 
         Raises Overloaded when the queue is full, DeadlineExceeded when `timeout` seconds pass first."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -198,7 +200,7 @@ class Engine:
             deadline,
             self.tokenizer.eos_id,
             self.tokenizer.decoder(),
-            ReplyAssembler(options.stop, TURN_MARKERS),
+            ReplyAssembler(options.stop, TURN_MARKERS, include_stop),
             asyncio.get_running_loop(),
         )
         self.scheduler.submit(gen)
@@ -215,6 +217,10 @@ class Engine:
                 prompt_tokens=len(prompt_ids),
                 completion_tokens=gen.steps,
                 token_ids=tuple(gen.token_ids),
+                stop_sequence=gen.reply.matched,
+                started_at=gen.started_at,
+                first_token_at=gen.first_token_at,
+                finished_at=gen.finished_at,
             )
         finally:
             if gen.finish_reason is None:

@@ -8,12 +8,13 @@ from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
 import grpc
+from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
 
 from jachat.service.errors import FieldViolation, InvalidRequest
 from jachat.service.preparation import MAX_TURNS
 from jachat.service.prompt import Speaker, Turn
-from jachat.service.results import Completion, FinishReason
+from jachat.service.results import Completion, FinishReason, GeneratedToken
 from jachat.service.sampling import SamplingOptions
 from jachat.v1 import chat_pb2
 
@@ -100,6 +101,29 @@ def sampling_from_pb(
 def sampling_to_pb(options: SamplingOptions) -> chat_pb2.SamplingParams:
     fields = {name: getattr(options, name) for name in _OPTIONAL_SAMPLING_FIELDS}
     return chat_pb2.SamplingParams(**fields, stop=list(options.stop))
+
+
+def tokens_to_pb(tokens: Sequence[GeneratedToken], pieces: Sequence[str], logprobs: bool) -> list[chat_pb2.Token]:
+    """Tokens as the API returns them; logprob stays 0 unless the caller asked for it."""
+    return [chat_pb2.Token(id=t.id, piece=pieces[t.id], logprob=t.logprob if logprobs else 0.0) for t in tokens]
+
+
+def _duration(seconds: float) -> duration_pb2.Duration:
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(max(0, int(seconds * 1e9)))
+    return duration
+
+
+def timing_to_pb(received: float, completion: Completion) -> chat_pb2.Timing:
+    """The call's timings from its receipt (time.monotonic()); a step never reached counts as the end."""
+    end = completion.finished_at or received
+    started = completion.started_at or end
+    first = completion.first_token_at or end
+    return chat_pb2.Timing(
+        queued=_duration(started - received),
+        time_to_first_token=_duration(max(first, started) - received),
+        total=_duration(max(end, first, started) - received),
+    )
 
 
 def usage_to_pb(completion: Completion, dropped_turns: int = 0) -> chat_pb2.Usage:

@@ -27,10 +27,12 @@ class ReplyAssembler:
     """`stop`: the caller's stop strings. `turn_markers`: text with which the model starts another speaker's turn
     (prompt.TURN_MARKERS); a match ends the reply just like a stop string, but counts as the end of the turn."""
 
-    def __init__(self, stop: Sequence[str] = (), turn_markers: Sequence[str] = ()) -> None:
+    def __init__(self, stop: Sequence[str] = (), turn_markers: Sequence[str] = (), include_stop: bool = False) -> None:
         self.caller_stops = tuple(s for s in stop if s)
         self.stop = self.caller_stops + tuple(turn_markers)
         self.ended_turn = False
+        self.include_stop = include_stop  # end the text with the caller's matched stop string
+        self.matched = ""  # the caller's stop string that ended the reply
         self._raw = ""  # decoded model text not yet converted (may end in part of "<NL>")
         self._text = ""  # converted text not yet emitted (may end in part of a stop string)
         self.stopped = False
@@ -53,7 +55,8 @@ class ReplyAssembler:
             first, stop = min(matches, key=lambda m: (m[0], m[1] not in self.caller_stops))
             self.stopped = True
             self.ended_turn = stop not in self.caller_stops
-            out, self._text, self._raw = self._text[:first], "", ""
+            self.matched = "" if self.ended_turn else stop
+            out, self._text, self._raw = self._text[:first] + (self.matched if self.include_stop else ""), "", ""
             return out
         keep = _held_suffix(self._text, self.stop)
         cut = len(self._text) - keep

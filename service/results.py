@@ -1,7 +1,7 @@
 """The engine's result vocabulary: what front ends and metrics read about a generation. Plain data, no logic.
 
-Text deltas are plain `str`; a stream of them ends with one `Completion`. `FinishedGeneration` is the frozen record
-the metrics receive when a generation ends (never the live, thread-shared state itself).
+A generation streams `Delta`s (text and the tokens behind it) and ends with one `Completion`. `FinishedGeneration`
+is the frozen record the metrics receive when a generation ends (never the live, thread-shared state itself).
 """
 
 from __future__ import annotations
@@ -24,11 +24,31 @@ class FinishReason(enum.Enum):
 
 
 @dataclass(frozen=True)
+class GeneratedToken:
+    id: int
+    logprob: float  # log-softmax after the repetition penalty, before temperature, top-k and top-p
+
+
+@dataclass(frozen=True)
+class Delta:
+    """Text that became final, and the tokens generated since the previous delta (text may be empty: a token can
+    be half a character, or held back as the start of a stop string)."""
+
+    text: str
+    tokens: tuple[GeneratedToken, ...]
+
+
+@dataclass(frozen=True)
 class Completion:
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int  # tokens generated, including a final </s>
     token_ids: tuple[int, ...]  # generated ids, without a final </s>
+    stop_sequence: str = ""  # the caller's stop string that ended the reply
+    # time.monotonic() of the batch's start, the first token and the end (None: never reached)
+    started_at: float | None = None
+    first_token_at: float | None = None
+    finished_at: float | None = None
 
 
 @dataclass(frozen=True)

@@ -176,6 +176,8 @@ class Scheduler:
         started = time.monotonic()
         with self._running_lock:
             self.running.update(batch)
+        for gen in batch:
+            gen.started_at = started
         try:
             self.generator.generate_batch(
                 [[self.pieces[i] for i in gen.prompt_ids] for gen in batch],
@@ -183,6 +185,7 @@ class Scheduler:
                 include_prompt_in_result=False,
                 end_token=[self.eos_id],
                 callback=lambda step: batch[step.batch_id].on_step(step),
+                return_scores=True,  # each step's log-probability (Token.logprob); one log-softmax per token
                 **batch[0].options.ctranslate2_kwargs(),
             )
         except Exception:  # reported to every caller in the batch, never raised in the worker thread

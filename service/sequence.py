@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from jachat.service.reply import ReplyAssembler
-from jachat.service.results import DEADLINE_SLACK, FinishedGeneration, FinishReason
+from jachat.service.results import DEADLINE_SLACK, Delta, FinishedGeneration, FinishReason, GeneratedToken
 from jachat.service.sampling import SamplingOptions
 from jachat.service.tokenizer import StreamDecoder
 
@@ -54,7 +54,11 @@ class Generation:
         self.decoder = decoder
         self.reply = reply
         self.loop = loop
-        self.queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+        self.queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
+        self.pending_tokens: list[GeneratedToken] = []  # generated since the last delta
+        self.started_at: float | None = None  # the batch's start (set by the scheduler)
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
         self.cancelled = threading.Event()
         self.token_ids: list[int] = []
         self.steps = 0
@@ -65,7 +69,7 @@ class Generation:
         self.last_token_at = 0.0
         self._lock = threading.Lock()
 
-    def send(self, item: str | BaseException | None) -> None:
+    def send(self, item: Delta | BaseException | None) -> None:
         self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
 
     def expired(self, now: float) -> bool:
@@ -88,24 +92,32 @@ class Generation:
             return True
         self.steps += 1
         now = time.monotonic()
+        if self.steps == 1:
+            self.first_token_at = now
         if self.observer is not None:
             if self.steps == 1:
                 self.observer.first_token(now - self.arrived)
             else:
                 self.observer.token_interval(now - self.last_token_at)
         self.last_token_at = now
+        self.pending_tokens.append(GeneratedToken(step.token_id, float(step.log_prob or 0.0)))
         if step.token_id == self.eos_id:
             self.finish(FinishReason.END_OF_TURN)
             return True
         self.token_ids.append(step.token_id)
         text = self.reply.push(self.decoder.feed(step.token_id))
         if text:
-            self.send(text)
+            self._deliver(text)
         if self.reply.stopped:
             self.finish(FinishReason.END_OF_TURN if self.reply.ended_turn else FinishReason.STOP)
         elif self.steps >= self.max_new_tokens or step.is_last:
             self.finish(FinishReason.LENGTH)
         return self.finish_reason is not None
+
+    def _deliver(self, text: str) -> None:
+        """Hand the caller's loop the text that became final and the tokens generated since the last delta."""
+        tokens, self.pending_tokens = tuple(self.pending_tokens), []
+        self.send(Delta(text, tokens))
 
     def record(self) -> FinishedGeneration:
         """The frozen record of how this generation ended (for metrics)."""
@@ -119,12 +131,15 @@ class Generation:
             if self.finish_reason is not None:
                 return
             self.finish_reason = reason
+        self.finished_at = time.monotonic()
         if reason in (FinishReason.END_OF_TURN, FinishReason.LENGTH):
             text = self.reply.push(self.decoder.flush()) + self.reply.finish()
             if self.reply.stopped:
                 self.finish_reason = FinishReason.END_OF_TURN if self.reply.ended_turn else FinishReason.STOP
-            if text:
-                self.send(text)
+            if text or self.pending_tokens:
+                self._deliver(text)
+        elif self.pending_tokens:
+            self._deliver("")  # the tokens generated before a cancellation or deadline, for the record
         if self.on_finish is not None:  # before the caller hears of the end, so metrics are never behind
             self.on_finish(self)
         if error is not None:

@@ -32,10 +32,12 @@ from jachat.service.protocol import (
     check_parsed,
     sampling_from_pb,
     sampling_to_pb,
+    timing_to_pb,
+    tokens_to_pb,
     turns_from_pb,
     usage_to_pb,
 )
-from jachat.service.results import DEADLINE_SLACK, Completion
+from jachat.service.results import DEADLINE_SLACK, Completion, Delta, GeneratedToken
 from jachat.v1 import chat_pb2
 
 log = logging.getLogger("jachat.servicer")
@@ -139,12 +141,18 @@ class ChatServicer:
         chat = ChatRequest(turns, options, explicit_max, request.drop_oldest_turns)
         return await engine.prepare(chat)
 
-    async def _generate(self, request: PreparedRequest, context: Context) -> AsyncGenerator[str | Completion, None]:
+    async def _generate(
+        self, request: PreparedRequest, context: Context, include_stop: bool
+    ) -> AsyncGenerator[Delta | Completion, None]:
         engine = self._engine()
         self.metrics.running.inc()
         try:
             stream = engine.stream(
-                request.prompt.ids, request.options, request.max_new_tokens, timeout=context.time_remaining()
+                request.prompt.ids,
+                request.options,
+                request.max_new_tokens,
+                timeout=context.time_remaining(),
+                include_stop=include_stop,
             )
             try:
                 async for item in stream:
@@ -155,39 +163,62 @@ class ChatServicer:
             self.metrics.running.dec()
 
     async def Generate(self, request: chat_pb2.GenerateRequest, context: Context) -> chat_pb2.GenerateResponse:
+        received = time.monotonic()
         async with self._rpc("Generate", context):
             prepared = await self._prepare(request)
+            options = request.response
             parts: list[str] = []
+            tokens: list[GeneratedToken] = []
             completion: Completion | None = None
-            async for item in self._generate(prepared, context):  # to its end, so its cleanup runs before we reply
+            # to its end, so its cleanup runs before we reply
+            async for item in self._generate(prepared, context, options.include_stop_sequence):
                 if isinstance(item, Completion):
                     completion = item
                 else:
-                    parts.append(item)
+                    parts.append(item.text)
+                    tokens.extend(item.tokens)
             if completion is not None:
                 return chat_pb2.GenerateResponse(
                     text="".join(parts),
                     finish_reason=FINISH_REASONS[completion.finish_reason],
                     usage=usage_to_pb(completion, prepared.prompt.dropped_turns),
+                    tokens=tokens_to_pb(tokens, self._pieces(), options.token_logprobs),
+                    stop_sequence=completion.stop_sequence,
+                    timing=timing_to_pb(received, completion),
                 )
         raise AssertionError("engine stream ended without a Completion")  # pragma: no cover
 
     async def GenerateStream(self, request: chat_pb2.GenerateStreamRequest, context: Context) -> None:
+        received = time.monotonic()
         async with self._rpc("GenerateStream", context):
             prepared = await self._prepare(request)
-            messages = self._generate(prepared, context)
+            options = request.response
+            messages = self._generate(prepared, context, options.include_stop_sequence)
+            held: list[GeneratedToken] = []  # tokens with no text yet ride on the next message, not one of their own
             try:
                 async for item in messages:
+                    if isinstance(item, Delta) and not item.text:
+                        held.extend(item.tokens)
+                        continue
+                    own = item.tokens if isinstance(item, Delta) else ()
+                    tokens = tokens_to_pb([*held, *own], self._pieces(), options.token_logprobs)
+                    held = []
                     if isinstance(item, Completion):
                         message = chat_pb2.GenerateStreamResponse(
+                            tokens=tokens,
                             finish_reason=FINISH_REASONS[item.finish_reason],
                             usage=usage_to_pb(item, prepared.prompt.dropped_turns),
+                            stop_sequence=item.stop_sequence,
+                            timing=timing_to_pb(received, item),
                         )
                     else:
-                        message = chat_pb2.GenerateStreamResponse(text=item)
+                        message = chat_pb2.GenerateStreamResponse(text=item.text, tokens=tokens)
                     await self._write(context, message)
             finally:
                 await messages.aclose()
+
+    def _pieces(self) -> list[str]:
+        return self._engine().tokenizer.pieces
 
     async def _write(self, context: Context, message: chat_pb2.GenerateStreamResponse) -> None:
         """Send one stream message; a client that reads nothing for stream_write_timeout seconds (its flow-control

@@ -123,6 +123,11 @@ def hf_generate(
 _HF_MODELS: dict[Path, object] = {}
 
 
+def hf_model(checkpoint: Path) -> Any:
+    """The Hugging Face model of a checkpoint (float32, CPU, eval), loaded once."""
+    return _hf_model(checkpoint)
+
+
 def _hf_model(checkpoint: Path) -> object:
     import torch
     import transformers

@@ -115,6 +115,18 @@ def test_api_is_clean_under_buf_standard_lint() -> None:
     assert "STANDARD" in config
 
 
+@pytest.mark.skipif(not BUF and not os.environ.get("CI"), reason="buf not installed (pip install 'jachat[test]')")
+def test_api_changes_break_no_client_of_the_released_api() -> None:
+    """buf breaking (FILE rules) against the API as released in 0.1.0 (its buf image, kept in tests/data): fields
+    and values are added, never renamed, renumbered or removed."""
+    assert BUF
+    released = REPO / "tests" / "data" / "jachat-v1-api-0.1.0.binpb"
+    result = subprocess.run(
+        [BUF, "breaking", "--against", str(released)], cwd=REPO / "protos", capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_readme_grpcurl_bodies_are_valid_requests() -> None:
     """grpcurl is not installable here; its -d bodies are checked against the real messages (protobuf JSON)."""
     import re

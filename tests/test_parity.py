@@ -32,7 +32,7 @@ def run(engine: Engine, prompt_ids: list[int], options: SamplingOptions) -> tupl
         async for item in engine.stream(prompt_ids, options):
             if isinstance(item, Completion):
                 return "".join(parts), item
-            parts.append(item)
+            parts.append(item.text)
         raise AssertionError("no completion")
 
     return asyncio.run(collect())
@@ -134,3 +134,32 @@ def test_engine_ends_at_eos_and_strips_it(scripted_model: Path, scripted_checkpo
         assert "</s>" not in text and text == engine.tokenizer.decode(expected[:-1]).replace("<NL>", "\n")
     finally:
         engine.close()
+
+
+def test_token_logprobs_equal_hugging_face_log_softmax(engine_f32: Engine, demo_checkpoint: Path) -> None:
+    """Greedy, repetition penalty 1.0, float32: each generated token's logprob is Hugging Face's log_softmax of the
+    logits at that step (teacher-forced over the same ids), within 1e-3."""
+    import torch
+
+    from jachat.service.results import Delta, GeneratedToken
+    from tests.helpers import hf_model
+
+    async def tokens(prompt_ids: list[int]) -> list[GeneratedToken]:
+        found: list[GeneratedToken] = []
+        async for item in engine_f32.stream(prompt_ids, GREEDY):
+            if isinstance(item, Delta):
+                found.extend(item.tokens)
+        return found
+
+    model = hf_model(demo_checkpoint)
+    for turns in PROMPTS[:3]:
+        prompt_ids = engine_f32.prompt_ids(render_prompt(turns))
+        generated = asyncio.run(tokens(prompt_ids))
+        assert len(generated) > 5
+        ids = prompt_ids + [t.id for t in generated]
+        with torch.no_grad():
+            logits = model(torch.tensor([ids])).logits[0]
+        expected = torch.log_softmax(logits.float(), dim=-1)
+        for step, token in enumerate(generated):
+            reference = float(expected[len(prompt_ids) - 1 + step, token.id])
+            assert abs(token.logprob - reference) < 1e-3, (step, token, reference)

@@ -113,6 +113,22 @@ def test_chat_client_streams_one_reply(server: Server) -> None:
     assert result.stdout == expected + "\n"
 
 
+def test_chat_client_prints_each_token_with_its_logprob(server: Server) -> None:
+    command = ["jachat-chat", "--target", server.target, "--temperature", "0", "--max-new-tokens", "5", "--logprobs"]
+    result = subprocess.run([*command, "こんにちは"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    with server.channel() as channel:
+        request = chat_pb2.GenerateRequest(
+            turns=[user("こんにちは")],
+            sampling=chat_pb2.SamplingParams(temperature=0, max_new_tokens=5),
+            response=chat_pb2.ResponseOptions(token_logprobs=True),
+        )
+        reply = server.stub(channel).Generate(request, timeout=30)
+    rows = [line.split(maxsplit=2) for line in result.stdout.splitlines()[1:]]
+    assert [(int(i), float(lp)) for i, lp, *_ in rows] == [(t.id, round(t.logprob, 4)) for t in reply.tokens]
+    assert result.stdout.splitlines()[0] == reply.text
+
+
 def test_chat_client_interactive_keeps_the_history(server: Server) -> None:
     result = subprocess.run(
         ["jachat-chat", "--target", server.target, "--temperature", "0", "--max-new-tokens", "4"],
@@ -194,11 +210,11 @@ def test_sigterm_drain_finishes_short_calls_ends_long_ones_and_exits_zero(model_
         health = health_stub(channel)
 
         def stream(name: str, tokens: int) -> None:
-            request = chat_pb2.GenerateStreamRequest(
-                turns=[user("やあ")], sampling=greedy(tokens, min_new_tokens=tokens)
-            )
+            # unary: a streaming client would spend this process's time on thousands of messages, and the checks
+            # below have only the 0.5 s grace to run in
+            request = chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(tokens, min_new_tokens=tokens))
             try:
-                outcomes[name] = list(stub.GenerateStream(request, timeout=30))[-1].usage.completion_tokens
+                outcomes[name] = stub.Generate(request, timeout=30).usage.completion_tokens
             except grpc.RpcError as exc:
                 outcomes[name] = exc.code()
 

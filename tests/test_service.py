@@ -312,3 +312,59 @@ def test_dropping_the_oldest_turns_makes_a_long_conversation_fit(stub: chat_pb2_
     )
     assert streamed[-1].usage.dropped_turns == dropped
     assert "".join(m.text for m in streamed) == reply.text
+
+
+def test_tokens_logprobs_stop_sequence_and_timing(scripted_server: Server) -> None:
+    """Every generated token comes back (the final </s> too), in Generate and spread over the stream; logprobs only
+    when asked; the stop string that ended the reply, left out of the text or included on request, also when it
+    straddles <NL> (the scripted reply writes <NL> as its own piece, then 猫); timings ordered."""
+    with scripted_server.channel() as channel:
+        stub = scripted_server.stub(channel)
+        plain = generate(stub, [user("猫")], greedy(32))
+        pieces = [t.piece for t in plain.tokens]
+        assert len(plain.tokens) == plain.usage.completion_tokens == 12 and pieces[-1] == "</s>"
+        assert pieces[:5] == ["<0xE3>", "<0x81>", "<0x82>", "<0xFF>", "<NL>"]
+        assert all(t.logprob == 0.0 for t in plain.tokens) and plain.stop_sequence == ""
+        asked = chat_pb2.ResponseOptions(token_logprobs=True)
+        scored = stub.Generate(
+            chat_pb2.GenerateRequest(turns=[user("猫")], sampling=greedy(32), response=asked), timeout=60
+        )
+        assert [t.id for t in scored.tokens] == [t.id for t in plain.tokens]
+        assert all(-30.0 < t.logprob <= 0.0 for t in scored.tokens)  # near 0: the scripted model is sure
+        streamed = list(
+            stub.GenerateStream(
+                chat_pb2.GenerateStreamRequest(turns=[user("猫")], sampling=greedy(32), response=asked), timeout=60
+            )
+        )
+        assert [t for m in streamed for t in m.tokens] == list(scored.tokens)
+        assert streamed[-1].tokens[-1].piece == "</s>"  # the last message carries the end of the turn
+
+        for include, text in ((False, "あ\ufffd"), (True, "あ\ufffd\n猫")):
+            options = chat_pb2.ResponseOptions(include_stop_sequence=include)
+            sampling = greedy(32, stop=["\n猫"])
+            reply = stub.Generate(
+                chat_pb2.GenerateRequest(turns=[user("猫")], sampling=sampling, response=options), timeout=60
+            )
+            assert (reply.text, reply.stop_sequence) == (text, "\n猫")
+            assert reply.finish_reason == chat_pb2.FINISH_REASON_STOP
+            messages = list(
+                stub.GenerateStream(
+                    chat_pb2.GenerateStreamRequest(turns=[user("猫")], sampling=sampling, response=options), timeout=60
+                )
+            )
+            assert "".join(m.text for m in messages) == text and messages[-1].stop_sequence == "\n猫"
+
+    for timing in (plain.timing, scored.timing, streamed[-1].timing):
+        queued, first, total = (d.ToNanoseconds() for d in (timing.queued, timing.time_to_first_token, timing.total))
+        assert 0 <= queued <= first <= total and total > 0
+    assert not any(m.HasField("timing") for m in streamed[:-1])
+
+
+def test_logprobs_are_returned_only_when_asked(stub: chat_pb2_grpc.ChatServiceStub) -> None:
+    request = chat_pb2.GenerateRequest(turns=card_turns_pb(), sampling=greedy(12))
+    plain = stub.Generate(request, timeout=60)
+    request.response.token_logprobs = True
+    scored = stub.Generate(request, timeout=60)
+    assert [t.id for t in scored.tokens] == [t.id for t in plain.tokens] and len(plain.tokens) == 12
+    assert all(t.logprob == 0.0 for t in plain.tokens)
+    assert all(t.logprob < 0.0 for t in scored.tokens)  # a random-weight model is never sure

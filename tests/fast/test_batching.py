@@ -56,7 +56,9 @@ class FakeGenerator:
                 if self.on_step is not None:
                     self.on_step(b, step)
                 if callback(
-                    SimpleNamespace(batch_id=b, step=step, token_id=self.token, is_last=step == max_length - 1)
+                    SimpleNamespace(
+                        batch_id=b, step=step, token_id=self.token, log_prob=-0.5, is_last=step == max_length - 1
+                    )
                 ):
                     done.add(b)
             if len(done) == len(prompts):

@@ -98,7 +98,7 @@ def test_a_stop_string_completed_at_the_final_flush_is_a_stop(tokenizer: Tokeniz
     from types import SimpleNamespace
 
     from jachat.service.prompt import TURN_MARKERS
-    from jachat.service.results import FinishReason
+    from jachat.service.results import Delta, FinishReason
     from jachat.service.sampling import SamplingOptions
     from jachat.service.sequence import Generation
 
@@ -110,11 +110,12 @@ def test_a_stop_string_completed_at_the_final_flush_is_a_stop(tokenizer: Tokeniz
         loop = asyncio.get_running_loop()
         gen = Generation([5], options, 8, None, tokenizer.eos_id, tokenizer.decoder(), reply, loop)
         for token in [*tokenizer.encode("猫"), lead, tokenizer.eos_id]:
-            if gen.on_step(SimpleNamespace(token_id=token, is_last=False)):
+            if gen.on_step(SimpleNamespace(token_id=token, log_prob=-1.0, is_last=False)):
                 break
         texts = []
         while (item := await gen.queue.get()) is not None:
-            texts.append(str(item))
+            assert isinstance(item, Delta)
+            texts.append(item.text)
         return gen.finish_reason, "".join(texts)
 
     reason, text = asyncio.run(run())
