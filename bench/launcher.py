@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,17 +19,28 @@ from grpc_health.v1 import health_pb2_grpc
 from jachat.v1 import chat_pb2_grpc
 
 
+def scrape_metrics(port: int) -> dict[str, float]:
+    """The jachat_ samples of a loopback server's /metrics, by name with labels."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line.startswith("jachat_") and " " in line:
+            name, value = line.rsplit(" ", 1)
+            samples[name] = float(value)
+    return samples
+
+
 def health_stub(channel: grpc.Channel | grpc.aio.Channel) -> Any:
     """grpc.health.v1's stub. Typed Any: types-grpcio-health-checking declares HealthStub without its methods."""
     return health_pb2_grpc.HealthStub(channel)
 
 
-@dataclass
-class ServerProcess:
-    process: subprocess.Popen[str]
+class LoopbackServer:
+    """A jachat on loopback as its clients see it: where to call, a channel, a stub, its metrics."""
+
     port: int
     metrics_port: int
-    log: list[str] = field(default_factory=list)
 
     @property
     def target(self) -> str:
@@ -41,17 +53,17 @@ class ServerProcess:
         return chat_pb2_grpc.ChatServiceStub(channel)
 
     def scrape(self) -> dict[str, float]:
-        """The jachat_ samples of /metrics, by name with labels."""
-        import urllib.request
+        return scrape_metrics(self.metrics_port)
 
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        samples = {}
-        for line in text.splitlines():
-            if line.startswith("jachat_") and " " in line:
-                name, value = line.rsplit(" ", 1)
-                samples[name] = float(value)
-        return samples
+
+@dataclass
+class ServerProcess(LoopbackServer):
+    """jachat-serve as a child process."""
+
+    process: subprocess.Popen[str]
+    port: int
+    metrics_port: int
+    log: list[str] = field(default_factory=list)
 
     def alive(self) -> bool:
         return self.process.poll() is None

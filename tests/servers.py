@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import urllib.request
 from collections.abc import Coroutine, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -17,7 +16,7 @@ from typing import Any, Literal, Protocol, TypeVar, overload
 import grpc
 from prometheus_client import CollectorRegistry
 
-from jachat.bench.launcher import ServerProcess, spawn
+from jachat.bench.launcher import LoopbackServer, ServerProcess, spawn
 from jachat.service.logs import RequestIdFilter, TextFormatter
 from jachat.service.server import Service
 from jachat.service.settings import load_settings
@@ -57,7 +56,7 @@ class _Lines(logging.Handler):
         self.lines.append(self.format(record) + "\n")
 
 
-class InProcessServer:
+class InProcessServer(LoopbackServer):
     """jachat's Service on an event loop of its own, on a thread of this process."""
 
     def __init__(self, model: Path, *flags: str) -> None:
@@ -77,6 +76,8 @@ class InProcessServer:
         except BaseException:
             self._close()
             raise
+        assert self.service.metrics_port is not None
+        self.port, self.metrics_port = self.service.port, self.service.metrics_port
 
     async def _start(self, settings: Any) -> Service:
         service = await Service.start(settings, CollectorRegistry())
@@ -85,35 +86,6 @@ class InProcessServer:
 
     def _run(self, work: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
         return asyncio.run_coroutine_threadsafe(work, self._loop).result(timeout)
-
-    @property
-    def port(self) -> int:
-        return self.service.port
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    @property
-    def metrics_port(self) -> int:
-        assert self.service.metrics_port is not None
-        return self.service.metrics_port
-
-    def channel(self) -> grpc.Channel:
-        return grpc.insecure_channel(self.target)
-
-    def stub(self, channel: grpc.Channel) -> chat_pb2_grpc.ChatServiceStub:
-        return chat_pb2_grpc.ChatServiceStub(channel)
-
-    def scrape(self) -> dict[str, float]:
-        with urllib.request.urlopen(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5) as response:
-            text = response.read().decode()
-        samples = {}
-        for line in text.splitlines():
-            if line.startswith("jachat_") and " " in line:
-                name, value = line.rsplit(" ", 1)
-                samples[name] = float(value)
-        return samples
 
     def alive(self) -> bool:
         return not self._stopped and self._thread.is_alive()
