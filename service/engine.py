@@ -1,6 +1,8 @@
 """The engine: a CTranslate2 Generator with rinna's tokenizer, streaming replies into asyncio.
 
-It speaks dataclasses only (no protobuf). `Engine.stream()` yields text deltas and ends with a `Completion`.
+It speaks dataclasses only (no protobuf), and it is the only door to the scheduler: front ends call
+`check_capacity`, `prepare` (or `tokenize`), then `stream()`, which yields `Delta`s (text and tokens) and ends with a
+`Completion`; the drain calls `abandon`.
 Requests go through the batching scheduler (scheduler.py), whose generation threads run `generate_batch`; the
 per-token callback decodes each token, assembles the reply (<NL>, stop strings) and hands the delta to the
 caller's event loop, which is never blocked by generation.
@@ -137,8 +139,8 @@ class Engine:
             vocab_size=self.manifest.shape.vocab_size,
             context_length=self.manifest.shape.context_length,
         )
-        tokenizer = self.tokenizer
-        self.scheduler = Scheduler(self.generator, tokenizer.pieces, tokenizer.eos_id, scheduler_options, observer)
+        pieces, eos_id = self.tokenizer.pieces, self.tokenizer.eos_id
+        self.scheduler = Scheduler(self.generator, pieces, eos_id, scheduler_options, observer)
         self.preparer = Preparer(self.tokenizer, self.info.context_length)
         log.info(
             "loaded %s (%s) on %s as %s, %d replicas x %d threads",
@@ -155,9 +157,6 @@ class Engine:
         self.scheduler.close()
         self.generator.unload_model()
         del self.generator
-
-    def prompt_ids(self, prompt: str) -> list[int]:
-        return self.tokenizer.encode(prompt)
 
     def check_capacity(self) -> None:
         """Raise Overloaded at once when the queue is full: before a request costs any preparation."""

@@ -54,7 +54,7 @@ def engine_int8(model_int8: Path) -> Iterator[Engine]:
 
 @pytest.mark.parametrize("index", range(len(PROMPTS)))
 def test_greedy_token_ids_equal_hugging_face(engine_f32: Engine, demo_checkpoint: Path, index: int) -> None:
-    prompt_ids = engine_f32.prompt_ids(render_prompt(PROMPTS[index]))
+    prompt_ids = engine_f32.tokenizer.encode(render_prompt(PROMPTS[index]))
     text, completion = run(engine_f32, prompt_ids, GREEDY)
     expected = hf_generate(demo_checkpoint, prompt_ids, GREEDY.max_new_tokens, repetition_penalty=1.0)
     assert list(completion.token_ids) == expected
@@ -87,7 +87,7 @@ def test_repetition_penalty_covers_generated_tokens_only(engine_f32: Engine, dem
     options = SamplingOptions(temperature=0.0, repetition_penalty=1.1, max_new_tokens=32)
     differs_from_prompt_penalty = 0
     for turns in PROMPTS:
-        base = engine_f32.prompt_ids(render_prompt(turns))
+        base = engine_f32.tokenizer.encode(render_prompt(turns))
         plain = hf_generate(demo_checkpoint, base, 16, repetition_penalty=1.0)
         for prompt_ids in (base, base + plain):  # the second prompt holds the model's own favourite tokens
             _, completion = run(engine_f32, prompt_ids, options)
@@ -108,7 +108,7 @@ def test_int8_agrees_with_float32_on_most_greedy_tokens(engine_f32: Engine, engi
     """Teacher-forced agreement: int8's greedy choice after float32's own prefix, position by position."""
     agree = total = 0
     for turns in PROMPTS:
-        prompt_ids = engine_f32.prompt_ids(render_prompt(turns))
+        prompt_ids = engine_f32.tokenizer.encode(render_prompt(turns))
         _, reference = run(engine_f32, prompt_ids, GREEDY)
         ref = list(reference.token_ids)
         for step in range(len(ref)):
@@ -124,7 +124,7 @@ def test_int8_agrees_with_float32_on_most_greedy_tokens(engine_f32: Engine, engi
 def test_engine_ends_at_eos_and_strips_it(scripted_model: Path, scripted_checkpoint: Path) -> None:
     engine = Engine(EngineOptions(scripted_model, device="cpu"))
     try:
-        prompt_ids = engine.prompt_ids(render_prompt([Turn(Speaker.USER, "吾輩は猫である。")]))
+        prompt_ids = engine.tokenizer.encode(render_prompt([Turn(Speaker.USER, "吾輩は猫である。")]))
         text, completion = run(engine, prompt_ids, GREEDY)
         expected = hf_generate(scripted_checkpoint, prompt_ids, GREEDY.max_new_tokens)
         assert expected[-1] == 3 and len(expected) < GREEDY.max_new_tokens
@@ -153,7 +153,7 @@ def test_token_logprobs_equal_hugging_face_log_softmax(engine_f32: Engine, demo_
 
     model = hf_model(demo_checkpoint)
     for turns in PROMPTS[:3]:
-        prompt_ids = engine_f32.prompt_ids(render_prompt(turns))
+        prompt_ids = engine_f32.tokenizer.encode(render_prompt(turns))
         generated = asyncio.run(tokens(prompt_ids))
         assert len(generated) > 5
         ids = prompt_ids + [t.id for t in generated]
