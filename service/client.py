@@ -29,6 +29,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--logprobs", action="store_true", help="after the reply, print each token with its log-probability"
     )
+    parser.add_argument(
+        "--priority",
+        choices=("interactive", "batch"),
+        default="interactive",
+        help="batch calls wait while interactive ones queue, and are shed first when the queue is full",
+    )
     return parser
 
 
@@ -47,12 +53,13 @@ def stream_reply(
     params: chat_pb2.SamplingParams,
     timeout: float,
     logprobs: bool = False,
+    priority: chat_pb2.Priority.ValueType = chat_pb2.PRIORITY_INTERACTIVE,
 ) -> str:
     """Print the reply as it streams (then, with logprobs, its tokens); returns it."""
     parts = []
     tokens: list[chat_pb2.Token] = []
     response = chat_pb2.ResponseOptions(token_logprobs=logprobs)
-    request = chat_pb2.GenerateStreamRequest(turns=turns, sampling=params, response=response)
+    request = chat_pb2.GenerateStreamRequest(turns=turns, sampling=params, response=response, priority=priority)
     for message in stub.GenerateStream(request, timeout=timeout):
         tokens.extend(message.tokens)
         if message.text:
@@ -67,21 +74,26 @@ def stream_reply(
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     params = sampling_params(args)
+    priority = chat_pb2.PRIORITY_BATCH if args.priority == "batch" else chat_pb2.PRIORITY_INTERACTIVE
     with grpc.insecure_channel(args.target) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         try:
             if args.text is not None:
                 turn = chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text=args.text)
-                stream_reply(stub, [turn], params, args.timeout, args.logprobs)
+                stream_reply(stub, [turn], params, args.timeout, args.logprobs, priority)
                 return 0
-            return interactive(stub, params, args.timeout, args.logprobs)
+            return interactive(stub, params, args.timeout, args.logprobs, priority)
         except grpc.RpcError as exc:
             print(f"jachat-chat: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
 
 
 def interactive(
-    stub: chat_pb2_grpc.ChatServiceStub, params: chat_pb2.SamplingParams, timeout: float, logprobs: bool = False
+    stub: chat_pb2_grpc.ChatServiceStub,
+    params: chat_pb2.SamplingParams,
+    timeout: float,
+    logprobs: bool = False,
+    priority: chat_pb2.Priority.ValueType = chat_pb2.PRIORITY_INTERACTIVE,
 ) -> int:
     turns: list[chat_pb2.Turn] = []
     print("jachat: type a message (/reset clears the conversation, /quit or Ctrl-D leaves)")
@@ -101,7 +113,7 @@ def interactive(
         turns.append(chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text=line))
         print("システム> ", end="", flush=True)
         try:
-            reply = stream_reply(stub, turns, params, timeout, logprobs)
+            reply = stream_reply(stub, turns, params, timeout, logprobs, priority)
         except grpc.RpcError as exc:
             turns.pop()
             print(f"\n[{exc.code().name}: {exc.details()}]", file=sys.stderr)

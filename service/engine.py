@@ -28,7 +28,7 @@ from jachat.service.options import EngineOptions
 from jachat.service.preparation import ChatRequest, PreparedRequest, Preparer, Prompt
 from jachat.service.prompt import TURN_MARKERS, Turn
 from jachat.service.reply import ReplyAssembler
-from jachat.service.results import Completion, Delta, FinishReason, ModelInfo
+from jachat.service.results import Completion, Delta, FinishReason, ModelInfo, Priority
 from jachat.service.sampling import SamplingOptions
 from jachat.service.scheduler import Scheduler, SchedulerObserver
 from jachat.service.sequence import Generation
@@ -158,9 +158,9 @@ class Engine:
         self.generator.unload_model()
         del self.generator
 
-    def check_capacity(self) -> None:
-        """Raise Overloaded at once when the queue is full: before a request costs any preparation."""
-        self.scheduler.check_capacity()
+    def check_capacity(self, priority: Priority = Priority.INTERACTIVE) -> None:
+        """Raise Overloaded at once when the queue is full for this priority: before a request costs any work."""
+        self.scheduler.check_capacity(priority)
 
     async def prepare(self, request: ChatRequest) -> PreparedRequest:
         """Validate, render, encode and fit a generation request (on the preparation pool)."""
@@ -185,6 +185,7 @@ class Engine:
         max_new_tokens: int | None = None,
         timeout: float | None = None,
         include_stop: bool = False,
+        priority: Priority = Priority.INTERACTIVE,
     ) -> AsyncGenerator[Delta | Completion, None]:
         """Deltas of the reply (text and tokens), then one Completion. Closing the iterator early stops the sequence.
         With include_stop, the text ends with the caller's stop string that ended it.
@@ -201,6 +202,7 @@ class Engine:
             self.tokenizer.decoder(),
             ReplyAssembler(options.stop, TURN_MARKERS, include_stop),
             asyncio.get_running_loop(),
+            priority,
         )
         self.scheduler.submit(gen)
         try:

@@ -14,7 +14,9 @@ from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from jachat.service.results import FinishedGeneration, FinishReason
+from jachat.service.results import FinishedGeneration, FinishReason, Priority
+
+PRIORITIES = tuple(priority.value for priority in Priority)
 
 # Bucket choices, for LLM serving:
 # - time to first token: from ~10 ms (short prompt, GPU, idle) through the 0.5-2.5 s of a long prompt on a CPU or a
@@ -68,7 +70,8 @@ class Metrics:
         )
         self.queue_duration = Histogram(
             "jachat_queue_duration_seconds",
-            "Time from a request's arrival to the start of its batch.",
+            "Time from a request's arrival to the start of its batch, by priority.",
+            ["priority"],
             buckets=QUEUE_BUCKETS,
             registry=r,
         )
@@ -87,7 +90,10 @@ class Metrics:
         )
         self.finished = Counter("jachat_finished", "Generations by how they ended.", ["reason"], registry=r)
         self.rejected = Counter(
-            "jachat_rejected", "Requests refused before any generation, by reason.", ["reason"], registry=r
+            "jachat_rejected",
+            "Requests refused before any generation (or shed from the queue), by reason and priority.",
+            ["reason", "priority"],
+            registry=r,
         )
         self.running = Gauge(
             "jachat_running_requests", "Generation RPCs in progress (queued or generating).", registry=r
@@ -123,17 +129,19 @@ class Metrics:
         self.build_info.labels(_version("jachat"), _version("ctranslate2")).set(1)
         for reason in FINISH_REASONS:  # every series exists from the start, so rates and alerts see zeros
             self.finished.labels(reason)
-        for reason in REJECT_REASONS:
-            self.rejected.labels(reason)
+        for priority in PRIORITIES:
+            self.queue_duration.labels(priority)
+            for reason in REJECT_REASONS:
+                self.rejected.labels(reason, priority)
 
     # SchedulerObserver: called from the event loop and from generation threads
     def queue_changed(self, size: int) -> None:
         self.queue_size.set(size)
 
-    def batch_started(self, size: int, queued_seconds: Sequence[float]) -> None:
+    def batch_started(self, size: int, queued: Sequence[tuple[float, Priority]]) -> None:
         self.batch_size.observe(size)
-        for seconds in queued_seconds:
-            self.queue_duration.observe(seconds)
+        for seconds, priority in queued:
+            self.queue_duration.labels(priority.value).observe(seconds)
 
     def first_token(self, seconds: float) -> None:
         self.time_to_first_token.observe(seconds)

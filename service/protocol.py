@@ -14,7 +14,7 @@ from google.protobuf.message import DecodeError
 from jachat.service.errors import FieldViolation, InvalidRequest
 from jachat.service.preparation import MAX_TURNS
 from jachat.service.prompt import Speaker, Turn
-from jachat.service.results import Completion, FinishReason, GeneratedToken
+from jachat.service.results import Completion, FinishReason, GeneratedToken, Priority
 from jachat.service.sampling import SamplingOptions
 from jachat.v1 import chat_pb2
 
@@ -101,6 +101,21 @@ def sampling_from_pb(
 def sampling_to_pb(options: SamplingOptions) -> chat_pb2.SamplingParams:
     fields = {name: getattr(options, name) for name in _OPTIONAL_SAMPLING_FIELDS}
     return chat_pb2.SamplingParams(**fields, stop=list(options.stop))
+
+
+PRIORITIES = {
+    chat_pb2.PRIORITY_UNSPECIFIED: Priority.INTERACTIVE,
+    chat_pb2.PRIORITY_INTERACTIVE: Priority.INTERACTIVE,
+    chat_pb2.PRIORITY_BATCH: Priority.BATCH,
+}
+
+
+def priority_from_pb(value: int) -> Priority:
+    if value not in PRIORITIES:
+        raise InvalidRequest(
+            [FieldViolation("priority", f"is {value}; must be PRIORITY_INTERACTIVE or PRIORITY_BATCH (or unset)")]
+        )
+    return PRIORITIES[chat_pb2.Priority.ValueType(value)]
 
 
 def tokens_to_pb(tokens: Sequence[GeneratedToken], pieces: Sequence[str], logprobs: bool) -> list[chat_pb2.Token]:

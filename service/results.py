@@ -21,6 +21,12 @@ class FinishReason(enum.Enum):
     CANCELLED = "cancelled"  # the caller went away
     DEADLINE = "deadline"  # the caller's deadline passed
     ERROR = "error"  # the engine failed
+    SHED = "shed"  # a queued batch call gave its place to an interactive one (RESOURCE_EXHAUSTED)
+
+
+class Priority(enum.Enum):
+    INTERACTIVE = "interactive"  # a person waits: first into every free place
+    BATCH = "batch"  # bulk work: waits while interactive calls queue, first shed when the queue is full
 
 
 @dataclass(frozen=True)

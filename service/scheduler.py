@@ -32,7 +32,7 @@ from typing import Any, Protocol
 
 from jachat.service.errors import EngineFailure, Overloaded
 from jachat.service.options import SchedulerOptions
-from jachat.service.results import FinishedGeneration, FinishReason
+from jachat.service.results import FinishedGeneration, FinishReason, Priority
 from jachat.service.sequence import Generation, TokenObserver
 
 log = logging.getLogger("jachat.scheduler")
@@ -42,7 +42,7 @@ class SchedulerObserver(TokenObserver, Protocol):
     """What the scheduler and its sequences report (the service's metrics implement it). Called from any thread."""
 
     def queue_changed(self, size: int) -> None: ...
-    def batch_started(self, size: int, queued_seconds: Sequence[float]) -> None: ...
+    def batch_started(self, size: int, queued: Sequence[tuple[float, Priority]]) -> None: ...
     def generation_finished(self, record: FinishedGeneration) -> None: ...
 
 
@@ -79,18 +79,38 @@ class Scheduler:
             self._slots = asyncio.Semaphore(self.options.replicas)
             self._task = asyncio.get_running_loop().create_task(self._run(), name="jachat-scheduler")
 
-    def check_capacity(self) -> None:
-        """Raise Overloaded when the queue is full."""
-        if len(self.pending) >= self.options.max_queued:
-            raise Overloaded(
-                f"the queue is full ({self.options.max_queued} requests wait); retry after {self._batch_seconds:.1f} s",
-                retry_after=self._batch_seconds,
-            )
+    def check_capacity(self, priority: Priority = Priority.INTERACTIVE) -> None:
+        """Raise Overloaded when the queue is full for a call of this priority: an interactive call still finds room
+        while a batch call waits (that one is shed when the interactive call is submitted)."""
+        if len(self.pending) < self.options.max_queued:
+            return
+        if priority is Priority.INTERACTIVE and self._sheddable() is not None:
+            return
+        raise Overloaded(
+            f"the queue is full ({self.options.max_queued} requests wait); retry after {self._batch_seconds:.1f} s",
+            retry_after=self._batch_seconds,
+        )
+
+    def _sheddable(self) -> Generation | None:
+        """The newest waiting batch call: the first to give its place up."""
+        return next((gen for gen in reversed(self.pending) if gen.priority is Priority.BATCH), None)
 
     def submit(self, gen: Generation) -> None:
         self._ensure_started()
         assert self._arrived is not None
-        self.check_capacity()
+        self.check_capacity(gen.priority)
+        if len(self.pending) >= self.options.max_queued:  # an interactive call takes a batch call's place
+            shed = self._sheddable()
+            assert shed is not None
+            self.pending.remove(shed)
+            shed.finish(
+                FinishReason.SHED,
+                Overloaded(
+                    "an interactive call took this batch call's place in the full queue; retry after "
+                    f"{self._batch_seconds:.1f} s",
+                    retry_after=self._batch_seconds,
+                ),
+            )
         gen.on_finish = self._finished
         gen.observer = self.observer
         self._last_arrival = time.monotonic()
@@ -134,10 +154,16 @@ class Scheduler:
             gen.finish(FinishReason.DEADLINE)
         self._queue_changed()
 
+    def _waiting(self) -> list[Generation]:
+        """Waiting sequences in the order they get places: interactive calls first, each priority by arrival."""
+        return sorted(self.pending, key=lambda gen: gen.priority is Priority.BATCH)  # stable: arrival order kept
+
     def _compatible(self, head: Generation) -> list[Generation]:
         batch, low, high = [head], len(head.prompt_ids), len(head.prompt_ids)
         spread = 0 if head.exact_length else self.options.max_prompt_length_spread
-        for gen in self.pending[1:]:
+        for gen in self._waiting():
+            if gen is head:
+                continue
             if len(batch) >= self.options.max_batch_size:
                 break
             length = len(gen.prompt_ids)
@@ -154,7 +180,7 @@ class Scheduler:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            head = self.pending[0]
+            head = self._waiting()[0]
             batch = self._compatible(head)
             now = time.monotonic()
             start_at = min(head.arrived + self.options.max_batch_wait, self._last_arrival + self.options.batch_idle)
@@ -168,7 +194,7 @@ class Scheduler:
         self._queue_changed()
         if self.observer is not None:
             now = time.monotonic()
-            self.observer.batch_started(len(batch), [now - s.arrived for s in batch])
+            self.observer.batch_started(len(batch), [(now - s.arrived, s.priority) for s in batch])
         return batch
 
     def _generate(self, batch: list[Generation]) -> None:

@@ -17,7 +17,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from jachat.service.reply import ReplyAssembler
-from jachat.service.results import DEADLINE_SLACK, Delta, FinishedGeneration, FinishReason, GeneratedToken
+from jachat.service.results import DEADLINE_SLACK, Delta, FinishedGeneration, FinishReason, GeneratedToken, Priority
 from jachat.service.sampling import SamplingOptions
 from jachat.service.tokenizer import StreamDecoder
 
@@ -42,7 +42,9 @@ class Generation:
         decoder: StreamDecoder,
         reply: ReplyAssembler,
         loop: asyncio.AbstractEventLoop,
+        priority: Priority = Priority.INTERACTIVE,
     ) -> None:
+        self.priority = priority
         self.prompt_ids = prompt_ids
         self.options = options
         self.max_new_tokens = max_new_tokens

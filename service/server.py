@@ -86,7 +86,9 @@ def security(settings: Settings, metrics: Metrics) -> tuple[grpc.ServerCredentia
     interceptors: list[Any] = []
     if settings.auth_token_file is not None:
         interceptors.append(
-            TokenAuthInterceptor(settings.auth_token_file, metrics.rejected.labels("unauthenticated").inc)
+            TokenAuthInterceptor(
+                settings.auth_token_file, metrics.rejected.labels("unauthenticated", "interactive").inc
+            )
         )
     return credentials, interceptors
 

@@ -8,6 +8,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
@@ -30,6 +31,7 @@ from jachat.service.protocol import (
     FINISH_REASONS,
     SAMPLING_DEFAULTS,
     check_parsed,
+    priority_from_pb,
     sampling_from_pb,
     sampling_to_pb,
     timing_to_pb,
@@ -37,7 +39,7 @@ from jachat.service.protocol import (
     turns_from_pb,
     usage_to_pb,
 )
-from jachat.service.results import DEADLINE_SLACK, Completion, Delta, GeneratedToken
+from jachat.service.results import DEADLINE_SLACK, Completion, Delta, GeneratedToken, Priority
 from jachat.v1 import chat_pb2
 
 log = logging.getLogger("jachat.servicer")
@@ -51,6 +53,13 @@ _REJECTIONS = {  # refused before any generation: jachat_rejected_total{reason}
     grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
     grpc.StatusCode.UNAVAILABLE: "unavailable",
 }
+
+
+@dataclass
+class Call:
+    """What the frame of one RPC learns while it runs (the request's priority labels its rejection)."""
+
+    priority: Priority = Priority.INTERACTIVE
 
 
 class ChatServicer:
@@ -80,7 +89,7 @@ class ChatServicer:
         return self.engine
 
     @asynccontextmanager
-    async def _rpc(self, name: str, context: Context) -> AsyncIterator[None]:
+    async def _rpc(self, name: str, context: Context) -> AsyncIterator[Call]:
         """The frame of every RPC: its request id (sent back as x-request-id), its log line and metrics, the
         mapping of every error to its status, in one place, and its release, exactly once whatever ends it."""
         started = time.perf_counter()
@@ -91,11 +100,12 @@ class ChatServicer:
         # stream's generator may be closed from another context, where reset() raises.
         request_id.set(rid)
         code: grpc.StatusCode | None = grpc.StatusCode.OK
+        call = Call()
         self.in_flight += 1
         self.idle.clear()
         try:
             await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
-            yield
+            yield call
         except grpc.aio.AbortError:  # the status is already set
             raise
         except (asyncio.CancelledError, GeneratorExit):  # the client cancelled, went away, or its deadline passed
@@ -107,7 +117,7 @@ class ChatServicer:
                 log.exception("%s failed", name)
             status = to_status(exc)
             if status.code in _REJECTIONS:
-                self.metrics.rejected.labels(_REJECTIONS[status.code]).inc()
+                self.metrics.rejected.labels(_REJECTIONS[status.code], call.priority.value).inc()
             # abort() sends the status before it raises: record the outcome first, so no caller sees it earlier
             self._record(name, status.code, started)
             code = None
@@ -131,18 +141,21 @@ class ChatServicer:
             extra={"rpc": name, "code": code.name, "duration_ms": round(seconds * 1000, 1)},
         )
 
-    async def _prepare(self, request: chat_pb2.GenerateRequest | chat_pb2.GenerateStreamRequest) -> PreparedRequest:
+    async def _prepare(
+        self, request: chat_pb2.GenerateRequest | chat_pb2.GenerateStreamRequest, call: Call
+    ) -> PreparedRequest:
         """The cheap checks on the event loop, the queue's room, then preparation on the worker pool."""
         check_parsed(request)
         engine = self._engine()
+        call.priority = priority_from_pb(request.priority)
         turns = turns_from_pb(request.turns)
         options, explicit_max = sampling_from_pb(request.sampling, engine.info.context_length, engine.info.vocab_size)
-        engine.check_capacity()  # a full server refuses before doing any work
+        engine.check_capacity(call.priority)  # a full server refuses before doing any work
         chat = ChatRequest(turns, options, explicit_max, request.drop_oldest_turns)
         return await engine.prepare(chat)
 
     async def _generate(
-        self, request: PreparedRequest, context: Context, include_stop: bool
+        self, request: PreparedRequest, context: Context, include_stop: bool, call: Call
     ) -> AsyncGenerator[Delta | Completion, None]:
         engine = self._engine()
         self.metrics.running.inc()
@@ -153,6 +166,7 @@ class ChatServicer:
                 request.max_new_tokens,
                 timeout=context.time_remaining(),
                 include_stop=include_stop,
+                priority=call.priority,
             )
             try:
                 async for item in stream:
@@ -164,14 +178,14 @@ class ChatServicer:
 
     async def Generate(self, request: chat_pb2.GenerateRequest, context: Context) -> chat_pb2.GenerateResponse:
         received = time.monotonic()
-        async with self._rpc("Generate", context):
-            prepared = await self._prepare(request)
+        async with self._rpc("Generate", context) as call:
+            prepared = await self._prepare(request, call)
             options = request.response
             parts: list[str] = []
             tokens: list[GeneratedToken] = []
             completion: Completion | None = None
             # to its end, so its cleanup runs before we reply
-            async for item in self._generate(prepared, context, options.include_stop_sequence):
+            async for item in self._generate(prepared, context, options.include_stop_sequence, call):
                 if isinstance(item, Completion):
                     completion = item
                 else:
@@ -190,10 +204,10 @@ class ChatServicer:
 
     async def GenerateStream(self, request: chat_pb2.GenerateStreamRequest, context: Context) -> None:
         received = time.monotonic()
-        async with self._rpc("GenerateStream", context):
-            prepared = await self._prepare(request)
+        async with self._rpc("GenerateStream", context) as call:
+            prepared = await self._prepare(request, call)
             options = request.response
-            messages = self._generate(prepared, context, options.include_stop_sequence)
+            messages = self._generate(prepared, context, options.include_stop_sequence, call)
             held: list[GeneratedToken] = []  # tokens with no text yet ride on the next message, not one of their own
             try:
                 async for item in messages:

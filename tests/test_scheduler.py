@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from tests.helpers import greedy, health_stub, status_of, user
+from tests.helpers import details, greedy, health_stub, status_of, user
 from tests.servers import Server, ServerProcess, serving
 
 PROMPTS = [
@@ -222,3 +222,48 @@ def test_health_answers_fast_while_sixteen_streams_generate(batching_server: Ser
 
     slowest = asyncio.run(scenario())
     assert slowest < 0.1, f"health took {slowest * 1000:.0f} ms"  # held twice with a CPU-bound process beside it
+
+
+def test_an_interactive_call_sheds_a_queued_batch_call_from_the_full_queue(single_slot_server: Server) -> None:
+    """One replica, one waiting place: a batch call holds it; an interactive call takes it, and the batch caller gets
+    RESOURCE_EXHAUSTED with a retry delay; the metrics say so by priority. An unknown priority names its field."""
+    server = single_slot_server
+    before = server.scrape()
+
+    async def scenario() -> None:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = chat_pb2_grpc.ChatServiceStub(channel)
+            batches = server.scrape()["jachat_batch_size_count"]
+            running = asyncio.ensure_future(collect(stub, PROMPTS[0], fixed(1500)))
+            await until(lambda: server.scrape()["jachat_batch_size_count"] > batches)
+            bulk = chat_pb2.GenerateRequest(
+                turns=[user("まとめて")], sampling=fixed(5), priority=chat_pb2.PRIORITY_BATCH
+            )
+            shed = asyncio.ensure_future(stub.Generate(bulk))
+            await until(lambda: server.scrape()["jachat_queue_size"] == 1)
+            urgent = chat_pb2.GenerateRequest(
+                turns=[user("急ぎ")], sampling=fixed(5), priority=chat_pb2.PRIORITY_INTERACTIVE
+            )
+            answered = asyncio.ensure_future(stub.Generate(urgent))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await shed
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "interactive call took this batch call's place" in details(refused.value)
+            retry = error_details_pb2.RetryInfo()
+            assert any(detail.Unpack(retry) for detail in status_of(refused.value).details)
+            running.cancel()
+            assert (await answered).usage.completion_tokens == 5
+            unknown = chat_pb2.GenerateRequest(
+                turns=[user("やあ")], sampling=fixed(2), priority=chat_pb2.Priority.ValueType(9)
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as invalid:
+                await stub.Generate(unknown)
+            assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert details(invalid.value).startswith("priority: is 9")
+
+    asyncio.run(scenario())
+    after = server.scrape()
+    moved = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
+    assert moved['jachat_finished_total{reason="shed"}'] == 1
+    assert moved['jachat_rejected_total{priority="batch",reason="overloaded"}'] == 1
+    assert moved['jachat_queue_duration_seconds_count{priority="interactive"}'] >= 2

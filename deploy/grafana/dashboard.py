@@ -182,18 +182,22 @@ def build() -> dashboard.Dashboard:
                 "Rejections",
                 "reqps",
                 [
-                    query(f"sum by (reason) (rate(jachat_rejected_total{{{POD}}}[{RATE}]))", "{{reason}}"),
+                    query(
+                        f"sum by (reason, priority) (rate(jachat_rejected_total{{{POD}}}[{RATE}]))",
+                        "{{reason}} ({{priority}})",
+                    ),
                 ],
-                "Requests refused before any generation: invalid, overloaded (queue full), unavailable.",
+                "Requests refused before any generation (invalid, overloaded: queue full, unavailable), and batch "
+                "calls shed for interactive ones, by priority.",
             ),
             8,
         ),
         (
             series(
-                "Queue wait",
+                "Queue wait by priority",
                 "s",
-                quantiles("jachat_queue_duration_seconds"),
-                "From a request's arrival to the start of its batch.",
+                quantiles("jachat_queue_duration_seconds", "priority"),
+                "From a request's arrival to the start of its batch; interactive calls never wait behind batch ones.",
             ),
             8,
         ),

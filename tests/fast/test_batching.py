@@ -17,7 +17,7 @@ from jachat.service.errors import Overloaded
 from jachat.service.options import SchedulerOptions
 from jachat.service.prompt import TURN_MARKERS
 from jachat.service.reply import ReplyAssembler
-from jachat.service.results import FinishReason
+from jachat.service.results import FinishReason, Priority
 from jachat.service.sampling import SamplingOptions
 from jachat.service.scheduler import Scheduler
 from jachat.service.sequence import Generation
@@ -78,12 +78,14 @@ def sequence(
     options: SamplingOptions = GREEDY,
     max_new_tokens: int = 4,
     deadline: float | None = None,
+    priority: Priority = Priority.INTERACTIVE,
 ) -> Generation:
     """A sequence whose prompt starts with piece `name` (its identity in FakeGenerator.batches)."""
     prompt = [name] + [600] * (length - 1)
     reply = ReplyAssembler(options.stop, TURN_MARKERS)
     loop = asyncio.get_running_loop()
-    return Generation(prompt, options, max_new_tokens, deadline, tokenizer.eos_id, tokenizer.decoder(), reply, loop)
+    decoder = tokenizer.decoder()
+    return Generation(prompt, options, max_new_tokens, deadline, tokenizer.eos_id, decoder, reply, loop, priority)
 
 
 async def finished(gen: Generation) -> FinishReason | None:
@@ -267,5 +269,64 @@ def test_a_sequence_stops_at_end_of_text_and_at_its_own_max_new_tokens(
         other.submit(long)
         assert (await finished(short), await finished(long)) == (FinishReason.LENGTH, FinishReason.LENGTH)
         assert (short.steps, long.steps) == (3, 9)  # one batch, each to its own length
+
+    run(scenario)
+
+
+BATCH = Priority.BATCH
+
+
+def test_interactive_calls_never_wait_behind_queued_batch_calls(tokenizer: Tokenizer, run: Callable[..., Any]) -> None:
+    async def scenario(make: Callable[..., Scheduler]) -> None:
+        fake = FakeGenerator(token=700)
+        fake.release.clear()  # the replica is busy while the queue forms
+        scheduler = make(SchedulerOptions(replicas=1, max_batch_size=2), fake)
+        first = sequence(tokenizer, 100, priority=BATCH)
+        scheduler.submit(first)
+        await asyncio.get_running_loop().run_in_executor(None, fake.started.wait)
+        queued = [sequence(tokenizer, 101 + i, priority=BATCH) for i in range(3)]
+        late = [sequence(tokenizer, 110), sequence(tokenizer, 111)]  # interactive, arriving after them
+        for gen in [*queued, *late]:
+            scheduler.submit(gen)
+        fake.release.set()
+        for gen in [first, *queued, *late]:
+            assert await finished(gen) is FinishReason.LENGTH
+        assert fake.batches == [
+            names(tokenizer, 100),
+            names(tokenizer, 110, 111),  # the next free places: the interactive calls, although they came last
+            names(tokenizer, 101, 102),
+            names(tokenizer, 103),
+        ]
+
+    run(scenario)
+
+
+def test_a_full_queue_sheds_the_newest_batch_call_for_an_interactive_one(
+    tokenizer: Tokenizer, run: Callable[..., Any]
+) -> None:
+    async def scenario(make: Callable[..., Scheduler]) -> None:
+        fake = FakeGenerator(token=700)
+        fake.release.clear()
+        scheduler = make(SchedulerOptions(replicas=1, max_queued=3), fake)
+        running = sequence(tokenizer, 100)
+        scheduler.submit(running)
+        await asyncio.get_running_loop().run_in_executor(None, fake.started.wait)
+        older, newer = sequence(tokenizer, 101, priority=BATCH), sequence(tokenizer, 102, priority=BATCH)
+        waiting = sequence(tokenizer, 103)
+        for gen in (older, newer, waiting):
+            scheduler.submit(gen)
+        with pytest.raises(Overloaded):
+            scheduler.submit(sequence(tokenizer, 104, priority=BATCH))  # a batch call finds no room
+        urgent = sequence(tokenizer, 105)
+        scheduler.submit(urgent)  # an interactive one takes the newest batch call's place
+        item = await newer.queue.get()
+        assert isinstance(item, Overloaded) and newer.finish_reason is FinishReason.SHED
+        assert await newer.queue.get() is None
+        with pytest.raises(Overloaded):  # full again, of interactive calls and one batch call: still shed-able
+            scheduler.check_capacity(Priority.BATCH)
+        fake.release.set()
+        for gen in (running, older, waiting, urgent):
+            assert await finished(gen) is FinishReason.LENGTH
+        assert names(tokenizer, 102)[0] not in [p for batch in fake.batches for p in batch]
 
     run(scenario)
