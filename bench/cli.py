@@ -27,7 +27,7 @@ from jachat.bench.workload import Report, Workload
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jachat-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("grpc", "ct2", "hf", "all", "soak", "abuse"))
+    parser.add_argument("mode", choices=("grpc", "ct2", "hf", "all", "soak", "abuse", "fairness"))
     parser.add_argument("--target", default="localhost:50051", help="grpc: HOST:PORT of a running service")
     parser.add_argument("--model", type=Path, help="ct2/all: converted model folder")
     parser.add_argument("--checkpoint", type=Path, help="hf/all: the Hugging Face checkpoint it came from")
@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--warmup", type=float, default=60.0, help="soak: seconds before memory growth is counted")
     parser.add_argument("--clients", type=int, default=4, help="abuse: clients sending worst-case requests")
+    parser.add_argument("--flood", type=int, default=48, help="fairness: calls of the flooding tenant (or priority)")
+    parser.add_argument("--few", type=int, default=4, help="fairness: calls of the light tenant (or interactive)")
     parser.add_argument("--output", "-o", type=Path, help="write the JSON report here")
     return parser
 
@@ -65,12 +67,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "all": ["model", "checkpoint"],
         "soak": ["model", "duration"],
         "abuse": ["model"],
+        "fairness": ["model"],
     }
     for name in need.get(args.mode, []):
         if getattr(args, name) is None:
             build_parser().error(f"{args.mode} needs --{name}")
     if args.mode == "soak":
         return soak_main(args, workload, meta)
+    if args.mode == "fairness":
+        from jachat.bench.fairness import fairness_main
+
+        return fairness_main(args.model, args.flood, args.few, args.tokens, args.serve_arg, args.output, meta)
     if args.mode == "abuse":
         from jachat.bench.abuse import abuse_main
 

@@ -158,9 +158,9 @@ class Engine:
         self.generator.unload_model()
         del self.generator
 
-    def check_capacity(self, priority: Priority = Priority.INTERACTIVE) -> None:
-        """Raise Overloaded at once when the queue is full for this priority: before a request costs any work."""
-        self.scheduler.check_capacity(priority)
+    def check_capacity(self, priority: Priority = Priority.INTERACTIVE, tenant: str = "default") -> None:
+        """Raise Overloaded at once when the queue is full for this priority or tenant: before any work."""
+        self.scheduler.check_capacity(priority, tenant)
 
     async def prepare(self, request: ChatRequest) -> PreparedRequest:
         """Validate, render, encode and fit a generation request (on the preparation pool)."""
@@ -186,6 +186,7 @@ class Engine:
         timeout: float | None = None,
         include_stop: bool = False,
         priority: Priority = Priority.INTERACTIVE,
+        tenant: str = "default",
     ) -> AsyncGenerator[Delta | Completion, None]:
         """Deltas of the reply (text and tokens), then one Completion. Closing the iterator early stops the sequence.
         With include_stop, the text ends with the caller's stop string that ended it.
@@ -203,6 +204,7 @@ class Engine:
             ReplyAssembler(options.stop, TURN_MARKERS, include_stop),
             asyncio.get_running_loop(),
             priority,
+            tenant,
         )
         self.scheduler.submit(gen)
         try:

@@ -29,6 +29,18 @@ _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"me
 _SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:/+=@~-]{1,128}")
 
 
+TENANT_HEADER = "x-jachat-tenant"
+_SAFE_TENANT = re.compile(r"[A-Za-z0-9_.:/+=@~-]{1,64}")
+
+
+def tenant_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
+    """The tenant a caller names in x-jachat-tenant (when auth is off), or `default`."""
+    for key, value in metadata or ():
+        if key.lower() == TENANT_HEADER and isinstance(value, str) and _SAFE_TENANT.fullmatch(value):
+            return value
+    return "default"
+
+
 def request_id_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
     """The caller's x-request-id when it is safe to log, else a new one."""
     for key, value in metadata or ():

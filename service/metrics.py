@@ -17,6 +17,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from jachat.service.results import FinishedGeneration, FinishReason, Priority
 
 PRIORITIES = tuple(priority.value for priority in Priority)
+# tenants come from callers: the first MAX_TENANT_LABELS seen get a label of their own, the rest share "other"
+MAX_TENANT_LABELS = 32
 
 # Bucket choices, for LLM serving:
 # - time to first token: from ~10 ms (short prompt, GPU, idle) through the 0.5-2.5 s of a long prompt on a CPU or a
@@ -95,6 +97,13 @@ class Metrics:
             ["reason", "priority"],
             registry=r,
         )
+        self.tenant_tokens = Counter(
+            "jachat_tenant_generated_tokens",
+            f"Tokens generated per tenant (the first {MAX_TENANT_LABELS} tenants seen; the rest as other).",
+            ["tenant"],
+            registry=r,
+        )
+        self._tenants: set[str] = set()
         self.running = Gauge(
             "jachat_running_requests", "Generation RPCs in progress (queued or generating).", registry=r
         )
@@ -155,8 +164,14 @@ class Metrics:
         self.generated_tokens.inc(record.generated_tokens)
         self.request_prompt_tokens.observe(record.prompt_tokens)
         self.request_generated_tokens.observe(record.generated_tokens)
+        self.tenant_tokens.labels(self._tenant_label(record.tenant)).inc(record.generated_tokens)
         if record.reason is FinishReason.CANCELLED:
             self.tokens_after_cancel.observe(record.tokens_after_cancel)
+
+    def _tenant_label(self, tenant: str) -> str:
+        if tenant not in self._tenants and len(self._tenants) < MAX_TENANT_LABELS:
+            self._tenants.add(tenant)
+        return tenant if tenant in self._tenants else "other"
 
     async def sample_event_loop_lag(self, interval: float = LOOP_LAG_INTERVAL) -> None:
         """Forever: sleep `interval` and record how much later than asked the loop woke up. Work that blocks the

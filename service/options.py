@@ -12,6 +12,7 @@ class SchedulerOptions:
     max_batch_wait: float = 0.05  # the longest a batch waits to fill, from its oldest request's arrival (s)
     batch_idle: float = 0.002  # a batch starts once no request has arrived for this long (s)
     max_queued: int = 256
+    max_queued_per_tenant: int = 64  # one tenant cannot fill the queue
     replicas: int = 1  # resolved: the engine turns 0 (auto) into a count
     max_prompt_length_spread: int = 64
 

@@ -63,6 +63,7 @@ class FinishedGeneration:
     prompt_tokens: int
     generated_tokens: int
     tokens_after_cancel: int  # tokens generated after a cancellation was seen (promise: <= 2)
+    tenant: str = "default"
 
 
 @dataclass(frozen=True)

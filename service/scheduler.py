@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
 from jachat.service.errors import EngineFailure, Overloaded
+from jachat.service.fairness import FairOrder
 from jachat.service.options import SchedulerOptions
 from jachat.service.results import FinishedGeneration, FinishReason, Priority
 from jachat.service.sequence import Generation, TokenObserver
@@ -68,6 +69,7 @@ class Scheduler:
         self.running: set[Generation] = set()  # changed by generation threads: under _running_lock
         self._running_lock = threading.Lock()
         self._batch_seconds = 1.0  # running estimate of a batch's duration, for Retry-After
+        self.fair = FairOrder()
         self._last_arrival = 0.0
 
     def _ensure_started(self) -> None:
@@ -79,9 +81,17 @@ class Scheduler:
             self._slots = asyncio.Semaphore(self.options.replicas)
             self._task = asyncio.get_running_loop().create_task(self._run(), name="jachat-scheduler")
 
-    def check_capacity(self, priority: Priority = Priority.INTERACTIVE) -> None:
-        """Raise Overloaded when the queue is full for a call of this priority: an interactive call still finds room
-        while a batch call waits (that one is shed when the interactive call is submitted)."""
+    def check_capacity(self, priority: Priority = Priority.INTERACTIVE, tenant: str = "default") -> None:
+        """Raise Overloaded when the queue is full for a call of this priority and tenant: an interactive call still
+        finds room while a batch call waits (that one is shed when the interactive call is submitted); a tenant
+        finds none once it has max_queued_per_tenant calls waiting."""
+        mine = sum(gen.tenant == tenant for gen in self.pending)
+        if mine >= self.options.max_queued_per_tenant:
+            raise Overloaded(
+                f"{mine} calls of this tenant already wait (at most {self.options.max_queued_per_tenant}); retry "
+                f"after {self._batch_seconds:.1f} s",
+                retry_after=self._batch_seconds,
+            )
         if len(self.pending) < self.options.max_queued:
             return
         if priority is Priority.INTERACTIVE and self._sheddable() is not None:
@@ -98,7 +108,7 @@ class Scheduler:
     def submit(self, gen: Generation) -> None:
         self._ensure_started()
         assert self._arrived is not None
-        self.check_capacity(gen.priority)
+        self.check_capacity(gen.priority, gen.tenant)
         if len(self.pending) >= self.options.max_queued:  # an interactive call takes a batch call's place
             shed = self._sheddable()
             assert shed is not None
@@ -111,6 +121,9 @@ class Scheduler:
                     retry_after=self._batch_seconds,
                 ),
             )
+        with self._running_lock:
+            active = {g.tenant for g in self.running}
+        self.fair.arrived(gen, active | {g.tenant for g in self.pending})
         gen.on_finish = self._finished
         gen.observer = self.observer
         self._last_arrival = time.monotonic()
@@ -155,8 +168,8 @@ class Scheduler:
         self._queue_changed()
 
     def _waiting(self) -> list[Generation]:
-        """Waiting sequences in the order they get places: interactive calls first, each priority by arrival."""
-        return sorted(self.pending, key=lambda gen: gen.priority is Priority.BATCH)  # stable: arrival order kept
+        """Waiting sequences in the order they get places: interactive first, tenants' fair shares within each."""
+        return self.fair.order(self.pending)
 
     def _compatible(self, head: Generation) -> list[Generation]:
         batch, low, high = [head], len(head.prompt_ids), len(head.prompt_ids)
@@ -191,6 +204,7 @@ class Scheduler:
                 await asyncio.wait_for(self._arrived.wait(), start_at - now)
         for gen in batch:
             self.pending.remove(gen)
+        self.fair.started(batch)
         self._queue_changed()
         if self.observer is not None:
             now = time.monotonic()

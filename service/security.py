@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 import os
@@ -67,7 +68,8 @@ def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.Se
 
 
 class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
-    """Bearer tokens from a file, one per line (`#` starts a comment line, leading spaces allowed).
+    """Bearer tokens from a file, one per line: `TOKEN`, or `NAME TOKEN` to name the tenant that uses it (a plain
+    token's tenant is `token-` and the start of its sha256). `#` starts a comment line, leading spaces allowed.
 
     The file is re-read when it changes. A file that goes missing or holds no token keeps the current tokens (an
     operator rewriting it must not lock every client out, nor let everyone in), and says so once per change."""
@@ -77,28 +79,31 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self.on_reject = on_reject
         self._watch = _Watched(token_file)
         self._tokens: list[bytes] = []
+        self._names: list[str] = []
         self._problem: str | None = None
         self._watch.changed()
-        self._tokens = self._read()
+        self._names, self._tokens = self._read()
         if not self._tokens:
             raise ValueError(f"{self.token_file} holds no token")
 
-    def _read(self) -> list[bytes]:
-        lines = (line.strip() for line in self.token_file.read_text(encoding="utf-8").splitlines())
-        return [line.encode() for line in lines if line and not line.startswith("#")]
+    def _read(self) -> tuple[list[str], list[bytes]]:
+        lines = (line.split() for line in self.token_file.read_text(encoding="utf-8").splitlines())
+        entries = [fields for fields in lines if fields and not fields[0].startswith("#") and len(fields) <= 2]
+        names = [f[0] if len(f) == 2 else "token-" + hashlib.sha256(f[0].encode()).hexdigest()[:8] for f in entries]
+        return names, [f[-1].encode() for f in entries]
 
     def _reload(self) -> None:
         try:
             if not self._watch.changed():
                 return
-            tokens = self._read()
+            names, tokens = self._read()
         except (OSError, UnicodeDecodeError) as exc:
             self._keep(f"cannot read {self.token_file} ({exc.__class__.__name__}: {exc})")
             return
         if not tokens:
             self._keep(f"{self.token_file} holds no token")
             return
-        self._tokens, self._problem = tokens, None
+        self._names, self._tokens, self._problem = names, tokens, None
         log.info("re-read %s: %d tokens", self.token_file, len(tokens))
 
     def _keep(self, problem: str) -> None:
@@ -107,14 +112,23 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         self._problem = problem
 
     def _authorized(self, metadata: Any) -> bool:
+        return self.tenant(metadata) is not None
+
+    def tenant_or_default(self, metadata: Any) -> str:
+        """The calling tenant: its token's name (a call without a valid token never gets this far)."""
+        return self.tenant(metadata) or "default"
+
+    def tenant(self, metadata: Any) -> str | None:
+        """The name of the valid bearer token the call carries, or None."""
         values = [v for k, v in metadata or () if k == "authorization" and isinstance(v, str)]
         if len(values) != 1:
-            return False
+            return None
         scheme, _, given = values[0].partition(" ")
         if scheme.lower() != "bearer" or not given.strip():  # RFC 6750: the scheme is case-insensitive
-            return False
+            return None
         # constant time, and every token is compared, so timing reveals neither a token nor which one matched
-        return sum(hmac.compare_digest(given.strip().encode(), token) for token in self._tokens) > 0
+        matches = [hmac.compare_digest(given.strip().encode(), token) for token in self._tokens]
+        return next((name for name, match in zip(self._names, matches, strict=True) if match), None)
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails

@@ -43,8 +43,11 @@ class Generation:
         reply: ReplyAssembler,
         loop: asyncio.AbstractEventLoop,
         priority: Priority = Priority.INTERACTIVE,
+        tenant: str = "default",
     ) -> None:
         self.priority = priority
+        self.tenant = tenant
+        self.cost = len(prompt_ids) + max_new_tokens  # what it takes of its tenant's fair share
         self.prompt_ids = prompt_ids
         self.options = options
         self.max_new_tokens = max_new_tokens
@@ -124,7 +127,9 @@ class Generation:
     def record(self) -> FinishedGeneration:
         """The frozen record of how this generation ended (for metrics)."""
         assert self.finish_reason is not None
-        return FinishedGeneration(self.finish_reason, len(self.prompt_ids), self.steps, self.steps_after_cancel)
+        return FinishedGeneration(
+            self.finish_reason, len(self.prompt_ids), self.steps, self.steps_after_cancel, self.tenant
+        )
 
     def finish(self, reason: FinishReason, error: BaseException | None = None) -> None:
         """End the sequence once: release held-back text (a normal end) and tell the caller. Text released at the

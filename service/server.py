@@ -121,6 +121,9 @@ class Service:
         health_servicer = HealthServicer(settings.max_health_watchers)
         await set_serving(health_servicer, False)
         credentials, interceptors = security(settings, metrics)
+        for interceptor in interceptors:
+            if isinstance(interceptor, TokenAuthInterceptor):  # with auth, the tenant is the token's name
+                servicer.tenant_of = interceptor.tenant_or_default
         server, port = create_server(
             f"{settings.host}:{settings.port}",
             servicer,
@@ -152,6 +155,7 @@ class Service:
                 max_batch_wait=self.settings.max_batch_wait_ms / 1000,
                 batch_idle=self.settings.batch_idle_ms / 1000,
                 max_queued=self.settings.max_queued_requests,
+                max_queued_per_tenant=self.settings.max_queued_per_tenant,
                 replicas=self.settings.replicas,
                 max_prompt_length_spread=self.settings.max_prompt_length_spread,
             ),

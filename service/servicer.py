@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import import_module
@@ -24,7 +24,7 @@ from jachat.service.errors import (
     ShuttingDown,
     to_status,
 )
-from jachat.service.logs import REQUEST_ID_HEADER, request_id, request_id_from
+from jachat.service.logs import REQUEST_ID_HEADER, request_id, request_id_from, tenant_from
 from jachat.service.metrics import Metrics
 from jachat.service.preparation import ChatRequest, PreparedRequest, Prompt
 from jachat.service.protocol import (
@@ -60,6 +60,7 @@ class Call:
     """What the frame of one RPC learns while it runs (the request's priority labels its rejection)."""
 
     priority: Priority = Priority.INTERACTIVE
+    tenant: str = "default"
 
 
 class ChatServicer:
@@ -71,6 +72,8 @@ class ChatServicer:
     ) -> None:
         self.metrics = metrics
         self.max_response_bytes = max_response_bytes
+        # who the caller is: its bearer token's name (the server sets this when auth is on), else x-jachat-tenant
+        self.tenant_of: Callable[[Any], str] = tenant_from
         self.stream_write_timeout = stream_write_timeout
         self.engine: Engine | None = None
         self.draining = False
@@ -142,15 +145,16 @@ class ChatServicer:
         )
 
     async def _prepare(
-        self, request: chat_pb2.GenerateRequest | chat_pb2.GenerateStreamRequest, call: Call
+        self, request: chat_pb2.GenerateRequest | chat_pb2.GenerateStreamRequest, call: Call, context: Context
     ) -> PreparedRequest:
         """The cheap checks on the event loop, the queue's room, then preparation on the worker pool."""
         check_parsed(request)
         engine = self._engine()
         call.priority = priority_from_pb(request.priority)
+        call.tenant = self.tenant_of(context.invocation_metadata())
         turns = turns_from_pb(request.turns)
         options, explicit_max = sampling_from_pb(request.sampling, engine.info.context_length, engine.info.vocab_size)
-        engine.check_capacity(call.priority)  # a full server refuses before doing any work
+        engine.check_capacity(call.priority, call.tenant)  # a full server refuses before doing any work
         chat = ChatRequest(turns, options, explicit_max, request.drop_oldest_turns)
         return await engine.prepare(chat)
 
@@ -167,6 +171,7 @@ class ChatServicer:
                 timeout=context.time_remaining(),
                 include_stop=include_stop,
                 priority=call.priority,
+                tenant=call.tenant,
             )
             try:
                 async for item in stream:
@@ -179,7 +184,7 @@ class ChatServicer:
     async def Generate(self, request: chat_pb2.GenerateRequest, context: Context) -> chat_pb2.GenerateResponse:
         received = time.monotonic()
         async with self._rpc("Generate", context) as call:
-            prepared = await self._prepare(request, call)
+            prepared = await self._prepare(request, call, context)
             options = request.response
             parts: list[str] = []
             tokens: list[GeneratedToken] = []
@@ -205,7 +210,7 @@ class ChatServicer:
     async def GenerateStream(self, request: chat_pb2.GenerateStreamRequest, context: Context) -> None:
         received = time.monotonic()
         async with self._rpc("GenerateStream", context) as call:
-            prepared = await self._prepare(request, call)
+            prepared = await self._prepare(request, call, context)
             options = request.response
             messages = self._generate(prepared, context, options.include_stop_sequence, call)
             held: list[GeneratedToken] = []  # tokens with no text yet ride on the next message, not one of their own

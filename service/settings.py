@@ -67,6 +67,13 @@ class Settings:
             "(0: auto, one per CPU core up to 4 on CPU, 1 on GPU)"
         ),
     )
+    max_queued_per_tenant: int = field(
+        default=64,
+        metadata=_opt(
+            "requests one tenant may have waiting (its token's name, or x-jachat-tenant without auth), so no tenant "
+            "fills the queue; more get RESOURCE_EXHAUSTED"
+        ),
+    )
     max_prompt_length_spread: int = field(
         default=64,
         metadata=_opt(

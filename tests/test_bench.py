@@ -114,3 +114,22 @@ def test_the_open_loop_keeps_at_most_the_concurrency_in_flight(server: InProcess
     report = asyncio.run(run_grpc(server.target, workload, concurrency=2, requests=12, rate=1000.0))
     assert report.requests == 12 and report.errors == {}
     assert report.max_in_flight == 2  # arrivals every millisecond, calls of tens: the bound is what holds them
+
+
+def test_bench_fairness_reports_both_floods(model_f32: Path, tmp_path: Path) -> None:
+    output = tmp_path / "fairness.json"
+    command = ["jachat-bench", "fairness", "--model", str(model_f32), "--flood", "6", "--few", "2", "--tokens", "8"]
+    result = subprocess.run([*command, "-o", str(output)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    report = json.loads(output.read_text())["fairness"]
+    for scenario in ("tenants", "priorities"):
+        figures = report[scenario]
+        assert set(figures) == {
+            "light_alone_ttft_p50_s",
+            "light_under_flood_ttft_p50_s",
+            "light_under_flood_ttft_max_s",
+            "flood_ttft_p50_s",
+            "flood_ttft_max_s",
+        }
+        assert all(value > 0 for value in figures.values())
+    assert "tenant B under tenant A's flood" in result.stdout and "interactive under a batch flood" in result.stdout

@@ -267,3 +267,53 @@ def test_an_interactive_call_sheds_a_queued_batch_call_from_the_full_queue(singl
     assert moved['jachat_finished_total{reason="shed"}'] == 1
     assert moved['jachat_rejected_total{priority="batch",reason="overloaded"}'] == 1
     assert moved['jachat_queue_duration_seconds_count{priority="interactive"}'] >= 2
+
+
+def test_tenants_are_named_by_their_token_or_header_and_share_the_server_fairly(
+    model_f32: Path, tmp_path: Path
+) -> None:
+    """With auth the tenant is the token's name (a plain token's is token- and its sha256's start); without it,
+    x-jachat-tenant. On one replica with batches of 4, tenant A floods 16 calls, then B sends 2: B's calls start in
+    the next batch, so they end while A still has calls to run."""
+    import hashlib
+
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice secret-a\nbob secret-b\nplain-token\n")
+    flags = ("--replicas", "1", "--max-batch-size", "4", "--max-queued-per-tenant", "32")
+    with serving(model_f32, "--auth-token-file", str(tokens), *flags) as server, server.channel() as channel:
+        stub = server.stub(channel)
+        for secret in ("secret-a", "secret-b", "plain-token"):
+            stub.Generate(
+                chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=fixed(3)),
+                metadata=(("authorization", f"Bearer {secret}"),),
+                timeout=30,
+            )
+        counted = server.scrape()
+        plain = "token-" + hashlib.sha256(b"plain-token").hexdigest()[:8]
+        for tenant in ("alice", "bob", plain):
+            assert counted[f'jachat_tenant_generated_tokens_total{{tenant="{tenant}"}}'] == 3
+
+    with serving(model_f32, *flags) as server:
+
+        async def scenario() -> list[str]:
+            finished: list[str] = []
+            async with grpc.aio.insecure_channel(server.target) as channel:
+                stub = chat_pb2_grpc.ChatServiceStub(channel)
+
+                async def call(tenant: str, i: int) -> None:
+                    request = chat_pb2.GenerateRequest(turns=[user(f"{tenant}{i}")], sampling=fixed(300))
+                    await stub.Generate(request, metadata=(("x-jachat-tenant", tenant),), timeout=120)
+                    finished.append(tenant)
+
+                batches = server.scrape()["jachat_batch_size_count"]
+                flood = [asyncio.ensure_future(call("a", i)) for i in range(16)]
+                await until(lambda: server.scrape()["jachat_batch_size_count"] > batches)  # A's first batch runs
+                await until(lambda: server.scrape()["jachat_queue_size"] >= 12)
+                light = [asyncio.ensure_future(call("b", i)) for i in range(2)]
+                await asyncio.gather(*flood, *light)
+            return finished
+
+        order = asyncio.run(scenario())
+        assert order.count("b") == 2 and order.count("a") == 16
+        assert max(i for i, tenant in enumerate(order) if tenant == "b") < 10, order  # not behind A's 16
+        assert server.scrape()['jachat_tenant_generated_tokens_total{tenant="b"}'] == 600

@@ -224,6 +224,19 @@ def build() -> dashboard.Dashboard:
         ),
         (
             series(
+                "Output tokens/s by tenant",
+                "short",
+                [
+                    query(
+                        f"sum by (tenant) (rate(jachat_tenant_generated_tokens_total{{{POD}}}[{RATE}]))", "{{tenant}}"
+                    ),
+                ],
+                "Each tenant's share of the generated tokens (the first 32 tenants a pod sees; the rest as other).",
+            ),
+            8,
+        ),
+        (
+            series(
                 "Time to first token p99 by pod",
                 "s",
                 [

@@ -79,13 +79,15 @@ def sequence(
     max_new_tokens: int = 4,
     deadline: float | None = None,
     priority: Priority = Priority.INTERACTIVE,
+    tenant: str = "default",
 ) -> Generation:
     """A sequence whose prompt starts with piece `name` (its identity in FakeGenerator.batches)."""
     prompt = [name] + [600] * (length - 1)
     reply = ReplyAssembler(options.stop, TURN_MARKERS)
     loop = asyncio.get_running_loop()
     decoder = tokenizer.decoder()
-    return Generation(prompt, options, max_new_tokens, deadline, tokenizer.eos_id, decoder, reply, loop, priority)
+    eos = tokenizer.eos_id
+    return Generation(prompt, options, max_new_tokens, deadline, eos, decoder, reply, loop, priority, tenant)
 
 
 async def finished(gen: Generation) -> FinishReason | None:
@@ -330,3 +332,60 @@ def test_a_full_queue_sheds_the_newest_batch_call_for_an_interactive_one(
         assert names(tokenizer, 102)[0] not in [p for batch in fake.batches for p in batch]
 
     run(scenario)
+
+
+def test_a_tenant_that_floods_the_queue_does_not_hold_back_another_tenants_calls(
+    tokenizer: Tokenizer, run: Callable[..., Any]
+) -> None:
+    async def scenario(make: Callable[..., Scheduler]) -> None:
+        fake = FakeGenerator(token=700)
+        fake.release.clear()
+        scheduler = make(SchedulerOptions(replicas=1, max_batch_size=8, max_queued_per_tenant=64), fake)
+        flood = [sequence(tokenizer, 1000 + i, tenant="a") for i in range(48)]
+        scheduler.submit(flood[0])
+        await asyncio.get_running_loop().run_in_executor(None, fake.started.wait)  # A's first call runs
+        for gen in flood[1:]:
+            scheduler.submit(gen)
+        few = [sequence(tokenizer, 2000 + i, tenant="b") for i in range(4)]
+        for gen in few:  # B arrives after all 47 of A's waiting calls
+            scheduler.submit(gen)
+        fake.release.set()
+        for gen in flood + few:
+            assert await finished(gen) is FinishReason.LENGTH
+        second = fake.batches[1]
+        assert set(names(tokenizer, *(2000 + i for i in range(4)))) <= set(second)  # the very next batch
+        assert len(fake.batches) == 1 + 51 // 8 + 1  # nothing was lost or run twice
+
+    run(scenario)
+
+
+def test_each_tenant_has_its_own_queue_limit(tokenizer: Tokenizer, run: Callable[..., Any]) -> None:
+    async def scenario(make: Callable[..., Scheduler]) -> None:
+        fake = FakeGenerator(token=700)
+        fake.release.clear()
+        scheduler = make(SchedulerOptions(replicas=1, max_queued=10, max_queued_per_tenant=2), fake)
+        running = sequence(tokenizer, 100, tenant="a")
+        scheduler.submit(running)
+        await asyncio.get_running_loop().run_in_executor(None, fake.started.wait)
+        waiting = [sequence(tokenizer, 101, tenant="a"), sequence(tokenizer, 102, tenant="a")]
+        for gen in waiting:
+            scheduler.submit(gen)
+        with pytest.raises(Overloaded, match="of this tenant already wait"):
+            scheduler.submit(sequence(tokenizer, 103, tenant="a"))
+        other = sequence(tokenizer, 104, tenant="b")
+        scheduler.submit(other)  # another tenant still finds room
+        fake.release.set()
+        for gen in (running, *waiting, other):
+            assert await finished(gen) is FinishReason.LENGTH
+
+    run(scenario)
+
+
+def test_a_tenant_back_from_idle_gets_its_share_not_a_burst() -> None:
+    from jachat.service.fairness import FairOrder
+
+    order = FairOrder()
+    order.served = {"a": 5000.0, "b": 5200.0, "c": 10.0}  # c was busy long ago
+    newcomer = SimpleNamespace(tenant="c")
+    order.arrived(newcomer, active={"a", "b"})  # type: ignore[arg-type]  # only its tenant is read
+    assert order.served["c"] == 5000.0  # starts level with the least served active tenant

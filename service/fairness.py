@@ -1,0 +1,58 @@
+"""Who gets the next free place in a batch: priority first, then a fair share between tenants.
+
+- Interactive calls go before batch calls; within a priority, tenants share places fairly by tokens (start-time fair
+  queueing, an equivalent of deficit round robin): each tenant's *served* count grows by the cost of every request of
+  its that starts (prompt tokens + max_new_tokens), and the next place goes to the tenant that has been served least;
+  a tenant's own requests keep their arrival order. So a tenant that floods the queue does not delay another's few
+  calls by more than about one batch.
+- A tenant that comes back after being idle starts at the least served active tenant's count, not at its old low
+  one: it gets its share from now on, not a burst that makes up for the time it sent nothing.
+- Memory is bounded: the counts of tenants with nothing queued or running are forgotten once more than
+  MAX_REMEMBERED are kept.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Sequence
+
+from jachat.service.results import Priority
+from jachat.service.sequence import Generation
+
+MAX_REMEMBERED = 1024
+
+
+class FairOrder:
+    def __init__(self) -> None:
+        self.served: dict[str, float] = {}
+
+    def order(self, waiting: Sequence[Generation]) -> list[Generation]:
+        """The waiting sequences in the order they get places."""
+        ordered: list[Generation] = []
+        for priority in (Priority.INTERACTIVE, Priority.BATCH):
+            queues: dict[str, deque[Generation]] = {}
+            for gen in waiting:  # arrival order
+                if gen.priority is priority:
+                    queues.setdefault(gen.tenant, deque()).append(gen)
+            virtual = {tenant: self.served.get(tenant, 0.0) for tenant in queues}
+            while queues:
+                tenant = min(queues, key=lambda t: (virtual[t], queues[t][0].arrived))
+                gen = queues[tenant].popleft()
+                ordered.append(gen)
+                virtual[tenant] += gen.cost
+                if not queues[tenant]:
+                    del queues[tenant]
+        return ordered
+
+    def arrived(self, gen: Generation, active: Iterable[str]) -> None:
+        """A request arrived; `active`: the tenants with requests queued or running before it."""
+        active = set(active)
+        if gen.tenant not in active and active:
+            floor = min(self.served.get(tenant, 0.0) for tenant in active)
+            self.served[gen.tenant] = max(self.served.get(gen.tenant, 0.0), floor)
+        if len(self.served) > MAX_REMEMBERED:
+            self.served = {t: n for t, n in self.served.items() if t in active or t == gen.tenant}
+
+    def started(self, batch: Iterable[Generation]) -> None:
+        for gen in batch:
+            self.served[gen.tenant] = self.served.get(gen.tenant, 0.0) + gen.cost
