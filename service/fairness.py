@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import heapq
 from collections import deque
 from collections.abc import Iterable, Sequence
 
@@ -34,14 +35,16 @@ class FairOrder:
             for gen in waiting:  # arrival order
                 if gen.priority is priority:
                     queues.setdefault(gen.tenant, deque()).append(gen)
-            virtual = {tenant: self.served.get(tenant, 0.0) for tenant in queues}
-            while queues:
-                tenant = min(queues, key=lambda t: (virtual[t], queues[t][0].arrived))
+            # a heap of (tenant's served tokens so far, its oldest call's arrival, tenant): O(n log tenants) on the
+            # event loop, however many tenants a client invents
+            heap = [(self.served.get(t, 0.0), q[0].arrived, t) for t, q in queues.items()]
+            heapq.heapify(heap)
+            while heap:
+                served, _, tenant = heapq.heappop(heap)
                 gen = queues[tenant].popleft()
                 ordered.append(gen)
-                virtual[tenant] += gen.cost
-                if not queues[tenant]:
-                    del queues[tenant]
+                if queues[tenant]:
+                    heapq.heappush(heap, (served + gen.cost, queues[tenant][0].arrived, tenant))
         return ordered
 
     def arrived(self, gen: Generation, active: Iterable[str]) -> None:
