@@ -61,6 +61,9 @@ class Call:
 
     priority: Priority = Priority.INTERACTIVE
     tenant: str = "default"
+    # the engine's pieces, taken when the call starts: a call in flight keeps them through a drain, when _engine()
+    # refuses new work
+    pieces: Sequence[str] = ()
 
 
 class ChatServicer:
@@ -155,6 +158,7 @@ class ChatServicer:
         turns = turns_from_pb(request.turns)
         options, explicit_max = sampling_from_pb(request.sampling, engine.info.context_length, engine.info.vocab_size)
         engine.check_capacity(call.priority, call.tenant)  # a full server refuses before doing any work
+        call.pieces = engine.tokenizer.pieces
         chat = ChatRequest(turns, options, explicit_max, request.drop_oldest_turns)
         return await engine.prepare(chat)
 
@@ -201,7 +205,7 @@ class ChatServicer:
                     text="".join(parts),
                     finish_reason=FINISH_REASONS[completion.finish_reason],
                     usage=usage_to_pb(completion, prepared.prompt.dropped_turns),
-                    tokens=tokens_to_pb(tokens, self._pieces(), options.token_logprobs),
+                    tokens=tokens_to_pb(tokens, call.pieces, options.token_logprobs),
                     stop_sequence=completion.stop_sequence,
                     timing=timing_to_pb(received, completion),
                 )
@@ -220,7 +224,7 @@ class ChatServicer:
                         held.extend(item.tokens)
                         continue
                     own = item.tokens if isinstance(item, Delta) else ()
-                    tokens = tokens_to_pb([*held, *own], self._pieces(), options.token_logprobs)
+                    tokens = tokens_to_pb([*held, *own], call.pieces, options.token_logprobs)
                     held = []
                     if isinstance(item, Completion):
                         message = chat_pb2.GenerateStreamResponse(
@@ -235,9 +239,6 @@ class ChatServicer:
                     await self._write(context, message)
             finally:
                 await messages.aclose()
-
-    def _pieces(self) -> list[str]:
-        return self._engine().tokenizer.pieces
 
     async def _write(self, context: Context, message: chat_pb2.GenerateStreamResponse) -> None:
         """Send one stream message; a client that reads nothing for stream_write_timeout seconds (its flow-control

@@ -210,11 +210,11 @@ def test_sigterm_drain_finishes_short_calls_ends_long_ones_and_exits_zero(model_
         health = health_stub(channel)
 
         def stream(name: str, tokens: int) -> None:
-            # unary: a streaming client would spend this process's time on thousands of messages, and the checks
-            # below have only the 0.5 s grace to run in
-            request = chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(tokens, min_new_tokens=tokens))
+            request = chat_pb2.GenerateStreamRequest(
+                turns=[user("やあ")], sampling=greedy(tokens, min_new_tokens=tokens)
+            )
             try:
-                outcomes[name] = stub.Generate(request, timeout=30).usage.completion_tokens
+                outcomes[name] = list(stub.GenerateStream(request, timeout=30))[-1].usage.completion_tokens
             except grpc.RpcError as exc:
                 outcomes[name] = exc.code()
 
@@ -332,3 +332,37 @@ def test_start_up_failures_exit_with_one_clear_line(
         port = taken.getsockname()[1]
         line = _serve_and_fail(model_f32, port=port)
     assert str(port) in line
+
+
+def test_a_stream_in_flight_at_sigterm_finishes_within_the_grace(model_f32: Path) -> None:
+    """The drain refuses new calls, not the messages of calls already running (each message of a stream still needs
+    the model's pieces for its tokens)."""
+    import threading
+
+    from tests.helpers import greedy
+
+    server = start(model_f32, "--grace-seconds", "30", process=True)  # SIGTERM: a real process
+    received: list[chat_pb2.GenerateStreamResponse] = []
+    errors: list[grpc.RpcError] = []
+    started = threading.Event()
+    with grpc.insecure_channel(server.target) as channel:
+        request = chat_pb2.GenerateStreamRequest(turns=[user("やあ")], sampling=greedy(1500, min_new_tokens=1500))
+
+        def read() -> None:
+            try:
+                for message in server.stub(channel).GenerateStream(request, timeout=60):
+                    received.append(message)
+                    started.set()
+            except grpc.RpcError as exc:
+                errors.append(exc)
+                started.set()
+
+        reader = threading.Thread(target=read)
+        reader.start()
+        assert started.wait(30)
+        server.process.terminate()
+        reader.join(60)
+    assert not errors, errors
+    assert received[-1].usage.completion_tokens == 1500
+    assert sum(len(m.tokens) for m in received) == 1500
+    assert server.process.wait(30) == 0
