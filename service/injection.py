@@ -20,7 +20,7 @@ A turn that cannot be made safe is refused (INVALID_ARGUMENT) rather than sent t
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from jachat.service.errors import FieldViolation, InvalidRequest
@@ -66,10 +66,11 @@ class TurnGuard:
             COLON_CANDIDATES, lambda c: [f"{NEWLINE}{s.value}{c}" for s in Speaker], tuple(self.markers.values())
         )
 
-    def _first_safe(self, candidates: Sequence[str], probes: object, forbidden: Sequence[Sequence[int]]) -> str:
+    def _first_safe(
+        self, candidates: Sequence[str], probes: Callable[[str], list[str]], forbidden: Sequence[Sequence[int]]
+    ) -> str:
         for candidate in candidates:
-            texts = probes(candidate)  # type: ignore[operator]
-            if all(find(self.tokenizer.encode(t), f) < 0 for t in texts for f in forbidden):
+            if all(find(self.tokenizer.encode(t), f) < 0 for t in probes(candidate) for f in forbidden):
                 return candidate
         raise ValueError(  # no candidate survives: this tokenizer cannot be guarded, so it is not served
             f"{self.tokenizer.path}: its normalization rule ({self.tokenizer.normalization_rule}) turns every "
@@ -84,15 +85,13 @@ class TurnGuard:
         """The turn's text and ids, with no marker inside; InvalidRequest (naming turns[index].text) if that
         cannot be reached."""
         text = render_turn(turn, self.newline, self.colon)
-        ids = self.tokenizer.encode(text)
-        for _ in range(MAX_REWRITES):
+        for rewrites in range(MAX_REWRITES + 1):
+            ids = self.tokenizer.encode(text)
             hit = self._marker_at(ids)
             if hit is None:
                 return RenderedTurn(text, ids)
-            text = self._rewrite(text, *hit)
-            ids = self.tokenizer.encode(text)
-        if self._marker_at(ids) is None:
-            return RenderedTurn(text, ids)
+            if rewrites < MAX_REWRITES:
+                text = self._rewrite(text, *hit)
         raise InvalidRequest(
             [FieldViolation(f"turns[{index}].text", "contains a turn boundary (a line starting with a speaker label)")]
         )

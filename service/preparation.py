@@ -121,8 +121,7 @@ class Preparer:
 
     def prompt(self, turns: Sequence[Turn]) -> Prompt:
         """The whole conversation as the model sees it (Tokenize)."""
-        rendered = self._render(turns, range(len(turns)))
-        return self._join(rendered, 0)
+        return self._join(self._render(turns), 0)
 
     def prepare_now(self, request: ChatRequest) -> PreparedRequest:
         """Render, encode and fit one generation request (on a worker thread)."""
@@ -130,7 +129,7 @@ class Preparer:
         if request.drop_oldest_turns:
             first, rendered = self._cut(turns, options.max_new_tokens)
         else:
-            first, rendered = 0, self._render(turns, range(len(turns)))
+            first, rendered = 0, self._render(turns)
         prompt = self._join(rendered, first)
         while request.drop_oldest_turns and len(prompt.ids) + options.max_new_tokens > self.context_length:
             if len(rendered) == 1:
@@ -139,17 +138,18 @@ class Preparer:
             prompt = self._join(rendered, first)
         return PreparedRequest(prompt, options, self._max_new_tokens(len(prompt.ids), request))
 
-    def _render(self, turns: Sequence[Turn], indices: range) -> list[RenderedTurn]:
+    def _render(self, turns: Sequence[Turn]) -> list[RenderedTurn]:
+        """Every turn rendered and encoded once, within the request's token budget and each under the context."""
         rendered, total = [], 0
-        for i in indices:
-            turn = self.guard.render(turns[i], i)
+        for i, original in enumerate(turns):
+            turn = self.guard.render(original, i)
             total += len(turn.ids)
             if total > MAX_REQUEST_TOKENS:
                 raise InvalidRequest(
                     [FieldViolation("turns", f"more than {MAX_REQUEST_TOKENS} tokens in all; too long to serve")]
                 )
             rendered.append(turn)
-        self._check_turn_lengths(rendered, indices.start)
+        self._check_turn_lengths(rendered, 0)
         return rendered
 
     def _check_turn_lengths(self, rendered: Sequence[RenderedTurn], first: int) -> None:

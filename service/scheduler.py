@@ -171,12 +171,12 @@ class Scheduler:
         """Waiting sequences in the order they get places: interactive first, tenants' fair shares within each."""
         return self.fair.order(self.pending)
 
-    def _compatible(self, head: Generation) -> list[Generation]:
+    def _compatible(self, waiting: list[Generation]) -> list[Generation]:
+        """The batch `waiting[0]` heads: the waiting sequences after it, in order, that can share its call."""
+        head = waiting[0]
         batch, low, high = [head], len(head.prompt_ids), len(head.prompt_ids)
         spread = 0 if head.exact_length else self.options.max_prompt_length_spread
-        for gen in self._waiting():
-            if gen is head:
-                continue
+        for gen in waiting[1:]:
             if len(batch) >= self.options.max_batch_size:
                 break
             length = len(gen.prompt_ids)
@@ -193,9 +193,9 @@ class Scheduler:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            head = self._waiting()[0]
-            batch = self._compatible(head)
+            batch = self._compatible(self._waiting())
             now = time.monotonic()
+            head = batch[0]
             start_at = min(head.arrived + self.options.max_batch_wait, self._last_arrival + self.options.batch_idle)
             if len(batch) >= self.options.max_batch_size or now >= start_at:
                 break

@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
@@ -64,6 +64,7 @@ class Call:
     # the engine's pieces, taken when the call starts: a call in flight keeps them through a drain, when _engine()
     # refuses new work
     pieces: Sequence[str] = ()
+    received: float = field(default_factory=time.monotonic)  # the server's receipt of the call (Timing's origin)
 
 
 class ChatServicer:
@@ -186,7 +187,6 @@ class ChatServicer:
             self.metrics.running.dec()
 
     async def Generate(self, request: chat_pb2.GenerateRequest, context: Context) -> chat_pb2.GenerateResponse:
-        received = time.monotonic()
         async with self._rpc("Generate", context) as call:
             prepared = await self._prepare(request, call, context)
             options = request.response
@@ -207,12 +207,11 @@ class ChatServicer:
                     usage=usage_to_pb(completion, prepared.prompt.dropped_turns),
                     tokens=tokens_to_pb(tokens, call.pieces, options.token_logprobs),
                     stop_sequence=completion.stop_sequence,
-                    timing=timing_to_pb(received, completion),
+                    timing=timing_to_pb(call.received, completion),
                 )
         raise AssertionError("engine stream ended without a Completion")  # pragma: no cover
 
     async def GenerateStream(self, request: chat_pb2.GenerateStreamRequest, context: Context) -> None:
-        received = time.monotonic()
         async with self._rpc("GenerateStream", context) as call:
             prepared = await self._prepare(request, call, context)
             options = request.response
@@ -232,7 +231,7 @@ class ChatServicer:
                             finish_reason=FINISH_REASONS[item.finish_reason],
                             usage=usage_to_pb(item, prepared.prompt.dropped_turns),
                             stop_sequence=item.stop_sequence,
-                            timing=timing_to_pb(received, item),
+                            timing=timing_to_pb(call.received, item),
                         )
                     else:
                         message = chat_pb2.GenerateStreamResponse(text=item.text, tokens=tokens)
