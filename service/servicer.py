@@ -115,9 +115,13 @@ class ChatServicer:
             yield call
         except grpc.aio.AbortError:  # the status is already set
             raise
-        except (asyncio.CancelledError, GeneratorExit):  # the client cancelled, went away, or its deadline passed
+        except (asyncio.CancelledError, GeneratorExit, _CALL_OVER) as exc:
+            # the client cancelled, went away, or its deadline passed; gRPC says so with its own error when the call
+            # is touched (written to, its metadata sent) after it ended, often before context.cancelled() knows
             expired = deadline is not None and time.monotonic() + DEADLINE_SLACK >= deadline
             code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+            if isinstance(exc, _CALL_OVER):
+                raise asyncio.CancelledError from None
             raise
         except Exception as exc:
             if not isinstance(exc, JachatError):
@@ -128,7 +132,10 @@ class ChatServicer:
             # abort() sends the status before it raises: record the outcome first, so no caller sees it earlier
             self._record(name, status.code, started)
             code = None
-            await context.abort(status.code, status.details, status.trailing_metadata)
+            try:
+                await context.abort(status.code, status.details, status.trailing_metadata)
+            except _CALL_OVER:  # it ended first (gRPC's deadline beat ours): there is no one to tell
+                raise asyncio.CancelledError from None
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
@@ -248,10 +255,6 @@ class ChatServicer:
             raise DeadlineExceeded(
                 f"the client read nothing for {self.stream_write_timeout:g} s; the stream was ended"
             ) from None
-        except _CALL_OVER:
-            # gRPC refuses a write on a call the client already cancelled (or whose deadline passed), often before
-            # context.cancelled() says so; its own streaming path reads this error the same way: the caller left
-            raise asyncio.CancelledError from None
 
     async def Tokenize(self, request: chat_pb2.TokenizeRequest, context: Context) -> chat_pb2.TokenizeResponse:
         async with self._rpc("Tokenize", context):
