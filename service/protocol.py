@@ -12,7 +12,7 @@ from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
 
 from jachat.service.errors import FieldViolation, InvalidRequest
-from jachat.service.preparation import MAX_TURNS
+from jachat.service.preparation import MAX_TURNS, Prompt
 from jachat.service.prompt import Speaker, Turn
 from jachat.service.results import Completion, FinishReason, GeneratedToken, Priority
 from jachat.service.sampling import SamplingOptions
@@ -138,6 +138,25 @@ def timing_to_pb(received: float, completion: Completion) -> chat_pb2.Timing:
         queued=_duration(started - received),
         time_to_first_token=_duration(max(first, started) - received),
         total=_duration(max(end, first, started) - received),
+    )
+
+
+def tokenize_response(prompt: Prompt, pieces: Sequence[str], max_bytes: int) -> chat_pb2.TokenizeResponse:
+    """Tokenize's reply, refused before it is built when it could exceed `max_bytes` (per token at most 8 bytes of
+    framing and id besides its piece)."""
+    size = len(prompt.text.encode()) + sum(len(pieces[i].encode()) + 8 for i in prompt.ids) + 64
+    if size > max_bytes:
+        raise InvalidRequest(
+            [
+                FieldViolation(
+                    "turns",
+                    f"the reply would take up to {size} bytes ({len(prompt.ids)} tokens); at most {max_bytes} can "
+                    "be sent",
+                )
+            ]
+        )
+    return chat_pb2.TokenizeResponse(
+        token_count=len(prompt.ids), pieces=[pieces[i] for i in prompt.ids], token_ids=prompt.ids, prompt=prompt.text
     )
 
 

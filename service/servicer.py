@@ -17,8 +17,6 @@ import grpc
 from jachat.service.engine import Engine
 from jachat.service.errors import (
     DeadlineExceeded,
-    FieldViolation,
-    InvalidRequest,
     JachatError,
     ModelNotReady,
     ShuttingDown,
@@ -26,7 +24,7 @@ from jachat.service.errors import (
 )
 from jachat.service.logs import REQUEST_ID_HEADER, request_id, request_id_from, tenant_from
 from jachat.service.metrics import Metrics
-from jachat.service.preparation import ChatRequest, PreparedRequest, Prompt
+from jachat.service.preparation import ChatRequest, PreparedRequest
 from jachat.service.protocol import (
     FINISH_REASONS,
     SAMPLING_DEFAULTS,
@@ -35,6 +33,7 @@ from jachat.service.protocol import (
     sampling_from_pb,
     sampling_to_pb,
     timing_to_pb,
+    tokenize_response,
     tokens_to_pb,
     turns_from_pb,
     usage_to_pb,
@@ -261,29 +260,9 @@ class ChatServicer:
             check_parsed(request)
             engine = self._engine()
             prompt = await engine.tokenize(turns_from_pb(request.turns))
-            return await engine.offload(lambda: self._tokenize_response(prompt, engine.tokenizer.pieces))
+            pieces, limit = engine.tokenizer.pieces, self.max_response_bytes
+            return await engine.offload(lambda: tokenize_response(prompt, pieces, limit))
         raise AssertionError("unreachable")  # pragma: no cover
-
-    def _tokenize_response(self, prompt: Prompt, pieces: Sequence[str]) -> chat_pb2.TokenizeResponse:
-        """Tokenize's reply, refused before it is built when it could exceed the message limit (per token at most
-        8 bytes of framing and id besides its piece)."""
-        size = len(prompt.text.encode()) + sum(len(pieces[i].encode()) + 8 for i in prompt.ids) + 64
-        if size > self.max_response_bytes:
-            raise InvalidRequest(
-                [
-                    FieldViolation(
-                        "turns",
-                        f"the reply would take up to {size} bytes ({len(prompt.ids)} tokens); at most "
-                        f"{self.max_response_bytes} can be sent",
-                    )
-                ]
-            )
-        return chat_pb2.TokenizeResponse(
-            token_count=len(prompt.ids),
-            pieces=[pieces[i] for i in prompt.ids],
-            token_ids=prompt.ids,
-            prompt=prompt.text,
-        )
 
     async def GetModelInfo(
         self, request: chat_pb2.GetModelInfoRequest, context: Context
