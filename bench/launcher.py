@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -17,6 +18,13 @@ import grpc
 from grpc_health.v1 import health_pb2_grpc
 
 from jachat.v1 import chat_pb2_grpc
+
+
+def free_port() -> int:
+    """A loopback port free now (for --http-port, where 0 means off rather than any port)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
 
 
 def scrape_metrics(port: int) -> dict[str, float]:
@@ -64,6 +72,7 @@ class ServerProcess(LoopbackServer):
     port: int
     metrics_port: int
     log: list[str] = field(default_factory=list)
+    http_port: int | None = None  # the OpenAI-compatible HTTP API's, when --http-port turned it on
 
     def alive(self) -> bool:
         return self.process.poll() is None
@@ -112,6 +121,8 @@ def spawn(model: Path, *args: str, timeout: float = 120.0) -> ServerProcess:
             lines.append(line)
             if m := re.search(r"listening on .*:(\d+) \(metrics on (\d+)\)", line):
                 ports["grpc"], ports["metrics"] = int(m.group(1)), int(m.group(2))
+            if m := re.search(r"HTTP API on .*:(\d+)", line):
+                ports["http"] = int(m.group(1))
             if "serving" in line and " on port " in line:
                 ready.set()
 
@@ -121,4 +132,4 @@ def spawn(model: Path, *args: str, timeout: float = 120.0) -> ServerProcess:
         if process.poll() is not None or time.monotonic() > deadline:
             process.kill()
             raise RuntimeError("jachat-serve did not start:\n" + "".join(lines))
-    return ServerProcess(process, ports["grpc"], ports["metrics"], lines)
+    return ServerProcess(process, ports["grpc"], ports["metrics"], lines, ports.get("http"))

@@ -224,6 +224,7 @@ class Engine:
                 started_at=gen.started_at,
                 first_token_at=gen.first_token_at,
                 finished_at=gen.finished_at,
+                batch_size=gen.batch_size,
             )
         finally:
             if gen.finish_reason is None:

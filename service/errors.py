@@ -1,7 +1,10 @@
-"""The service's errors and the one place that maps them to gRPC status codes."""
+"""The service's errors and the one place that maps them to statuses: gRPC status codes, and the HTTP API's statuses
+with OpenAI's error shape."""
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import grpc
@@ -76,6 +79,14 @@ class DeadlineExceeded(JachatError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
 
+class Unauthenticated(JachatError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class NotFound(JachatError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
 class EngineFailure(JachatError):
     """Generation failed inside the engine; details are logged, not sent."""
 
@@ -108,3 +119,64 @@ def to_status(exc: BaseException) -> grpc.Status:
         status.details.add().Pack(retry)
     result: grpc.Status = rpc_status.to_status(status)
     return result
+
+
+# The HTTP API's statuses: Google's mapping of the gRPC codes, and OpenAI's error type and code for each.
+HTTP_STATUSES = {
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.INTERNAL: 500,
+}
+_OPENAI_ERRORS = {  # HTTP status -> (error.type, error.code)
+    400: ("invalid_request_error", None),
+    401: ("invalid_request_error", "invalid_api_key"),
+    404: ("invalid_request_error", "model_not_found"),
+    413: ("invalid_request_error", "request_too_large"),
+    429: ("rate_limit_error", "rate_limit_exceeded"),
+    500: ("server_error", None),
+    503: ("server_error", "service_unavailable"),
+    504: ("timeout_error", "timeout"),
+}
+
+
+@dataclass(frozen=True)
+class HttpError:
+    """What the HTTP API answers for an error, in OpenAI's shape; `code` is the gRPC code name the metrics use."""
+
+    status: int
+    code: str
+    message: str
+    kind: str
+    error_code: str | None
+    param: str | None = None
+    retry_after: int | None = None  # whole seconds, for the Retry-After header
+
+    def body(self) -> dict[str, object]:
+        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.error_code}}
+
+
+def to_http(exc: BaseException, rename: Callable[[str], str] = str) -> HttpError:
+    """The HTTP answer for exc; `rename` spells an invalid request's field as the API names it. Anything that is
+    not a JachatError is a bug: 500 without its text."""
+    if not isinstance(exc, JachatError):
+        return http_error(500, "INTERNAL", "internal error")
+    if isinstance(exc, InvalidRequest):
+        shown = exc.violations[:MAX_MESSAGE_VIOLATIONS]
+        message = "; ".join(f"{rename(v.field)}: {v.description}"[:MAX_DESCRIPTION] for v in shown)
+        more = len(exc.violations) - len(shown)
+        message += f" (and {more} more violations)" if more > 0 else ""
+        param = rename(exc.violations[0].field) if exc.violations else None
+        return http_error(400, exc.code.name, message, param)
+    retry = max(1, math.ceil(exc.retry_after)) if isinstance(exc, Overloaded) else None
+    return http_error(HTTP_STATUSES.get(exc.code, 500), exc.code.name, str(exc), retry_after=retry)
+
+
+def http_error(
+    status: int, code: str, message: str, param: str | None = None, retry_after: int | None = None
+) -> HttpError:
+    kind, error_code = _OPENAI_ERRORS.get(status, ("server_error", None))
+    return HttpError(status, code, message, kind, error_code, param, retry_after)

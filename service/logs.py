@@ -8,6 +8,7 @@ written in the request's task carries it, and the scheduler copies it into the r
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import re
@@ -39,6 +40,14 @@ def tenant_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
         if key.lower() == TENANT_HEADER and isinstance(value, str) and _SAFE_TENANT.fullmatch(value):
             return value
     return "default"
+
+
+def tenant_from_user(user: str) -> str:
+    """The tenant an HTTP caller names in the body's `user` (when auth is off): itself when it is a safe label,
+    else a stable digest of it (a user id may be an e-mail address or worse; labels and logs get no raw text)."""
+    if _SAFE_TENANT.fullmatch(user):
+        return user
+    return "user-" + hashlib.sha256(user.encode()).hexdigest()[:8]
 
 
 def request_id_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:

@@ -42,6 +42,7 @@ LOOP_LAG_INTERVAL = 0.05  # seconds between two samples
 # finished_total{reason} and rejected_total{reason} label values
 FINISH_REASONS = tuple(reason.value for reason in FinishReason)
 REJECT_REASONS = ("invalid", "overloaded", "unavailable", "unauthenticated")
+APIS = ("grpc", "http")  # the api label: which front end took the call
 
 
 class Metrics:
@@ -49,12 +50,15 @@ class Metrics:
         self.registry = registry
         r = registry
         self.requests = Counter(
-            "jachat_requests", "Finished RPCs by method and gRPC status code.", ["rpc", "code"], registry=r
+            "jachat_requests",
+            "Finished calls by API (grpc, http), method and status code (gRPC code names for both APIs).",
+            ["api", "rpc", "code"],
+            registry=r,
         )
         self.request_duration = Histogram(
             "jachat_request_duration_seconds",
-            "Time from receiving an RPC to its end.",
-            ["rpc"],
+            "Time from receiving a call to its end, by API and method.",
+            ["api", "rpc"],
             buckets=DURATION_BUCKETS,
             registry=r,
         )
@@ -93,8 +97,8 @@ class Metrics:
         self.finished = Counter("jachat_finished", "Generations by how they ended.", ["reason"], registry=r)
         self.rejected = Counter(
             "jachat_rejected",
-            "Requests refused before any generation (or shed from the queue), by reason and priority.",
-            ["reason", "priority"],
+            "Requests refused before any generation (or shed from the queue), by reason, priority and API.",
+            ["reason", "priority", "api"],
             registry=r,
         )
         self.tenant_tokens = Counter(
@@ -141,7 +145,8 @@ class Metrics:
         for priority in PRIORITIES:
             self.queue_duration.labels(priority)
             for reason in REJECT_REASONS:
-                self.rejected.labels(reason, priority)
+                for api in APIS:
+                    self.rejected.labels(reason, priority, api)
 
     # SchedulerObserver: called from the event loop and from generation threads
     def queue_changed(self, size: int) -> None:

@@ -55,6 +55,7 @@ class Completion:
     started_at: float | None = None
     first_token_at: float | None = None
     finished_at: float | None = None
+    batch_size: int = 0  # sequences in the generate_batch call that ran it (0: it never ran)
 
 
 @dataclass(frozen=True)

@@ -217,7 +217,7 @@ class Scheduler:
         with self._running_lock:
             self.running.update(batch)
         for gen in batch:
-            gen.started_at = started
+            gen.started_at, gen.batch_size = started, len(batch)
         try:
             self.generator.generate_batch(
                 [[self.pieces[i] for i in gen.prompt_ids] for gen in batch],

@@ -92,7 +92,8 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         names = [f[0] if len(f) == 2 else "token-" + hashlib.sha256(f[0].encode()).hexdigest()[:8] for f in entries]
         return names, [f[-1].encode() for f in entries]
 
-    def _reload(self) -> None:
+    def reload(self) -> None:
+        """Re-read the token file if it changed (every call does this first)."""
         try:
             if not self._watch.changed():
                 return
@@ -110,6 +111,11 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         if problem != self._problem:  # once per new problem, not once per call
             log.warning("%s; keeping the current %d tokens", problem, len(self._tokens))
         self._problem = problem
+
+    def authenticate(self, metadata: Any) -> str | None:
+        """The tenant of a call's metadata (or HTTP headers) after re-reading a changed file, or None: refused."""
+        self.reload()
+        return self.tenant(metadata)
 
     def _authorized(self, metadata: Any) -> bool:
         return self.tenant(metadata) is not None
@@ -135,7 +141,7 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
     ) -> Any:
         if details.method.startswith(EXEMPT_PREFIXES):
             return await continuation(details)
-        self._reload()
+        self.reload()
         if self._authorized(details.invocation_metadata):
             return await continuation(details)
         if self.on_reject is not None:

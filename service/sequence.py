@@ -62,6 +62,7 @@ class Generation:
         self.queue: asyncio.Queue[Delta | BaseException | None] = asyncio.Queue()
         self.pending_tokens: list[GeneratedToken] = []  # generated since the last delta
         self.started_at: float | None = None  # the batch's start (set by the scheduler)
+        self.batch_size = 0  # sequences in that batch (set by the scheduler)
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self.cancelled = threading.Event()

@@ -1,21 +1,22 @@
-"""The gRPC server: ChatService, grpc.health.v1, reflection; start-up, model loading and graceful stop."""
+"""The server: gRPC (ChatService, grpc.health.v1, reflection), the OpenAI-compatible HTTP API when asked, the metrics
+endpoint; start-up, model loading and graceful stop. Both APIs share one `Calls` (engine, drain, metrics, traces)."""
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
+import os
 import signal
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
+from jachat.service.calls import Calls
 from jachat.service.engine import Engine
-from jachat.service.errors import ShuttingDown
 from jachat.service.exposition import MetricsEndpoint
 from jachat.service.health import HealthServicer
 from jachat.service.metrics import Metrics
@@ -24,6 +25,10 @@ from jachat.service.protocol import CHAT_SERVICE, method_handlers
 from jachat.service.security import TokenAuthInterceptor, server_credentials
 from jachat.service.servicer import ChatServicer
 from jachat.service.settings import Settings
+from jachat.service.tracing import configure
+
+if TYPE_CHECKING:
+    from jachat.service.http_api import HttpApi
 
 log = logging.getLogger("jachat.server")
 
@@ -87,10 +92,25 @@ def security(settings: Settings, metrics: Metrics) -> tuple[grpc.ServerCredentia
     if settings.auth_token_file is not None:
         interceptors.append(
             TokenAuthInterceptor(
-                settings.auth_token_file, metrics.rejected.labels("unauthenticated", "interactive").inc
+                settings.auth_token_file, metrics.rejected.labels("unauthenticated", "interactive", "grpc").inc
             )
         )
     return credentials, interceptors
+
+
+def http_api(settings: Settings, calls: Calls, auth: TokenAuthInterceptor | None) -> HttpApi:
+    """The HTTP API (the http extra: aiohttp), sharing the calls, limits and tokens of gRPC."""
+    try:
+        from jachat.service.http_api import HttpApi
+    except ImportError as exc:
+        raise ValueError(f"--http-port needs the http extra: pip install 'jachat[http]' ({exc})") from None
+    return HttpApi(
+        calls,
+        auth,
+        settings.max_concurrent_rpcs,
+        settings.http_request_timeout_seconds,
+        settings.stream_write_timeout_seconds,
+    )
 
 
 async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool) -> None:
@@ -108,22 +128,27 @@ class Service:
     port: int
     metrics: Metrics
     metrics_port: int | None
+    calls: Calls
     servicer: ChatServicer
     health: HealthServicer
     metrics_endpoint: MetricsEndpoint
     lag_sampler: asyncio.Task[None]
+    http: HttpApi | None = None
+    http_port: int | None = None
 
     @classmethod
     async def start(cls, settings: Settings, registry: CollectorRegistry | None = None) -> Service:
         """Listen at once (health NOT_SERVING), then load the model off the event loop."""
         metrics = Metrics(registry or CollectorRegistry())
-        servicer = ChatServicer(metrics, settings.stream_write_timeout_seconds, MAX_MESSAGE_BYTES)
+        calls = Calls(metrics, configure(settings.otlp_endpoint or None, os.environ))
+        servicer = ChatServicer(calls, settings.stream_write_timeout_seconds, MAX_MESSAGE_BYTES)
         health_servicer = HealthServicer(settings.max_health_watchers)
         await set_serving(health_servicer, False)
         credentials, interceptors = security(settings, metrics)
-        for interceptor in interceptors:
-            if isinstance(interceptor, TokenAuthInterceptor):  # with auth, the tenant is the token's name
-                servicer.tenant_of = interceptor.tenant_or_default
+        auth = next((i for i in interceptors if isinstance(i, TokenAuthInterceptor)), None)
+        if auth is not None:  # with auth, the tenant is the token's name
+            servicer.tenant_of = auth.tenant_or_default
+        http = None if settings.http_port == 0 else http_api(settings, calls, auth)
         server, port = create_server(
             f"{settings.host}:{settings.port}",
             servicer,
@@ -137,10 +162,28 @@ class Service:
         metrics_port = (
             None if settings.metrics_port < 0 else await endpoint.start(settings.metrics_host, settings.metrics_port)
         )
+        http_port = None if http is None else await http.start(settings.http_host, settings.http_port)
         lag_sampler = asyncio.create_task(metrics.sample_event_loop_lag(), name="jachat-loop-lag")
         await server.start()
         log.info("listening on %s:%d (metrics on %s), loading %s", settings.host, port, metrics_port, settings.model)
-        return cls(settings, server, port, metrics, metrics_port, servicer, health_servicer, endpoint, lag_sampler)
+        if http_port is not None:
+            log.info("OpenAI-compatible HTTP API on %s:%d", settings.http_host, http_port)
+        if calls.tracing.enabled:
+            log.info("tracing: spans go to %s", settings.otlp_endpoint or "the OTEL_EXPORTER_OTLP_* endpoint")
+        return cls(
+            settings,
+            server,
+            port,
+            metrics,
+            metrics_port,
+            calls,
+            servicer,
+            health_servicer,
+            endpoint,
+            lag_sampler,
+            http,
+            http_port,
+        )
 
     async def load_model(self) -> Engine:
         options = EngineOptions(
@@ -161,7 +204,7 @@ class Service:
             ),
         )
         engine = await asyncio.to_thread(Engine, options, self.metrics)
-        self.servicer.attach(engine)
+        self.calls.attach(engine)
         info = engine.info
         self.metrics.queue_capacity.set(self.settings.max_queued_requests)
         self.metrics.model_info.labels(info.model_name, info.quantization, info.compute_type, info.device).set(1)
@@ -174,21 +217,16 @@ class Service:
         seconds to finish; those still running then end with UNAVAILABLE. Then the model is released."""
         grace = self.settings.grace_seconds if grace is None else grace
         await self.health.enter_graceful_shutdown()
-        self.servicer.draining = True
-        try:
-            await asyncio.wait_for(self.servicer.idle.wait(), grace)
-        except asyncio.TimeoutError:
-            log.warning("drain: %d calls still running after %.1f s; ending them", self.servicer.in_flight, grace)
-            if self.servicer.engine is not None:
-                self.servicer.engine.abandon(ShuttingDown("the server shut down before the reply ended"))
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self.servicer.idle.wait(), 2.0)
+        await self.calls.drain(grace)  # both APIs: new calls get UNAVAILABLE / 503, calls in flight their grace
         await self.server.stop(0.5)
-        engine, self.servicer.engine = self.servicer.engine, None
+        if self.http is not None:
+            await self.http.close()
+        engine = self.calls.detach()
         if engine is not None:
             await asyncio.to_thread(engine.close)
         self.lag_sampler.cancel()
         await self.metrics_endpoint.close()
+        await asyncio.to_thread(self.calls.tracing.shutdown)  # exports the spans still buffered
 
 
 async def run(settings: Settings) -> None:

@@ -6,26 +6,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
 from importlib import import_module
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from jachat.service.engine import Engine
-from jachat.service.errors import (
-    DeadlineExceeded,
-    JachatError,
-    ModelNotReady,
-    ShuttingDown,
-    to_status,
-)
-from jachat.service.logs import REQUEST_ID_HEADER, request_id, request_id_from, tenant_from
-from jachat.service.metrics import Metrics
+from jachat.service.calls import Call, Calls, metadata_carrier
+from jachat.service.errors import DeadlineExceeded, JachatError, to_status
+from jachat.service.logs import REQUEST_ID_HEADER, request_id_from, tenant_from
 from jachat.service.preparation import ChatRequest, PreparedRequest
 from jachat.service.protocol import (
+    CHAT_SERVICE,
     FINISH_REASONS,
     SAMPLING_DEFAULTS,
     check_parsed,
@@ -38,7 +31,7 @@ from jachat.service.protocol import (
     turns_from_pb,
     usage_to_pb,
 )
-from jachat.service.results import DEADLINE_SLACK, Completion, Delta, GeneratedToken, Priority
+from jachat.service.results import DEADLINE_SLACK, Completion, Delta, GeneratedToken
 from jachat.v1 import chat_pb2
 
 log = logging.getLogger("jachat.servicer")
@@ -47,150 +40,70 @@ if TYPE_CHECKING:  # generic in grpc's type stubs only
 # What grpc.aio raises when a message is written to a call that is already over (no public name exists for it).
 _CALL_OVER: type[Exception] = getattr(import_module("grpc._cython.cygrpc"), "ExecuteBatchError", RuntimeError)
 
-_REJECTIONS = {  # refused before any generation: jachat_rejected_total{reason}
-    grpc.StatusCode.INVALID_ARGUMENT: "invalid",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "overloaded",
-    grpc.StatusCode.UNAVAILABLE: "unavailable",
-}
-
-
-@dataclass
-class Call:
-    """What the frame of one RPC learns while it runs (the request's priority labels its rejection)."""
-
-    priority: Priority = Priority.INTERACTIVE
-    tenant: str = "default"
-    # the engine's pieces, taken when the call starts: a call in flight keeps them through a drain, when _engine()
-    # refuses new work
-    pieces: Sequence[str] = ()
-    received: float = field(default_factory=time.monotonic)  # the server's receipt of the call (Timing's origin)
-
 
 class ChatServicer:
     """ChatService's methods, registered through protocol.method_handlers (tolerant request parsers); it does not
     subclass the generated servicer, whose signatures assume messages are yielded, not written."""
 
     def __init__(
-        self, metrics: Metrics, stream_write_timeout: float = 30.0, max_response_bytes: int = 4 * 1024 * 1024
+        self, calls: Calls, stream_write_timeout: float = 30.0, max_response_bytes: int = 4 * 1024 * 1024
     ) -> None:
-        self.metrics = metrics
+        self.calls = calls
         self.max_response_bytes = max_response_bytes
         # who the caller is: its bearer token's name (the server sets this when auth is on), else x-jachat-tenant
         self.tenant_of: Callable[[Any], str] = tenant_from
         self.stream_write_timeout = stream_write_timeout
-        self.engine: Engine | None = None
-        self.draining = False
-        self.in_flight = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
-
-    def attach(self, engine: Engine) -> None:
-        self.engine = engine
-
-    def _engine(self) -> Engine:
-        if self.draining:
-            raise ShuttingDown("the server is shutting down; retry on another replica")
-        if self.engine is None:
-            raise ModelNotReady("the model is still loading; retry shortly")
-        return self.engine
 
     @asynccontextmanager
     async def _rpc(self, name: str, context: Context) -> AsyncIterator[Call]:
-        """The frame of every RPC: its request id (sent back as x-request-id), its log line and metrics, the
-        mapping of every error to its status, in one place, and its release, exactly once whatever ends it."""
-        started = time.perf_counter()
+        """The frame of every RPC: its request id (sent back as x-request-id), the mapping of every error to its
+        status, in one place, and its end (metrics, log line, span: calls.py), exactly once whatever ends it."""
         remaining = context.time_remaining()
         deadline = None if remaining is None else time.monotonic() + remaining
-        rid = request_id_from(context.invocation_metadata())
-        # Each RPC runs in a task of its own, with its own copy of the context, so the id is never reset: a
-        # stream's generator may be closed from another context, where reset() raises.
-        request_id.set(rid)
-        code: grpc.StatusCode | None = grpc.StatusCode.OK
-        call = Call()
-        self.in_flight += 1
-        self.idle.clear()
-        try:
-            await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
-            yield call
-        except grpc.aio.AbortError:  # the status is already set
-            raise
-        except (asyncio.CancelledError, GeneratorExit, _CALL_OVER) as exc:
-            # the client cancelled, went away, or its deadline passed; gRPC says so with its own error when the call
-            # is touched (written to, its metadata sent) after it ended, often before context.cancelled() knows
-            expired = deadline is not None and time.monotonic() + DEADLINE_SLACK >= deadline
-            code = grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-            if isinstance(exc, _CALL_OVER):
-                raise asyncio.CancelledError from None
-            raise
-        except Exception as exc:
-            if not isinstance(exc, JachatError):
-                log.exception("%s failed", name)
-            status = to_status(exc)
-            if status.code in _REJECTIONS:
-                self.metrics.rejected.labels(_REJECTIONS[status.code], call.priority.value).inc()
-            # abort() sends the status before it raises: record the outcome first, so no caller sees it earlier
-            self._record(name, status.code, started)
-            code = None
+        metadata = context.invocation_metadata()
+        rid = request_id_from(metadata)
+        with self.calls.track("grpc", name, rid, metadata_carrier(metadata), f"{CHAT_SERVICE}/{name}") as call:
             try:
-                await context.abort(status.code, status.details, status.trailing_metadata)
-            except _CALL_OVER:  # it ended first (gRPC's deadline beat ours): there is no one to tell
-                raise asyncio.CancelledError from None
-        finally:
-            self.in_flight -= 1
-            if self.in_flight == 0:
-                self.idle.set()
-            if code is not None:
-                self._record(name, code, started)
-
-    def _record(self, name: str, code: grpc.StatusCode, started: float) -> None:
-        seconds = time.perf_counter() - started
-        self.metrics.requests.labels(name, code.name).inc()
-        self.metrics.request_duration.labels(name).observe(seconds)
-        log.info(
-            "%s %s in %.1f ms",
-            name,
-            code.name,
-            seconds * 1000,
-            extra={"rpc": name, "code": code.name, "duration_ms": round(seconds * 1000, 1)},
-        )
+                await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
+                yield call
+                self.calls.end(call, "OK")
+            except grpc.aio.AbortError:  # the status is already set
+                raise
+            except (asyncio.CancelledError, GeneratorExit, _CALL_OVER) as exc:
+                # the client cancelled, went away, or its deadline passed; gRPC says so with its own error when the
+                # call is touched (written to, its metadata sent) after it ended, often before context.cancelled()
+                expired = deadline is not None and time.monotonic() + DEADLINE_SLACK >= deadline
+                self.calls.end(call, "DEADLINE_EXCEEDED" if expired else "CANCELLED")
+                if isinstance(exc, _CALL_OVER):
+                    raise asyncio.CancelledError from None
+                raise
+            except Exception as exc:
+                if not isinstance(exc, JachatError):
+                    log.exception("%s failed", name)
+                status = to_status(exc)
+                # abort() sends the status before it raises: record the outcome first, so no caller sees it earlier
+                self.calls.end(call, status.code.name, status.details)
+                try:
+                    await context.abort(status.code, status.details, status.trailing_metadata)
+                except _CALL_OVER:  # it ended first (gRPC's deadline beat ours): there is no one to tell
+                    raise asyncio.CancelledError from None
 
     async def _prepare(
         self, request: chat_pb2.GenerateRequest | chat_pb2.GenerateStreamRequest, call: Call, context: Context
     ) -> PreparedRequest:
         """The cheap checks on the event loop, the queue's room, then preparation on the worker pool."""
         check_parsed(request)
-        engine = self._engine()
+        info = self.calls.engine().info
         call.priority = priority_from_pb(request.priority)
         call.tenant = self.tenant_of(context.invocation_metadata())
         turns = turns_from_pb(request.turns)
-        options, explicit_max = sampling_from_pb(request.sampling, engine.info.context_length, engine.info.vocab_size)
-        engine.check_capacity(call.priority, call.tenant)  # a full server refuses before doing any work
-        call.pieces = engine.tokenizer.pieces
-        chat = ChatRequest(turns, options, explicit_max, request.drop_oldest_turns)
-        return await engine.prepare(chat)
+        options, explicit_max = sampling_from_pb(request.sampling, info.context_length, info.vocab_size)
+        return await self.calls.prepare(call, ChatRequest(turns, options, explicit_max, request.drop_oldest_turns))
 
-    async def _generate(
+    def _generate(
         self, request: PreparedRequest, context: Context, include_stop: bool, call: Call
     ) -> AsyncGenerator[Delta | Completion, None]:
-        engine = self._engine()
-        self.metrics.running.inc()
-        try:
-            stream = engine.stream(
-                request.prompt.ids,
-                request.options,
-                request.max_new_tokens,
-                timeout=context.time_remaining(),
-                include_stop=include_stop,
-                priority=call.priority,
-                tenant=call.tenant,
-            )
-            try:
-                async for item in stream:
-                    yield item
-            finally:
-                await stream.aclose()  # stops the sequence now if the caller left early
-        finally:
-            self.metrics.running.dec()
+        return self.calls.generate(call, request, context.time_remaining(), include_stop)
 
     async def Generate(self, request: chat_pb2.GenerateRequest, context: Context) -> chat_pb2.GenerateResponse:
         async with self._rpc("Generate", context) as call:
@@ -258,7 +171,7 @@ class ChatServicer:
     async def Tokenize(self, request: chat_pb2.TokenizeRequest, context: Context) -> chat_pb2.TokenizeResponse:
         async with self._rpc("Tokenize", context):
             check_parsed(request)
-            engine = self._engine()
+            engine = self.calls.engine()
             prompt = await engine.tokenize(turns_from_pb(request.turns))
             pieces, limit = engine.tokenizer.pieces, self.max_response_bytes
             return await engine.offload(lambda: tokenize_response(prompt, pieces, limit))
@@ -269,7 +182,7 @@ class ChatServicer:
     ) -> chat_pb2.GetModelInfoResponse:
         async with self._rpc("GetModelInfo", context):
             check_parsed(request)
-            info = self._engine().info
+            info = self.calls.engine().info
             return chat_pb2.GetModelInfoResponse(
                 model_name=info.model_name,
                 compute_type=info.compute_type,

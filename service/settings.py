@@ -110,6 +110,28 @@ class Settings:
             "counting as running"
         ),
     )
+    http_port: int = field(
+        default=0,
+        metadata=_opt(
+            "port of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health) on --http-host; "
+            "0 turns it off (needs the http extra: pip install 'jachat[http]')"
+        ),
+    )
+    http_host: str = field(default="0.0.0.0", metadata=_opt("address to listen on for the HTTP API"))
+    http_request_timeout_seconds: float = field(
+        default=600.0,
+        metadata=_opt(
+            "the longest an HTTP call may run (HTTP carries no deadline; a caller may ask for less with the "
+            "x-jachat-timeout header, in seconds); past it the call gets 504"
+        ),
+    )
+    otlp_endpoint: str = field(
+        default="",
+        metadata=_opt(
+            "OpenTelemetry collector for traces (OTLP over gRPC, e.g. http://otel-collector:4317); empty: the "
+            "OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT variables, else no tracing (needs the tracing extra)"
+        ),
+    )
     tls_cert: Path | None = field(default=None, metadata=_opt("PEM certificate chain: serve TLS (reloaded on change)"))
     tls_key: Path | None = field(default=None, metadata=_opt("PEM private key for --tls-cert"))
     tls_client_ca: Path | None = field(

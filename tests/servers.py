@@ -16,13 +16,13 @@ from typing import Any, Literal, Protocol, TypeVar, overload
 import grpc
 from prometheus_client import CollectorRegistry
 
-from jachat.bench.launcher import LoopbackServer, ServerProcess, spawn
+from jachat.bench.launcher import LoopbackServer, ServerProcess, free_port, spawn
 from jachat.service.logs import RequestIdFilter, TextFormatter
 from jachat.service.server import Service
 from jachat.service.settings import load_settings
 from jachat.v1 import chat_pb2_grpc
 
-__all__ = ["InProcessServer", "Server", "ServerProcess", "serving", "start"]
+__all__ = ["InProcessServer", "Server", "ServerProcess", "free_port", "serving", "start"]
 
 T = TypeVar("T")
 
@@ -38,6 +38,8 @@ class Server(Protocol):
     def target(self) -> str: ...
     @property
     def metrics_port(self) -> int: ...
+    @property
+    def http_port(self) -> int | None: ...
     def channel(self) -> grpc.Channel: ...
     def stub(self, channel: grpc.Channel) -> chat_pb2_grpc.ChatServiceStub: ...
     def scrape(self) -> dict[str, float]: ...
@@ -78,6 +80,7 @@ class InProcessServer(LoopbackServer):
             raise
         assert self.service.metrics_port is not None
         self.port, self.metrics_port = self.service.port, self.service.metrics_port
+        self.http_port = self.service.http_port
 
     async def _start(self, settings: Any) -> Service:
         service = await Service.start(settings, CollectorRegistry())

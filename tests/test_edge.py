@@ -90,7 +90,7 @@ def test_a_storm_of_cancellations_and_deadlines_is_recorded_as_each_caller_saw_i
     while moved("jachat_running_requests") != 0 and time.monotonic() < deadline:
         time.sleep(0.05)
     for code, n in seen.items():
-        assert moved(f'jachat_requests_total{{code="{code.name}",rpc="GenerateStream"}}') == n, code
+        assert moved(f'jachat_requests_total{{api="grpc",code="{code.name}",rpc="GenerateStream"}}') == n, code
     assert moved('jachat_finished_total{reason="deadline"}') == seen[grpc.StatusCode.DEADLINE_EXCEEDED]
     assert moved('jachat_finished_total{reason="cancelled"}') == seen[grpc.StatusCode.CANCELLED]
     assert not problems_in_log(edge_server), problems_in_log(edge_server)
@@ -106,7 +106,12 @@ def test_a_stream_whose_client_reads_nothing_is_ended_and_stops_counting_as_runn
                 chat_pb2.GenerateStreamRequest(turns=[user("やあ")], sampling=LONG)
             )
             deadline = time.monotonic() + 30
-            while server.scrape().get('jachat_requests_total{code="DEADLINE_EXCEEDED",rpc="GenerateStream"}', 0) < 1:
+            while (
+                server.scrape().get(
+                    'jachat_requests_total{api="grpc",code="DEADLINE_EXCEEDED",rpc="GenerateStream"}', 0
+                )
+                < 1
+            ):
                 assert time.monotonic() < deadline, "the stream was never ended"
                 time.sleep(0.1)
             assert server.scrape()["jachat_running_requests"] == 0

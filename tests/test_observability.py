@@ -60,9 +60,9 @@ def test_known_traffic_moves_counters_exactly(json_server: Server) -> None:
     assert d("jachat_time_to_first_token_seconds_count") == 3
     assert d("jachat_inter_token_latency_seconds_count") == 12  # 4 gaps between 5 tokens, 3 times
     assert d('jachat_finished_total{reason="length"}') == 3
-    assert d('jachat_requests_total{code="OK",rpc="Generate"}') == 3
-    assert d('jachat_requests_total{code="INVALID_ARGUMENT",rpc="Generate"}') == 1
-    assert d('jachat_rejected_total{priority="interactive",reason="invalid"}') == 1
+    assert d('jachat_requests_total{api="grpc",code="OK",rpc="Generate"}') == 3
+    assert d('jachat_requests_total{api="grpc",code="INVALID_ARGUMENT",rpc="Generate"}') == 1
+    assert d('jachat_rejected_total{api="grpc",priority="interactive",reason="invalid"}') == 1
     assert d("jachat_batch_size_sum") == 3 and d('jachat_queue_duration_seconds_count{priority="interactive"}') == 3
     assert after["jachat_queue_capacity"] == 64 and after["jachat_running_requests"] == 0
     assert (

@@ -265,7 +265,7 @@ def test_an_interactive_call_sheds_a_queued_batch_call_from_the_full_queue(singl
     after = server.scrape()
     moved = {key: after.get(key, 0.0) - before.get(key, 0.0) for key in after}
     assert moved['jachat_finished_total{reason="shed"}'] == 1
-    assert moved['jachat_rejected_total{priority="batch",reason="overloaded"}'] == 1
+    assert moved['jachat_rejected_total{api="grpc",priority="batch",reason="overloaded"}'] == 1
     assert moved['jachat_queue_duration_seconds_count{priority="interactive"}'] >= 2
 
 

@@ -170,8 +170,8 @@ def test_bearer_tokens_guard_every_call_but_health_and_reflection(token_server: 
         assert old.value.code() == grpc.StatusCode.UNAUTHENTICATED
         assert stub.Generate(REQUEST, metadata=(("authorization", "Bearer rotated-token"),), timeout=10).usage
     assert (
-        after_rejections['jachat_rejected_total{priority="interactive",reason="unauthenticated"}']
-        - before['jachat_rejected_total{priority="interactive",reason="unauthenticated"}']
+        after_rejections['jachat_rejected_total{api="grpc",priority="interactive",reason="unauthenticated"}']
+        - before['jachat_rejected_total{api="grpc",priority="interactive",reason="unauthenticated"}']
         == 4
     )
     # refused before any model work

@@ -190,8 +190,8 @@ def test_metrics_count_requests_by_rpc_and_code_and_generated_tokens(
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    assert delta('jachat_requests_total{code="OK",rpc="Generate"}') == 3
-    assert delta('jachat_requests_total{code="INVALID_ARGUMENT",rpc="Generate"}') == 1
+    assert delta('jachat_requests_total{api="grpc",code="OK",rpc="Generate"}') == 3
+    assert delta('jachat_requests_total{api="grpc",code="INVALID_ARGUMENT",rpc="Generate"}') == 1
     assert delta("jachat_generated_tokens_total") == 15
     assert delta('jachat_finished_total{reason="length"}') == 3
     assert delta("jachat_time_to_first_token_seconds_count") == 3

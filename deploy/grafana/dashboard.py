@@ -77,8 +77,11 @@ def build() -> dashboard.Dashboard:
     board = (
         dashboard.Dashboard("jachat")
         .uid("jachat")
-        .description("jachat: rinna/japanese-gpt-neox-3.6b-instruction-ppo on CTranslate2, served over gRPC")
-        .tags(["jachat", "llm", "grpc"])
+        .description(
+            "jachat: rinna/japanese-gpt-neox-3.6b-instruction-ppo on CTranslate2, served over gRPC and an "
+            "OpenAI-compatible HTTP API"
+        )
+        .tags(["jachat", "llm", "grpc", "openai"])
         .refresh("30s")
         .time("now-1h", "now")
         .editable()
@@ -138,6 +141,21 @@ def build() -> dashboard.Dashboard:
         ),
         (
             series(
+                "Calls by API",
+                "reqps",
+                [
+                    query(
+                        f"sum by (api, code) (rate(jachat_requests_total{{{POD}}}[{RATE}]))",
+                        "{{api}} {{code}}",
+                    ),
+                ],
+                "Finished calls per second by API (grpc, or http: the OpenAI-compatible API) and status (gRPC code "
+                "names for both: an HTTP 429 is RESOURCE_EXHAUSTED, 400 INVALID_ARGUMENT).",
+            ),
+            8,
+        ),
+        (
+            series(
                 "Queue and running requests",
                 "short",
                 [
@@ -183,8 +201,8 @@ def build() -> dashboard.Dashboard:
                 "reqps",
                 [
                     query(
-                        f"sum by (reason, priority) (rate(jachat_rejected_total{{{POD}}}[{RATE}]))",
-                        "{{reason}} ({{priority}})",
+                        f"sum by (reason, priority, api) (rate(jachat_rejected_total{{{POD}}}[{RATE}]))",
+                        "{{reason}} ({{priority}}, {{api}})",
                     ),
                 ],
                 "Requests refused before any generation (invalid, overloaded: queue full, unavailable), and batch "
@@ -252,16 +270,16 @@ def build() -> dashboard.Dashboard:
         ),
         (
             series(
-                "Request duration p99 by RPC",
+                "Request duration p99 by API and method",
                 "s",
                 [
                     query(
-                        f"histogram_quantile(0.99, sum by (le, rpc) (rate(jachat_request_duration_seconds_bucket"
+                        f"histogram_quantile(0.99, sum by (le, api, rpc) (rate(jachat_request_duration_seconds_bucket"
                         f"{{{POD}}}[{RATE}])))",
-                        "{{rpc}}",
+                        "{{api}} {{rpc}}",
                     ),
                 ],
-                "Whole-RPC latency by method.",
+                "Whole-call latency by API and method (an HTTP route, or a gRPC method).",
             ),
             8,
         ),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 
 from tests.helpers import REPO
 
@@ -44,6 +46,24 @@ def test_only_the_edge_imports_the_generated_chat_stubs() -> None:
     importers = {m for m, imported in modules().items() if any(i.startswith("jachat.v1") for i in imported)}
     assert importers <= EDGE, importers - EDGE
     assert "service/servicer.py" in importers and "service/protocol.py" in importers
+
+
+def importers_of(prefix: str) -> set[str]:
+    return {m for m, imported in modules().items() if any(i == prefix or i.startswith(prefix + ".") for i in imported)}
+
+
+def test_each_optional_library_has_one_door() -> None:
+    """The HTTP stack and OpenAI's shapes stay in the HTTP edge, OpenTelemetry in tracing.py: the rest of the
+    service never depends on an optional extra, and swapping one touches one module."""
+    assert importers_of("aiohttp") == {"service/http_api.py"}
+    assert importers_of("jachat.service.openai_request") | importers_of("jachat.service.openai_response") == {
+        "service/http_api.py"
+    }
+    assert importers_of("opentelemetry") == {"service/tracing.py"}
+    # the server reaches the HTTP API only through a deferred import, so a gRPC-only install never loads aiohttp
+    assert "service/server.py" in importers_of("jachat.service.http_api")
+    probe = "import sys, jachat.service.server; print(sorted(m for m in sys.modules if m.startswith('aiohttp')))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
 def test_metrics_never_see_a_live_sequence() -> None:

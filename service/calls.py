@@ -1,0 +1,176 @@
+"""The calls in flight, whichever front end took them (gRPC or the OpenAI-compatible HTTP API).
+
+Both front ends share one `Calls`: the engine (refused while it loads or once the server drains), the count of calls
+in flight that the drain waits for, and the steps of a generation call that do not depend on the protocol: the
+queue's room, preparation, generation with the running gauge, and the end of the call (metrics, log line, trace
+span), recorded once, under the API's label. A front end converts its request, opens a `Call` with `track`, and
+maps errors to its own statuses through errors.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
+from typing import Any
+
+from jachat.service.engine import Engine
+from jachat.service.errors import ModelNotReady, ShuttingDown
+from jachat.service.logs import request_id
+from jachat.service.metrics import Metrics
+from jachat.service.preparation import ChatRequest, PreparedRequest
+from jachat.service.results import Completion, Delta, Priority
+from jachat.service.tracing import Span, Tracing
+
+log = logging.getLogger("jachat.calls")
+
+# outcomes (gRPC code names, for both APIs) that mean the request was refused: jachat_rejected_total{reason}
+REJECTIONS = {
+    "INVALID_ARGUMENT": "invalid",
+    "RESOURCE_EXHAUSTED": "overloaded",
+    "UNAVAILABLE": "unavailable",
+    "UNAUTHENTICATED": "unauthenticated",
+    "NOT_FOUND": "invalid",
+}
+
+
+@dataclass
+class Call:
+    """One call: who made it, through which API, and what its frame learns while it runs."""
+
+    api: str  # "grpc" or "http": labels its metrics, log line and span
+    method: str  # the RPC's name, or the HTTP route
+    request_id: str
+    span: Span
+    priority: Priority = Priority.INTERACTIVE
+    tenant: str = "default"
+    # the engine's pieces, taken when the call starts: a call in flight keeps them through a drain, when engine()
+    # refuses new work
+    pieces: Sequence[str] = ()
+    token_bytes: Sequence[bytes] = ()  # each token's UTF-8 bytes (OpenAI's logprobs)
+    received: float = field(default_factory=time.monotonic)  # the server's receipt of the call (timings' origin)
+    started: float = field(default_factory=time.perf_counter)
+    ended: bool = False
+
+
+class Calls:
+    def __init__(self, metrics: Metrics, tracing: Tracing | None = None) -> None:
+        self.metrics = metrics
+        self.tracing = tracing or Tracing()
+        self.engine_: Engine | None = None
+        self.draining = False
+        self.in_flight = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    def attach(self, engine: Engine) -> None:
+        self.engine_ = engine
+
+    def engine(self) -> Engine:
+        """The engine for a new piece of work: refused while the model loads and once the server drains."""
+        if self.draining:
+            raise ShuttingDown("the server is shutting down; retry on another replica")
+        if self.engine_ is None:
+            raise ModelNotReady("the model is still loading; retry shortly")
+        return self.engine_
+
+    @contextmanager
+    def track(self, api: str, method: str, rid: str, carrier: Mapping[str, str], span_name: str = "") -> Iterator[Call]:
+        """Count the call in flight (the drain waits for it) and open its span; the front end ends it with `end`.
+        Each call runs in a task of its own, with its own copy of the context, so the request id is never reset: a
+        stream's generator may be closed from another context, where reset() raises."""
+        request_id.set(rid)
+        attributes = {"jachat.api": api, "jachat.request_id": rid}
+        call = Call(api, method, rid, self.tracing.start_call(span_name or method, carrier, attributes))
+        self.in_flight += 1
+        self.idle.clear()
+        try:
+            yield call
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self.idle.set()
+            if not call.ended:  # the front end did not get to say how it ended: the caller went away
+                self.end(call, "CANCELLED")
+
+    def end(self, call: Call, code: str, error: str | None = None) -> None:
+        """Record how the call ended, once: metrics, the log line, the span. `code` is a gRPC code name for both
+        APIs, so one error-ratio alert covers them; `error` is the message a failed call was given."""
+        if call.ended:
+            return
+        call.ended = True
+        seconds = time.perf_counter() - call.started
+        if code in REJECTIONS:  # (gRPC's refused tokens never get here: its interceptor counts them)
+            self.metrics.rejected.labels(REJECTIONS[code], call.priority.value, call.api).inc()
+        self.metrics.requests.labels(call.api, call.method, code).inc()
+        self.metrics.request_duration.labels(call.api, call.method).observe(seconds)
+        call.span.set_attributes({"jachat.tenant": call.tenant, "jachat.priority": call.priority.value})
+        self.tracing.end(call.span, code, error)
+        log.info(
+            "%s %s %s in %.1f ms",
+            call.api,
+            call.method,
+            code,
+            seconds * 1000,
+            extra={"api": call.api, "rpc": call.method, "code": code, "duration_ms": round(seconds * 1000, 1)},
+        )
+
+    async def prepare(self, call: Call, request: ChatRequest) -> PreparedRequest:
+        """The queue's room first (a full server refuses before doing any work), then request preparation."""
+        engine = self.engine()
+        engine.check_capacity(call.priority, call.tenant)
+        call.pieces, call.token_bytes = engine.tokenizer.pieces, engine.tokenizer.token_bytes
+        with self.tracing.child(call.span, "jachat.prepare") as span:
+            prepared = await engine.prepare(request)
+            span.set_attribute("gen_ai.usage.input_tokens", len(prepared.prompt.ids))
+        return prepared
+
+    async def generate(
+        self, call: Call, request: PreparedRequest, timeout: float | None, include_stop: bool
+    ) -> AsyncGenerator[Delta | Completion, None]:
+        """The reply's deltas, then its Completion; closing the generator early stops the sequence."""
+        engine = self.engine()
+        self.metrics.running.inc()
+        try:
+            stream = engine.stream(
+                request.prompt.ids,
+                request.options,
+                request.max_new_tokens,
+                timeout=timeout,
+                include_stop=include_stop,
+                priority=call.priority,
+                tenant=call.tenant,
+            )
+            try:
+                async for item in stream:
+                    if isinstance(item, Completion):
+                        self.tracing.completed(call.span, item, call.received)
+                    yield item
+            finally:
+                await stream.aclose()  # stops the sequence now if the caller left early
+        finally:
+            self.metrics.running.dec()
+
+    async def drain(self, grace: float) -> None:
+        """Refuse new work, give the calls in flight `grace` seconds, then end those still running."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self.idle.wait(), grace)
+        except asyncio.TimeoutError:
+            log.warning("drain: %d calls still running after %.1f s; ending them", self.in_flight, grace)
+            if self.engine_ is not None:
+                self.engine_.abandon(ShuttingDown("the server shut down before the reply ended"))
+            with suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.idle.wait(), 2.0)
+
+    def detach(self) -> Engine | None:
+        engine, self.engine_ = self.engine_, None
+        return engine
+
+
+def metadata_carrier(pairs: Any) -> dict[str, str]:
+    """gRPC metadata (or HTTP headers) as the text carrier W3C trace context is extracted from."""
+    return {str(k).lower(): v for k, v in pairs or () if isinstance(v, str)}

@@ -1,0 +1,298 @@
+"""The OpenAI-compatible HTTP API: /v1/chat/completions (JSON or server-sent events), /v1/models, /health.
+
+It runs on aiohttp in the gRPC server's own event loop and process, and shares everything behind the edge with
+gRPC through `Calls`: the engine and its scheduler, the queue's limits, request preparation, the drain, the bearer
+tokens and tenants, the metrics (api="http") and traces. Why aiohttp: an asyncio-native server that runs as a task
+of an existing loop (grpc.aio's), with streaming responses and client-disconnect cancellation built in, and no
+framework or ASGI server on top; it is the `http` extra, so a gRPC-only deployment does not carry it.
+
+Bounds, as gRPC's: bodies up to 4 MiB (413 above), read within 30 s; at most --max-concurrent-rpcs HTTP calls at
+once (429 beyond); every call ends by --http-request-timeout-seconds, or sooner with the caller's
+`x-jachat-timeout` (504); a stream whose client reads nothing for --stream-write-timeout-seconds is ended; a client
+that disconnects cancels its call, and its sequence stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from jachat.service.calls import Call, Calls, metadata_carrier
+from jachat.service.errors import (
+    DeadlineExceeded,
+    FieldViolation,
+    InvalidRequest,
+    JachatError,
+    Overloaded,
+    Unauthenticated,
+    http_error,
+    to_http,
+)
+from jachat.service.logs import REQUEST_ID_HEADER, request_id_from, tenant_from, tenant_from_user
+from jachat.service.openai_request import CompletionRequest, parse_json, parse_request, rename, unknown_model
+from jachat.service.openai_response import (
+    FINISH_REASONS,
+    chunk_body,
+    completion_body,
+    completion_id,
+    logprobs_content,
+    model_body,
+    models_body,
+    usage_chunk,
+)
+from jachat.service.preparation import PreparedRequest
+from jachat.service.results import DEADLINE_SLACK, Completion, GeneratedToken
+from jachat.service.security import TokenAuthInterceptor
+
+log = logging.getLogger("jachat.http")
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+BODY_READ_TIMEOUT = 30.0
+TIMEOUT_HEADER = "x-jachat-timeout"
+PARSE_OFF_LOOP_BYTES = 64 * 1024  # larger bodies are parsed on the preparation pool, not the event loop
+Handler = Callable[[web.Request, Call], Awaitable[web.StreamResponse]]
+
+
+def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        text=json.dumps(body, ensure_ascii=False), status=status, content_type="application/json", headers=headers
+    )
+
+
+class HttpApi:
+    def __init__(
+        self,
+        calls: Calls,
+        auth: TokenAuthInterceptor | None,
+        max_calls: int,
+        request_timeout: float,
+        stream_write_timeout: float,
+    ) -> None:
+        self.calls, self.auth = calls, auth
+        self.max_calls, self.request_timeout = max_calls, request_timeout
+        self.stream_write_timeout = stream_write_timeout
+        self.active = 0
+        self.started = int(time.time())
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors])
+        self.app.add_routes(
+            [
+                web.post("/v1/chat/completions", self.chat_completions),
+                web.get("/v1/models", self.models),
+                web.get("/v1/models/{model:.+}", self.model),
+                web.get("/health", self.health),
+            ]
+        )
+        # a client that disconnects cancels its handler, so its sequence stops at once
+        # (calls are drained before the runner stops, so its own wait for handlers is short)
+        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+
+    async def start(self, host: str, port: int) -> int:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, host, port, reuse_address=True)
+        await site.start()
+        return int(self.runner.addresses[0][1])
+
+    async def close(self) -> None:
+        await self.runner.cleanup()
+
+    # ---- the frame of every call ----
+
+    async def _frame(self, request: web.Request, method: str, handler: Handler) -> web.StreamResponse:
+        """Request id, limits, authentication, the mapping of every error to its HTTP status, and the call's end
+        (metrics, log line, span) exactly once."""
+        rid = request_id_from(request.headers.items())
+        received = time.monotonic()
+        carrier = metadata_carrier(request.headers.items())
+        with self.calls.track("http", method, rid, carrier, f"{request.method} {method}") as call:
+            self.active += 1
+            try:
+                if self.active > self.max_calls:
+                    raise Overloaded(f"{self.max_calls} HTTP calls are in progress; retry shortly", 1.0)
+                call.tenant = self._tenant(request)
+                response = await handler(request, call)
+                if not call.ended:
+                    self.calls.end(call, "OK")
+                response.headers.setdefault(REQUEST_ID_HEADER, rid)
+                return response
+            except asyncio.CancelledError:  # the client went away
+                expired = time.monotonic() - received + DEADLINE_SLACK >= self._timeout(request, strict=False)
+                self.calls.end(call, "DEADLINE_EXCEEDED" if expired else "CANCELLED")
+                raise
+            except web.HTTPRequestEntityTooLarge:
+                error = http_error(413, "INVALID_ARGUMENT", f"the body is over {MAX_BODY_BYTES} bytes", "body")
+            except Exception as exc:
+                if not isinstance(exc, JachatError):
+                    log.exception("%s failed", method)
+                error = to_http(exc, rename)
+            finally:
+                self.active -= 1
+            self.calls.end(call, error.code, error.message)
+            headers = {REQUEST_ID_HEADER: rid}
+            if error.retry_after is not None or error.status == 503:
+                headers["Retry-After"] = str(error.retry_after or 1)
+            if error.status == 401:
+                headers["WWW-Authenticate"] = "Bearer"
+            return json_response(error.body(), error.status, headers)
+
+    def _tenant(self, request: web.Request) -> str:
+        """With tokens, the token's name (a call without a valid one is refused); else the body's `user` (set later)
+        or x-jachat-tenant."""
+        if self.auth is None:
+            return tenant_from(request.headers.items())
+        tenant = self.auth.authenticate([("authorization", v) for v in request.headers.getall("Authorization", [])])
+        if tenant is None:
+            raise Unauthenticated("missing or invalid bearer token (Authorization: Bearer ...)")
+        return tenant
+
+    def _timeout(self, request: web.Request, strict: bool = True) -> float:
+        """The call's time limit: the server's, or less when the caller asks for less."""
+        text = request.headers.get(TIMEOUT_HEADER)
+        if text is None:
+            return self.request_timeout
+        try:
+            asked = float(text)
+        except ValueError:
+            asked = math.nan
+        if not 0 < asked < math.inf:
+            if not strict:
+                return self.request_timeout
+            raise InvalidRequest([FieldViolation(TIMEOUT_HEADER, f"is {text[:32]!r}; must be seconds, above 0")])
+        return min(asked, self.request_timeout)
+
+    async def _body(self, request: web.Request) -> object:
+        if (request.content_length or 0) > MAX_BODY_BYTES:  # refused before reading it (a chunked one: while)
+            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length or 0)
+        data = await asyncio.wait_for(request.read(), BODY_READ_TIMEOUT)
+        if len(data) > PARSE_OFF_LOOP_BYTES:
+            return await self.calls.engine().offload(lambda: parse_json(data))
+        return parse_json(data)
+
+    # ---- routes ----
+
+    async def health(self, request: web.Request) -> web.Response:
+        """Not a call: no auth, no metrics; 200 once the model serves, 503 while it loads or drains."""
+        serving = self.calls.engine_ is not None and not self.calls.draining
+        return json_response({"status": "SERVING" if serving else "NOT_SERVING"}, 200 if serving else 503)
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        async def handle(request: web.Request, call: Call) -> web.StreamResponse:
+            return json_response(models_body(self.calls.engine().info, self.started))
+
+        return await self._frame(request, "/v1/models", handle)
+
+    async def model(self, request: web.Request) -> web.StreamResponse:
+        async def handle(request: web.Request, call: Call) -> web.StreamResponse:
+            info = self.calls.engine().info
+            if request.match_info["model"] != info.model_name:
+                raise unknown_model(request.match_info["model"], info.model_name)
+            return json_response(model_body(info, self.started))
+
+        return await self._frame(request, "/v1/models/{model}", handle)
+
+    async def chat_completions(self, request: web.Request) -> web.StreamResponse:
+        return await self._frame(request, "/v1/chat/completions", self._complete)
+
+    async def _complete(self, request: web.Request, call: Call) -> web.StreamResponse:
+        timeout = self._timeout(request)
+        body = await self._body(request)
+        info = self.calls.engine().info
+        parsed = parse_request(body, info)
+        if parsed.model != info.model_name:
+            raise unknown_model(parsed.model, info.model_name)
+        call.priority = parsed.priority
+        if self.auth is None and parsed.user:
+            call.tenant = tenant_from_user(parsed.user)
+        prepared = await self.calls.prepare(call, parsed.chat)
+        remaining = timeout - (time.monotonic() - call.received)
+        if parsed.stream:
+            return await self._stream(request, call, parsed, prepared, remaining)
+        parts: list[str] = []
+        tokens: list[GeneratedToken] = []
+        async for item in self.calls.generate(call, prepared, remaining, parsed.include_stop):
+            if isinstance(item, Completion):
+                logprobs = logprobs_content(tokens, call.token_bytes) if parsed.logprobs else None
+                return json_response(completion_body(completion_id(), parsed.model, "".join(parts), item, logprobs))
+            parts.append(item.text)
+            tokens.extend(item.tokens)
+        raise AssertionError("engine stream ended without a Completion")  # pragma: no cover
+
+    async def _stream(
+        self, request: web.Request, call: Call, parsed: CompletionRequest, prepared: PreparedRequest, timeout: float
+    ) -> web.StreamResponse:
+        """Server-sent events: a role chunk, content chunks, the finish chunk, the usage chunk if asked, [DONE].
+        The headers go with the first event, so an error before the reply starts (the deadline in the queue, a
+        shed batch call, the drain) still gets its own HTTP status; later errors are an `error` event."""
+        cid, model, usage = completion_id(), parsed.model, parsed.include_usage
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+        response.headers[REQUEST_ID_HEADER] = call.request_id
+        held: list[GeneratedToken] = []  # tokens with no text yet ride on the next chunk
+        replies = self.calls.generate(call, prepared, timeout, parsed.include_stop)
+        try:
+            async for item in replies:
+                if not response.prepared:
+                    await response.prepare(request)
+                    role = {"role": "assistant", "content": ""}
+                    await self._send(response, chunk_body(cid, model, role, with_usage=usage))
+                if not isinstance(item, Completion) and not item.text:
+                    held.extend(item.tokens)
+                    continue
+                tokens = [*held, *(() if isinstance(item, Completion) else item.tokens)]
+                held = []
+                logprobs = logprobs_content(tokens, call.token_bytes) if parsed.logprobs else None
+                if isinstance(item, Completion):
+                    finish = FINISH_REASONS.get(item.finish_reason, "stop")
+                    await self._send(response, chunk_body(cid, model, {}, finish, logprobs, usage))
+                    if usage:
+                        await self._send(response, usage_chunk(cid, model, item))
+                else:
+                    await self._send(response, chunk_body(cid, model, {"content": item.text}, None, logprobs, usage))
+        except _WriteStalled as exc:  # nothing more can reach this client, not even an error: hang up
+            self.calls.end(call, exc.code.name, str(exc))
+            if request.transport is not None:
+                request.transport.close()
+            return response
+        except Exception as exc:
+            if not response.prepared:
+                raise
+            error = to_http(exc, rename)  # the status line is gone: the error travels as an event
+            self.calls.end(call, error.code, error.message)
+            await self._send(response, error.body())
+        finally:
+            await replies.aclose()
+        await self._write(response, b"data: [DONE]\n\n")
+        await response.write_eof()
+        return response
+
+    async def _send(self, response: web.StreamResponse, body: dict[str, Any]) -> None:
+        await self._write(response, b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n")
+
+    async def _write(self, response: web.StreamResponse, data: bytes) -> None:
+        try:
+            await asyncio.wait_for(response.write(data), self.stream_write_timeout)
+        except asyncio.TimeoutError:
+            raise _WriteStalled(
+                f"the client read nothing for {self.stream_write_timeout:g} s; the stream was ended"
+            ) from None
+
+
+class _WriteStalled(DeadlineExceeded):
+    """A stream's client stopped reading: nothing more can be sent to it, not even an error."""
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> Any:
+    """aiohttp's own refusals (unknown path, wrong method) in OpenAI's error shape, not as text."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = http_error(exc.status, "NOT_FOUND" if exc.status == 404 else "INVALID_ARGUMENT", exc.reason)
+        return json_response(error.body(), exc.status)

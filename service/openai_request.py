@@ -1,0 +1,275 @@
+"""OpenAI's chat completions requests at the edge: JSON bodies to the engine's dataclasses (openai_response.py
+writes the replies). The counterpart of protocol.py for the HTTP API: nothing past these modules (and http_api.py,
+which calls them) sees OpenAI's shapes. The rules are gRPC's (same limits, same defaults), spelled with OpenAI's
+names: a violation names the body field (`messages[2].role`, `max_tokens`), so a client learns what to fix whichever
+API it uses.
+
+Mapping: `user` -> ユーザー, `assistant` -> システム; rinna's format has no system turn, so `system`/`developer`
+messages are refused, as are tools. jachat's own options ride as extra body fields, as vLLM's do: `top_k`,
+`repetition_penalty`, `min_tokens`, `no_repeat_ngram_size`, `priority`, `drop_oldest_turns`,
+`include_stop_str_in_output`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from jachat.service.errors import FieldViolation, InvalidRequest, NotFound
+from jachat.service.preparation import MAX_TURNS, ChatRequest
+from jachat.service.prompt import Speaker, Turn
+from jachat.service.results import ModelInfo, Priority
+from jachat.service.sampling import SamplingOptions
+
+SAMPLING_DEFAULTS = SamplingOptions()
+ROLES = {"user": Speaker.USER, "assistant": Speaker.SYSTEM}
+PRIORITIES = {"interactive": Priority.INTERACTIVE, "batch": Priority.BATCH}
+MAX_MODEL_NAME = 256
+
+# Fields that change nothing here, accepted so that clients which always send them work: OpenAI's bookkeeping.
+_IGNORED = frozenset({"store", "metadata", "service_tier", "user", "parallel_tool_calls"})
+# Fields jachat cannot honour: accepted only at their "off" value (null, or the value given).
+_OFF_ONLY = {
+    "seed": "a per-call seed cannot be honoured: CTranslate2's random state is process-wide and a sample depends on "
+    "its batch-mates; use temperature 0 for reproducible replies",
+    "tools": "tools are not supported by rinna's chat format",
+    "tool_choice": "tools are not supported by rinna's chat format",
+    "functions": "functions are not supported by rinna's chat format",
+    "function_call": "functions are not supported by rinna's chat format",
+    "logit_bias": "logit_bias is not supported",
+    "presence_penalty": "is not supported (0 only); jachat's repetition_penalty is the model card's",
+    "frequency_penalty": "is not supported (0 only); jachat's repetition_penalty is the model card's",
+    "audio": "audio output is not supported",
+    "prediction": "predicted outputs are not supported",
+}
+_OFF_VALUES: dict[str, tuple[Any, ...]] = {"presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0)}
+_KNOWN = frozenset(
+    {
+        "model",
+        "messages",
+        "stream",
+        "stream_options",
+        "max_tokens",
+        "max_completion_tokens",
+        "temperature",
+        "top_p",
+        "stop",
+        "logprobs",
+        "top_logprobs",
+        "n",
+        "response_format",
+        "modalities",
+        # jachat's own, as extra body fields
+        "top_k",
+        "repetition_penalty",
+        "min_tokens",
+        "no_repeat_ngram_size",
+        "priority",
+        "drop_oldest_turns",
+        "include_stop_str_in_output",
+    }
+    | _IGNORED
+    | set(_OFF_ONLY)
+)
+
+
+@dataclass(frozen=True)
+class CompletionRequest:
+    """A chat completion request, converted: what the HTTP front end needs besides the ChatRequest."""
+
+    chat: ChatRequest
+    model: str
+    stream: bool = False
+    include_usage: bool = False
+    logprobs: bool = False
+    include_stop: bool = False
+    priority: Priority = Priority.INTERACTIVE
+    user: str | None = None
+
+
+class _Body:
+    """Typed reads of a JSON object, each problem recorded as a violation naming its field."""
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        self.body = body
+        self.violations: list[FieldViolation] = []
+
+    def bad(self, name: str, why: str) -> None:
+        self.violations.append(FieldViolation(name, why))
+
+    def get(self, name: str, kind: type | tuple[type, ...], what: str) -> Any:
+        value = self.body.get(name)
+        if value is None:
+            return None
+        kinds = kind if isinstance(kind, tuple) else (kind,)
+        # JSON has one number type: a float field takes 2 as well as 2.0; true is never a number
+        ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
+        if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if float in kinds and ok and not math.isfinite(value):
+            ok = False
+        if not ok:
+            self.bad(name, f"must be {what}")
+            return None
+        return value
+
+
+def parse_request(body: object, info: ModelInfo) -> CompletionRequest:
+    """Check and convert a /v1/chat/completions body; every violation names its field."""
+    if not isinstance(body, dict):
+        raise InvalidRequest([FieldViolation("body", "must be a JSON object")])
+    b = _Body(body)
+    for name in sorted(set(body) - _KNOWN)[:8]:
+        b.bad(name, "unrecognized request argument")
+    for name, why in _OFF_ONLY.items():
+        value = body.get(name)
+        if not (value is None or value == [] or value == {} or value in _OFF_VALUES.get(name, ())):
+            b.bad(name, why)
+    if None not in (body.get("max_tokens"), body.get("max_completion_tokens")) and body.get("max_tokens") != body.get(
+        "max_completion_tokens"
+    ):
+        b.bad("max_tokens", "differs from max_completion_tokens; give one of them")
+    model = b.get("model", str, "a string")
+    if model is None and "model" not in body:
+        b.bad("model", f"is required: {info.model_name!r} (GET /v1/models)")
+    turns = _turns(b, body.get("messages"))
+    options, explicit_max = _sampling(b, info)
+    stream = b.get("stream", bool, "true or false") or False
+    include_usage = False
+    stream_options = body.get("stream_options")
+    if stream_options is not None:
+        if not isinstance(stream_options, dict) or not isinstance(stream_options.get("include_usage", False), bool):
+            b.bad("stream_options", 'must be an object like {"include_usage": true}')
+        elif not stream:
+            b.bad("stream_options", "is only allowed with stream: true")
+        else:
+            include_usage = stream_options.get("include_usage", False)
+    logprobs = b.get("logprobs", bool, "true or false") or False
+    if (b.get("top_logprobs", int, "an integer") or 0) != 0:
+        b.bad("top_logprobs", "alternatives are not returned (0 only); logprobs: true gives each chosen token's")
+    if b.get("n", int, "an integer") not in (None, 1):
+        b.bad("n", "only 1 reply per request (send several requests; they are batched)")
+    response_format = body.get("response_format")
+    if response_format is not None and response_format != {"type": "text"}:
+        b.bad("response_format", 'only {"type": "text"}')
+    if body.get("modalities") not in (None, ["text"]):
+        b.bad("modalities", 'only ["text"]')
+    priority_name = b.get("priority", str, '"interactive" or "batch"')
+    priority = PRIORITIES.get(priority_name or "interactive")
+    if priority is None:
+        b.bad("priority", f'is {priority_name[:32]!r}; must be "interactive" or "batch"')
+    drop = b.get("drop_oldest_turns", bool, "true or false") or False
+    include_stop = b.get("include_stop_str_in_output", bool, "true or false") or False
+    user = b.get("user", str, "a string")
+    if b.violations:
+        raise InvalidRequest(b.violations)
+    assert model is not None and priority is not None
+    chat = ChatRequest(turns, options, explicit_max, drop)
+    return CompletionRequest(chat, model, stream, include_usage, logprobs, include_stop, priority, user)
+
+
+def _turns(b: _Body, messages: object) -> list[Turn]:
+    if not isinstance(messages, list) or not messages:
+        b.bad("messages", "must be a non-empty list of {role, content} messages")
+        return []
+    if len(messages) > MAX_TURNS:
+        b.bad("messages", f"{len(messages)} messages; at most {MAX_TURNS}")
+        return []
+    turns = []
+    for i, message in enumerate(messages):
+        name = f"messages[{i}]"
+        if not isinstance(message, dict):
+            b.bad(name, "must be an object with role and content")
+            continue
+        role = message.get("role")
+        if role in ("system", "developer"):
+            b.bad(f"{name}.role", f"is {role!r}: rinna's chat format has no system turn; use user and assistant")
+        elif role in ("tool", "function"):
+            b.bad(f"{name}.role", f"is {role!r}: tools are not supported; use user and assistant")
+        elif role not in ROLES:
+            b.bad(f"{name}.role", f"is {str(role)[:32]!r}; must be 'user' or 'assistant'")
+        if message.get("tool_calls") or message.get("function_call"):
+            b.bad(f"{name}.tool_calls", "tools are not supported")
+        text = _content(b, f"{name}.content", message.get("content"))
+        if role in ROLES and text is not None:
+            turns.append(Turn(ROLES[role], text))
+    if isinstance(messages[-1], dict) and messages[-1].get("role") != "user":
+        b.bad(f"messages[{len(messages) - 1}].role", "the last message must be the user's: the model writes the reply")
+    return turns
+
+
+def _content(b: _Body, name: str, content: object) -> str | None:
+    """A message's text: a string, or a list of text parts (joined by newlines, as vLLM does)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
+                b.bad(f"{name}[{j}]", 'only text parts: {"type": "text", "text": "..."}')
+                return None
+            texts.append(part["text"])
+        return "\n".join(texts)
+    b.bad(name, "must be a string or a list of text parts")
+    return None
+
+
+# SamplingOptions' names -> this API's (the fields gRPC's SamplingParams calls otherwise)
+_SAMPLING_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
+
+
+def _sampling(b: _Body, info: ModelInfo) -> tuple[SamplingOptions, bool]:
+    given: dict[str, Any] = {}
+    max_name = "max_completion_tokens" if b.body.get("max_completion_tokens") is not None else "max_tokens"
+    for field, option, kind, what in (
+        (max_name, "max_new_tokens", int, "an integer"),
+        ("min_tokens", "min_new_tokens", int, "an integer"),
+        ("temperature", "temperature", float, "a number"),
+        ("top_p", "top_p", float, "a number"),
+        ("top_k", "top_k", int, "an integer"),
+        ("repetition_penalty", "repetition_penalty", float, "a number"),
+        ("no_repeat_ngram_size", "no_repeat_ngram_size", int, "an integer"),
+    ):
+        value = b.get(field, kind, what)
+        if value is not None:
+            given[option] = value
+    stop = b.body.get("stop")
+    if isinstance(stop, str):
+        stops: tuple[str, ...] = (stop,)
+    elif isinstance(stop, list) and all(isinstance(s, str) for s in stop):
+        stops = tuple(stop)
+    else:
+        stops = ()
+        if stop is not None:
+            b.bad("stop", "must be a string or a list of strings")
+    options = dataclasses.replace(SAMPLING_DEFAULTS, **given, stop=stops)
+    names = {**_SAMPLING_NAMES, "max_new_tokens": max_name}
+    for v in options.violations(info.context_length, info.vocab_size):
+        b.bad(rename(v.field, names), v.description)
+    return options, "max_new_tokens" in given
+
+
+def rename(field: str, names: dict[str, str] | None = None) -> str:
+    """A field of the engine's vocabulary (request preparation, sampling) as this API calls it."""
+    names = names or _SAMPLING_NAMES
+    if field.startswith("sampling."):
+        field = field.removeprefix("sampling.")
+        head, bracket, rest = field.partition("[")
+        return names.get(head, head) + bracket + rest
+    if field.startswith("turns"):
+        return "messages" + field.removeprefix("turns").replace(".text", ".content").replace(".speaker", ".role")
+    return field
+
+
+def unknown_model(asked: str, served: str) -> NotFound:
+    return NotFound(f"the model {asked[:256]!r} does not exist; this server serves {served!r} (GET /v1/models)")
+
+
+def parse_json(data: bytes) -> object:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest([FieldViolation("body", f"not valid JSON ({str(exc)[:120]})")]) from None

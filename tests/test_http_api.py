@@ -1,0 +1,378 @@
+"""The OpenAI-compatible HTTP API, through the official `openai` SDK and plain HTTP, against a real server that
+also serves gRPC: same engine, same defaults, same limits, same tokens."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import openai
+import pytest
+
+from jachat.v1 import chat_pb2
+from tests.helpers import CARD_TURNS, system, user
+from tests.servers import Server, free_port, serving
+
+ROLES = {"ユーザー": "user", "システム": "assistant"}
+CARD_MESSAGES: list[Any] = [{"role": ROLES[s], "content": t} for s, t in CARD_TURNS]
+
+
+def http_flags() -> tuple[str, ...]:
+    return ("--http-host", "127.0.0.1", "--http-port", str(free_port()))
+
+
+@pytest.fixture(scope="module")
+def server(model_f32: Path) -> Iterator[Server]:
+    with serving(model_f32, *http_flags()) as running:
+        yield running
+
+
+def client(server: Server, key: str = "unused") -> openai.OpenAI:
+    # no retries: a 429 or 503 must reach the test, not be retried away by the SDK
+    return openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def model_id(server: Server) -> str:
+    return client(server).models.list().data[0].id
+
+
+def request(
+    server: Server, method: str, path: str, body: object = None, headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
+    """Plain HTTP, no SDK: status, headers (lower-case names), body."""
+    assert server.http_port is not None
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    data = body if isinstance(body, bytes) else None if body is None else json.dumps(body).encode()
+    connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    response = connection.getresponse()
+    payload = response.read()
+    connection.close()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, payload
+
+
+def oversized(server: Server) -> tuple[int, dict[str, str], bytes]:
+    """A request announcing a body over the 4 MiB limit: refused before the body is read (none is sent)."""
+    assert server.http_port is not None
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    connection.putrequest("POST", "/v1/chat/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", str(5 * 1024 * 1024))
+    connection.endheaders()
+    response = connection.getresponse()
+    payload = response.read()
+    connection.close()
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, payload
+
+
+def grpc_reply(server: Server, turns: list[chat_pb2.Turn], **sampling: Any) -> chat_pb2.GenerateResponse:
+    with server.channel() as channel:
+        params = chat_pb2.SamplingParams(**sampling)
+        response: chat_pb2.GenerateResponse = server.stub(channel).Generate(
+            chat_pb2.GenerateRequest(
+                turns=turns, sampling=params, response=chat_pb2.ResponseOptions(token_logprobs=True)
+            ),
+            timeout=60,
+        )
+        return response
+
+
+def card_turns() -> list[chat_pb2.Turn]:
+    return [user(t) if s == "ユーザー" else system(t) for s, t in CARD_TURNS]
+
+
+def test_greedy_text_over_http_equals_grpc_with_the_same_defaults(server: Server) -> None:
+    """Only temperature and the length set: every other option takes the same default on both APIs (the card's
+    repetition penalty 1.1 included), so greedy replies agree to the token, and usage agrees too."""
+    over_grpc = grpc_reply(server, card_turns(), temperature=0.0, max_new_tokens=24)
+    reply = client(server).chat.completions.create(
+        model=model_id(server), messages=CARD_MESSAGES, temperature=0, max_tokens=24
+    )
+    assert reply.object == "chat.completion" and reply.id.startswith("chatcmpl-")
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == over_grpc.text
+    assert reply.choices[0].finish_reason == (
+        "length" if over_grpc.finish_reason == chat_pb2.FINISH_REASON_LENGTH else "stop"
+    )
+    assert reply.usage is not None
+    assert reply.usage.prompt_tokens == over_grpc.usage.prompt_tokens
+    assert reply.usage.completion_tokens == over_grpc.usage.completion_tokens
+    assert reply.usage.total_tokens == reply.usage.prompt_tokens + reply.usage.completion_tokens
+    # max_completion_tokens is the same field under OpenAI's newer name; text parts are a string's equal
+    parts: Any = [{"role": m["role"], "content": [{"type": "text", "text": m["content"]}]} for m in CARD_MESSAGES]
+    again = client(server).chat.completions.create(
+        model=model_id(server), messages=parts, temperature=0, max_completion_tokens=24
+    )
+    assert again.choices[0].message.content == over_grpc.text
+
+
+def test_streaming_with_usage_matches_the_whole_reply(server: Server) -> None:
+    sdk = client(server)
+    whole = sdk.chat.completions.create(model=model_id(server), messages=CARD_MESSAGES, temperature=0, max_tokens=20)
+    chunks = list(
+        sdk.chat.completions.create(
+            model=model_id(server),
+            messages=CARD_MESSAGES,
+            temperature=0,
+            max_tokens=20,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    assert chunks[0].choices[0].delta.role == "assistant"
+    content = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+    assert "".join(content) == whole.choices[0].message.content
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes == [whole.choices[0].finish_reason]
+    assert all(c.usage is None for c in chunks[:-1])  # include_usage: usage null until the last chunk
+    assert chunks[-1].choices == [] and chunks[-1].usage == whole.usage
+    assert len({c.id for c in chunks}) == 1
+    # without include_usage no chunk carries usage
+    plain = list(
+        sdk.chat.completions.create(
+            model=model_id(server), messages=CARD_MESSAGES, temperature=0, max_tokens=5, stream=True
+        )
+    )
+    assert all(c.usage is None for c in plain) and plain[-1].choices[0].finish_reason == "length"
+
+
+def test_logprobs_are_each_chosen_tokens_as_over_grpc(server: Server) -> None:
+    over_grpc = grpc_reply(
+        server, [user("猫について教えて")], temperature=0.0, max_new_tokens=12, repetition_penalty=1.0
+    )
+    messages: Any = [{"role": "user", "content": "猫について教えて"}]
+    reply = client(server).chat.completions.create(
+        model=model_id(server),
+        messages=messages,
+        temperature=0,
+        max_tokens=12,
+        logprobs=True,
+        extra_body={"repetition_penalty": 1.0},
+    )
+    assert reply.choices[0].logprobs is not None and reply.choices[0].logprobs.content is not None
+    entries = reply.choices[0].logprobs.content
+    tokens = list(over_grpc.tokens)
+    assert len(entries) == len(tokens) > 0
+    for entry, token in zip(entries, tokens, strict=True):
+        assert entry.logprob == pytest.approx(token.logprob, abs=1e-5)
+        assert entry.logprob <= 0 and entry.top_logprobs == []
+        assert entry.bytes is not None
+    streamed = client(server).chat.completions.create(
+        model=model_id(server),
+        messages=messages,
+        temperature=0,
+        max_tokens=12,
+        logprobs=True,
+        stream=True,
+        extra_body={"repetition_penalty": 1.0},
+    )
+    logprobs = [
+        e.logprob for c in streamed if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content or []
+    ]
+    assert logprobs == pytest.approx([e.logprob for e in entries], abs=1e-6)
+    without = client(server).chat.completions.create(
+        model=model_id(server), messages=messages, temperature=0, max_tokens=4
+    )
+    assert without.choices[0].logprobs is None
+
+
+def test_stop_strings_end_the_reply_as_over_grpc(server: Server) -> None:
+    messages: Any = [{"role": "user", "content": "こんにちは"}]
+    whole = grpc_reply(server, [user("こんにちは")], temperature=0.0, max_new_tokens=40).text
+    assert len(whole) >= 6, whole
+    stop = whole[3:5]
+    over_grpc = grpc_reply(server, [user("こんにちは")], temperature=0.0, max_new_tokens=40, stop=[stop])
+    for value in (stop, [stop, "never-generated"]):
+        reply = client(server).chat.completions.create(
+            model=model_id(server), messages=messages, temperature=0, max_tokens=40, stop=value
+        )
+        assert reply.choices[0].message.content == over_grpc.text == whole[: whole.index(stop)]
+        assert reply.choices[0].finish_reason == "stop"
+    kept = client(server).chat.completions.create(
+        model=model_id(server),
+        messages=messages,
+        temperature=0,
+        max_tokens=40,
+        stop=stop,
+        extra_body={"include_stop_str_in_output": True},
+    )
+    assert kept.choices[0].message.content == whole[: whole.index(stop)] + stop
+
+
+@pytest.mark.parametrize(
+    ("change", "param", "words"),
+    [
+        (
+            {"messages": [{"role": "system", "content": "be nice"}, {"role": "user", "content": "hi"}]},
+            "messages[0].role",
+            "no system turn",
+        ),
+        (
+            {"messages": [{"role": "tool", "content": "x"}, {"role": "user", "content": "hi"}]},
+            "messages[0].role",
+            "tools",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+            "messages[1].role",
+            "last message must be the user's",
+        ),
+        (
+            {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+            "messages[0].content[0]",
+            "only text parts",
+        ),
+        ({"messages": []}, "messages", "non-empty"),
+        ({"top_logprobs": 3, "logprobs": True}, "top_logprobs", "alternatives"),
+        ({"seed": 7}, "seed", "process-wide"),
+        ({"n": 2}, "n", "only 1"),
+        ({"temperature": -1}, "temperature", "must be 0 to"),
+        ({"max_tokens": 0}, "max_tokens", "must be 1 to"),
+        ({"max_completion_tokens": 5000}, "max_completion_tokens", "must be 1 to"),
+        ({"top_p": 0}, "top_p", "(0, 1]"),
+        ({"stop": [1, 2]}, "stop", "strings"),
+        ({"priority": "urgent"}, "priority", "interactive"),
+        ({"stream_options": {"include_usage": True}}, "stream_options", "stream: true"),
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
+        ({"frobnicate": 1}, "frobnicate", "unrecognized"),
+        ({"messages": [{"role": "user", "content": "x" * 20_000}]}, "messages[0].content", "characters"),
+    ],
+)
+def test_invalid_requests_get_400_naming_the_field(
+    server: Server, change: dict[str, Any], param: str, words: str
+) -> None:
+    hello: Any = [{"role": "user", "content": "hi"}]
+    with pytest.raises(openai.BadRequestError) as refused:  # extra_body: sent as given, past the SDK's types
+        client(server).chat.completions.create(model=model_id(server), messages=hello, extra_body=change)
+    assert refused.value.status_code == 400
+    error = refused.value.body
+    assert isinstance(error, dict) and error["type"] == "invalid_request_error"
+    assert error["param"] == param, error
+    assert words in error["message"], error
+
+
+def test_plain_http_errors_have_openais_shape(server: Server) -> None:
+    status, headers, body = request(server, "POST", "/v1/chat/completions", b"{not json")
+    assert status == 400 and json.loads(body)["error"]["param"] == "body"
+    status, _, body = request(
+        server, "POST", "/v1/chat/completions", {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    assert status == 404 and json.loads(body)["error"]["code"] == "model_not_found"
+    status, _, body = oversized(server)
+    assert status == 413 and json.loads(body)["error"]["type"] == "invalid_request_error"
+    status, _, body = request(server, "GET", "/v1/nothing-here")
+    assert status == 404 and "error" in json.loads(body)
+    status, _, body = request(server, "GET", "/v1/chat/completions")
+    assert status == 405 and "error" in json.loads(body)
+    status, _, body = request(server, "GET", "/health")
+    assert status == 200 and json.loads(body) == {"status": "SERVING"}
+    status, headers, body = request(server, "GET", "/v1/models", headers={"x-request-id": "trace-me-42"})
+    assert status == 200 and headers["x-request-id"] == "trace-me-42"
+    assert json.loads(body)["data"][0]["object"] == "model"
+
+
+def test_plain_http_streams_server_sent_events_ending_with_done(server: Server) -> None:
+    body = {
+        "model": model_id(server),
+        "messages": [{"role": "user", "content": "やあ"}],
+        "temperature": 0,
+        "max_tokens": 6,
+        "stream": True,
+    }
+    status, headers, payload = request(server, "POST", "/v1/chat/completions", body)
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    events = [line.removeprefix("data: ") for line in payload.decode().split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_deadline_from_the_caller_gives_504(server: Server) -> None:
+    body = {
+        "model": model_id(server),
+        "messages": [{"role": "user", "content": "やあ"}],
+        "max_tokens": 1500,
+        "min_tokens": 1500,
+    }
+    status, _, payload = request(server, "POST", "/v1/chat/completions", body, {"x-jachat-timeout": "0.2"})
+    assert status == 504 and json.loads(payload)["error"]["code"] == "timeout"
+    status, _, payload = request(server, "POST", "/v1/chat/completions", body, {"x-jachat-timeout": "soon"})
+    assert status == 400 and json.loads(payload)["error"]["param"] == "x-jachat-timeout"
+
+
+def test_http_calls_are_labelled_in_the_metrics(server: Server) -> None:
+    before = server.scrape()
+    client(server).chat.completions.create(
+        model=model_id(server), messages=[{"role": "user", "content": "hi"}], max_tokens=2
+    )
+    with pytest.raises(openai.BadRequestError):
+        client(server).chat.completions.create(model=model_id(server), messages=[{"role": "system", "content": "hi"}])
+    after = server.scrape()
+
+    def moved(key: str) -> float:
+        return after.get(key, 0.0) - before.get(key, 0.0)
+
+    assert moved('jachat_requests_total{api="http",code="OK",rpc="/v1/chat/completions"}') == 1
+    assert moved('jachat_requests_total{api="http",code="INVALID_ARGUMENT",rpc="/v1/chat/completions"}') == 1
+    assert moved('jachat_rejected_total{api="http",priority="interactive",reason="invalid"}') == 1
+    assert moved('jachat_requests_total{api="grpc",code="OK",rpc="Generate"}') == 0
+    assert any(" http /v1/chat/completions OK " in line for line in server.log)
+
+
+def test_tokens_and_tenants_are_grpcs(model_f32: Path, tmp_path: Path) -> None:
+    """The same token file guards both APIs; a token's name is the tenant on both."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("team-a secret-a\n")
+    with serving(model_f32, "--auth-token-file", str(tokens), *http_flags()) as guarded:
+        with pytest.raises(openai.AuthenticationError) as refused:
+            client(guarded, "wrong").models.list()
+        assert refused.value.status_code == 401
+        status, headers, _ = request(guarded, "GET", "/v1/models")
+        assert status == 401 and headers["www-authenticate"] == "Bearer"
+        assert request(guarded, "GET", "/health")[0] == 200  # health needs no token, as gRPC's
+        sdk = client(guarded, "secret-a")
+        model = sdk.models.list().data[0].id
+        sdk.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=3, user="not-me"
+        )
+        scraped = guarded.scrape()
+        assert scraped['jachat_tenant_generated_tokens_total{tenant="team-a"}'] >= 1
+        assert 'jachat_tenant_generated_tokens_total{tenant="not-me"}' not in scraped
+        assert scraped['jachat_rejected_total{api="http",priority="interactive",reason="unauthenticated"}'] == 2
+
+
+def test_a_full_server_refuses_with_429_and_retry_after(model_f32: Path) -> None:
+    """One replica, batches of one, one waiting place: a running call and a waiting one fill it; an HTTP call then
+    gets 429 with Retry-After at once, in OpenAI's shape."""
+    flags = ("--max-batch-size", "1", "--max-queued-requests", "1", "--replicas", "1", *http_flags())
+    with serving(model_f32, *flags) as full:
+        sdk = client(full)
+        model = sdk.models.list().data[0].id
+        long: Any = {
+            "model": model,
+            "messages": [{"role": "user", "content": "長く"}],
+            "max_tokens": 1500,
+            "min_tokens": 1500,
+        }
+        running = sdk.chat.completions.create(
+            model=model, messages=long["messages"], max_tokens=1500, extra_body={"min_tokens": 1500}, stream=True
+        )
+        next(iter(running))  # its batch started
+        waiting = threading.Thread(
+            target=lambda: request(full, "POST", "/v1/chat/completions", long, {"x-jachat-timeout": "30"})
+        )
+        waiting.start()
+        while full.scrape()["jachat_queue_size"] < 1:
+            time.sleep(0.01)
+        with pytest.raises(openai.RateLimitError) as refused:
+            sdk.chat.completions.create(model=model, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+        assert refused.value.status_code == 429
+        assert int(refused.value.response.headers["retry-after"]) >= 1
+        assert refused.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
+        running.close()
+        waiting.join(60)
