@@ -12,13 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
 from jachat.service.engine import Engine
-from jachat.service.errors import ModelNotReady, ShuttingDown
+from jachat.service.errors import ModelNotReady, ShuttingDown, WriteStalled
 from jachat.service.logs import request_id
 from jachat.service.metrics import Metrics
 from jachat.service.preparation import ChatRequest, PreparedRequest
@@ -174,3 +174,12 @@ class Calls:
 def metadata_carrier(pairs: Any) -> dict[str, str]:
     """gRPC metadata (or HTTP headers) as the text carrier W3C trace context is extracted from."""
     return {str(k).lower(): v for k, v in pairs or () if isinstance(v, str)}
+
+
+async def write_within(write: Awaitable[None], seconds: float) -> None:
+    """One stream write, either API's: a client that reads nothing for `seconds` (its flow-control window or socket
+    buffer stays full) loses the stream, so it stops holding a sequence and counting as running."""
+    try:
+        await asyncio.wait_for(write, seconds)
+    except asyncio.TimeoutError:
+        raise WriteStalled(f"the client read nothing for {seconds:g} s; the stream was ended") from None

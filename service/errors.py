@@ -87,6 +87,10 @@ class NotFound(JachatError):
     code = grpc.StatusCode.NOT_FOUND
 
 
+class WriteStalled(DeadlineExceeded):
+    """A stream's client read nothing for the write timeout: nothing more can reach it, not even an error."""
+
+
 class EngineFailure(JachatError):
     """Generation failed inside the engine; details are logged, not sent."""
 

@@ -24,14 +24,14 @@ from typing import Any
 
 from aiohttp import web
 
-from jachat.service.calls import Call, Calls, metadata_carrier
+from jachat.service.calls import Call, Calls, metadata_carrier, write_within
 from jachat.service.errors import (
-    DeadlineExceeded,
     FieldViolation,
     InvalidRequest,
     JachatError,
     Overloaded,
     Unauthenticated,
+    WriteStalled,
     http_error,
     to_http,
 )
@@ -253,7 +253,7 @@ class HttpApi:
                         await self._send(response, usage_chunk(cid, model, item))
                 else:
                     await self._send(response, chunk_body(cid, model, {"content": item.text}, None, logprobs, usage))
-        except _WriteStalled as exc:  # nothing more can reach this client, not even an error: hang up
+        except WriteStalled as exc:  # nothing more can reach this client, not even an error: hang up
             self.calls.end(call, exc.code.name, str(exc))
             if request.transport is not None:
                 request.transport.close()
@@ -274,16 +274,7 @@ class HttpApi:
         await self._write(response, b"data: " + json.dumps(body, ensure_ascii=False).encode() + b"\n\n")
 
     async def _write(self, response: web.StreamResponse, data: bytes) -> None:
-        try:
-            await asyncio.wait_for(response.write(data), self.stream_write_timeout)
-        except asyncio.TimeoutError:
-            raise _WriteStalled(
-                f"the client read nothing for {self.stream_write_timeout:g} s; the stream was ended"
-            ) from None
-
-
-class _WriteStalled(DeadlineExceeded):
-    """A stream's client stopped reading: nothing more can be sent to it, not even an error."""
+        await write_within(response.write(data), self.stream_write_timeout)
 
 
 @web.middleware

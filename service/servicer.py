@@ -13,8 +13,8 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from jachat.service.calls import Call, Calls, metadata_carrier
-from jachat.service.errors import DeadlineExceeded, JachatError, to_status
+from jachat.service.calls import Call, Calls, metadata_carrier, write_within
+from jachat.service.errors import JachatError, to_status
 from jachat.service.logs import REQUEST_ID_HEADER, request_id_from, tenant_from
 from jachat.service.preparation import ChatRequest, PreparedRequest
 from jachat.service.protocol import (
@@ -159,14 +159,7 @@ class ChatServicer:
                 await messages.aclose()
 
     async def _write(self, context: Context, message: chat_pb2.GenerateStreamResponse) -> None:
-        """Send one stream message; a client that reads nothing for stream_write_timeout seconds (its flow-control
-        window stays full) loses the stream, so it stops holding a sequence and counting as running."""
-        try:
-            await asyncio.wait_for(context.write(message), self.stream_write_timeout)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(
-                f"the client read nothing for {self.stream_write_timeout:g} s; the stream was ended"
-            ) from None
+        await write_within(context.write(message), self.stream_write_timeout)
 
     async def Tokenize(self, request: chat_pb2.TokenizeRequest, context: Context) -> chat_pb2.TokenizeResponse:
         async with self._rpc("Tokenize", context):
