@@ -11,6 +11,7 @@ caller's event loop, which is never blocked by generation.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import logging
@@ -23,6 +24,7 @@ from typing import TypeVar
 import ctranslate2
 
 from jachat.converter.manifest import TOKENIZER_FILE, Manifest, read_manifest, verify_manifest
+from jachat.service import gpu
 from jachat.service.errors import DeadlineExceeded
 from jachat.service.options import EngineOptions
 from jachat.service.preparation import ChatRequest, PreparedRequest, Preparer, Prompt
@@ -33,6 +35,7 @@ from jachat.service.sampling import SamplingOptions
 from jachat.service.scheduler import Scheduler, SchedulerObserver
 from jachat.service.sequence import Generation
 from jachat.service.tokenizer import Tokenizer
+from jachat.service.warmup import WarmUp, shapes, warm_up
 
 log = logging.getLogger("jachat.engine")
 T = TypeVar("T")
@@ -120,17 +123,22 @@ class Engine:
         self.tokenizer = Tokenizer(model_dir / TOKENIZER_FILE)
         check_vocabulary(self.tokenizer, model_dir)
         device = resolve_device(options.device)
+        if device == "cuda":  # the driver checked and cuBLAS 12 found before CTranslate2 needs them (gpu.py)
+            log.info("cuBLAS 12 from %s", gpu.prepare(options.device_index, ctranslate2.get_cuda_device_count()))
         compute_type = resolve_compute_type(options.compute_type, self.manifest.quantization, device)
         replicas, intra_threads = resolve_threads(device, options.scheduler.replicas, options.intra_threads)
         scheduler_options = dataclasses.replace(options.scheduler, replicas=replicas)
-        self.generator = ctranslate2.Generator(
-            str(model_dir),
-            device=device,
-            device_index=options.device_index,
-            compute_type=compute_type,
-            inter_threads=replicas,
-            intra_threads=intra_threads,
-        )
+        weights = (model_dir / "model.bin").stat().st_size
+        explained = gpu.explain(options.device_index, weights) if device == "cuda" else contextlib.nullcontext()
+        with explained:
+            self.generator = ctranslate2.Generator(
+                str(model_dir),
+                device=device,
+                device_index=options.device_index,
+                compute_type=compute_type,
+                inter_threads=replicas,
+                intra_threads=intra_threads,
+            )
         self.info = ModelInfo(
             model_name=self.manifest.source,
             quantization=self.manifest.quantization,
@@ -140,6 +148,19 @@ class Engine:
             context_length=self.manifest.shape.context_length,
         )
         pieces, eos_id = self.tokenizer.pieces, self.tokenizer.eos_id
+        self.warm: WarmUp | None = None
+        if options.warm_up:
+            plan = shapes(device, scheduler_options.max_batch_size, self.info.context_length)
+            with explained:
+                self.warm = warm_up(self.generator, pieces, eos_id, replicas, plan)
+            log.info(
+                "warm start: %d shapes (batches up to %d, prompts up to %d tokens) on %d replicas in %.2f s",
+                len(plan),
+                max(s.batch for s in plan),
+                max(s.prompt for s in plan),
+                replicas,
+                self.warm.seconds,
+            )
         self.scheduler = Scheduler(self.generator, pieces, eos_id, scheduler_options, observer)
         self.preparer = Preparer(self.tokenizer, self.info.context_length)
         log.info(

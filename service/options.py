@@ -25,4 +25,5 @@ class EngineOptions:
     device_index: int = 0
     intra_threads: int = 0
     verify_checksums: bool = True
+    warm_up: bool = True  # each replica generates a little before the engine is ready (warmup.py)
     scheduler: SchedulerOptions = field(default_factory=SchedulerOptions)

@@ -193,6 +193,7 @@ class Service:
             device_index=self.settings.device_index,
             intra_threads=self.settings.intra_threads,
             verify_checksums=self.settings.verify_checksums,
+            warm_up=self.settings.warm_up,
             scheduler=SchedulerOptions(
                 max_batch_size=self.settings.max_batch_size,
                 max_batch_wait=self.settings.max_batch_wait_ms / 1000,

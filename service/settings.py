@@ -142,6 +142,13 @@ class Settings:
         metadata=_opt("file of bearer tokens, one per line: calls (not health, reflection) must carry one"),
     )
     verify_checksums: bool = field(default=True, metadata=_opt("check the model files against the manifest"))
+    warm_up: bool = field(
+        default=True,
+        metadata=_opt(
+            "before health turns SERVING, each replica generates a few tokens at the shapes that bring the kernels in "
+            "(on a GPU the wheel's kernels are JIT-compiled at first use), so the first caller does not pay"
+        ),
+    )
     grace_seconds: float = field(default=10.0, metadata=_opt("on SIGTERM, how long in-flight calls may finish"))
     log_format: str = field(
         default="text", metadata=_opt("log lines as plain text or JSON (one object per line)", choices=("text", "json"))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import subprocess
 import sys
 from collections.abc import Callable
@@ -19,7 +20,7 @@ from jachat.service.server import Service
 from jachat.service.settings import Settings, env_names, load_settings
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 from tests.helpers import details, health_stub, user
-from tests.servers import Server, start
+from tests.servers import Server, serving, start
 
 
 def test_health_is_not_serving_until_the_model_is_loaded(model_f32: Path) -> None:
@@ -366,3 +367,28 @@ def test_a_stream_in_flight_at_sigterm_finishes_within_the_grace(model_f32: Path
     assert received[-1].usage.completion_tokens == 1500
     assert sum(len(m.tokens) for m in received) == 1500
     assert server.process.wait(30) == 0
+
+
+def test_asking_for_a_gpu_where_there_is_none_is_one_line(model_f32: Path) -> None:
+    """--device cuda on a machine without a GPU (or without a driver): one line, no traceback, exit 1."""
+    import ctranslate2
+
+    if ctranslate2.get_cuda_device_count() > 0:
+        pytest.skip("this machine has a GPU")
+    line = _serve_and_fail(model_f32, "--device", "cuda")
+    assert "--device cuda, but" in line and ("no NVIDIA driver" in line or "sees no GPU" in line), line
+
+
+def test_every_replica_warms_up_before_health_turns_serving(model_f32: Path) -> None:
+    """The warm start runs inside the model load, before SERVING, on every replica, and says how long it took;
+    --warm-up false skips it."""
+    with serving(model_f32, "--replicas", "2") as warm:
+        lines = warm.log
+        warmed = next(i for i, line in enumerate(lines) if "warm start:" in line)
+        serving_at = next(i for i, line in enumerate(lines) if "serving " in line and " on port " in line)
+        assert warmed < serving_at
+        assert re.search(
+            r"warm start: \d+ shapes \(batches up to \d+, prompts up to \d+ tokens\) on 2 replicas in", lines[warmed]
+        )
+    with serving(model_f32, "--warm-up", "false") as cold:
+        assert not any("warm start:" in line for line in cold.log)
