@@ -1,8 +1,11 @@
-"""The baselines the service is compared with: CTranslate2 driven directly, and the model card's Transformers code."""
+"""The baselines the service is compared with: CTranslate2 driven directly in the best configuration this machine
+allows (threads, replicas, parallel batches), and the model card's Transformers code."""
 
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -10,7 +13,7 @@ from jachat.bench.workload import Progress, Record, Report, Workload
 from jachat.converter.manifest import TOKENIZER_FILE
 
 
-def _ct2(model: Path) -> tuple[Any, Any]:
+def _ct2(model: Path, replicas: int = 1, threads: int = 0) -> tuple[Any, Any]:
     import ctranslate2
 
     from jachat.converter.manifest import read_manifest
@@ -18,7 +21,10 @@ def _ct2(model: Path) -> tuple[Any, Any]:
     from jachat.service.tokenizer import Tokenizer
 
     compute_type = resolve_compute_type("default", read_manifest(model).quantization, "cpu")
-    return ctranslate2.Generator(str(model), device="cpu", compute_type=compute_type), Tokenizer(model / TOKENIZER_FILE)
+    generator = ctranslate2.Generator(
+        str(model), device="cpu", compute_type=compute_type, inter_threads=replicas, intra_threads=threads
+    )
+    return generator, Tokenizer(model / TOKENIZER_FILE)
 
 
 def _ct2_batch(generator: Any, tokenizer: Any, workload: Workload, indices: list[int]) -> list[Record]:
@@ -42,22 +48,69 @@ def _ct2_batch(generator: Any, tokenizer: Any, workload: Workload, indices: list
     return [Record(firsts.get(b, e2e), e2e, len(r.sequences_ids[0])) for b, r in enumerate(results)]
 
 
-def run_ct2(model: Path, workload: Workload, batch_size: int, rounds: int) -> Report:
-    """`rounds` calls of generate_batch with `batch_size` prompts each (1: one sequence at a time)."""
-    generator, tokenizer = _ct2(model)
-    name = "ctranslate2, 1 sequence" if batch_size == 1 else f"ctranslate2, batch of {batch_size}"
-    _ct2_batch(generator, tokenizer, workload, list(range(batch_size)))  # warm-up
-    progress = Progress(name, rounds * batch_size, None)
+@dataclass(frozen=True)
+class Layout:
+    """How CTranslate2 runs n sequences at once: `replicas` x `threads`, the n split into one batch per replica."""
+
+    replicas: int
+    threads: int
+
+    def name(self, n: int) -> str:
+        if n == 1:
+            return f"ctranslate2, 1 sequence ({self.threads} thread{'s' * (self.threads > 1)})"
+        size = -(-n // self.replicas)
+        return f"ctranslate2 best: {self.replicas}x{self.threads}t, {self.replicas} x batch of {size}"
+
+
+def layouts(n: int, cores: int) -> list[Layout]:
+    """The configurations worth trying on `cores` cores: each replica count up to the cores (and n), the cores
+    shared out among them; one sequence also alone on one thread (decoding one sequence is bound by memory)."""
+    found = {Layout(r, max(1, cores // r)) for r in range(1, min(cores, n) + 1)}
+    if n == 1:
+        found = {Layout(1, 1), Layout(1, cores)}
+    return sorted(found, key=lambda layout: (layout.replicas, layout.threads))
+
+
+def _ct2_round(generator: Any, tokenizer: Any, workload: Workload, layout: Layout, first: int, n: int) -> list[Record]:
+    """n sequences at once as one batch per replica, the batches in parallel (generate_batch releases the GIL and
+    each call takes a free replica)."""
+    size = -(-n // layout.replicas)
+    chunks = [list(range(first + i, min(first + i + size, first + n))) for i in range(0, n, size)]
+    with ThreadPoolExecutor(len(chunks)) as pool:
+        return [r for rs in pool.map(lambda c: _ct2_batch(generator, tokenizer, workload, c), chunks) for r in rs]
+
+
+def run_ct2(model: Path, workload: Workload, n: int, rounds: int, cores: int | None = None) -> Report:
+    """CTranslate2 alone at its best on this machine for n sequences at once: every layout is probed with one
+    round, and the fastest is measured for `rounds` rounds (its name says which it was)."""
+    from jachat.service.engine import cpu_cores
+
+    cores = cores or cpu_cores()
+    best: tuple[float, Layout] | None = None
+    for layout in layouts(n, cores):
+        generator, tokenizer = _ct2(model, layout.replicas, layout.threads)
+        _ct2_round(generator, tokenizer, workload, layout, 0, n)  # warm-up
+        started = time.perf_counter()
+        tokens = sum(r.tokens for r in _ct2_round(generator, tokenizer, workload, layout, n, n))
+        speed = tokens / (time.perf_counter() - started)
+        del generator
+        if best is None or speed > best[0]:
+            best = (speed, layout)
+    assert best is not None
+    layout = best[1]
+    generator, tokenizer = _ct2(model, layout.replicas, layout.threads)
+    _ct2_round(generator, tokenizer, workload, layout, 0, n)  # warm-up
+    progress = Progress(layout.name(n), rounds * n, None)
     records: list[Record] = []
     started = time.perf_counter()
     for r in range(rounds):
-        for record in _ct2_batch(generator, tokenizer, workload, [r * batch_size + b for b in range(batch_size)]):
+        for record in _ct2_round(generator, tokenizer, workload, layout, r * n, n):
             records.append(record)
             progress.advance()
     seconds = time.perf_counter() - started
     progress.close()
     del generator
-    return Report.of(name, batch_size, records, seconds)
+    return Report.of(layout.name(n), n, records, seconds)
 
 
 def run_hf(checkpoint: Path, workload: Workload, requests: int) -> Report:

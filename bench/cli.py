@@ -1,11 +1,15 @@
 """jachat-bench: load and compare. One workload, three ways of running it, measured in one run on one machine.
 
 - `grpc`: N concurrent closed-loop GenerateStream clients (or a fixed arrival rate) against a running service.
-- `ct2`: CTranslate2 driven directly on the same model: one sequence at a time, and one batch of N.
+- `ct2`: CTranslate2 driven directly on the same model, one sequence and N at once, each in the best configuration
+  this machine allows (threads, replicas, parallel batches: probed, then measured).
 - `hf`: the model card's Transformers code path on the Hugging Face checkpoint (float32, CPU), one at a time.
 - `all`: starts jachat-serve on the model and runs the three, then prints the ratios side by side.
 - `soak`: a fresh server under load for a long time: errors, health and memory (soak.py).
 - `abuse`: a fresh server under worst-case requests: health, stream gaps, loop lag, refusals (abuse.py).
+- `sweep`: a fresh server under open-loop Poisson arrivals at rising rates until it saturates: latency curves and
+  the highest rate under the TTFT SLO (sweep.py).
+- `warmstart`: a fresh server's first ten calls, with and without the warm start (warmstart.py).
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ from jachat.bench.workload import Report, Workload
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jachat-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("grpc", "ct2", "hf", "all", "soak", "abuse", "fairness"))
+    parser.add_argument("mode", choices=("grpc", "ct2", "hf", "all", "soak", "abuse", "fairness", "sweep", "warmstart"))
     parser.add_argument("--target", default="localhost:50051", help="grpc: HOST:PORT of a running service")
     parser.add_argument("--model", type=Path, help="ct2/all: converted model folder")
     parser.add_argument("--checkpoint", type=Path, help="hf/all: the Hugging Face checkpoint it came from")
@@ -48,6 +52,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clients", type=int, default=4, help="abuse: clients sending worst-case requests")
     parser.add_argument("--flood", type=int, default=48, help="fairness: calls of the flooding tenant (or priority)")
     parser.add_argument("--few", type=int, default=4, help="fairness: calls of the light tenant (or interactive)")
+    parser.add_argument("--rates", help="sweep: offered calls/s, comma-separated (default: rising until saturation)")
+    parser.add_argument("--start-rate", type=float, default=1.0, help="sweep: the first rate (calls/s)")
+    parser.add_argument("--rate-factor", type=float, default=1.5, help="sweep: each rate is the last times this")
+    parser.add_argument("--step-duration", type=float, default=20.0, help="sweep: seconds of arrivals per rate")
+    parser.add_argument("--slo", type=float, default=1.0, help="sweep: the TTFT p99 target (s)")
     parser.add_argument("--output", "-o", type=Path, help="write the JSON report here")
     return parser
 
@@ -68,12 +77,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         "soak": ["model", "duration"],
         "abuse": ["model"],
         "fairness": ["model"],
+        "sweep": ["model"],
+        "warmstart": ["model"],
     }
     for name in need.get(args.mode, []):
         if getattr(args, name) is None:
             build_parser().error(f"{args.mode} needs --{name}")
     if args.mode == "soak":
         return soak_main(args, workload, meta)
+    if args.mode == "sweep":
+        from jachat.bench.sweep import sweep_main
+
+        return sweep_main(args, workload, meta)
+    if args.mode == "warmstart":
+        from jachat.bench.warmstart import warmstart_main
+
+        return warmstart_main(args.model, args.serve_arg, args.output, meta)
     if args.mode == "fairness":
         from jachat.bench.fairness import fairness_main
 

@@ -4,7 +4,11 @@ CTranslate2 has no continuous batching: one call is one static batch with one se
 joins it once it runs. So the scheduler decides what starts together:
 
 - A batch starts when a replica (`inter_threads`) is free. Its head is the oldest waiting request; it takes the
-  other waiting requests that can share the call, in arrival order, up to `max_batch_size`. While requests keep
+  other waiting requests that can share the call, in arrival order, up to `max_batch_size`, and no more than its
+  share when other replicas are free too: n compatible requests and k free replicas make k batches of about n/k
+  that run side by side, instead of one batch of n while the other replicas idle (on 2 one-thread CPU replicas, two
+  batches of 8 generate 1.6x the tokens/s of one batch of 16; a batch's step costs little more for more rows, but
+  one replica's thread does them all). While requests keep
   arriving it waits for more: it starts when it is full, when none has arrived for `batch_idle` seconds, or
   `max_batch_wait` after its head arrived, whichever comes first. A lone caller so waits only `batch_idle`, and
   callers that arrive together (closed-loop clients whose replies ended together) start together.
@@ -47,6 +51,15 @@ class SchedulerObserver(TokenObserver, Protocol):
     def generation_finished(self, record: FinishedGeneration) -> None: ...
 
 
+SOON = 4  # a running batch with at most this many tokens to go is about to free its replica
+
+
+def _tokens_left(batch: list[Generation]) -> tuple[int, int]:
+    """(unfinished sequences, most tokens any of them may still generate) of a running batch."""
+    left = [gen.max_new_tokens - gen.steps for gen in batch if gen.finish_reason is None]
+    return len(left), max(left, default=0)
+
+
 class Scheduler:
     def __init__(
         self,
@@ -67,10 +80,12 @@ class Scheduler:
         self._executor = ThreadPoolExecutor(max_workers=options.replicas, thread_name_prefix="jachat-gen")
         self._task: asyncio.Task[None] | None = None
         self.running: set[Generation] = set()  # changed by generation threads: under _running_lock
+        self._batches: list[list[Generation]] = []  # the running batches, one per busy replica: under _running_lock
         self._running_lock = threading.Lock()
         self._batch_seconds = 1.0  # running estimate of a batch's duration, for Retry-After
         self.fair = FairOrder()
         self._last_arrival = 0.0
+        self._busy = 0  # replicas running a batch (changed on the event loop only)
 
     def _ensure_started(self) -> None:
         """Start the batching task on the running event loop (again, if an earlier loop has gone)."""
@@ -157,8 +172,27 @@ class Scheduler:
             except BaseException:
                 self._slots.release()
                 raise
+            self._busy += 1
             future = loop.run_in_executor(self._executor, self._generate, batch)
-            future.add_done_callback(lambda _: self._slots.release() if self._slots else None)
+            future.add_done_callback(self._replica_done)
+
+    def _replica_done(self, _: object) -> None:
+        self._busy -= 1
+        if self._slots is not None:
+            self._slots.release()
+
+    def _share(self, compatible: int) -> int:
+        """How many of the compatible waiting calls this batch takes. The idle replicas split the waiting calls
+        evenly. A busy replica whose batch is about to end (at most SOON tokens to go) counts as one more replica,
+        and its unfinished calls as calls to share: callers whose replies end together (closed loops) come back
+        together, and a replica that frees a moment before another must take its own share, not everyone's (measured:
+        that alone left batches of 10 and 5 where 8 and 8 were due). A batch far from its end counts for nothing:
+        calls never wait behind a long reply while a replica idles."""
+        free = max(1, self.options.replicas - self._busy)  # this replica and the others idle now
+        with self._running_lock:
+            ending = [left for left in map(_tokens_left, self._batches) if left[1] <= SOON]
+        share = -(-(len(self.pending) + sum(n for n, _ in ending)) // (free + len(ending)))
+        return max(1, min(compatible, share))
 
     def _drop_expired(self) -> None:
         now = time.monotonic()
@@ -198,6 +232,7 @@ class Scheduler:
             head = batch[0]
             start_at = min(head.arrived + self.options.max_batch_wait, self._last_arrival + self.options.batch_idle)
             if len(batch) >= self.options.max_batch_size or now >= start_at:
+                batch = batch[: self._share(len(batch))]
                 break
             self._arrived.clear()
             with contextlib.suppress(asyncio.TimeoutError):  # not the builtin TimeoutError on Python 3.10
@@ -216,6 +251,7 @@ class Scheduler:
         started = time.monotonic()
         with self._running_lock:
             self.running.update(batch)
+            self._batches.append(batch)
         for gen in batch:
             gen.started_at, gen.batch_size = started, len(batch)
         try:
@@ -237,6 +273,7 @@ class Scheduler:
                 gen.finish(FinishReason.LENGTH)  # no-op for sequences that already ended
             with self._running_lock:
                 self.running.difference_update(batch)
+                self._batches.remove(batch)
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
 
     def abandon(self, error: BaseException) -> None:

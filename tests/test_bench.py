@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
+import sys
 from pathlib import Path
 
+from tests.helpers import REPO
 from tests.servers import InProcessServer
 
 
@@ -44,7 +47,9 @@ def test_bench_all_modes_write_a_report(model_f32: Path, demo_checkpoint: Path, 
         assert r["output_tokens"] == 6 * expected_requests  # min_new_tokens = max_new_tokens
         assert r["tokens_per_second"] > 0 and 0 < r["ttft"]["p50"] <= r["e2e"]["p99"]
     assert {t["what"] for t in report["targets"]} >= {"errors at 4 streams"}
-    assert "service 4 streams / ctranslate2 batch of 4" in result.stdout
+    assert "service 4 streams / ctranslate2 best for 4" in result.stdout
+    # the baseline names the layout it found best (replicas x threads, one batch per replica)
+    assert reports["ct2_n"]["name"].startswith("ctranslate2 best: ")
 
 
 def test_bench_counts_errors_by_status_code(server: InProcessServer, tmp_path: Path) -> None:
@@ -133,3 +138,61 @@ def test_bench_fairness_reports_both_floods(model_f32: Path, tmp_path: Path) -> 
         }
         assert all(value > 0 for value in figures.values())
     assert "tenant B under tenant A's flood" in result.stdout and "interactive under a batch flood" in result.stdout
+
+
+def test_bench_sweep_reports_each_rate_the_best_under_the_slo_and_a_plot(model_f32: Path, tmp_path: Path) -> None:
+    output = tmp_path / "sweep.json"
+    command = ["jachat-bench", "sweep", "--model", str(model_f32), "--rates", "2,4", "--step-duration", "2"]
+    result = subprocess.run(
+        [*command, "--tokens", "4", "--slo", "1", "-o", str(output)], capture_output=True, text=True, timeout=600
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(output.read_text())
+    steps = report["steps"]
+    assert [s["rate"] for s in steps] == [2.0, 4.0]  # explicit rates all run
+    for step in steps:
+        assert step["requests"] > 0 and step["errors"] == 0 and step["tokens_per_second"] > 0
+        assert 0 < step["ttft_p50"] <= step["ttft_p99"] and step["e2e_p50"] <= step["e2e_p99"]
+    within = [s["rate"] for s in steps if s["errors"] == 0 and s["ttft_p99"] <= report["slo_seconds"]]
+    assert report["best_rate"] == (max(within) if within else None)
+    assert "highest rate with TTFT p99 <= 1 s" in result.stdout
+    assert output.with_suffix(".png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_bench_warmstart_times_the_first_calls_with_and_without_the_warm_start(model_f32: Path, tmp_path: Path) -> None:
+    output = tmp_path / "warmstart.json"
+    result = subprocess.run(
+        ["jachat-bench", "warmstart", "--model", str(model_f32), "-o", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr
+    warm, cold = json.loads(output.read_text())["runs"]
+    assert warm["warm_up"] and warm["warm_up_seconds"] is not None and warm["warm_up_seconds"] >= 0
+    assert not cold["warm_up"] and cold["warm_up_seconds"] is None
+    for run in (warm, cold):
+        assert len(run["call_seconds"]) == 10 and all(s > 0 for s in run["call_seconds"])
+        assert run["first_over_tenth"] == run["call_seconds"][0] / run["call_seconds"][-1]
+
+
+def test_gpu_check_runs_end_to_end_in_dry_mode(tmp_path: Path) -> None:
+    """scripts/gpu-check --dry-run: every step of the GPU check (environment, device tests, closed loops, replicas,
+    sweep, roofline, recommendation) on the CPU with a tiny model, into one report."""
+    output = tmp_path / "gpu-check.json"
+    env = {**os.environ, "PYTHON": sys.executable}
+    command = [str(REPO / "scripts" / "gpu-check"), "--dry-run", "--work", str(tmp_path / "work"), "-o", str(output)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(output.read_text())
+    assert report["dry_run"] is True and report["device"] == "cpu"
+    assert report["environment"]["compute_types"] and report["environment"]["ctranslate2"]
+    assert report["tests"]["passed"] is True and "passed" in report["tests"]["summary"]
+    bench = report["runs"]["bench"]
+    assert [row["concurrency"] for row in bench["closed_loops"]] == [1, 4, 8]
+    assert all(row["errors"] == {} and row["tokens_per_second"] > 0 for row in bench["closed_loops"])
+    assert [row["serve_args"] for row in bench["replicas"]] == [["--replicas", "1"], ["--replicas", "2"]]
+    assert bench["sweep"]["steps"] and bench["roofline"]["weights_bytes"] > 0
+    fastest = max(bench["replicas"], key=lambda row: row["tokens_per_second"])
+    assert bench["recommended"]["replicas"] == int(fastest["serve_args"][-1])
+    assert f"written to {output}" in result.stdout

@@ -96,6 +96,15 @@ async def finished(gen: Generation) -> FinishReason | None:
     return gen.finish_reason
 
 
+async def batches_started(fake: FakeGenerator, count: int) -> None:
+    for _ in range(500):
+        if len(fake.batches) >= count:
+            return
+        await asyncio.sleep(0.01)
+    fake.release.set()
+    raise AssertionError(f"{len(fake.batches)} batches started, not {count}: {fake.batches}")
+
+
 def names(tokenizer: Tokenizer, *ids: int) -> list[str]:
     return [tokenizer.pieces[i] for i in ids]
 
@@ -134,6 +143,67 @@ def test_compatible_sequences_share_batches_in_arrival_order_up_to_the_size(
             names(tokenizer, 106),
         ]
         assert all(len(g.token_ids) == 4 for g in gens)
+
+    run(scenario)
+
+
+def test_calls_that_arrive_together_are_spread_over_the_free_replicas(
+    tokenizer: Tokenizer, run: Callable[..., Any]
+) -> None:
+    """n calls, k free replicas: k batches of about n/k side by side, in arrival order; a busy replica takes no
+    share, so with one free replica a batch takes all it may."""
+
+    async def scenario(make: Callable[..., Scheduler]) -> None:
+        fake = FakeGenerator(token=700)
+        fake.release.clear()  # batches run until both have started
+        scheduler = make(SchedulerOptions(max_batch_size=16, replicas=2), fake)
+        gens = [sequence(tokenizer, 100 + i) for i in range(16)]
+        for gen in gens:
+            scheduler.submit(gen)
+        await batches_started(fake, 2)
+        fake.release.set()
+        assert [await finished(g) for g in gens] == [FinishReason.LENGTH] * 16
+        assert sorted(fake.batches) == [names(tokenizer, *range(100, 108)), names(tokenizer, *range(108, 116))]
+
+        fake.batches.clear()
+        fake.release.clear()  # one replica stays busy with a long call
+        fake.started.clear()
+        busy = sequence(tokenizer, 200, max_new_tokens=50)  # far from its end: the others never wait for it
+        scheduler.submit(busy)
+        await asyncio.to_thread(fake.started.wait, 5)
+        others = [sequence(tokenizer, 300 + i) for i in range(6)]
+        for gen in others:
+            scheduler.submit(gen)
+        await batches_started(fake, 2)
+        fake.release.set()
+        assert [await finished(g) for g in [busy, *others]] == [FinishReason.LENGTH] * 7
+        assert fake.batches == [names(tokenizer, 200), names(tokenizer, *range(300, 306))]
+
+    run(scenario)
+
+
+def test_a_replica_that_frees_first_takes_its_share_not_everyones(
+    tokenizer: Tokenizer, run: Callable[..., Any]
+) -> None:
+    """Closed loops: replies that end together come back together. When one replica frees while the other's batch
+    is a few tokens from its end, the free one takes its share of everything in flight (waiting, and about to come
+    back); when the other's batch is far from its end, the free one takes every waiting call."""
+
+    async def scenario(make: Callable[..., Scheduler]) -> None:
+        scheduler = make(SchedulerOptions(max_batch_size=16, replicas=2), FakeGenerator(token=700))
+        scheduler.pending = [sequence(tokenizer, 200 + i) for i in range(10)]
+        ending = [sequence(tokenizer, 100 + i, max_new_tokens=3) for i in range(6)]
+        scheduler._busy, scheduler._batches = 1, [ending]
+        assert scheduler._share(10) == 8  # (10 waiting + 6 coming back) / 2 replicas
+        for gen in ending:
+            gen.steps = 1  # 2 tokens to go: still about to end
+        assert scheduler._share(10) == 8
+        long = [sequence(tokenizer, 100 + i, max_new_tokens=64) for i in range(6)]
+        scheduler._batches = [long]
+        assert scheduler._share(10) == 10  # nobody waits behind a long batch
+        scheduler._busy, scheduler._batches = 0, []
+        assert scheduler._share(10) == 5  # two idle replicas split the waiting calls
+        scheduler.pending = []
 
     run(scenario)
 

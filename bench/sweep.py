@@ -1,0 +1,147 @@
+"""`jachat-bench sweep`: open-loop load curves. Real traffic arrives when it arrives, not when the last reply ends,
+so closed loops hide queueing: this sends Poisson arrivals at rising rates to a fresh server until it saturates,
+and reports per rate the TTFT and end-to-end p50/p99 and the achieved tokens/s, and the highest rate whose TTFT p99
+stays under the SLO (default 1 s) without errors. A progress bar per rate; a PNG of the curves beside the report.
+
+Saturation (the sweep stops after the first such rate): TTFT p99 over 5x the SLO (queues grow without bound past
+the service's capacity, and TTFT with them), or errors over 1%.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from jachat.bench.clients import run_grpc
+from jachat.bench.workload import Report, Workload
+
+MAX_IN_FLIGHT = 512  # an open loop, bounded only so a dead server cannot exhaust the client
+MAX_STEPS = 16
+
+
+@dataclass(frozen=True)
+class Step:
+    rate: float  # offered, calls/s
+    achieved_rate: float  # completed calls/s
+    tokens_per_second: float
+    ttft_p50: float
+    ttft_p99: float
+    e2e_p50: float
+    e2e_p99: float
+    requests: int
+    errors: int
+
+    @classmethod
+    def of(cls, rate: float, report: Report) -> Step:
+        errors = sum(report.errors.values())
+        achieved = report.requests / report.seconds if report.seconds > 0 else 0.0
+        return cls(
+            rate,
+            achieved,
+            report.tokens_per_second,
+            report.ttft["p50"],
+            report.ttft["p99"],
+            report.e2e["p50"],
+            report.e2e["p99"],
+            report.requests,
+            errors,
+        )
+
+    def within(self, slo: float) -> bool:
+        return self.errors == 0 and self.ttft_p99 <= slo
+
+    def saturated(self, slo: float) -> bool:
+        return not self.ttft_p99 <= 5 * slo or self.errors > 0.01 * max(1, self.requests)  # NaN: nothing answered
+
+
+def rates_from(start: float, factor: float) -> list[float]:
+    return [round(start * factor**i, 3) for i in range(MAX_STEPS)]
+
+
+def best_rate(steps: Sequence[Step], slo: float) -> float | None:
+    """The highest offered rate whose TTFT p99 met the SLO without errors."""
+    within = [s.rate for s in steps if s.within(slo)]
+    return max(within) if within else None
+
+
+def sweep(
+    target: str, workload: Workload, rates: Sequence[float], duration: float, slo: float, stop: bool
+) -> list[Step]:
+    steps: list[Step] = []
+    for rate in rates:
+        report = asyncio.run(
+            run_grpc(target, workload, MAX_IN_FLIGHT, duration=duration, rate=rate, label=f"sweep {rate:g}/s")
+        )
+        steps.append(Step.of(rate, report))
+        if stop and steps[-1].saturated(slo):
+            break
+    return steps
+
+
+def plot(steps: Sequence[Step], slo: float, path: Path, title: str) -> Path | None:
+    """The curves as a PNG (matplotlib, the bench extra); None when matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("sweep: matplotlib is not installed (pip install 'jachat[bench]'): no plot", file=sys.stderr)
+        return None
+    rates = [s.rate for s in steps]
+    figure, (latency, throughput) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for values, label, style in (
+        ([s.ttft_p50 for s in steps], "TTFT p50", "o-"),
+        ([s.ttft_p99 for s in steps], "TTFT p99", "o--"),
+        ([s.e2e_p50 for s in steps], "end-to-end p50", "s-"),
+        ([s.e2e_p99 for s in steps], "end-to-end p99", "s--"),
+    ):
+        latency.plot(rates, values, style, label=label)
+    latency.axhline(slo, color="grey", linestyle=":", label=f"SLO {slo:g} s")
+    latency.set(xlabel="offered calls/s (Poisson)", ylabel="seconds", yscale="log", title="latency")
+    latency.legend()
+    throughput.plot(rates, [s.tokens_per_second for s in steps], "o-")
+    throughput.set(xlabel="offered calls/s (Poisson)", ylabel="output tokens/s", title="achieved throughput")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def sweep_main(args: Any, workload: Workload, meta: dict[str, Any]) -> int:
+    """Start jachat-serve on the model, sweep, print the table, write the JSON report and the plot."""
+    from jachat.bench.launcher import spawn
+
+    explicit = [float(r) for r in args.rates.split(",")] if args.rates else None
+    rates = explicit or rates_from(args.start_rate, args.rate_factor)
+    server = spawn(args.model, "--device", "cpu", *args.serve_arg)
+    meta["server"] = [str(a) for a in server.process.args]  # type: ignore[union-attr]
+    try:
+        steps = sweep(server.target, workload, rates, args.step_duration, args.slo, stop=explicit is None)
+    finally:
+        server.stop()
+    best = best_rate(steps, args.slo)
+    print(f"{'calls/s':>8} {'done/s':>7} {'tok/s':>8} {'TTFT p50/p99 (ms)':>18} {'e2e p50/p99 (s)':>16} {'errors':>6}")
+    for s in steps:
+        ttft = f"{s.ttft_p50 * 1000:.0f}/{s.ttft_p99 * 1000:.0f}" if not math.isnan(s.ttft_p99) else "-"
+        print(
+            f"{s.rate:>8g} {s.achieved_rate:>7.2f} {s.tokens_per_second:>8.1f} {ttft:>18} "
+            f"{s.e2e_p50:>7.2f}/{s.e2e_p99:<8.2f} {s.errors:>6}"
+        )
+    print(
+        f"\nhighest rate with TTFT p99 <= {args.slo:g} s and no errors: {best if best is not None else 'none'} calls/s"
+    )
+    document = {"meta": meta, "slo_seconds": args.slo, "best_rate": best, "steps": [asdict(s) for s in steps]}
+    if args.output is not None:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        picture = plot(steps, args.slo, args.output.with_suffix(".png"), f"jachat open-loop sweep ({args.model.name})")
+        print(f"written to {args.output}" + (f" and {picture}" if picture else ""))
+    return 0
