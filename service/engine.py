@@ -174,10 +174,15 @@ class Engine:
         )
 
     def close(self) -> None:
+        """Stop taking work, wait for the batches running, then destroy the CTranslate2 generator here and now.
+        Destroying it joins its replicas' threads while Python is fully alive; left to the interpreter's
+        finalization, a replica thread that once ran our callback could meet Python shutting down, and the process
+        ended with SIGABRT ("terminate called without an active exception") about once in 25 drains with two
+        replicas used."""
         self.preparer.close()
         self.scheduler.close()
         self.generator.unload_model()
-        del self.generator
+        del self.generator  # the last reference (the scheduler dropped its own): the C++ pool is destroyed now
 
     def check_capacity(self, priority: Priority = Priority.INTERACTIVE, tenant: str = "default") -> None:
         """Raise Overloaded at once when the queue is full for this priority or tenant: before any work."""

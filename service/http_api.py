@@ -15,6 +15,7 @@ that disconnects cancels its call, and its sequence stops.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -258,16 +259,23 @@ class HttpApi:
             if request.transport is not None:
                 request.transport.close()
             return response
+        except ConnectionResetError:  # the client went away mid-reply: a cancellation (its sequence stops)
+            self.calls.end(call, "CANCELLED")
+            return response
         except Exception as exc:
             if not response.prepared:
                 raise
             error = to_http(exc, rename)  # the status line is gone: the error travels as an event
             self.calls.end(call, error.code, error.message)
-            await self._send(response, error.body())
+            with contextlib.suppress(ConnectionResetError):
+                await self._send(response, error.body())
         finally:
             await replies.aclose()
-        await self._write(response, b"data: [DONE]\n\n")
-        await response.write_eof()
+        # the reply is whole: a client that hangs up once it has read the last chunk (the openai SDK does, at
+        # [DONE]) has everything, so a reset now is not an error
+        with contextlib.suppress(ConnectionResetError):
+            await self._write(response, b"data: [DONE]\n\n")
+            await response.write_eof()
         return response
 
     async def _send(self, response: web.StreamResponse, body: dict[str, Any]) -> None:

@@ -292,3 +292,4 @@ class Scheduler:
         for gen in list(self.pending):
             self.withdraw(gen)
         self._executor.shutdown(wait=True, cancel_futures=True)
+        self.generator = None  # the engine destroys it now (see Engine.close): no reference may outlive the close

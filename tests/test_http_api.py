@@ -305,19 +305,30 @@ def test_a_deadline_from_the_caller_gives_504(server: Server) -> None:
     assert status == 400 and json.loads(payload)["error"]["param"] == "x-jachat-timeout"
 
 
+def moved_tenant(before: dict[str, float], after: dict[str, float], prefix: str) -> float:
+    """Tokens generated since `before` by the tenants whose label starts with `prefix`."""
+    key = 'jachat_tenant_generated_tokens_total{tenant="'
+    return sum(v - before.get(k, 0.0) for k, v in after.items() if k.startswith(key + prefix))
+
+
 def test_http_calls_are_labelled_in_the_metrics(server: Server) -> None:
     before = server.scrape()
     client(server).chat.completions.create(
-        model=model_id(server), messages=[{"role": "user", "content": "hi"}], max_tokens=2
+        model=model_id(server), messages=[{"role": "user", "content": "hi"}], max_tokens=2, user="team-u", temperature=0
     )
     with pytest.raises(openai.BadRequestError):
         client(server).chat.completions.create(model=model_id(server), messages=[{"role": "system", "content": "hi"}])
+    # with auth off, `user` names the tenant; one that is not a safe label is known by its digest
+    client(server).chat.completions.create(
+        model=model_id(server), messages=[{"role": "user", "content": "hi"}], max_tokens=3, user="a b@c", temperature=0
+    )
     after = server.scrape()
+    assert moved_tenant(before, after, "team-u") == 2 and moved_tenant(before, after, "user-") == 3
 
     def moved(key: str) -> float:
         return after.get(key, 0.0) - before.get(key, 0.0)
 
-    assert moved('jachat_requests_total{api="http",code="OK",rpc="/v1/chat/completions"}') == 1
+    assert moved('jachat_requests_total{api="http",code="OK",rpc="/v1/chat/completions"}') == 2
     assert moved('jachat_requests_total{api="http",code="INVALID_ARGUMENT",rpc="/v1/chat/completions"}') == 1
     assert moved('jachat_rejected_total{api="http",priority="interactive",reason="invalid"}') == 1
     assert moved('jachat_requests_total{api="grpc",code="OK",rpc="Generate"}') == 0
@@ -405,3 +416,44 @@ def test_sigterm_drains_http_calls_as_grpc_ones(model_f32: Path) -> None:
     assert rest[-1].choices[0].finish_reason == "length"
     assert server.process.wait(30) == 0
     server.stop()
+
+
+def test_a_client_that_hangs_up_mid_stream_cancels_its_sequence(server: Server) -> None:
+    """Closing the connection in the middle of a stream is a cancellation (not a server error): the sequence stops
+    within two tokens. Hanging up right after the last chunk, as the openai SDK does at [DONE], is a whole reply."""
+    assert server.http_port is not None
+    before = server.scrape()
+    messages: Any = [{"role": "user", "content": "長く"}]
+    body = {"model": model_id(server), "messages": messages, "stream": True}
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    connection.request(
+        "POST", "/v1/chat/completions", json.dumps({**body, "max_tokens": 1500, "min_tokens": 1500}).encode()
+    )
+    response = connection.getresponse()
+    assert response.status == 200 and response.fp is not None
+    response.fp.readline()  # the first event has arrived: the sequence is generating
+    if connection.sock is not None:
+        connection.sock.close()
+    response.close()
+    key = 'jachat_requests_total{api="http",code="CANCELLED",rpc="/v1/chat/completions"}'
+    deadline = time.monotonic() + 30
+    while server.scrape().get(key, 0.0) - before.get(key, 0.0) < 1:
+        assert time.monotonic() < deadline, "the hang-up was never recorded as a cancellation"
+        time.sleep(0.02)
+    while server.scrape().get("jachat_tokens_after_cancel_count", 0.0) <= before.get(
+        "jachat_tokens_after_cancel_count", 0.0
+    ):
+        assert time.monotonic() < deadline, "the sequence never stopped"
+        time.sleep(0.02)
+    for _ in range(5):  # whole replies read to [DONE] by the SDK, which then closes: never an error
+        list(
+            client(server).chat.completions.create(model=model_id(server), messages=messages, max_tokens=3, stream=True)
+        )
+    after = server.scrape()
+    assert (
+        after.get('jachat_tokens_after_cancel_bucket{le="2.0"}', 0.0)
+        - before.get('jachat_tokens_after_cancel_bucket{le="2.0"}', 0.0)
+        >= 1
+    )
+    internal = 'jachat_requests_total{api="http",code="INTERNAL",rpc="/v1/chat/completions"}'
+    assert after.get(internal, 0.0) == before.get(internal, 0.0)
