@@ -52,6 +52,7 @@ class SchedulerObserver(TokenObserver, Protocol):
 
 
 SOON = 4  # a running batch with at most this many tokens to go is about to free its replica
+MIN_SHARE = 4  # calls are split over replicas only into batches of at least this many
 
 
 def _tokens_left(batch: list[Generation]) -> tuple[int, int]:
@@ -192,7 +193,9 @@ class Scheduler:
         with self._running_lock:
             ending = [left for left in map(_tokens_left, self._batches) if left[1] <= SOON]
         share = -(-(len(self.pending) + sum(n for n, _ in ending)) // (free + len(ending)))
-        return max(1, min(compatible, share))
+        # but never a split into slivers: a few calls share one batch (it costs them little), and the other replica
+        # stays free for the next arrival instead of making it wait a whole reply
+        return max(1, min(compatible, max(share, MIN_SHARE)))
 
     def _drop_expired(self) -> None:
         now = time.monotonic()

@@ -203,6 +203,10 @@ def test_a_replica_that_frees_first_takes_its_share_not_everyones(
         assert scheduler._share(10) == 10  # nobody waits behind a long batch
         scheduler._busy, scheduler._batches = 0, []
         assert scheduler._share(10) == 5  # two idle replicas split the waiting calls
+        scheduler.pending = scheduler.pending[:2]
+        assert scheduler._share(2) == 2  # but not into slivers: one replica stays free for the next arrival
+        scheduler.pending = scheduler.pending + [sequence(tokenizer, 300 + i) for i in range(4)]
+        assert scheduler._share(6) == 4  # 4 + 2
         scheduler.pending = []
 
     run(scenario)
