@@ -80,13 +80,13 @@ class Scheduler:
         self._slots: asyncio.Semaphore | None = None
         self._executor = ThreadPoolExecutor(max_workers=options.replicas, thread_name_prefix="jachat-gen")
         self._task: asyncio.Task[None] | None = None
-        self.running: set[Generation] = set()  # changed by generation threads: under _running_lock
-        self._batches: list[list[Generation]] = []  # the running batches, one per busy replica: under _running_lock
+        # the batches given to a replica and not yet over, one per busy replica: added on the event loop when a batch
+        # is dispatched, removed by its generation thread when it ends; under _running_lock
+        self._batches: list[list[Generation]] = []
         self._running_lock = threading.Lock()
         self._batch_seconds = 1.0  # running estimate of a batch's duration, for Retry-After
         self.fair = FairOrder()
         self._last_arrival = 0.0
-        self._busy = 0  # replicas running a batch (changed on the event loop only)
 
     def _ensure_started(self) -> None:
         """Start the batching task on the running event loop (again, if an earlier loop has gone)."""
@@ -137,8 +137,7 @@ class Scheduler:
                     retry_after=self._batch_seconds,
                 ),
             )
-        with self._running_lock:
-            active = {g.tenant for g in self.running}
+        active = {g.tenant for g in self.running}
         self.fair.arrived(gen, active | {g.tenant for g in self.pending})
         gen.on_finish = self._finished
         gen.observer = self.observer
@@ -173,14 +172,16 @@ class Scheduler:
             except BaseException:
                 self._slots.release()
                 raise
-            self._busy += 1
+            with self._running_lock:
+                self._batches.append(batch)
             future = loop.run_in_executor(self._executor, self._generate, batch)
-            future.add_done_callback(self._replica_done)
+            future.add_done_callback(lambda _: self._slots.release() if self._slots else None)
 
-    def _replica_done(self, _: object) -> None:
-        self._busy -= 1
-        if self._slots is not None:
-            self._slots.release()
+    @property
+    def running(self) -> set[Generation]:
+        """The sequences of the batches given to a replica and not yet over (a snapshot)."""
+        with self._running_lock:
+            return {gen for batch in self._batches for gen in batch}
 
     def _share(self, compatible: int) -> int:
         """How many of the compatible waiting calls this batch takes. The idle replicas split the waiting calls
@@ -189,8 +190,8 @@ class Scheduler:
         together, and a replica that frees a moment before another must take its own share, not everyone's (measured:
         that alone left batches of 10 and 5 where 8 and 8 were due). A batch far from its end counts for nothing:
         calls never wait behind a long reply while a replica idles."""
-        free = max(1, self.options.replicas - self._busy)  # this replica and the others idle now
         with self._running_lock:
+            free = max(1, self.options.replicas - len(self._batches))  # this replica and the others idle now
             ending = [left for left in map(_tokens_left, self._batches) if left[1] <= SOON]
         share = -(-(len(self.pending) + sum(n for n, _ in ending)) // (free + len(ending)))
         # but never a split into slivers: a few calls share one batch (it costs them little), and the other replica
@@ -252,9 +253,6 @@ class Scheduler:
     def _generate(self, batch: list[Generation]) -> None:
         """Run one batch on a generation thread."""
         started = time.monotonic()
-        with self._running_lock:
-            self.running.update(batch)
-            self._batches.append(batch)
         for gen in batch:
             gen.started_at, gen.batch_size = started, len(batch)
         try:
@@ -275,15 +273,12 @@ class Scheduler:
             for gen in batch:
                 gen.finish(FinishReason.LENGTH)  # no-op for sequences that already ended
             with self._running_lock:
-                self.running.difference_update(batch)
                 self._batches.remove(batch)
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
 
     def abandon(self, error: BaseException) -> None:
         """End every waiting and running sequence now, telling each caller `error` (the drain's grace is over)."""
-        with self._running_lock:
-            running = list(self.running)
-        for gen in list(self.pending) + running:
+        for gen in [*self.pending, *self.running]:
             gen.cancelled.set()
             gen.finish(FinishReason.CANCELLED, error)
         self.pending.clear()

@@ -193,7 +193,7 @@ def test_a_replica_that_frees_first_takes_its_share_not_everyones(
         scheduler = make(SchedulerOptions(max_batch_size=16, replicas=2), FakeGenerator(token=700))
         scheduler.pending = [sequence(tokenizer, 200 + i) for i in range(10)]
         ending = [sequence(tokenizer, 100 + i, max_new_tokens=3) for i in range(6)]
-        scheduler._busy, scheduler._batches = 1, [ending]
+        scheduler._batches = [ending]  # one replica busy with it
         assert scheduler._share(10) == 8  # (10 waiting + 6 coming back) / 2 replicas
         for gen in ending:
             gen.steps = 1  # 2 tokens to go: still about to end
@@ -201,7 +201,7 @@ def test_a_replica_that_frees_first_takes_its_share_not_everyones(
         long = [sequence(tokenizer, 100 + i, max_new_tokens=64) for i in range(6)]
         scheduler._batches = [long]
         assert scheduler._share(10) == 10  # nobody waits behind a long batch
-        scheduler._busy, scheduler._batches = 0, []
+        scheduler._batches = []
         assert scheduler._share(10) == 5  # two idle replicas split the waiting calls
         scheduler.pending = scheduler.pending[:2]
         assert scheduler._share(2) == 2  # but not into slivers: one replica stays free for the next arrival
