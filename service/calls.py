@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, Awaitable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +22,7 @@ from jachat.service.errors import ModelNotReady, ShuttingDown, WriteStalled
 from jachat.service.logs import request_id
 from jachat.service.metrics import Metrics
 from jachat.service.preparation import ChatRequest, PreparedRequest
-from jachat.service.results import Completion, Delta, Priority
+from jachat.service.results import Completion, Delta, GeneratedToken, Priority
 from jachat.service.tracing import Span, Tracing
 
 log = logging.getLogger("jachat.calls")
@@ -169,6 +169,49 @@ class Calls:
     def detach(self) -> Engine | None:
         engine, self.engine_ = self.engine_, None
         return engine
+
+
+@dataclass(frozen=True)
+class Reply:
+    text: str
+    tokens: list[GeneratedToken]
+    completion: Completion
+
+
+async def whole(items: AsyncIterator[Delta | Completion]) -> Reply:
+    """The whole reply, read to the stream's end, so its cleanup (the running gauge, the sequence) is done before
+    the caller answers."""
+    parts: list[str] = []
+    tokens: list[GeneratedToken] = []
+    completion: Completion | None = None
+    async for item in items:
+        if isinstance(item, Completion):
+            completion = item
+        else:
+            parts.append(item.text)
+            tokens.extend(item.tokens)
+    if completion is None:  # pragma: no cover - the engine always ends a stream with its Completion
+        raise AssertionError("engine stream ended without a Completion")
+    return Reply("".join(parts), tokens, completion)
+
+
+async def messages(
+    items: AsyncIterator[Delta | Completion], started: Callable[[], Awaitable[None]] | None = None
+) -> AsyncIterator[tuple[Delta | Completion, list[GeneratedToken]]]:
+    """A stream's items as messages to send, each with its tokens: a delta without text (half a character, or text
+    held back as the start of a stop string) is no message of its own; its tokens ride on the next one. `started`
+    is awaited at the first item, whether it makes a message or not (the reply has begun). The caller closes
+    `items`."""
+    held: list[GeneratedToken] = []
+    async for item in items:
+        if started is not None:
+            await started()
+            started = None
+        if isinstance(item, Delta) and not item.text:
+            held.extend(item.tokens)
+            continue
+        yield item, [*held, *(item.tokens if isinstance(item, Delta) else ())]
+        held = []
 
 
 def metadata_carrier(pairs: Any) -> dict[str, str]:

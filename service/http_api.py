@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from jachat.service.calls import Call, Calls, metadata_carrier, write_within
+from jachat.service.calls import Call, Calls, messages, metadata_carrier, whole, write_within
 from jachat.service.errors import (
     FieldViolation,
     InvalidRequest,
@@ -49,7 +49,7 @@ from jachat.service.openai_response import (
     usage_chunk,
 )
 from jachat.service.preparation import PreparedRequest
-from jachat.service.results import DEADLINE_SLACK, Completion, GeneratedToken
+from jachat.service.results import DEADLINE_SLACK, Completion
 from jachat.service.security import TokenAuthInterceptor
 
 log = logging.getLogger("jachat.http")
@@ -214,15 +214,9 @@ class HttpApi:
         remaining = timeout - (time.monotonic() - call.received)
         if parsed.stream:
             return await self._stream(request, call, parsed, prepared, remaining)
-        parts: list[str] = []
-        tokens: list[GeneratedToken] = []
-        async for item in self.calls.generate(call, prepared, remaining, parsed.include_stop):
-            if isinstance(item, Completion):
-                logprobs = logprobs_content(tokens, call.token_bytes) if parsed.logprobs else None
-                return json_response(completion_body(completion_id(), parsed.model, "".join(parts), item, logprobs))
-            parts.append(item.text)
-            tokens.extend(item.tokens)
-        raise AssertionError("engine stream ended without a Completion")  # pragma: no cover
+        reply = await whole(self.calls.generate(call, prepared, remaining, parsed.include_stop))
+        logprobs = logprobs_content(reply.tokens, call.token_bytes) if parsed.logprobs else None
+        return json_response(completion_body(completion_id(), parsed.model, reply.text, reply.completion, logprobs))
 
     async def _stream(
         self, request: web.Request, call: Call, parsed: CompletionRequest, prepared: PreparedRequest, timeout: float
@@ -233,19 +227,14 @@ class HttpApi:
         cid, model, usage = completion_id(), parsed.model, parsed.include_usage
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         response.headers[REQUEST_ID_HEADER] = call.request_id
-        held: list[GeneratedToken] = []  # tokens with no text yet ride on the next chunk
         replies = self.calls.generate(call, prepared, timeout, parsed.include_stop)
+
+        async def started() -> None:  # the first token: the headers and the role chunk go out
+            await response.prepare(request)
+            await self._send(response, chunk_body(cid, model, {"role": "assistant", "content": ""}, with_usage=usage))
+
         try:
-            async for item in replies:
-                if not response.prepared:
-                    await response.prepare(request)
-                    role = {"role": "assistant", "content": ""}
-                    await self._send(response, chunk_body(cid, model, role, with_usage=usage))
-                if not isinstance(item, Completion) and not item.text:
-                    held.extend(item.tokens)
-                    continue
-                tokens = [*held, *(() if isinstance(item, Completion) else item.tokens)]
-                held = []
+            async for item, tokens in messages(replies, started):
                 logprobs = logprobs_content(tokens, call.token_bytes) if parsed.logprobs else None
                 if isinstance(item, Completion):
                     finish = FINISH_REASONS.get(item.finish_reason, "stop")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from jachat.service.calls import Call, Calls, metadata_carrier, write_within
+from jachat.service.calls import Call, Calls, messages, metadata_carrier, whole, write_within
 from jachat.service.errors import JachatError, to_status
 from jachat.service.logs import REQUEST_ID_HEADER, request_id_from, tenant_from
 from jachat.service.preparation import ChatRequest, PreparedRequest
@@ -31,7 +31,7 @@ from jachat.service.protocol import (
     turns_from_pb,
     usage_to_pb,
 )
-from jachat.service.results import DEADLINE_SLACK, Completion, Delta, GeneratedToken
+from jachat.service.results import DEADLINE_SLACK, Completion, Delta
 from jachat.v1 import chat_pb2
 
 log = logging.getLogger("jachat.servicer")
@@ -109,41 +109,25 @@ class ChatServicer:
         async with self._rpc("Generate", context) as call:
             prepared = await self._prepare(request, call, context)
             options = request.response
-            parts: list[str] = []
-            tokens: list[GeneratedToken] = []
-            completion: Completion | None = None
-            # to its end, so its cleanup runs before we reply
-            async for item in self._generate(prepared, context, options.include_stop_sequence, call):
-                if isinstance(item, Completion):
-                    completion = item
-                else:
-                    parts.append(item.text)
-                    tokens.extend(item.tokens)
-            if completion is not None:
-                return chat_pb2.GenerateResponse(
-                    text="".join(parts),
-                    finish_reason=FINISH_REASONS[completion.finish_reason],
-                    usage=usage_to_pb(completion, prepared.prompt.dropped_turns),
-                    tokens=tokens_to_pb(tokens, call.pieces, options.token_logprobs),
-                    stop_sequence=completion.stop_sequence,
-                    timing=timing_to_pb(call.received, completion),
-                )
-        raise AssertionError("engine stream ended without a Completion")  # pragma: no cover
+            reply = await whole(self._generate(prepared, context, options.include_stop_sequence, call))
+            return chat_pb2.GenerateResponse(
+                text=reply.text,
+                finish_reason=FINISH_REASONS[reply.completion.finish_reason],
+                usage=usage_to_pb(reply.completion, prepared.prompt.dropped_turns),
+                tokens=tokens_to_pb(reply.tokens, call.pieces, options.token_logprobs),
+                stop_sequence=reply.completion.stop_sequence,
+                timing=timing_to_pb(call.received, reply.completion),
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def GenerateStream(self, request: chat_pb2.GenerateStreamRequest, context: Context) -> None:
         async with self._rpc("GenerateStream", context) as call:
             prepared = await self._prepare(request, call, context)
             options = request.response
-            messages = self._generate(prepared, context, options.include_stop_sequence, call)
-            held: list[GeneratedToken] = []  # tokens with no text yet ride on the next message, not one of their own
+            items = self._generate(prepared, context, options.include_stop_sequence, call)
             try:
-                async for item in messages:
-                    if isinstance(item, Delta) and not item.text:
-                        held.extend(item.tokens)
-                        continue
-                    own = item.tokens if isinstance(item, Delta) else ()
-                    tokens = tokens_to_pb([*held, *own], call.pieces, options.token_logprobs)
-                    held = []
+                async for item, own in messages(items):
+                    tokens = tokens_to_pb(own, call.pieces, options.token_logprobs)
                     if isinstance(item, Completion):
                         message = chat_pb2.GenerateStreamResponse(
                             tokens=tokens,
@@ -156,7 +140,7 @@ class ChatServicer:
                         message = chat_pb2.GenerateStreamResponse(text=item.text, tokens=tokens)
                     await self._write(context, message)
             finally:
-                await messages.aclose()
+                await items.aclose()
 
     async def _write(self, context: Context, message: chat_pb2.GenerateStreamResponse) -> None:
         await write_within(context.write(message), self.stream_write_timeout)
