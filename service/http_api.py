@@ -109,7 +109,6 @@ class HttpApi:
         """Request id, limits, authentication, the mapping of every error to its HTTP status, and the call's end
         (metrics, log line, span) exactly once."""
         rid = request_id_from(request.headers.items())
-        received = time.monotonic()
         carrier = metadata_carrier(request.headers.items())
         with self.calls.track("http", method, rid, carrier, f"{request.method} {method}") as call:
             self.active += 1
@@ -123,7 +122,7 @@ class HttpApi:
                 response.headers.setdefault(REQUEST_ID_HEADER, rid)
                 return response
             except asyncio.CancelledError:  # the client went away
-                expired = time.monotonic() - received + DEADLINE_SLACK >= self._timeout(request, strict=False)
+                expired = time.monotonic() - call.received + DEADLINE_SLACK >= self._timeout(request, strict=False)
                 self.calls.end(call, "DEADLINE_EXCEEDED" if expired else "CANCELLED")
                 raise
             except web.HTTPRequestEntityTooLarge:
