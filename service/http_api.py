@@ -169,7 +169,12 @@ class HttpApi:
     async def _body(self, request: web.Request) -> object:
         if (request.content_length or 0) > MAX_BODY_BYTES:  # refused before reading it (a chunked one: while)
             raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length or 0)
-        data = await asyncio.wait_for(request.read(), BODY_READ_TIMEOUT)
+        try:
+            data = await asyncio.wait_for(request.read(), BODY_READ_TIMEOUT)
+        except asyncio.TimeoutError:  # a client that trickles its body holds a connection, not the server
+            raise InvalidRequest(
+                [FieldViolation("body", f"not received within {BODY_READ_TIMEOUT:g} s of the headers")]
+            ) from None
         if len(data) > PARSE_OFF_LOOP_BYTES:
             return await self.calls.engine().offload(lambda: parse_json(data))
         return parse_json(data)

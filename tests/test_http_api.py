@@ -457,3 +457,24 @@ def test_a_client_that_hangs_up_mid_stream_cancels_its_sequence(server: Server) 
     )
     internal = 'jachat_requests_total{api="http",code="INTERNAL",rpc="/v1/chat/completions"}'
     assert after.get(internal, 0.0) == before.get(internal, 0.0)
+
+
+def test_a_body_that_never_arrives_is_a_400_not_a_server_error(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that sends its headers and then trickles (or withholds) the body gets 400 naming the body once the
+    read timeout passes (shortened here; the server runs in this process), not an INTERNAL error."""
+    from jachat.service import http_api
+
+    monkeypatch.setattr(http_api, "BODY_READ_TIMEOUT", 0.5)
+    assert server.http_port is not None
+    before = server.scrape()
+    connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
+    connection.putrequest("POST", "/v1/chat/completions")
+    connection.putheader("Content-Type", "application/json")
+    connection.putheader("Content-Length", "1000")
+    connection.endheaders(b'{"model": ')
+    response = connection.getresponse()
+    error = json.loads(response.read())["error"]
+    connection.close()
+    assert response.status == 400 and error["param"] == "body" and "not received within" in error["message"]
+    internal = 'jachat_requests_total{api="http",code="INTERNAL",rpc="/v1/chat/completions"}'
+    assert server.scrape().get(internal, 0.0) == before.get(internal, 0.0)
