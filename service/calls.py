@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -78,13 +78,14 @@ class Calls:
         return self.engine_
 
     @contextmanager
-    def track(self, api: str, method: str, rid: str, carrier: Mapping[str, str], span_name: str = "") -> Iterator[Call]:
-        """Count the call in flight (the drain waits for it) and open its span; the front end ends it with `end`.
+    def track(self, api: str, method: str, rid: str, metadata: Any, span_name: str = "") -> Iterator[Call]:
+        """Count the call in flight (the drain waits for it) and open its span (`metadata`: the gRPC metadata or HTTP
+        headers that may carry the caller's traceparent); the front end ends it with `end`.
         Each call runs in a task of its own, with its own copy of the context, so the request id is never reset: a
         stream's generator may be closed from another context, where reset() raises."""
         request_id.set(rid)
         attributes = {"jachat.api": api, "jachat.request_id": rid}
-        call = Call(api, method, rid, self.tracing.start_call(span_name or method, carrier, attributes))
+        call = Call(api, method, rid, self.tracing.start_call(span_name or method, metadata, attributes))
         self.in_flight += 1
         self.idle.clear()
         try:
@@ -212,11 +213,6 @@ async def messages(
             continue
         yield item, [*held, *(item.tokens if isinstance(item, Delta) else ())]
         held = []
-
-
-def metadata_carrier(pairs: Any) -> dict[str, str]:
-    """gRPC metadata (or HTTP headers) as the text carrier W3C trace context is extracted from."""
-    return {str(k).lower(): v for k, v in pairs or () if isinstance(v, str)}
 
 
 async def write_within(write: Awaitable[None], seconds: float) -> None:

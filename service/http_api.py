@@ -25,7 +25,7 @@ from typing import Any
 
 from aiohttp import web
 
-from jachat.service.calls import Call, Calls, messages, metadata_carrier, whole, write_within
+from jachat.service.calls import Call, Calls, messages, whole, write_within
 from jachat.service.errors import (
     FieldViolation,
     InvalidRequest,
@@ -109,8 +109,7 @@ class HttpApi:
         """Request id, limits, authentication, the mapping of every error to its HTTP status, and the call's end
         (metrics, log line, span) exactly once."""
         rid = request_id_from(request.headers.items())
-        carrier = metadata_carrier(request.headers.items())
-        with self.calls.track("http", method, rid, carrier, f"{request.method} {method}") as call:
+        with self.calls.track("http", method, rid, request.headers.items(), f"{request.method} {method}") as call:
             self.active += 1
             try:
                 if self.active > self.max_calls:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from jachat.service.calls import Call, Calls, messages, metadata_carrier, whole, write_within
+from jachat.service.calls import Call, Calls, messages, whole, write_within
 from jachat.service.errors import JachatError, to_status
 from jachat.service.logs import REQUEST_ID_HEADER, request_id_from, tenant_from
 from jachat.service.preparation import ChatRequest, PreparedRequest
@@ -62,7 +62,7 @@ class ChatServicer:
         deadline = None if remaining is None else time.monotonic() + remaining
         metadata = context.invocation_metadata()
         rid = request_id_from(metadata)
-        with self.calls.track("grpc", name, rid, metadata_carrier(metadata), f"{CHAT_SERVICE}/{name}") as call:
+        with self.calls.track("grpc", name, rid, metadata, f"{CHAT_SERVICE}/{name}") as call:
             try:
                 await context.send_initial_metadata(((REQUEST_ID_HEADER, rid),))
                 yield call

@@ -42,11 +42,13 @@ class Tracing:
     def enabled(self) -> bool:
         return self.tracer is not None
 
-    def start_call(self, name: str, carrier: Mapping[str, str], attributes: Mapping[str, Any]) -> Span:
-        """The call's span, continuing the caller's trace when `carrier` (metadata or headers) has traceparent."""
+    def start_call(self, name: str, metadata: Any, attributes: Mapping[str, Any]) -> Span:
+        """The call's span, continuing the caller's trace when its `metadata` (gRPC metadata or HTTP headers, as
+        (key, value) pairs) has traceparent. With tracing off nothing is read."""
         if self.tracer is None:
             return trace.INVALID_SPAN
-        parent = propagate.extract(dict(carrier))
+        carrier = {str(k).lower(): v for k, v in metadata or () if isinstance(v, str)}
+        parent = propagate.extract(carrier)
         return self.tracer.start_span(name, context=parent, kind=SpanKind.SERVER, attributes=dict(attributes))
 
     @contextlib.contextmanager
