@@ -478,3 +478,28 @@ def test_a_body_that_never_arrives_is_a_400_not_a_server_error(server: Server, m
     assert response.status == 400 and error["param"] == "body" and "not received within" in error["message"]
     internal = 'jachat_requests_total{api="http",code="INTERNAL",rpc="/v1/chat/completions"}'
     assert server.scrape().get(internal, 0.0) == before.get(internal, 0.0)
+
+
+def test_a_large_body_is_parsed_and_converted_off_the_event_loop(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its cost grows with what the client sent (thousands of content parts), so a body over 64 KiB is parsed and
+    converted on the preparation pool; a small one, cheaper than the hand-off, stays on the loop."""
+    import threading
+
+    from jachat.service import http_api
+
+    threads: list[str] = []
+    convert = http_api.parse_request  # type: ignore[attr-defined]
+
+    def recording(body: object, info: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return convert(body, info)
+
+    monkeypatch.setattr(http_api, "parse_request", recording)
+    parts = [{"type": "text", "text": ""}] * 4000  # about 120 KB of JSON (4000 newlines: too long a turn, a 400)
+    for content, expected in ((parts, 400), ("hi", 200)):
+        body = {"model": model_id(server), "messages": [{"role": "user", "content": content}], "max_tokens": 1}
+        status, _, answer = request(server, "POST", "/v1/chat/completions", body)
+        assert status == expected, answer
+    assert threads[0].startswith("jachat-prepare") and threads[1] == "jachat-test-server", threads
