@@ -1,0 +1,1 @@
+"""The domain every layer speaks: errors with neutral kinds and field paths, results, sampling options."""

@@ -1,0 +1,1 @@
+"""The jachat.v1 gRPC edge: the servicer, protobuf conversion, health, TLS and bearer-token interception."""

@@ -1,0 +1,1 @@
+"""Metrics, their exposition, structured logs with request ids, and OpenTelemetry traces."""
