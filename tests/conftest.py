@@ -7,8 +7,8 @@ import pytest
 
 from jachat.converter.convert import ConvertOptions, convert
 from jachat.converter.demo import DemoShape, build_demo_checkpoint
-from jachat.service.prompt import Speaker, Turn, render_prompt
-from jachat.service.tokenizer import Tokenizer
+from jachat.service.text.prompt import Speaker, Turn, render_prompt
+from jachat.service.text.tokenizer import Tokenizer
 from jachat.v1 import chat_pb2_grpc
 from tests.helpers import script_checkpoint
 from tests.servers import InProcessServer, serving

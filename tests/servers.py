@@ -17,7 +17,7 @@ import grpc
 from prometheus_client import CollectorRegistry
 
 from jachat.bench.launcher import LoopbackServer, ServerProcess, free_port, spawn
-from jachat.service.logs import RequestIdFilter, TextFormatter
+from jachat.service.observability.logs import RequestIdFilter, TextFormatter
 from jachat.service.server import Service
 from jachat.service.settings import load_settings
 from jachat.v1 import chat_pb2_grpc

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from jachat.converter.convert import ConversionError, ConvertOptions, convert
-from jachat.converter.manifest import MANIFEST_NAME, ManifestError, read_manifest, sha256_file, verify_manifest
+from jachat.manifest import MANIFEST_NAME, ManifestError, read_manifest, sha256_file, verify_manifest
 from tests.helpers import REPO
 
 

@@ -14,7 +14,7 @@ import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 
-from jachat.service.logs import request_id_from
+from jachat.service.edge.identity import request_id_from
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 from tests.helpers import details, greedy, health_stub, status_of, user
 from tests.servers import ServerProcess, serving, start

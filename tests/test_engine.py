@@ -6,8 +6,8 @@ from pathlib import Path
 import ctranslate2
 import pytest
 
-from jachat.service.engine import Engine, resolve_compute_type
-from jachat.service.options import EngineOptions, SchedulerOptions
+from jachat.service.engine.engine import Engine, resolve_compute_type
+from jachat.service.engine.options import EngineOptions, SchedulerOptions
 
 
 def test_unsupported_compute_type_falls_back_with_a_log_line(

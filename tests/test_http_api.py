@@ -219,7 +219,7 @@ def test_stop_strings_end_the_reply_as_over_grpc(server: Server) -> None:
         (
             {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
             "messages[1].role",
-            "last message must be the user's",
+            "last turn must be the user's",
         ),
         (
             {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
@@ -462,7 +462,7 @@ def test_a_client_that_hangs_up_mid_stream_cancels_its_sequence(server: Server) 
 def test_a_body_that_never_arrives_is_a_400_not_a_server_error(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that sends its headers and then trickles (or withholds) the body gets 400 naming the body once the
     read timeout passes (shortened here; the server runs in this process), not an INTERNAL error."""
-    from jachat.service import http_api
+    from jachat.service.edge.http import api as http_api
 
     monkeypatch.setattr(http_api, "BODY_READ_TIMEOUT", 0.5)
     assert server.http_port is not None
@@ -487,7 +487,7 @@ def test_a_large_body_is_parsed_and_converted_off_the_event_loop(
     converted on the preparation pool; a small one, cheaper than the hand-off, stays on the loop."""
     import threading
 
-    from jachat.service import http_api
+    from jachat.service.edge.http import api as http_api
 
     threads: list[str] = []
     convert = http_api.parse_request  # type: ignore[attr-defined]

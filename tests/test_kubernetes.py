@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import yaml
 
-from jachat.service.metrics import Metrics
+from jachat.service.observability.metrics import Metrics
 from jachat.service.settings import env_names
 from tests.helpers import REPO
 from tests.servers import Server

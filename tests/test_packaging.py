@@ -64,7 +64,7 @@ def test_wheel_ships_generated_stubs_and_entry_points(tmp_path: Path) -> None:
         timeout=300,
     )
     code = (
-        "import jachat.v1.chat_pb2 as p, jachat.v1.chat_pb2_grpc as g, jachat.service.servicer as s, jachat.bench.cli;"
+        "import jachat.v1.chat_pb2 as p, jachat.v1.chat_pb2_grpc as g, jachat.service.edge.grpc.servicer as s, jachat.bench.cli;"
         "print(p.__file__, s.__file__, g.ChatServiceStub)"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}
@@ -90,10 +90,10 @@ def test_the_editable_install_imports_the_checkout_through_one_namespace() -> No
     the jachat/service link, so an edit in service/ is what runs."""
     import jachat.bench.cli
     import jachat.converter.convert
-    import jachat.service.servicer
+    import jachat.service.edge.grpc.servicer
 
     for module, folder in (
-        (jachat.service.servicer, "service"),
+        (jachat.service.edge.grpc.servicer, "service"),
         (jachat.converter.convert, "converter"),
         (jachat.bench.cli, "bench"),
     ):

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
-from jachat.service.engine import Engine
-from jachat.service.options import EngineOptions
-from jachat.service.prompt import Speaker, Turn, render_prompt
-from jachat.service.results import Completion, FinishReason
-from jachat.service.sampling import SamplingOptions
+from jachat.service.domain.results import Completion, FinishReason
+from jachat.service.domain.sampling import SamplingOptions
+from jachat.service.engine.engine import Engine
+from jachat.service.engine.options import EngineOptions
+from jachat.service.text.prompt import Speaker, Turn, render_prompt
 from tests.helpers import CARD_TURNS, hf_generate
 
 PROMPTS = [
@@ -141,7 +141,7 @@ def test_token_logprobs_equal_hugging_face_log_softmax(engine_f32: Engine, demo_
     logits at that step (teacher-forced over the same ids), within 1e-3."""
     import torch
 
-    from jachat.service.results import Delta, GeneratedToken
+    from jachat.service.domain.results import Delta, GeneratedToken
     from tests.helpers import hf_model
 
     async def tokens(prompt_ids: list[int]) -> list[GeneratedToken]:

@@ -125,10 +125,11 @@ def test_mutual_tls_requires_a_client_certificate_and_reloads_on_change(
             secure_call(server, ca, Authority("another CA").issue("intruder", server=False))
         # rotate everything to a new authority while the server runs
         rotated = Authority("rotated CA")
-        time.sleep(0.05)
+        stamps = {p: p.stat().st_mtime_ns for p in (cert, key, client_ca)}
         write_server_files(tmp_path, rotated)
         client_ca.write_bytes(rotated.pem)
-        os.utime(client_ca)
+        for path, before in stamps.items():  # a change the watch sees, however coarse the file system's clock
+            os.utime(path, ns=(before + 1_000_000, before + 1_000_000))
         assert secure_call(server, rotated, rotated.issue("new client", server=False)) == 2
         with pytest.raises(grpc.RpcError):
             secure_call(server, ca, client)  # the old certificates no longer work
@@ -163,8 +164,7 @@ def test_bearer_tokens_guard_every_call_but_health_and_reflection(token_server: 
             assert reply.usage.completion_tokens == 2
         health = health_stub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
         assert health.status == health_pb2.HealthCheckResponse.SERVING  # exempt
-        time.sleep(0.05)
-        tokens.write_text("rotated-token\n")  # re-read on change, no restart
+        _touch(tokens, "rotated-token\n")  # re-read on change, no restart
         with pytest.raises(grpc.RpcError) as old:
             stub.Generate(REQUEST, metadata=(("authorization", "Bearer first-secret-token"),), timeout=10)
         assert old.value.code() == grpc.StatusCode.UNAUTHENTICATED
@@ -201,50 +201,89 @@ def test_clients_that_ping_too_often_are_sent_away(server: Server) -> None:
     assert grpc.ChannelConnectivity.IDLE in states[2:], states  # the server closed the abusive connection
 
 
-HANDLER: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(lambda request, context: None)
+async def _tenant_seen(request: object, context: object) -> str | None:
+    from jachat.service.edge.grpc.security import authenticated_tenant
+
+    return authenticated_tenant.get()
 
 
-def _call(interceptor: object, authorization: str | None) -> object:
-    """What the interceptor hands gRPC for one call: the real handler ("handler") or a denying one."""
+HANDLER: grpc.RpcMethodHandler[Any, Any] = grpc.unary_unary_rpc_method_handler(_tenant_seen)
+
+
+def _call(interceptor: object, authorization: str | None) -> str | None:
+    """What one call's handler sees behind the interceptor: the tenant it was authenticated as, or "denied"."""
     import asyncio
     from types import SimpleNamespace
 
     async def continuation(details: object) -> object:
         return HANDLER
 
-    metadata = () if authorization is None else (("authorization", authorization),)
-    details = SimpleNamespace(method="/jachat.v1.ChatService/Generate", invocation_metadata=metadata)
-    handler = asyncio.run(interceptor.intercept_service(continuation, details))  # type: ignore[attr-defined]
-    return "handler" if handler is HANDLER else "denied"
+    class Context:
+        async def abort(self, code: grpc.StatusCode, details: str) -> None:
+            raise PermissionError(code)
+
+    async def run() -> str | None:
+        metadata = () if authorization is None else (("authorization", authorization),)
+        details = SimpleNamespace(method="/jachat.v1.ChatService/Generate", invocation_metadata=metadata)
+        handler = await interceptor.intercept_service(continuation, details)  # type: ignore[attr-defined]
+        try:
+            seen: str | None = await handler.unary_unary(b"", Context())
+            return seen
+        except PermissionError:
+            return "denied"
+
+    return asyncio.run(run())
+
+
+def test_the_interceptor_refuses_strangers_and_hands_the_tenant_to_the_call(tmp_path: Path) -> None:
+    """The token is compared once per call: the tenant the interceptor found is what the call's frame reads."""
+    from jachat.service.edge.grpc.security import TokenAuthInterceptor
+    from jachat.service.edge.identity import Tokens
+
+    path = tmp_path / "tokens"
+    path.write_text("alice secret-a\nsecret-b\n")
+    interceptor = TokenAuthInterceptor(Tokens(path))
+    assert _call(interceptor, "Bearer secret-a") == "alice"
+    assert (_call(interceptor, "Bearer secret-b") or "").startswith("token-")
+    assert _call(interceptor, "Bearer nope") == "denied" and _call(interceptor, None) == "denied"
+
+
+def _touch(path: Path, text: str) -> None:
+    """Rewrite a watched file and move its mtime on explicitly: no wait for the file system's clock to tick."""
+    before = path.stat().st_mtime_ns if path.exists() else 0
+    path.write_text(text)
+    os.utime(path, ns=(before + 1_000_000, before + 1_000_000))
 
 
 def test_token_file_rules_scheme_comments_and_a_vanishing_file(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from jachat.service.security import TokenAuthInterceptor
+    from jachat.service.edge.identity import Tokens
 
     tokens = tmp_path / "tokens"
     tokens.write_text("  # an indented comment is still a comment\n\tsecret-one  \n\n# another\nsecret-two\n")
-    interceptor = TokenAuthInterceptor(tokens)
+    registry = Tokens(tokens)
+
+    def tenant(authorization: str | None) -> str | None:
+        return registry.authenticate(() if authorization is None else [("authorization", authorization)])
+
     for header in ("Bearer secret-one", "bearer secret-one", "BEARER secret-two", "Bearer  secret-two "):
-        assert _call(interceptor, header) == "handler", header  # RFC 6750: the scheme is case-insensitive
+        assert tenant(header) is not None, header  # RFC 6750: the scheme is case-insensitive
     refused: tuple[str | None, ...] = (None, "Bearer # an indented comment", "Bearer", "Basic secret-one", "secret")
     for wrong in refused:
-        assert _call(interceptor, wrong) != "handler", wrong
+        assert tenant(wrong) is None, wrong
 
     caplog.set_level("INFO", logger="jachat.security")
     tokens.unlink()  # deleted: the current tokens stay, and it is said once, without a traceback
     for _ in range(3):
-        assert _call(interceptor, "Bearer secret-one") == "handler"
-    time.sleep(0.01)
-    tokens.write_text("# emptied by a careless edit\n")  # no token left: keep the current ones, say so once
+        assert tenant("Bearer secret-one") is not None
+    _touch(tokens, "# emptied by a careless edit\n")  # no token left: keep the current ones, say so once
     for _ in range(3):
-        assert _call(interceptor, "Bearer secret-two") == "handler"
+        assert tenant("Bearer secret-two") is not None
     warnings = [r for r in caplog.records if r.levelname == "WARNING"]
     assert len(warnings) == 2, [r.getMessage() for r in warnings]
     assert "keeping the current 2 tokens" in warnings[0].getMessage() and "holds no token" in warnings[1].getMessage()
     assert not any(r.exc_info for r in caplog.records)
-    time.sleep(0.01)
-    tokens.write_text("secret-three\n")  # a good file again is taken at once
-    assert _call(interceptor, "Bearer secret-three") == "handler"
-    assert _call(interceptor, "Bearer secret-one") != "handler"
+    _touch(tokens, "secret-three\n")  # a good file again is taken at once
+    assert tenant("Bearer secret-three") is not None
+    assert tenant("Bearer secret-one") is None

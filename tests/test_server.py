@@ -253,7 +253,7 @@ def _serve_and_fail(model: Path, *args: str, port: int = 0) -> str:
         [
             sys.executable,
             "-m",
-            "service",
+            "jachat.service",
             "--model",
             str(model),
             "--port",
@@ -282,7 +282,7 @@ def test_start_up_failures_exit_with_one_clear_line(
     import shutil
     import socket
 
-    from jachat.converter.manifest import MANIFEST_NAME, checksum_folder
+    from jachat.manifest import MANIFEST_NAME, checksum_folder
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(model_f32, corrupt)

@@ -13,8 +13,8 @@ from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from jachat.converter.convert import ConvertOptions, convert
-from jachat.service.prompt import Speaker, Turn, render_prompt
-from jachat.service.tokenizer import Tokenizer
+from jachat.service.text.prompt import Speaker, Turn, render_prompt
+from jachat.service.text.tokenizer import Tokenizer
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 from tests.conftest import SCRIPTED_REPLY
 from tests.helpers import (

@@ -18,7 +18,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.common.v1 import common_pb2
 from opentelemetry.proto.trace.v1 import trace_pb2
 
-from jachat.service.tracing import configure
+from jachat.service.observability.tracing import configure
 from jachat.v1 import chat_pb2
 from tests.helpers import details, greedy, user
 from tests.servers import free_port, serving

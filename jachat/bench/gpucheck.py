@@ -34,7 +34,7 @@ from jachat.bench.launcher import spawn
 from jachat.bench.sweep import best_rate, sweep
 from jachat.bench.workload import Workload
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]  # jachat/bench/ in a checkout: gpu-check runs from one
 # memory bandwidth (bytes/s) of the GPUs this is meant for, by the name nvidia-smi gives
 BANDWIDTH = {
     "H100 80GB HBM3": 3.35e12,
@@ -70,7 +70,7 @@ def environment(device: str) -> dict[str, Any]:
         "note": os.environ.get("JACHAT_GPU_CHECK_NOTE"),  # e.g. cuBLAS 13 standing in for 12: measurement only
     }
     if device == "cuda":
-        from jachat.service import gpu
+        from jachat.service.engine import gpu
 
         info["cublas_from"] = gpu.prepare(0, info["cuda_devices"])
     info["compute_types"] = sorted(ctranslate2.get_supported_compute_types(device))

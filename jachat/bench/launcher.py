@@ -92,7 +92,7 @@ class ServerProcess(LoopbackServer):
 
 
 def spawn(model: Path, *args: str, timeout: float = 120.0) -> ServerProcess:
-    """Start `python -m service` on free loopback ports; returns once its health is SERVING."""
+    """Start `python -m jachat.service` on free loopback ports; returns once its health is SERVING."""
     cmd = [
         sys.executable,
         "-m",

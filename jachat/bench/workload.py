@@ -15,9 +15,9 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from jachat.service.prompt import Speaker, Turn, render_prompt
-from jachat.service.protocol import sampling_to_pb
-from jachat.service.sampling import SamplingOptions
+from jachat.service.domain.sampling import SamplingOptions
+from jachat.service.edge.grpc.protocol import sampling_to_pb
+from jachat.service.text.prompt import Speaker, Turn, render_prompt
 from jachat.v1 import chat_pb2
 
 PROMPTS = (

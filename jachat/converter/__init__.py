@@ -1,5 +1,5 @@
 """Turn a Hugging Face GPT-NeoX checkpoint (rinna's chat model) into a CTranslate2 model folder."""
 
-from jachat.converter.manifest import MANIFEST_NAME, Manifest, ManifestError, read_manifest, verify_manifest
+from jachat.manifest import MANIFEST_NAME, Manifest, ManifestError, read_manifest, verify_manifest
 
 __all__ = ["MANIFEST_NAME", "Manifest", "ManifestError", "read_manifest", "verify_manifest"]

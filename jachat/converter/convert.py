@@ -24,7 +24,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, TypeVar
 
-from jachat.converter.manifest import TOKENIZER_FILE, Manifest, ModelShape, checksum_folder, write_manifest
+from jachat.manifest import TOKENIZER_FILE, Manifest, ModelShape, checksum_folder, write_manifest
 
 log = logging.getLogger("jachat.converter")
 

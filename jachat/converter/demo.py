@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from jachat.converter.manifest import TOKENIZER_FILE
+from jachat.manifest import TOKENIZER_FILE
 
 # sentencepiece's built-in rules, and "custom": CUSTOM_RULE, a table that maps the usual full-width and
 # look-alike replacements for "<", ">" and ":" back to ASCII (as a stricter normalizer might), so that tests can

@@ -6,8 +6,8 @@ import asyncio
 import sys
 from collections.abc import Sequence
 
-from jachat.converter.manifest import ManifestError
-from jachat.service.logs import configure as configure_logging
+from jachat.manifest import ManifestError
+from jachat.service.observability.logs import configure as configure_logging
 from jachat.service.server import run
 from jachat.service.settings import load_settings
 

@@ -15,20 +15,21 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from prometheus_client import CollectorRegistry
 
-from jachat.service.calls import Calls
-from jachat.service.engine import Engine
-from jachat.service.exposition import MetricsEndpoint
-from jachat.service.health import HealthServicer
-from jachat.service.metrics import Metrics
-from jachat.service.options import EngineOptions, SchedulerOptions
-from jachat.service.protocol import CHAT_SERVICE, method_handlers
-from jachat.service.security import TokenAuthInterceptor, server_credentials
-from jachat.service.servicer import ChatServicer
+from jachat.service.edge.calls import Calls
+from jachat.service.edge.grpc.health import HealthServicer
+from jachat.service.edge.grpc.protocol import CHAT_SERVICE, method_handlers
+from jachat.service.edge.grpc.security import TokenAuthInterceptor, server_credentials
+from jachat.service.edge.grpc.servicer import ChatServicer
+from jachat.service.edge.identity import Tokens
+from jachat.service.engine.engine import Engine
+from jachat.service.engine.options import EngineOptions, SchedulerOptions
+from jachat.service.observability.exposition import MetricsEndpoint
+from jachat.service.observability.metrics import Metrics
+from jachat.service.observability.tracing import configure
 from jachat.service.settings import Settings
-from jachat.service.tracing import configure
 
 if TYPE_CHECKING:
-    from jachat.service.http_api import HttpApi
+    from jachat.service.edge.http.api import HttpApi
 
 log = logging.getLogger("jachat.server")
 
@@ -79,7 +80,9 @@ def create_server(
     return server, port
 
 
-def security(settings: Settings, metrics: Metrics) -> tuple[grpc.ServerCredentials | None, list[Any]]:
+def security(
+    settings: Settings, metrics: Metrics, tokens: Tokens | None
+) -> tuple[grpc.ServerCredentials | None, list[Any]]:
     """TLS credentials and interceptors that the settings ask for."""
     if (settings.tls_cert is None) != (settings.tls_key is None):
         raise ValueError("--tls-cert and --tls-key go together")
@@ -89,24 +92,21 @@ def security(settings: Settings, metrics: Metrics) -> tuple[grpc.ServerCredentia
     if settings.tls_cert is not None and settings.tls_key is not None:
         credentials = server_credentials(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     interceptors: list[Any] = []
-    if settings.auth_token_file is not None:
+    if tokens is not None:
         interceptors.append(
-            TokenAuthInterceptor(
-                settings.auth_token_file, metrics.rejected.labels("unauthenticated", "interactive", "grpc").inc
-            )
+            TokenAuthInterceptor(tokens, metrics.rejected.labels("unauthenticated", "interactive", "grpc").inc)
         )
     return credentials, interceptors
 
 
-def http_api(settings: Settings, calls: Calls, auth: TokenAuthInterceptor | None) -> HttpApi:
+def http_api(settings: Settings, calls: Calls) -> HttpApi:
     """The HTTP API (the http extra: aiohttp), sharing the calls, limits and tokens of gRPC."""
     try:
-        from jachat.service.http_api import HttpApi
+        from jachat.service.edge.http.api import HttpApi
     except ImportError as exc:
         raise ValueError(f"--http-port needs the http extra: pip install 'jachat[http]' ({exc})") from None
     return HttpApi(
         calls,
-        auth,
         settings.max_concurrent_rpcs,
         settings.http_request_timeout_seconds,
         settings.stream_write_timeout_seconds,
@@ -140,15 +140,13 @@ class Service:
     async def start(cls, settings: Settings, registry: CollectorRegistry | None = None) -> Service:
         """Listen at once (health NOT_SERVING), then load the model off the event loop."""
         metrics = Metrics(registry or CollectorRegistry())
-        calls = Calls(metrics, configure(settings.otlp_endpoint or None, os.environ))
+        tokens = None if settings.auth_token_file is None else Tokens(settings.auth_token_file)
+        calls = Calls(metrics, configure(settings.otlp_endpoint or None, os.environ), tokens)
         servicer = ChatServicer(calls, settings.stream_write_timeout_seconds, MAX_MESSAGE_BYTES)
         health_servicer = HealthServicer(settings.max_health_watchers)
         await set_serving(health_servicer, False)
-        credentials, interceptors = security(settings, metrics)
-        auth = next((i for i in interceptors if isinstance(i, TokenAuthInterceptor)), None)
-        if auth is not None:  # with auth, the tenant is the token's name
-            servicer.tenant_of = auth.tenant_or_default
-        http = None if settings.http_port == 0 else http_api(settings, calls, auth)
+        credentials, interceptors = security(settings, metrics, tokens)
+        http = None if settings.http_port == 0 else http_api(settings, calls)
         server, port = create_server(
             f"{settings.host}:{settings.port}",
             servicer,

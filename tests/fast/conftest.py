@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from jachat.converter.demo import train_tokenizer
-from jachat.service.tokenizer import Tokenizer
+from jachat.service.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="session")

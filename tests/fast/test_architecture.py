@@ -38,7 +38,7 @@ def test_everything_is_imported_through_the_jachat_namespace() -> None:
 
 
 def test_only_the_engine_imports_the_scheduler() -> None:
-    importers = {m for m, imported in modules().items() if "jachat.service.scheduler" in imported}
+    importers = {m for m, imported in modules().items() if "jachat.service.engine.scheduler" in imported}
     assert importers == {"service/engine.py"}
 
 
@@ -56,19 +56,21 @@ def test_each_optional_library_has_one_door() -> None:
     """The HTTP stack and OpenAI's shapes stay in the HTTP edge, OpenTelemetry in tracing.py: the rest of the
     service never depends on an optional extra, and swapping one touches one module."""
     assert importers_of("aiohttp") == {"service/http_api.py"}
-    assert importers_of("jachat.service.openai_request") | importers_of("jachat.service.openai_response") == {
-        "service/http_api.py"
-    }
+    assert importers_of("jachat.service.edge.http.openai_request") | importers_of(
+        "jachat.service.edge.http.openai_response"
+    ) == {"service/http_api.py"}
     assert importers_of("opentelemetry") == {"service/tracing.py"}
     # the server reaches the HTTP API only through a deferred import, so a gRPC-only install never loads aiohttp
-    assert "service/server.py" in importers_of("jachat.service.http_api")
+    assert "service/server.py" in importers_of("jachat.service.edge.http.api")
     probe = "import sys, jachat.service.server; print(sorted(m for m in sys.modules if m.startswith('aiohttp')))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
 def test_metrics_never_see_a_live_sequence() -> None:
     imported = modules()["service/metrics.py"]
-    assert not {m for m in imported if m.startswith(("jachat.service.sequence", "jachat.service.scheduler"))}
+    assert not {
+        m for m in imported if m.startswith(("jachat.service.engine.sequence", "jachat.service.engine.scheduler"))
+    }
 
 
 def test_no_runtime_module_is_over_300_lines() -> None:

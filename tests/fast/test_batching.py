@@ -13,15 +13,15 @@ from typing import Any
 
 import pytest
 
-from jachat.service.errors import Overloaded
-from jachat.service.options import SchedulerOptions
-from jachat.service.prompt import TURN_MARKERS
-from jachat.service.reply import ReplyAssembler
-from jachat.service.results import FinishReason, Priority
-from jachat.service.sampling import SamplingOptions
-from jachat.service.scheduler import Scheduler
-from jachat.service.sequence import Generation
-from jachat.service.tokenizer import Tokenizer
+from jachat.service.domain.errors import Overloaded
+from jachat.service.domain.results import FinishReason, Priority
+from jachat.service.domain.sampling import SamplingOptions
+from jachat.service.engine.options import SchedulerOptions
+from jachat.service.engine.scheduler import Scheduler
+from jachat.service.engine.sequence import Generation
+from jachat.service.text.prompt import TURN_MARKERS
+from jachat.service.text.reply import ReplyAssembler
+from jachat.service.text.tokenizer import Tokenizer
 
 GREEDY = SamplingOptions(temperature=0.0, repetition_penalty=1.0)
 
@@ -456,7 +456,7 @@ def test_each_tenant_has_its_own_queue_limit(tokenizer: Tokenizer, run: Callable
 
 
 def test_a_tenant_back_from_idle_gets_its_share_not_a_burst() -> None:
-    from jachat.service.fairness import FairOrder
+    from jachat.service.engine.fairness import FairOrder
 
     order = FairOrder()
     order.served = {"a": 5000.0, "b": 5200.0, "c": 10.0}  # c was busy long ago

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from jachat.service.gpu import (
+from jachat.service.engine.gpu import (
     CUBLAS,
     WHEEL_FOLDER,
     Driver,
@@ -95,7 +95,7 @@ def test_a_preloaded_cublas_is_what_a_later_dlopen_by_name_gets(tmp_path: Path) 
             ["cc", "-shared", "-fPIC", f"-Wl,-soname,{name}", "-o", str(folder / name), str(source)], check=True
         )
     probe = (
-        "import ctypes, sys; from jachat.service.gpu import preload_cublas;"
+        "import ctypes, sys; from jachat.service.engine.gpu import preload_cublas;"
         f"print(preload_cublas([{str(tmp_path / 'site')!r}]));"
         "print(ctypes.CDLL('libcublas.so.12').jachat_probe())"
     )

@@ -8,11 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from jachat.service.errors import Overloaded
-from jachat.service.preparation import ChatRequest, Preparer
-from jachat.service.prompt import Speaker, Turn, render_prompt
-from jachat.service.sampling import SamplingOptions
-from jachat.service.tokenizer import Tokenizer
+from jachat.service.domain.errors import Overloaded
+from jachat.service.domain.request import ChatRequest
+from jachat.service.domain.sampling import SamplingOptions
+from jachat.service.engine.preparation import Preparer
+from jachat.service.text.prompt import Speaker, Turn, render_prompt
+from jachat.service.text.tokenizer import Tokenizer
 
 
 class CountingTokenizer(Tokenizer):

@@ -4,7 +4,7 @@ import re
 
 import pytest
 
-from jachat.service.prompt import Speaker, Turn, render_prompt
+from jachat.service.text.prompt import Speaker, Turn, render_prompt
 from tests.helpers import CARD_TURNS, MODEL_CARD, REPO
 
 GOLDEN = REPO / "tests" / "data" / "model_card_prompt.txt"

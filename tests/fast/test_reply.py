@@ -2,8 +2,8 @@ from __future__ import annotations
 
 import random
 
-from jachat.service.reply import ReplyAssembler
-from jachat.service.tokenizer import Tokenizer
+from jachat.service.text.reply import ReplyAssembler
+from jachat.service.text.tokenizer import Tokenizer
 
 
 def assemble(chunks: list[str], stop: tuple[str, ...] = ()) -> tuple[list[str], bool]:
@@ -68,7 +68,7 @@ def test_nl_spelled_with_several_pieces_streams_as_newline(split_nl_tokenizer: T
 
 
 def test_model_starting_the_users_turn_ends_the_reply_unsent() -> None:
-    from jachat.service.prompt import TURN_MARKERS
+    from jachat.service.text.prompt import TURN_MARKERS
 
     reply = ReplyAssembler((), TURN_MARKERS)
     out = [reply.push(c) for c in ["はい、", "どうぞ。<", "NL>ユー", "ザー: 次の質問", "です"]] + [reply.finish()]
@@ -77,7 +77,7 @@ def test_model_starting_the_users_turn_ends_the_reply_unsent() -> None:
 
 
 def test_a_callers_stop_string_at_the_same_place_wins_over_the_turn_marker() -> None:
-    from jachat.service.prompt import TURN_MARKERS
+    from jachat.service.text.prompt import TURN_MARKERS
 
     reply = ReplyAssembler(("\n",), TURN_MARKERS)
     assert reply.push("a<NL>ユーザー: b") + reply.finish() == "a"
@@ -85,7 +85,7 @@ def test_a_callers_stop_string_at_the_same_place_wins_over_the_turn_marker() -> 
 
 
 def test_a_callers_stop_string_equal_to_the_turn_marker_is_a_stop() -> None:
-    from jachat.service.prompt import TURN_MARKERS
+    from jachat.service.text.prompt import TURN_MARKERS
 
     reply = ReplyAssembler(TURN_MARKERS, TURN_MARKERS)
     assert reply.push("a<NL>ユーザー: b") + reply.finish() == "a"
@@ -97,10 +97,10 @@ def test_a_stop_string_completed_at_the_final_flush_is_a_stop(tokenizer: Tokeniz
     import asyncio
     from types import SimpleNamespace
 
-    from jachat.service.prompt import TURN_MARKERS
-    from jachat.service.results import Delta, FinishReason
-    from jachat.service.sampling import SamplingOptions
-    from jachat.service.sequence import Generation
+    from jachat.service.domain.results import Delta, FinishReason
+    from jachat.service.domain.sampling import SamplingOptions
+    from jachat.service.engine.sequence import Generation
+    from jachat.service.text.prompt import TURN_MARKERS
 
     lead = tokenizer.pieces.index("<0xE3>")  # the first byte of a three-byte character
 

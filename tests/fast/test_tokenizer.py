@@ -4,7 +4,7 @@ import random
 
 import sentencepiece as spm
 
-from jachat.service.tokenizer import Tokenizer
+from jachat.service.text.tokenizer import Tokenizer
 
 CARD_EXAMPLE = "გამარჯობა 吾輩は 猫である "
 

@@ -1,35 +1,58 @@
-"""The service's errors and the one place that maps them to statuses: gRPC status codes, and the HTTP API's statuses
-with OpenAI's error shape."""
+"""The errors a caller can be given, in the service's own vocabulary: each has a neutral `Kind`, and an invalid
+request lists its broken rules as structured field paths. No transport here: each edge maps kinds to its statuses
+(edge/grpc/status.py, edge/http/status.py) and spells paths its own way."""
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 
-import grpc
-from google.rpc import code_pb2, error_details_pb2, status_pb2
-from grpc_status import rpc_status
+# A field of a request in the engine's vocabulary: names and list indices, e.g. ("turns", 2, "text") or
+# ("sampling", "top_k"). Edges spell it: turns[2].text over gRPC, messages[2].content over HTTP.
+FieldPath = tuple[str | int, ...]
+
+
+class Kind(str, Enum):
+    """What went wrong, for the caller. The values are Google's canonical status names, which both APIs' metrics
+    use as their `code` label, so one error-ratio alert covers both."""
+
+    INVALID = "INVALID_ARGUMENT"
+    NOT_FOUND = "NOT_FOUND"
+    UNAUTHENTICATED = "UNAUTHENTICATED"
+    OVERLOADED = "RESOURCE_EXHAUSTED"
+    UNAVAILABLE = "UNAVAILABLE"
+    DEADLINE = "DEADLINE_EXCEEDED"
+    CANCELLED = "CANCELLED"
+    INTERNAL = "INTERNAL"
 
 
 @dataclass(frozen=True)
 class FieldViolation:
-    field: str  # request field path, e.g. "turns[2].speaker" or "sampling.top_p"
+    path: FieldPath
     description: str
 
     def __str__(self) -> str:
-        return f"{self.field}: {self.description}"
+        return f"{dotted(self.path)}: {self.description}"
+
+
+def dotted(path: FieldPath) -> str:
+    """A path as protobuf and most logs write it: turns[2].text."""
+    text = ""
+    for part in path:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else part)
+    return text
 
 
 class JachatError(Exception):
-    """Base of the errors that reach a caller with a status code."""
+    """Base of the errors that reach a caller; anything else that escapes is a bug (INTERNAL, text withheld)."""
 
-    code = grpc.StatusCode.INTERNAL
+    kind = Kind.INTERNAL
 
 
 # A status travels in the trailers, which clients cap (8 KiB by default): a request with hundreds of violations must
 # still get INVALID_ARGUMENT, not a RESOURCE_EXHAUSTED from its own oversized error. So the message names the first
-# few violations and the BadRequest detail lists at most MAX_REPORTED_VIOLATIONS, each saying how many were left out.
+# few violations and the detail lists at most MAX_REPORTED_VIOLATIONS, each saying how many were left out.
 MAX_MESSAGE_VIOLATIONS = 3
 MAX_REPORTED_VIOLATIONS = 10
 MAX_DESCRIPTION = 240
@@ -38,37 +61,44 @@ MAX_DESCRIPTION = 240
 class InvalidRequest(JachatError):
     """The request breaks a rule; each broken rule names its field."""
 
-    code = grpc.StatusCode.INVALID_ARGUMENT
+    kind = Kind.INVALID
 
     def __init__(self, violations: list[FieldViolation]) -> None:
         self.violations = violations
-        shown = "; ".join(str(v)[:MAX_DESCRIPTION] for v in violations[:MAX_MESSAGE_VIOLATIONS])
-        more = len(violations) - MAX_MESSAGE_VIOLATIONS
-        super().__init__(shown + (f" (and {more} more violations)" if more > 0 else ""))
+        super().__init__(message(violations, dotted))
 
     def reported(self) -> list[FieldViolation]:
-        """The violations the BadRequest detail lists: the first ones, and a last entry counting the rest."""
+        """The violations a detail lists: the first ones, and a last entry counting the rest."""
         if len(self.violations) <= MAX_REPORTED_VIOLATIONS:
             return self.violations
         head = self.violations[: MAX_REPORTED_VIOLATIONS - 1]
         rest = len(self.violations) - len(head)
-        return [*head, FieldViolation("request", f"{rest} more violations are not listed")]
+        return [*head, FieldViolation(("request",), f"{rest} more violations are not listed")]
+
+
+def message(violations: list[FieldViolation], spell: Callable[[FieldPath], str]) -> str:
+    """An invalid request's message, its paths spelled by `spell`: the first few violations, and how many more."""
+    shown = "; ".join(
+        f"{spell(v.path)}: {v.description}"[:MAX_DESCRIPTION] for v in violations[:MAX_MESSAGE_VIOLATIONS]
+    )
+    more = len(violations) - MAX_MESSAGE_VIOLATIONS
+    return shown + (f" (and {more} more violations)" if more > 0 else "")
 
 
 class ModelNotReady(JachatError):
-    code = grpc.StatusCode.UNAVAILABLE
+    kind = Kind.UNAVAILABLE
 
 
 class ShuttingDown(JachatError):
     """The server is draining: retry on another replica."""
 
-    code = grpc.StatusCode.UNAVAILABLE
+    kind = Kind.UNAVAILABLE
 
 
 class Overloaded(JachatError):
-    """The queue is full. Clients should retry after `retry_after` seconds (sent as google.rpc.RetryInfo)."""
+    """The queue is full. Clients should retry after `retry_after` seconds."""
 
-    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    kind = Kind.OVERLOADED
 
     def __init__(self, message: str, retry_after: float) -> None:
         self.retry_after = retry_after
@@ -76,15 +106,15 @@ class Overloaded(JachatError):
 
 
 class DeadlineExceeded(JachatError):
-    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    kind = Kind.DEADLINE
 
 
 class Unauthenticated(JachatError):
-    code = grpc.StatusCode.UNAUTHENTICATED
+    kind = Kind.UNAUTHENTICATED
 
 
 class NotFound(JachatError):
-    code = grpc.StatusCode.NOT_FOUND
+    kind = Kind.NOT_FOUND
 
 
 class WriteStalled(DeadlineExceeded):
@@ -94,93 +124,4 @@ class WriteStalled(DeadlineExceeded):
 class EngineFailure(JachatError):
     """Generation failed inside the engine; details are logged, not sent."""
 
-    code = grpc.StatusCode.INTERNAL
-
-
-def to_status(exc: BaseException) -> grpc.Status:
-    """The gRPC status for exc: its code and message, with a google.rpc.BadRequest for invalid requests.
-
-    Anything that is not a JachatError is a bug: it becomes INTERNAL without leaking its text.
-    """
-    if not isinstance(exc, JachatError):
-        code, message = grpc.StatusCode.INTERNAL, "internal error"
-    else:
-        code, message = exc.code, str(exc)
-    status = status_pb2.Status(code=getattr(code_pb2, code.name), message=message)
-    if isinstance(exc, InvalidRequest):
-        detail = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field[:MAX_DESCRIPTION], description=v.description[:MAX_DESCRIPTION]
-                )
-                for v in exc.reported()
-            ]
-        )
-        status.details.add().Pack(detail)
-    if isinstance(exc, Overloaded):
-        retry = error_details_pb2.RetryInfo()
-        retry.retry_delay.FromNanoseconds(int(exc.retry_after * 1e9))
-        status.details.add().Pack(retry)
-    result: grpc.Status = rpc_status.to_status(status)
-    return result
-
-
-# The HTTP API's statuses: Google's mapping of the gRPC codes, and OpenAI's error type and code for each.
-HTTP_STATUSES = {
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.INTERNAL: 500,
-}
-_OPENAI_ERRORS = {  # HTTP status -> (error.type, error.code)
-    400: ("invalid_request_error", None),
-    401: ("invalid_request_error", "invalid_api_key"),
-    404: ("invalid_request_error", "model_not_found"),
-    413: ("invalid_request_error", "request_too_large"),
-    429: ("rate_limit_error", "rate_limit_exceeded"),
-    500: ("server_error", None),
-    503: ("server_error", "service_unavailable"),
-    504: ("timeout_error", "timeout"),
-}
-
-
-@dataclass(frozen=True)
-class HttpError:
-    """What the HTTP API answers for an error, in OpenAI's shape; `code` is the gRPC code name the metrics use."""
-
-    status: int
-    code: str
-    message: str
-    kind: str
-    error_code: str | None
-    param: str | None = None
-    retry_after: int | None = None  # whole seconds, for the Retry-After header
-
-    def body(self) -> dict[str, object]:
-        return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.error_code}}
-
-
-def to_http(exc: BaseException, rename: Callable[[str], str] = str) -> HttpError:
-    """The HTTP answer for exc; `rename` spells an invalid request's field as the API names it. Anything that is
-    not a JachatError is a bug: 500 without its text."""
-    if not isinstance(exc, JachatError):
-        return http_error(500, "INTERNAL", "internal error")
-    if isinstance(exc, InvalidRequest):
-        shown = exc.violations[:MAX_MESSAGE_VIOLATIONS]
-        message = "; ".join(f"{rename(v.field)}: {v.description}"[:MAX_DESCRIPTION] for v in shown)
-        more = len(exc.violations) - len(shown)
-        message += f" (and {more} more violations)" if more > 0 else ""
-        param = rename(exc.violations[0].field) if exc.violations else None
-        return http_error(400, exc.code.name, message, param)
-    retry = max(1, math.ceil(exc.retry_after)) if isinstance(exc, Overloaded) else None
-    return http_error(HTTP_STATUSES.get(exc.code, 500), exc.code.name, str(exc), retry_after=retry)
-
-
-def http_error(
-    status: int, code: str, message: str, param: str | None = None, retry_after: int | None = None
-) -> HttpError:
-    kind, error_code = _OPENAI_ERRORS.get(status, ("server_error", None))
-    return HttpError(status, code, message, kind, error_code, param, retry_after)
+    kind = Kind.INTERNAL

@@ -1,17 +1,16 @@
-"""Sampling options: the model card's defaults, validation, and CTranslate2's argument names."""
+"""Sampling options: one declarative table of the fields (the engine's name, gRPC's, OpenAI's, type, range,
+default) that drives validation, both edges' mappings and the README's table; and CTranslate2's argument names."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from jachat.service.errors import FieldViolation
+from jachat.service.domain.errors import FieldViolation
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
-MAX_TEMPERATURE = 100.0
-MAX_REPETITION_PENALTY = 100.0
-MAX_NO_REPEAT_NGRAM_SIZE = 64
 
 
 @dataclass(frozen=True)
@@ -41,28 +40,20 @@ class SamplingOptions:
         return tuple(sorted(self.ctranslate2_kwargs().items()))
 
     def violations(self, context_length: int = 2048, vocab_size: int = 32000) -> list[FieldViolation]:
-        """Every rule these options break, each naming its field under `sampling.`."""
-        problems: list[tuple[str, str]] = []
-        if not 1 <= self.max_new_tokens < context_length:
-            problems.append(("max_new_tokens", f"must be 1 to {context_length - 1}"))
+        """Every rule these options break, each naming its field under `sampling`."""
+        problems: list[tuple[tuple[str | int, ...], str]] = []
+        for f in FIELDS:
+            why = f.violation(getattr(self, f.name), context_length, vocab_size)
+            if why:
+                problems.append(((f.name,), why))
         if self.min_new_tokens > self.max_new_tokens:
-            problems.append(("min_new_tokens", f"must not exceed max_new_tokens ({self.max_new_tokens})"))
-        if not 0.0 <= self.temperature <= MAX_TEMPERATURE:  # also refuses NaN
-            problems.append(("temperature", f"must be 0 to {MAX_TEMPERATURE:g} (0 means greedy)"))
-        if self.top_k > vocab_size:
-            problems.append(("top_k", f"must be at most the vocabulary size, {vocab_size} (0 means no limit)"))
-        if not 0.0 < self.top_p <= 1.0:
-            problems.append(("top_p", "must be in (0, 1]"))
-        if not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
-            problems.append(("repetition_penalty", f"must be in (0, {MAX_REPETITION_PENALTY:g}] (1 disables it)"))
-        if self.no_repeat_ngram_size > MAX_NO_REPEAT_NGRAM_SIZE:
-            problems.append(("no_repeat_ngram_size", f"must be 0 to {MAX_NO_REPEAT_NGRAM_SIZE}"))
+            problems.append((("min_new_tokens",), f"must not exceed max_new_tokens ({self.max_new_tokens})"))
         if len(self.stop) > MAX_STOP_STRINGS:
-            problems.append(("stop", f"at most {MAX_STOP_STRINGS} stop strings"))
+            problems.append((("stop",), f"at most {MAX_STOP_STRINGS} stop strings"))
         for i, s in enumerate(self.stop):
             if not s or len(s) > MAX_STOP_LENGTH:
-                problems.append((f"stop[{i}]", f"must be 1 to {MAX_STOP_LENGTH} characters"))
-        return [FieldViolation(f"sampling.{name}", why) for name, why in problems]
+                problems.append((("stop", i), f"must be 1 to {MAX_STOP_LENGTH} characters"))
+        return [FieldViolation(("sampling", *path), why) for path, why in problems]
 
     def ctranslate2_kwargs(self) -> dict[str, Any]:
         """generate_batch arguments (besides lengths, which depend on the prompt)."""
@@ -74,3 +65,57 @@ class SamplingOptions:
             "no_repeat_ngram_size": self.no_repeat_ngram_size,
             "min_length": self.min_new_tokens,
         }
+
+
+# Upper bounds that depend on the model: "context" is its context length less one, "vocab" its vocabulary size.
+Bound = float | str
+
+
+@dataclass(frozen=True)
+class SamplingField:
+    """One optional sampling field, as every layer names and bounds it."""
+
+    name: str  # SamplingOptions' attribute (the engine's name)
+    proto: str  # jachat.v1.SamplingParams' field
+    openai: str  # the chat completions body's field (jachat's own ride as extra fields, as vLLM's do)
+    type: type[int] | type[float]
+    low: float
+    high: Bound
+    low_open: bool = False  # the range excludes `low`
+    note: str = ""  # what special values mean
+
+    @property
+    def default(self) -> int | float:
+        value: int | float = getattr(SamplingOptions(), self.name)
+        return value
+
+    def bounds(self, context_length: int, vocab_size: int) -> tuple[float, float]:
+        if isinstance(self.high, str):
+            return self.low, float({"context": context_length - 1, "vocab": vocab_size}[self.high])
+        return self.low, self.high
+
+    def range_text(self, context_length: int = 2048, vocab_size: int = 32000) -> str:
+        low, high = (f"{b:g}" for b in self.bounds(context_length, vocab_size))
+        return f"in ({low}, {high}]" if self.low_open else f"{low} to {high}"
+
+    def violation(self, value: float, context_length: int, vocab_size: int) -> str | None:
+        """Why `value` is out of range, or None. NaN and infinities are out of every range."""
+        low, high = self.bounds(context_length, vocab_size)
+        inside = math.isfinite(value) and (low < value if self.low_open else low <= value) and value <= high
+        if inside:
+            return None
+        return f"must be {self.range_text(context_length, vocab_size)}" + (f" ({self.note})" if self.note else "")
+
+
+FIELDS: tuple[SamplingField, ...] = (
+    SamplingField("max_new_tokens", "max_new_tokens", "max_tokens", int, 1, "context"),
+    SamplingField("min_new_tokens", "min_new_tokens", "min_tokens", int, 0, "context"),
+    SamplingField("temperature", "temperature", "temperature", float, 0, 100.0, note="0 means greedy"),
+    SamplingField("top_k", "top_k", "top_k", int, 0, "vocab", note="at most the vocabulary size; 0 means no limit"),
+    SamplingField("top_p", "top_p", "top_p", float, 0, 1.0, low_open=True),
+    SamplingField(
+        "repetition_penalty", "repetition_penalty", "repetition_penalty", float, 0, 100.0, True, "1 disables it"
+    ),
+    SamplingField("no_repeat_ngram_size", "no_repeat_ngram_size", "no_repeat_ngram_size", int, 0, 64.0, note="0: off"),
+)
+BY_NAME = {f.name: f for f in FIELDS}

@@ -1,10 +1,10 @@
-"""The calls in flight, whichever front end took them (gRPC or the OpenAI-compatible HTTP API).
+"""The one call frame, and the calls in flight, whichever edge took them (gRPC or the OpenAI-compatible HTTP API).
 
-Both front ends share one `Calls`: the engine (refused while it loads or once the server drains), the count of calls
-in flight that the drain waits for, and the steps of a generation call that do not depend on the protocol: the
-queue's room, preparation, generation with the running gauge, and the end of the call (metrics, log line, trace
-span), recorded once, under the API's label. A front end converts its request, opens a `Call` with `track`, and
-maps errors to its own statuses through errors.py.
+Both edges share one `Calls`: the engine (refused while it loads or once the server drains), the count of calls in
+flight that the drain waits for, and the steps of a call that do not depend on the protocol. `Calls.serve` is the
+frame of every RPC and route: it resolves the caller once (request id, token, tenant), counts the call in flight,
+opens its span, tells a cancel from a deadline, logs a bug's traceback, and records the end (metrics, log line,
+span) exactly once under the API's label. An edge passes only its work and how to render a failure.
 """
 
 from __future__ import annotations
@@ -12,22 +12,36 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TypeVar
 
-from jachat.service.engine import Engine
-from jachat.service.errors import ModelNotReady, ShuttingDown, WriteStalled
-from jachat.service.logs import request_id
-from jachat.service.metrics import Metrics
-from jachat.service.preparation import ChatRequest, PreparedRequest
-from jachat.service.results import Completion, Delta, GeneratedToken, Priority
-from jachat.service.tracing import Span, Tracing
+from jachat.service.domain.errors import (
+    FieldPath,
+    InvalidRequest,
+    JachatError,
+    Kind,
+    ModelNotReady,
+    ShuttingDown,
+    WriteStalled,
+    dotted,
+    message,
+)
+from jachat.service.domain.request import ChatRequest
+from jachat.service.domain.results import DEADLINE_SLACK, Completion, Delta, GeneratedToken, Priority
+from jachat.service.edge.identity import Headers, Tokens, request_id_from, tenant_of
+from jachat.service.engine.engine import Engine
+from jachat.service.engine.preparation import PreparedRequest, Prompt
+from jachat.service.observability.logs import request_id
+from jachat.service.observability.metrics import Metrics
+from jachat.service.observability.tracing import Span, Tracing
+from jachat.service.text.prompt import Turn
 
 log = logging.getLogger("jachat.calls")
+R = TypeVar("R")
 
-# outcomes (gRPC code names, for both APIs) that mean the request was refused: jachat_rejected_total{reason}
+# outcomes (canonical code names, for both APIs) that mean the request was refused: jachat_rejected_total{reason}
 REJECTIONS = {
     "INVALID_ARGUMENT": "invalid",
     "RESOURCE_EXHAUSTED": "overloaded",
@@ -35,6 +49,20 @@ REJECTIONS = {
     "UNAUTHENTICATED": "unauthenticated",
     "NOT_FOUND": "invalid",
 }
+
+
+@dataclass(frozen=True)
+class Opening:
+    """How an edge opens a call: what the frame needs to know of its transport."""
+
+    api: str  # "grpc" or "http": labels its metrics, log line and span
+    method: str  # the RPC's name, or the HTTP route
+    span_name: str
+    headers: Headers  # gRPC metadata or HTTP headers: request id, token, tenant, traceparent
+    timeout: float | None = None  # seconds the caller gave the call, to tell its deadline from a cancel
+    authenticated: str | None = None  # the tenant the transport has already authenticated
+    gone: tuple[type[BaseException], ...] = ()  # the transport's own "the caller is gone" errors
+    spell: Callable[[FieldPath], str] = dotted  # how this API names a request field
 
 
 @dataclass
@@ -54,12 +82,14 @@ class Call:
     received: float = field(default_factory=time.monotonic)  # the server's receipt of the call (timings' origin)
     started: float = field(default_factory=time.perf_counter)
     ended: bool = False
+    deadline: float | None = None  # monotonic time by which the caller's deadline passes
 
 
 class Calls:
-    def __init__(self, metrics: Metrics, tracing: Tracing | None = None) -> None:
+    def __init__(self, metrics: Metrics, tracing: Tracing | None = None, tokens: Tokens | None = None) -> None:
         self.metrics = metrics
         self.tracing = tracing or Tracing()
+        self.tokens = tokens  # bearer tokens (None: no auth), the same for both edges
         self.engine_: Engine | None = None
         self.draining = False
         self.in_flight = 0
@@ -77,31 +107,58 @@ class Calls:
             raise ModelNotReady("the model is still loading; retry shortly")
         return self.engine_
 
-    @contextmanager
-    def track(self, api: str, method: str, rid: str, metadata: Any, span_name: str = "") -> Iterator[Call]:
-        """Count the call in flight (the drain waits for it) and open its span (`metadata`: the gRPC metadata or HTTP
-        headers that may carry the caller's traceparent); the front end ends it with `end`.
+    async def serve(
+        self,
+        opening: Opening,
+        work: Callable[[Call], Awaitable[R]],
+        render: Callable[[Call, BaseException], Awaitable[R]],
+    ) -> R:
+        """The frame of every call of either edge: `work` runs the call; `render` turns a failure into the edge's
+        answer (an error status or body), after the outcome is recorded. A caller that goes away (a cancel, or its
+        deadline) is recorded as such and the cancellation goes on up.
+
         Each call runs in a task of its own, with its own copy of the context, so the request id is never reset: a
         stream's generator may be closed from another context, where reset() raises."""
+        rid = request_id_from(opening.headers)
         request_id.set(rid)
-        attributes = {"jachat.api": api, "jachat.request_id": rid}
-        call = Call(api, method, rid, self.tracing.start_call(span_name or method, metadata, attributes))
+        attributes = {"jachat.api": opening.api, "jachat.request_id": rid}
+        span = self.tracing.start_call(opening.span_name, opening.headers, attributes)
+        call = Call(opening.api, opening.method, rid, span)
+        if opening.timeout is not None:
+            call.deadline = call.received + opening.timeout
         self.in_flight += 1
         self.idle.clear()
         try:
-            yield call
+            try:
+                call.tenant = tenant_of(opening.headers, self.tokens, opening.authenticated)
+                result = await work(call)
+            except (asyncio.CancelledError, GeneratorExit, *opening.gone) as exc:  # type: ignore[misc]
+                expired = call.deadline is not None and time.monotonic() + DEADLINE_SLACK >= call.deadline
+                self.end(call, Kind.DEADLINE if expired else Kind.CANCELLED)
+                if isinstance(exc, opening.gone):
+                    raise asyncio.CancelledError from None
+                raise
+            except Exception as exc:
+                if not isinstance(exc, JachatError):
+                    log.exception("%s %s failed", opening.api, opening.method)
+                self.end(call, kind_of(exc), describe(exc, opening.spell))
+                return await render(call, exc)
+            self.end(call, "OK")
+            return result
         finally:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self.idle.set()
-            if not call.ended:  # the front end did not get to say how it ended: the caller went away
-                self.end(call, "CANCELLED")
+            if not call.ended:  # the edge did not get to say how it ended: the caller went away
+                self.end(call, Kind.CANCELLED)
 
-    def end(self, call: Call, code: str, error: str | None = None) -> None:
-        """Record how the call ended, once: metrics, the log line, the span. `code` is a gRPC code name for both
-        APIs, so one error-ratio alert covers them; `error` is the message a failed call was given."""
+    def end(self, call: Call, outcome: Kind | str, error: str | None = None) -> None:
+        """Record how the call ended, once: metrics, the log line, the span. The outcome is a canonical code name
+        for both APIs ("OK" or a Kind), so one error-ratio alert covers them; `error` is the message a failed call
+        was given."""
         if call.ended:
             return
+        code = outcome.value if isinstance(outcome, Kind) else outcome
         call.ended = True
         seconds = time.perf_counter() - call.started
         if code in REJECTIONS:  # (gRPC's refused tokens never get here: its interceptor counts them)
@@ -128,6 +185,15 @@ class Calls:
             prepared = await engine.prepare(request)
             span.set_attribute("gen_ai.usage.input_tokens", len(prepared.prompt.ids))
         return prepared
+
+    async def tokenize(self, call: Call, turns: Sequence[Turn]) -> Prompt:
+        """Tokenize's preparation, through the same door: the queue's room first, then the pool, in a span."""
+        engine = self.engine()
+        engine.check_capacity(call.priority, call.tenant)
+        with self.tracing.child(call.span, "jachat.prepare") as span:
+            prompt = await engine.tokenize(turns)
+            span.set_attribute("gen_ai.usage.input_tokens", len(prompt.ids))
+        return prompt
 
     async def generate(
         self, call: Call, request: PreparedRequest, timeout: float | None, include_stop: bool
@@ -170,6 +236,18 @@ class Calls:
     def detach(self) -> Engine | None:
         engine, self.engine_ = self.engine_, None
         return engine
+
+
+def kind_of(exc: BaseException) -> Kind:
+    return exc.kind if isinstance(exc, JachatError) else Kind.INTERNAL
+
+
+def describe(exc: BaseException, spell: Callable[[FieldPath], str] = dotted) -> str:
+    """What the caller is told of a failure: an invalid request's violations spelled as its API names the fields;
+    a bug's text is never sent."""
+    if isinstance(exc, InvalidRequest):
+        return message(exc.violations, spell)
+    return str(exc) if isinstance(exc, JachatError) else "internal error"
 
 
 @dataclass(frozen=True)

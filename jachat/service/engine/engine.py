@@ -23,19 +23,20 @@ from typing import TypeVar
 
 import ctranslate2
 
-from jachat.converter.manifest import TOKENIZER_FILE, Manifest, read_manifest, verify_manifest
-from jachat.service import gpu
-from jachat.service.errors import DeadlineExceeded
-from jachat.service.options import EngineOptions
-from jachat.service.preparation import ChatRequest, PreparedRequest, Preparer, Prompt
-from jachat.service.prompt import TURN_MARKERS, Turn
-from jachat.service.reply import ReplyAssembler
-from jachat.service.results import Completion, Delta, FinishReason, ModelInfo, Priority
-from jachat.service.sampling import SamplingOptions
-from jachat.service.scheduler import Scheduler, SchedulerObserver
-from jachat.service.sequence import Generation
-from jachat.service.tokenizer import Tokenizer
-from jachat.service.warmup import WarmUp, shapes, warm_up
+from jachat.manifest import TOKENIZER_FILE, Manifest, read_manifest, verify_manifest
+from jachat.service.domain.errors import DeadlineExceeded
+from jachat.service.domain.request import ChatRequest
+from jachat.service.domain.results import Completion, Delta, FinishReason, ModelInfo, Priority
+from jachat.service.domain.sampling import SamplingOptions
+from jachat.service.engine import gpu
+from jachat.service.engine.options import EngineOptions
+from jachat.service.engine.preparation import PreparedRequest, Preparer, Prompt
+from jachat.service.engine.scheduler import Scheduler, SchedulerObserver
+from jachat.service.engine.sequence import Generation
+from jachat.service.engine.warmup import WarmUp, shapes, warm_up
+from jachat.service.text.prompt import TURN_MARKERS, Turn
+from jachat.service.text.reply import ReplyAssembler
+from jachat.service.text.tokenizer import Tokenizer
 
 log = logging.getLogger("jachat.engine")
 T = TypeVar("T")

@@ -17,8 +17,8 @@ import heapq
 from collections import deque
 from collections.abc import Iterable, Sequence
 
-from jachat.service.results import Priority
-from jachat.service.sequence import Generation
+from jachat.service.domain.results import Priority
+from jachat.service.engine.sequence import Generation
 
 MAX_REMEMBERED = 1024
 

@@ -23,9 +23,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from jachat.service.errors import FieldViolation, InvalidRequest
-from jachat.service.prompt import NEWLINE, Speaker, Turn, render_turn
-from jachat.service.tokenizer import Tokenizer
+from jachat.service.domain.errors import FieldViolation, InvalidRequest
+from jachat.service.text.prompt import NEWLINE, Speaker, Turn, render_turn
+from jachat.service.text.tokenizer import Tokenizer
 
 NEWLINE_CANDIDATES = ("＜NL＞", "〈NL〉", "‹NL›", "[NL]", "NL")
 COLON_CANDIDATES = ("：", "꞉", "∶", "」", "")
@@ -93,7 +93,11 @@ class TurnGuard:
             if rewrites < MAX_REWRITES:
                 text = self._rewrite(text, *hit)
         raise InvalidRequest(
-            [FieldViolation(f"turns[{index}].text", "contains a turn boundary (a line starting with a speaker label)")]
+            [
+                FieldViolation(
+                    ("turns", index, "text"), "contains a turn boundary (a line starting with a speaker label)"
+                )
+            ]
         )
 
     def _rewrite(self, text: str, start: int, speaker: Speaker) -> str:
@@ -104,7 +108,7 @@ class TurnGuard:
         data = text.encode("utf-8")
         begin, end = first[1], last[2]
         if not 0 <= begin < end <= len(data):  # pragma: no cover - sentencepiece always reports a surface
-            raise InvalidRequest([FieldViolation("turns", "contains a turn boundary that cannot be neutralised")])
+            raise InvalidRequest([FieldViolation(("turns",), "contains a turn boundary that cannot be neutralised")])
         replaced = data[:begin] + f"{speaker.value}{self.colon}".encode() + data[end:]
         return replaced.decode("utf-8", errors="replace")
 
@@ -113,5 +117,5 @@ class TurnGuard:
         found = sum(count(ids, m) for m in self.markers.values())
         if found != turns:
             raise InvalidRequest(
-                [FieldViolation("turns", f"the text forms {found - turns} turn boundaries of its own across turns")]
+                [FieldViolation(("turns",), f"the text forms {found - turns} turn boundaries of its own across turns")]
             )

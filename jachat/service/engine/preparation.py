@@ -20,30 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from jachat.service.errors import FieldViolation, InvalidRequest, Overloaded
-from jachat.service.injection import RenderedTurn, TurnGuard
-from jachat.service.prompt import CUE, SEPARATOR, Speaker, Turn, join_turns
-from jachat.service.sampling import SamplingOptions
-from jachat.service.tokenizer import Tokenizer
-
-MAX_TURNS = 256
-MAX_TURN_CHARACTERS = 16_384
-# The whole request: 32 contexts' worth of Japanese text, far more than a conversation that drop_oldest_turns can
-# still use, and little enough to encode in a few milliseconds.
-MAX_REQUEST_CHARACTERS = 65_536
-MAX_REQUEST_TOKENS = 65_536  # tokens of all encoded turns (byte fallback can spend several per character)
+from jachat.service.domain.errors import FieldViolation, InvalidRequest, Overloaded
+from jachat.service.domain.request import MAX_REQUEST_TOKENS, ChatRequest, check_turns
+from jachat.service.domain.sampling import SamplingOptions
+from jachat.service.engine.injection import RenderedTurn, TurnGuard
+from jachat.service.text.prompt import CUE, SEPARATOR, Turn, join_turns
+from jachat.service.text.tokenizer import Tokenizer
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class ChatRequest:
-    """A generation request as every front end hands it to the engine."""
-
-    turns: Sequence[Turn]
-    options: SamplingOptions
-    explicit_max_new_tokens: bool = False  # an explicit value that does not fit is an error, a default shrinks
-    drop_oldest_turns: bool = False
 
 
 @dataclass(frozen=True)
@@ -58,33 +42,6 @@ class PreparedRequest:
     prompt: Prompt
     options: SamplingOptions
     max_new_tokens: int
-
-
-def check_turns(turns: Sequence[Turn]) -> None:
-    """The cheap checks: count, characters per turn and in all, the last turn the user's."""
-    if not turns:
-        raise InvalidRequest([FieldViolation("turns", "must not be empty: give at least the user's turn")])
-    if len(turns) > MAX_TURNS:
-        raise InvalidRequest([FieldViolation("turns", f"{len(turns)} turns; at most {MAX_TURNS}")])
-    violations = [
-        FieldViolation(f"turns[{i}].text", f"{len(t.text)} characters; at most {MAX_TURN_CHARACTERS}")
-        for i, t in enumerate(turns)
-        if len(t.text) > MAX_TURN_CHARACTERS
-    ]
-    total = sum(len(t.text) for t in turns)
-    if total > MAX_REQUEST_CHARACTERS:
-        violations.append(
-            FieldViolation("turns", f"{total} characters in all; one request may have at most {MAX_REQUEST_CHARACTERS}")
-        )
-    if turns[-1].speaker is not Speaker.USER:
-        violations.append(
-            FieldViolation(
-                f"turns[{len(turns) - 1}].speaker",
-                "the last turn must be the user's (SPEAKER_USER): the model writes the next system turn",
-            )
-        )
-    if violations:
-        raise InvalidRequest(violations)
 
 
 class Preparer:
@@ -146,7 +103,7 @@ class Preparer:
             total += len(turn.ids)
             if total > MAX_REQUEST_TOKENS:
                 raise InvalidRequest(
-                    [FieldViolation("turns", f"more than {MAX_REQUEST_TOKENS} tokens in all; too long to serve")]
+                    [FieldViolation(("turns",), f"more than {MAX_REQUEST_TOKENS} tokens in all; too long to serve")]
                 )
             rendered.append(turn)
         self._check_turn_lengths(rendered, 0)
@@ -154,7 +111,7 @@ class Preparer:
 
     def _check_turn_lengths(self, rendered: Sequence[RenderedTurn], first: int) -> None:
         violations = [
-            FieldViolation(f"turns[{i}].text", f"{n} tokens; one turn may have at most {self.context_length - 1}")
+            FieldViolation(("turns", i, "text"), f"{n} tokens; one turn may have at most {self.context_length - 1}")
             for i, n in enumerate((len(t.ids) for t in rendered), start=first)
             if n >= self.context_length
         ]
@@ -193,13 +150,17 @@ class Preparer:
         if room < 1:
             hint = "" if request.drop_oldest_turns else " (set drop_oldest_turns to leave out the oldest turns)"
             raise InvalidRequest(
-                [FieldViolation("turns", f"the prompt has {prompt_tokens} tokens; the context holds {context}{hint}")]
+                [
+                    FieldViolation(
+                        ("turns",), f"the prompt has {prompt_tokens} tokens; the context holds {context}{hint}"
+                    )
+                ]
             )
         if options.max_new_tokens > room and request.explicit_max_new_tokens:
             raise InvalidRequest(
                 [
                     FieldViolation(
-                        "sampling.max_new_tokens",
+                        ("sampling", "max_new_tokens"),
                         f"prompt ({prompt_tokens} tokens) + max_new_tokens ({options.max_new_tokens}) exceeds the "
                         f"context of {context} tokens; at most {room} fit",
                     )
@@ -209,7 +170,7 @@ class Preparer:
             raise InvalidRequest(
                 [
                     FieldViolation(
-                        "sampling.min_new_tokens",
+                        ("sampling", "min_new_tokens"),
                         f"{options.min_new_tokens} tokens do not fit after the prompt ({prompt_tokens} tokens); at "
                         f"most {room} fit in the context of {context}",
                     )

@@ -34,11 +34,11 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from jachat.service.errors import EngineFailure, Overloaded
-from jachat.service.fairness import FairOrder
-from jachat.service.options import SchedulerOptions
-from jachat.service.results import FinishedGeneration, FinishReason, Priority
-from jachat.service.sequence import Generation, TokenObserver
+from jachat.service.domain.errors import EngineFailure, Overloaded
+from jachat.service.domain.results import FinishedGeneration, FinishReason, Priority
+from jachat.service.engine.fairness import FairOrder
+from jachat.service.engine.options import SchedulerOptions
+from jachat.service.engine.sequence import Generation, TokenObserver
 
 log = logging.getLogger("jachat.scheduler")
 

@@ -16,10 +16,17 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from jachat.service.reply import ReplyAssembler
-from jachat.service.results import DEADLINE_SLACK, Delta, FinishedGeneration, FinishReason, GeneratedToken, Priority
-from jachat.service.sampling import SamplingOptions
-from jachat.service.tokenizer import StreamDecoder
+from jachat.service.domain.results import (
+    DEADLINE_SLACK,
+    Delta,
+    FinishedGeneration,
+    FinishReason,
+    GeneratedToken,
+    Priority,
+)
+from jachat.service.domain.sampling import SamplingOptions
+from jachat.service.text.reply import ReplyAssembler
+from jachat.service.text.tokenizer import StreamDecoder
 
 
 class TokenObserver(Protocol):

@@ -8,54 +8,16 @@ written in the request's task carries it, and the scheduler copies it into the r
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import re
 import sys
-import uuid
-from collections.abc import Iterable
 from contextvars import ContextVar
 from datetime import datetime, timezone
 
-REQUEST_ID_HEADER = "x-request-id"
 request_id: ContextVar[str | None] = ContextVar("request_id", default=None)
 
 # attributes every LogRecord has; anything else was passed with `extra=` and belongs in the JSON line
 _STANDARD = set(logging.LogRecord("", 0, "", 0, "", None, None).__dict__) | {"message", "asctime", "request_id"}
-
-
-# ids in the formats callers use (UUIDs, W3C trace ids, ULIDs, base64) but no space, quote, bracket or control
-# character: a caller's id can never end a log field early or look like another one
-_SAFE_REQUEST_ID = re.compile(r"[A-Za-z0-9_.:/+=@~-]{1,128}")
-
-
-TENANT_HEADER = "x-jachat-tenant"
-_SAFE_TENANT = re.compile(r"[A-Za-z0-9_.:/+=@~-]{1,64}")
-
-
-def tenant_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-    """The tenant a caller names in x-jachat-tenant (when auth is off), or `default`."""
-    for key, value in metadata or ():
-        if key.lower() == TENANT_HEADER and isinstance(value, str) and _SAFE_TENANT.fullmatch(value):
-            return value
-    return "default"
-
-
-def tenant_from_user(user: str) -> str:
-    """The tenant an HTTP caller names in the body's `user` (when auth is off): itself when it is a safe label,
-    else a stable digest of it (a user id may be an e-mail address or worse; labels and logs get no raw text)."""
-    if _SAFE_TENANT.fullmatch(user):
-        return user
-    return "user-" + hashlib.sha256(user.encode()).hexdigest()[:8]
-
-
-def request_id_from(metadata: Iterable[tuple[str, str | bytes]] | None) -> str:
-    """The caller's x-request-id when it is safe to log, else a new one."""
-    for key, value in metadata or ():
-        if key.lower() == REQUEST_ID_HEADER and isinstance(value, str) and _SAFE_REQUEST_ID.fullmatch(value):
-            return value
-    return uuid.uuid4().hex
 
 
 class RequestIdFilter(logging.Filter):

@@ -14,7 +14,7 @@ from importlib import metadata
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from jachat.service.results import FinishedGeneration, FinishReason, Priority
+from jachat.service.domain.results import FinishedGeneration, FinishReason, Priority
 
 PRIORITIES = tuple(priority.value for priority in Priority)
 # tenants come from callers: the first MAX_TENANT_LABELS seen get a label of their own, the rest share "other"

@@ -24,7 +24,7 @@ from typing import Any
 from opentelemetry import propagate, trace
 from opentelemetry.trace import Span, SpanKind, Status, StatusCode
 
-from jachat.service.results import Completion
+from jachat.service.domain.results import Completion
 
 __all__ = ["Span", "Tracing", "configure"]
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from jachat.service.prompt import NEWLINE
+from jachat.service.text.prompt import NEWLINE
 
 
 def _held_suffix(text: str, patterns: Sequence[str]) -> int:

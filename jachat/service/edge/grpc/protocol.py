@@ -5,17 +5,18 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import grpc
 from google.protobuf import duration_pb2
 from google.protobuf.message import DecodeError
 
-from jachat.service.errors import FieldViolation, InvalidRequest
-from jachat.service.preparation import MAX_TURNS, Prompt
-from jachat.service.prompt import Speaker, Turn
-from jachat.service.results import Completion, FinishReason, GeneratedToken, Priority
-from jachat.service.sampling import SamplingOptions
+from jachat.service.domain.errors import FieldViolation, InvalidRequest
+from jachat.service.domain.request import check_turn_count
+from jachat.service.domain.results import Completion, FinishReason, GeneratedToken, Priority
+from jachat.service.domain.sampling import FIELDS, SamplingOptions
+from jachat.service.engine.preparation import Prompt
+from jachat.service.text.prompt import Speaker, Turn
 from jachat.v1 import chat_pb2
 
 SPEAKERS = {chat_pb2.SPEAKER_USER: Speaker.USER, chat_pb2.SPEAKER_SYSTEM: Speaker.SYSTEM}
@@ -24,7 +25,6 @@ FINISH_REASONS = {
     FinishReason.LENGTH: chat_pb2.FINISH_REASON_LENGTH,
     FinishReason.STOP: chat_pb2.FINISH_REASON_STOP,
 }
-SAMPLING_DEFAULTS = SamplingOptions()
 CHAT_SERVICE = chat_pb2.DESCRIPTOR.services_by_name["ChatService"].full_name
 
 
@@ -49,13 +49,12 @@ def tolerant_parser(message_type: Any) -> Callable[[bytes], Any]:
 
 def check_parsed(request: object) -> None:
     if isinstance(request, MalformedRequest):
-        raise InvalidRequest([FieldViolation("request", f"not a valid {request.type_name} message")])
+        raise InvalidRequest([FieldViolation(("request",), f"not a valid {request.type_name} message")])
 
 
 def turns_from_pb(turns: Sequence[chat_pb2.Turn]) -> list[Turn]:
     """Turns of a request, their speakers checked (the other rules are request preparation's)."""
-    if len(turns) > MAX_TURNS:  # before looking at any turn
-        raise InvalidRequest([FieldViolation("turns", f"{len(turns)} turns; at most {MAX_TURNS}")])
+    check_turn_count(len(turns))  # before looking at any turn
     violations = []
     result = []
     for i, turn in enumerate(turns):
@@ -63,7 +62,7 @@ def turns_from_pb(turns: Sequence[chat_pb2.Turn]) -> list[Turn]:
         if speaker is None:
             name = chat_pb2.Speaker.Name(turn.speaker) if turn.speaker in chat_pb2.Speaker.values() else turn.speaker
             violations.append(
-                FieldViolation(f"turns[{i}].speaker", f"is {name}; must be SPEAKER_USER or SPEAKER_SYSTEM")
+                FieldViolation(("turns", i, "speaker"), f"is {name}; must be SPEAKER_USER or SPEAKER_SYSTEM")
             )
             continue
         result.append(Turn(speaker, turn.text))
@@ -72,26 +71,12 @@ def turns_from_pb(turns: Sequence[chat_pb2.Turn]) -> list[Turn]:
     return result
 
 
-SamplingField = Literal[
-    "max_new_tokens", "min_new_tokens", "temperature", "top_k", "top_p", "repetition_penalty", "no_repeat_ngram_size"
-]
-_OPTIONAL_SAMPLING_FIELDS: tuple[SamplingField, ...] = (
-    "max_new_tokens",
-    "min_new_tokens",
-    "temperature",
-    "top_k",
-    "top_p",
-    "repetition_penalty",
-    "no_repeat_ngram_size",
-)
-
-
 def sampling_from_pb(
     params: chat_pb2.SamplingParams, context_length: int = 2048, vocab_size: int = 32000
 ) -> tuple[SamplingOptions, bool]:
     """Options with unset fields at their defaults, and whether max_new_tokens was set explicitly."""
-    given = {name: getattr(params, name) for name in _OPTIONAL_SAMPLING_FIELDS if params.HasField(name)}
-    options = dataclasses.replace(SAMPLING_DEFAULTS, **given, stop=tuple(params.stop))
+    given = {f.name: getattr(params, f.proto) for f in FIELDS if params.HasField(f.proto)}  # type: ignore[arg-type]
+    options = dataclasses.replace(SamplingOptions(), **given, stop=tuple(params.stop))
     violations = options.violations(context_length, vocab_size)
     if violations:
         raise InvalidRequest(violations)
@@ -99,7 +84,7 @@ def sampling_from_pb(
 
 
 def sampling_to_pb(options: SamplingOptions) -> chat_pb2.SamplingParams:
-    fields = {name: getattr(options, name) for name in _OPTIONAL_SAMPLING_FIELDS}
+    fields = {f.proto: getattr(options, f.name) for f in FIELDS}
     return chat_pb2.SamplingParams(**fields, stop=list(options.stop))
 
 
@@ -113,7 +98,7 @@ PRIORITIES = {
 def priority_from_pb(value: int) -> Priority:
     if value not in PRIORITIES:
         raise InvalidRequest(
-            [FieldViolation("priority", f"is {value}; must be PRIORITY_INTERACTIVE or PRIORITY_BATCH (or unset)")]
+            [FieldViolation(("priority",), f"is {value}; must be PRIORITY_INTERACTIVE or PRIORITY_BATCH (or unset)")]
         )
     return PRIORITIES[chat_pb2.Priority.ValueType(value)]
 
@@ -149,7 +134,7 @@ def tokenize_response(prompt: Prompt, pieces: Sequence[str], max_bytes: int) -> 
         raise InvalidRequest(
             [
                 FieldViolation(
-                    "turns",
+                    ("turns",),
                     f"the reply would take up to {size} bytes ({len(prompt.ids)} tokens); at most {max_bytes} can "
                     "be sent",
                 )

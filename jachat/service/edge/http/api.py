@@ -26,20 +26,11 @@ from typing import Any
 
 from aiohttp import web
 
-from jachat.service.calls import Call, Calls, messages, whole, write_within
-from jachat.service.errors import (
-    FieldViolation,
-    InvalidRequest,
-    JachatError,
-    Overloaded,
-    Unauthenticated,
-    WriteStalled,
-    http_error,
-    to_http,
-)
-from jachat.service.logs import REQUEST_ID_HEADER, request_id_from, tenant_from, tenant_from_user
-from jachat.service.openai_request import CompletionRequest, parse_json, parse_request, rename, unknown_model
-from jachat.service.openai_response import (
+from jachat.service.domain.errors import FieldViolation, InvalidRequest, Kind, Overloaded, WriteStalled
+from jachat.service.domain.results import Completion
+from jachat.service.edge.calls import Call, Calls, Opening, messages, whole, write_within
+from jachat.service.edge.http.openai_request import CompletionRequest, parse_json, parse_request, spell, unknown_model
+from jachat.service.edge.http.openai_response import (
     FINISH_REASONS,
     chunk_body,
     completion_body,
@@ -49,9 +40,9 @@ from jachat.service.openai_response import (
     models_body,
     usage_chunk,
 )
-from jachat.service.preparation import PreparedRequest
-from jachat.service.results import DEADLINE_SLACK, Completion
-from jachat.service.security import TokenAuthInterceptor
+from jachat.service.edge.http.status import BodyTooLarge, HttpError, to_http
+from jachat.service.edge.identity import REQUEST_ID_HEADER, tenant_from_user
+from jachat.service.engine.preparation import PreparedRequest
 
 log = logging.getLogger("jachat.http")
 
@@ -59,7 +50,6 @@ MAX_BODY_BYTES = 4 * 1024 * 1024
 BODY_READ_TIMEOUT = 30.0
 TIMEOUT_HEADER = "x-jachat-timeout"
 PARSE_OFF_LOOP_BYTES = 64 * 1024  # larger bodies are parsed and converted on the preparation pool, not the loop
-Handler = Callable[[web.Request, Call], Awaitable[web.StreamResponse]]
 
 
 def json_response(body: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -69,15 +59,8 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 class HttpApi:
-    def __init__(
-        self,
-        calls: Calls,
-        auth: TokenAuthInterceptor | None,
-        max_calls: int,
-        request_timeout: float,
-        stream_write_timeout: float,
-    ) -> None:
-        self.calls, self.auth = calls, auth
+    def __init__(self, calls: Calls, max_calls: int, request_timeout: float, stream_write_timeout: float) -> None:
+        self.calls = calls
         self.max_calls, self.request_timeout = max_calls, request_timeout
         self.stream_write_timeout = stream_write_timeout
         self.active = 0
@@ -106,50 +89,32 @@ class HttpApi:
 
     # ---- the frame of every call ----
 
-    async def _frame(self, request: web.Request, method: str, handler: Handler) -> web.StreamResponse:
-        """Request id, limits, authentication, the mapping of every error to its HTTP status, and the call's end
-        (metrics, log line, span) exactly once."""
-        rid = request_id_from(request.headers.items())
-        with self.calls.track("http", method, rid, request.headers.items(), f"{request.method} {method}") as call:
+    async def _frame(
+        self, request: web.Request, method: str, work: Callable[[Call], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """One call in the frame (edge/calls.py): the HTTP call limit, then `work`; a failure becomes its HTTP
+        status and OpenAI's error body, and every answer carries the request id."""
+        headers = request.headers.items()
+        opening = Opening(
+            "http", method, f"{request.method} {method}", headers, self._timeout(request, strict=False), spell=spell
+        )
+
+        async def run(call: Call) -> web.StreamResponse:
             self.active += 1
             try:
                 if self.active > self.max_calls:
                     raise Overloaded(f"{self.max_calls} HTTP calls are in progress; retry shortly", 1.0)
-                call.tenant = self._tenant(request)
-                response = await handler(request, call)
-                if not call.ended:
-                    self.calls.end(call, "OK")
-                response.headers.setdefault(REQUEST_ID_HEADER, rid)
-                return response
-            except asyncio.CancelledError:  # the client went away
-                expired = time.monotonic() - call.received + DEADLINE_SLACK >= self._timeout(request, strict=False)
-                self.calls.end(call, "DEADLINE_EXCEEDED" if expired else "CANCELLED")
-                raise
-            except web.HTTPRequestEntityTooLarge:
-                error = http_error(413, "INVALID_ARGUMENT", f"the body is over {MAX_BODY_BYTES} bytes", "body")
-            except Exception as exc:
-                if not isinstance(exc, JachatError):
-                    log.exception("%s failed", method)
-                error = to_http(exc, rename)
+                response = await work(call)
             finally:
                 self.active -= 1
-            self.calls.end(call, error.code, error.message)
-            headers = {REQUEST_ID_HEADER: rid}
-            if error.retry_after is not None or error.status == 503:
-                headers["Retry-After"] = str(error.retry_after or 1)
-            if error.status == 401:
-                headers["WWW-Authenticate"] = "Bearer"
-            return json_response(error.body(), error.status, headers)
+            response.headers.setdefault(REQUEST_ID_HEADER, call.request_id)
+            return response
 
-    def _tenant(self, request: web.Request) -> str:
-        """With tokens, the token's name (a call without a valid one is refused); else the body's `user` (set later)
-        or x-jachat-tenant."""
-        if self.auth is None:
-            return tenant_from(request.headers.items())
-        tenant = self.auth.authenticate([("authorization", v) for v in request.headers.getall("Authorization", [])])
-        if tenant is None:
-            raise Unauthenticated("missing or invalid bearer token (Authorization: Bearer ...)")
-        return tenant
+        async def render(call: Call, exc: BaseException) -> web.StreamResponse:
+            error = to_http(exc, spell)
+            return json_response(error.body(), error.status, {REQUEST_ID_HEADER: call.request_id, **error.headers()})
+
+        return await self.calls.serve(opening, run, render)
 
     def _timeout(self, request: web.Request, strict: bool = True) -> float:
         """The call's time limit: the server's, or less when the caller asks for less."""
@@ -163,18 +128,21 @@ class HttpApi:
         if not 0 < asked < math.inf:
             if not strict:
                 return self.request_timeout
-            raise InvalidRequest([FieldViolation(TIMEOUT_HEADER, f"is {text[:32]!r}; must be seconds, above 0")])
+            raise InvalidRequest([FieldViolation((TIMEOUT_HEADER,), f"is {text[:32]!r}; must be seconds, above 0")])
         return min(asked, self.request_timeout)
 
     async def _read(self, request: web.Request) -> bytes:
+        too_large = BodyTooLarge([FieldViolation(("body",), f"the body is over {MAX_BODY_BYTES} bytes")])
         if (request.content_length or 0) > MAX_BODY_BYTES:  # refused before reading it (a chunked one: while)
-            raise web.HTTPRequestEntityTooLarge(max_size=MAX_BODY_BYTES, actual_size=request.content_length or 0)
+            raise too_large
         try:
             data = await asyncio.wait_for(request.read(), BODY_READ_TIMEOUT)
         except asyncio.TimeoutError:  # a client that trickles its body holds a connection, not the server
             raise InvalidRequest(
-                [FieldViolation("body", f"not received within {BODY_READ_TIMEOUT:g} s of the headers")]
+                [FieldViolation(("body",), f"not received within {BODY_READ_TIMEOUT:g} s of the headers")]
             ) from None
+        except web.HTTPRequestEntityTooLarge:
+            raise too_large from None
         return data
 
     # ---- routes ----
@@ -185,22 +153,22 @@ class HttpApi:
         return json_response({"status": "SERVING" if serving else "NOT_SERVING"}, 200 if serving else 503)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
-        async def handle(request: web.Request, call: Call) -> web.StreamResponse:
+        async def work(call: Call) -> web.StreamResponse:
             return json_response(models_body(self.calls.engine().info, self.started))
 
-        return await self._frame(request, "/v1/models", handle)
+        return await self._frame(request, "/v1/models", work)
 
     async def model(self, request: web.Request) -> web.StreamResponse:
-        async def handle(request: web.Request, call: Call) -> web.StreamResponse:
+        async def work(call: Call) -> web.StreamResponse:
             info = self.calls.engine().info
             if request.match_info["model"] != info.model_name:
                 raise unknown_model(request.match_info["model"], info.model_name)
             return json_response(model_body(info, self.started))
 
-        return await self._frame(request, "/v1/models/{model}", handle)
+        return await self._frame(request, "/v1/models/{model}", work)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._frame(request, "/v1/chat/completions", self._complete)
+        return await self._frame(request, "/v1/chat/completions", lambda call: self._complete(request, call))
 
     async def _complete(self, request: web.Request, call: Call) -> web.StreamResponse:
         timeout = self._timeout(request)
@@ -217,7 +185,7 @@ class HttpApi:
         if parsed.model != info.model_name:
             raise unknown_model(parsed.model, info.model_name)
         call.priority = parsed.priority
-        if self.auth is None and parsed.user:
+        if self.calls.tokens is None and parsed.user:
             call.tenant = tenant_from_user(parsed.user)
         prepared = await self.calls.prepare(call, parsed.chat)
         remaining = timeout - (time.monotonic() - call.received)
@@ -253,18 +221,18 @@ class HttpApi:
                 else:
                     await self._send(response, chunk_body(cid, model, {"content": item.text}, None, logprobs, usage))
         except WriteStalled as exc:  # nothing more can reach this client, not even an error: hang up
-            self.calls.end(call, exc.code.name, str(exc))
+            self.calls.end(call, exc.kind, str(exc))
             if request.transport is not None:
                 request.transport.close()
             return response
         except ConnectionResetError:  # the client went away mid-reply: a cancellation (its sequence stops)
-            self.calls.end(call, "CANCELLED")
+            self.calls.end(call, Kind.CANCELLED)
             return response
         except Exception as exc:
             if not response.prepared:
                 raise
-            error = to_http(exc, rename)  # the status line is gone: the error travels as an event
-            self.calls.end(call, error.code, error.message)
+            error = to_http(exc, spell)  # the status line is gone: the error travels as an event
+            self.calls.end(call, error.kind, error.message)
             with contextlib.suppress(ConnectionResetError):
                 await self._send(response, error.body())
         finally:
@@ -291,5 +259,5 @@ async def _json_errors(request: web.Request, handler: Callable[[web.Request], Aw
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        error = http_error(exc.status, "NOT_FOUND" if exc.status == 404 else "INVALID_ARGUMENT", exc.reason)
+        error = HttpError(exc.status, Kind.NOT_FOUND if exc.status == 404 else Kind.INVALID, exc.reason)
         return json_response(error.body(), exc.status)

@@ -18,13 +18,12 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from jachat.service.errors import FieldViolation, InvalidRequest, NotFound
-from jachat.service.preparation import MAX_TURNS, ChatRequest
-from jachat.service.prompt import Speaker, Turn
-from jachat.service.results import ModelInfo, Priority
-from jachat.service.sampling import SamplingOptions
+from jachat.service.domain.errors import FieldPath, FieldViolation, InvalidRequest, NotFound, dotted
+from jachat.service.domain.request import ChatRequest, check_turn_count
+from jachat.service.domain.results import ModelInfo, Priority
+from jachat.service.domain.sampling import BY_NAME, FIELDS, SamplingOptions
+from jachat.service.text.prompt import Speaker, Turn
 
-SAMPLING_DEFAULTS = SamplingOptions()
 ROLES = {"user": Speaker.USER, "assistant": Speaker.SYSTEM}
 PRIORITIES = {"interactive": Priority.INTERACTIVE, "batch": Priority.BATCH}
 MAX_MODEL_NAME = 256
@@ -52,10 +51,7 @@ _KNOWN = frozenset(
         "messages",
         "stream",
         "stream_options",
-        "max_tokens",
         "max_completion_tokens",
-        "temperature",
-        "top_p",
         "stop",
         "logprobs",
         "top_logprobs",
@@ -63,14 +59,11 @@ _KNOWN = frozenset(
         "response_format",
         "modalities",
         # jachat's own, as extra body fields
-        "top_k",
-        "repetition_penalty",
-        "min_tokens",
-        "no_repeat_ngram_size",
         "priority",
         "drop_oldest_turns",
         "include_stop_str_in_output",
     }
+    | {f.openai for f in FIELDS}
     | _IGNORED
     | set(_OFF_ONLY)
 )
@@ -97,8 +90,8 @@ class _Body:
         self.body = body
         self.violations: list[FieldViolation] = []
 
-    def bad(self, name: str, why: str) -> None:
-        self.violations.append(FieldViolation(name, why))
+    def bad(self, name: str | FieldPath, why: str) -> None:
+        self.violations.append(FieldViolation((name,) if isinstance(name, str) else name, why))
 
     def get(self, name: str, kind: type | tuple[type, ...], what: str) -> Any:
         value = self.body.get(name)
@@ -120,7 +113,7 @@ class _Body:
 def parse_request(body: object, info: ModelInfo) -> CompletionRequest:
     """Check and convert a /v1/chat/completions body; every violation names its field."""
     if not isinstance(body, dict):
-        raise InvalidRequest([FieldViolation("body", "must be a JSON object")])
+        raise InvalidRequest([FieldViolation(("body",), "must be a JSON object")])
     b = _Body(body)
     for name in sorted(set(body) - _KNOWN)[:8]:
         b.bad(name, "unrecognized request argument")
@@ -175,9 +168,7 @@ def _turns(b: _Body, messages: object) -> list[Turn]:
     if not isinstance(messages, list) or not messages:
         b.bad("messages", "must be a non-empty list of {role, content} messages")
         return []
-    if len(messages) > MAX_TURNS:
-        b.bad("messages", f"{len(messages)} messages; at most {MAX_TURNS}")
-        return []
+    check_turn_count(len(messages))  # before looking at any message
     turns = []
     for i, message in enumerate(messages):
         name = f"messages[{i}]"
@@ -196,8 +187,7 @@ def _turns(b: _Body, messages: object) -> list[Turn]:
         text = _content(b, f"{name}.content", message.get("content"))
         if role in ROLES and text is not None:
             turns.append(Turn(ROLES[role], text))
-    if isinstance(messages[-1], dict) and messages[-1].get("role") != "user":
-        b.bad(f"messages[{len(messages) - 1}].role", "the last message must be the user's: the model writes the reply")
+    # the last turn must be the user's: one rule, request preparation's (domain/request.py)
     return turns
 
 
@@ -217,25 +207,18 @@ def _content(b: _Body, name: str, content: object) -> str | None:
     return None
 
 
-# SamplingOptions' names -> this API's (the fields gRPC's SamplingParams calls otherwise)
-_SAMPLING_NAMES = {"max_new_tokens": "max_tokens", "min_new_tokens": "min_tokens"}
-
-
 def _sampling(b: _Body, info: ModelInfo) -> tuple[SamplingOptions, bool]:
+    """The sampling fields of the body, by the one table (domain/sampling.py); a violation names the body's field
+    (max_completion_tokens when the client sent that instead of max_tokens)."""
     given: dict[str, Any] = {}
-    max_name = "max_completion_tokens" if b.body.get("max_completion_tokens") is not None else "max_tokens"
-    for field, option, kind, what in (
-        (max_name, "max_new_tokens", int, "an integer"),
-        ("min_tokens", "min_new_tokens", int, "an integer"),
-        ("temperature", "temperature", float, "a number"),
-        ("top_p", "top_p", float, "a number"),
-        ("top_k", "top_k", int, "an integer"),
-        ("repetition_penalty", "repetition_penalty", float, "a number"),
-        ("no_repeat_ngram_size", "no_repeat_ngram_size", int, "an integer"),
-    ):
-        value = b.get(field, kind, what)
+    names = {f.name: f.openai for f in FIELDS}
+    if b.body.get("max_completion_tokens") is not None:
+        names["max_new_tokens"] = "max_completion_tokens"
+    for f in FIELDS:
+        what = "an integer" if f.type is int else "a number"
+        value = b.get(names[f.name], f.type, what)
         if value is not None:
-            given[option] = value
+            given[f.name] = value
     stop = b.body.get("stop")
     if isinstance(stop, str):
         stops: tuple[str, ...] = (stop,)
@@ -245,23 +228,22 @@ def _sampling(b: _Body, info: ModelInfo) -> tuple[SamplingOptions, bool]:
         stops = ()
         if stop is not None:
             b.bad("stop", "must be a string or a list of strings")
-    options = dataclasses.replace(SAMPLING_DEFAULTS, **given, stop=stops)
-    names = {**_SAMPLING_NAMES, "max_new_tokens": max_name}
+    options = dataclasses.replace(SamplingOptions(), **given, stop=stops)
     for v in options.violations(info.context_length, info.vocab_size):
-        b.bad(rename(v.field, names), v.description)
+        _, name, *rest = v.path  # ("sampling", field, ...): the body's own field
+        b.bad((names.get(str(name), str(name)), *rest), v.description)
     return options, "max_new_tokens" in given
 
 
-def rename(field: str, names: dict[str, str] | None = None) -> str:
-    """A field of the engine's vocabulary (request preparation, sampling) as this API calls it."""
-    names = names or _SAMPLING_NAMES
-    if field.startswith("sampling."):
-        field = field.removeprefix("sampling.")
-        head, bracket, rest = field.partition("[")
-        return names.get(head, head) + bracket + rest
-    if field.startswith("turns"):
-        return "messages" + field.removeprefix("turns").replace(".text", ".content").replace(".speaker", ".role")
-    return field
+def spell(path: FieldPath) -> str:
+    """A field path of the engine's vocabulary (request preparation, sampling) as this API's body names it."""
+    head, *rest = path
+    if head == "sampling" and rest:
+        name = str(rest[0])
+        return dotted((BY_NAME[name].openai if name in BY_NAME else name, *rest[1:]))
+    if head == "turns":
+        return dotted(("messages", *({"text": "content", "speaker": "role"}.get(str(p), p) for p in rest)))
+    return dotted(path)
 
 
 def unknown_model(asked: str, served: str) -> NotFound:
@@ -272,4 +254,4 @@ def parse_json(data: bytes) -> object:
     try:
         return json.loads(data)
     except (ValueError, RecursionError) as exc:
-        raise InvalidRequest([FieldViolation("body", f"not valid JSON ({str(exc)[:120]})")]) from None
+        raise InvalidRequest([FieldViolation(("body",), f"not valid JSON ({str(exc)[:120]})")]) from None

@@ -8,7 +8,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from jachat.service.results import Completion, FinishReason, GeneratedToken, ModelInfo
+from jachat.service.domain.results import Completion, FinishReason, GeneratedToken, ModelInfo
 
 FINISH_REASONS = {FinishReason.END_OF_TURN: "stop", FinishReason.STOP: "stop", FinishReason.LENGTH: "length"}
 

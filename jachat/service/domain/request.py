@@ -1,0 +1,64 @@
+"""A chat request as every edge hands it to the engine, and the rules on its turns that cost nothing to check.
+
+Each rule is here once. The edges check the turn count before converting a single turn (so a request of a million
+turns costs one comparison); request preparation checks the rest before any text is touched beyond its length.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from jachat.service.domain.errors import FieldViolation, InvalidRequest
+from jachat.service.domain.sampling import SamplingOptions
+from jachat.service.text.prompt import Speaker, Turn
+
+MAX_TURNS = 256
+MAX_TURN_CHARACTERS = 16_384
+# The whole request: 32 contexts' worth of Japanese text, far more than a conversation that drop_oldest_turns can
+# still use, and little enough to encode in a few milliseconds.
+MAX_REQUEST_CHARACTERS = 65_536
+MAX_REQUEST_TOKENS = 65_536  # tokens of all encoded turns (byte fallback can spend several per character)
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A generation request as every front end hands it to the engine."""
+
+    turns: Sequence[Turn]
+    options: SamplingOptions
+    explicit_max_new_tokens: bool = False  # an explicit value that does not fit is an error, a default shrinks
+    drop_oldest_turns: bool = False
+
+
+def check_turn_count(count: int) -> None:
+    """At least one turn, at most MAX_TURNS: checked by each edge before it converts any turn."""
+    if count == 0:
+        raise InvalidRequest([FieldViolation(("turns",), "must not be empty: give at least the user's turn")])
+    if count > MAX_TURNS:
+        raise InvalidRequest([FieldViolation(("turns",), f"{count} turns; at most {MAX_TURNS}")])
+
+
+def check_turns(turns: Sequence[Turn]) -> None:
+    """The cheap checks on converted turns: characters per turn and in all, the last turn the user's."""
+    check_turn_count(len(turns))  # O(1): an engine caller that is no edge gets the same rule
+    violations = [
+        FieldViolation(("turns", i, "text"), f"{len(t.text)} characters; at most {MAX_TURN_CHARACTERS}")
+        for i, t in enumerate(turns)
+        if len(t.text) > MAX_TURN_CHARACTERS
+    ]
+    total = sum(len(t.text) for t in turns)
+    if total > MAX_REQUEST_CHARACTERS:
+        violations.append(
+            FieldViolation(
+                ("turns",), f"{total} characters in all; one request may have at most {MAX_REQUEST_CHARACTERS}"
+            )
+        )
+    if turns[-1].speaker is not Speaker.USER:
+        violations.append(
+            FieldViolation(
+                ("turns", len(turns) - 1, "speaker"), "the last turn must be the user's: the model writes the reply"
+            )
+        )
+    if violations:
+        raise InvalidRequest(violations)
