@@ -16,14 +16,14 @@ import pytest
 
 from jachat.v1 import chat_pb2
 from tests.helpers import CARD_TURNS, system, user
-from tests.servers import Server, free_port, serving, start
+from tests.servers import Server, serving, start
 
 ROLES = {"ユーザー": "user", "システム": "assistant"}
 CARD_MESSAGES: list[Any] = [{"role": ROLES[s], "content": t} for s, t in CARD_TURNS]
 
 
 def http_flags() -> tuple[str, ...]:
-    return ("--http-host", "127.0.0.1", "--http-port", str(free_port()))
+    return ("--http-host", "127.0.0.1", "--http-port", "0")
 
 
 @pytest.fixture(scope="module")

@@ -52,7 +52,7 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, model_f32: Path) -> Ite
     """Prometheus scraping a live jachat every second (job jachat, one pod), with the project's rules loaded."""
     assert PROMETHEUS, "CI must install prometheus (Debian's package; see scripts/test)"
     folder = tmp_path_factory.mktemp("prometheus")
-    with serving(model_f32, "--http-host", "127.0.0.1", "--http-port", str(free_port())) as server:
+    with serving(model_f32, "--http-host", "127.0.0.1", "--http-port", "0") as server:
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(ALERTS)],

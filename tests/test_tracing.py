@@ -21,7 +21,7 @@ from opentelemetry.proto.trace.v1 import trace_pb2
 from jachat.service.observability.tracing import configure
 from jachat.v1 import chat_pb2
 from tests.helpers import details, greedy, user
-from tests.servers import free_port, serving
+from tests.servers import serving
 
 
 class Receiver(trace_service_pb2_grpc.TraceServiceServicer):
@@ -91,9 +91,9 @@ def tree(collector: Receiver, parent: Parent) -> tuple[trace_pb2.Span, dict[str,
 def test_each_call_is_a_span_tree_in_the_callers_trace(model_f32: Path, receiver: tuple[Receiver, int]) -> None:
     collector, port = receiver
     over_grpc, over_http, refused = Parent.new(), Parent.new(), Parent.new()
-    http_port = free_port()
-    flags = ("--otlp-endpoint", f"http://127.0.0.1:{port}", "--http-host", "127.0.0.1", "--http-port", str(http_port))
+    flags = ("--otlp-endpoint", f"http://127.0.0.1:{port}", "--http-host", "127.0.0.1", "--http-port", "0")
     with serving(model_f32, *flags) as server:
+        http_port = server.http_port
         with server.channel() as channel:
             stub = server.stub(channel)
             metadata = (

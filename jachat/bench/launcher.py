@@ -21,7 +21,7 @@ from jachat.v1 import chat_pb2_grpc
 
 
 def free_port() -> int:
-    """A loopback port free now (for --http-port, where 0 means off rather than any port)."""
+    """A loopback port free now, for a program that cannot pick its own (Prometheus in the tests)."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return int(probe.getsockname()[1])

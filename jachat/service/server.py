@@ -146,7 +146,7 @@ class Service:
         health_servicer = HealthServicer(settings.max_health_watchers)
         await set_serving(health_servicer, False)
         credentials, interceptors = security(settings, metrics, tokens)
-        http = None if settings.http_port == 0 else http_api(settings, calls)
+        http = None if settings.http_port < 0 else http_api(settings, calls)  # every port flag: 0 free, -1 off
         server, port = create_server(
             f"{settings.host}:{settings.port}",
             servicer,

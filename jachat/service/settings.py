@@ -111,10 +111,10 @@ class Settings:
         ),
     )
     http_port: int = field(
-        default=0,
+        default=-1,
         metadata=_opt(
             "port of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health) on --http-host; "
-            "0 turns it off (needs the http extra: pip install 'jachat[http]')"
+            "0 picks a free one, -1 (the default) turns it off (needs the http extra: pip install 'jachat[http]')"
         ),
     )
     http_host: str = field(default="0.0.0.0", metadata=_opt("address to listen on for the HTTP API"))

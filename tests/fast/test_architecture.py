@@ -1,51 +1,96 @@
-"""The layout's rules (ARCHITECTURE.md), checked on the source: who may import whom, and how big a module may grow."""
+"""The layout's rules (ARCHITECTURE.md), checked on the source: the layers contract (import-linter, configured in
+pyproject.toml), and who may import a few modules that have one door."""
 
 from __future__ import annotations
 
 import ast
+import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 from tests.helpers import REPO
 
-RUNTIME = ("service", "converter", "bench")  # the installed packages, jachat.<folder>
-# the edge: the only modules that speak the generated API (bench is a client of it)
-EDGE = {"service/servicer.py", "service/protocol.py", "service/client.py"} | {
-    p.relative_to(REPO).as_posix() for p in (REPO / "bench").glob("*.py")
-}
+PACKAGE = REPO / "jachat"
+LINT_IMPORTS = Path(sys.executable).parent / "lint-imports"
 
 
 def modules() -> dict[str, set[str]]:
-    """Every runtime module (path relative to the repository) and the modules it imports."""
+    """Every module of the package but the generated stubs (path relative to the repository), and what it imports."""
     found = {}
-    for folder in RUNTIME:
-        for path in sorted((REPO / folder).glob("*.py")):
-            tree = ast.parse(path.read_text(encoding="utf-8"))
-            imported: set[str] = set()
-            for node in ast.walk(tree):
-                if isinstance(node, ast.Import):
-                    imported |= {alias.name for alias in node.names}
-                elif isinstance(node, ast.ImportFrom) and node.module:
-                    imported |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
-            found[path.relative_to(REPO).as_posix()] = imported
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if "v1" in path.relative_to(PACKAGE).parts:
+            continue
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        imported: set[str] = set()
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Import):
+                imported |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.module:
+                imported |= {node.module, *(f"{node.module}.{alias.name}" for alias in node.names)}
+        found[path.relative_to(REPO).as_posix()] = imported
     return found
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    """import-linter over the `jachat` package found in `root`, with the repository's contracts."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(
+        [str(LINT_IMPORTS), "--config", str(REPO / "pyproject.toml"), "--no-cache"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_the_layers_contract_holds() -> None:
+    result = lint_imports(REPO)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "0 broken" in result.stdout
+
+
+def test_the_layers_contract_fails_on_a_violation(tmp_path: Path) -> None:
+    """The contract bites: a copy of the package with three violations (a transport in the engine, the domain
+    importing an edge, one edge importing the other) breaks exactly those contracts."""
+    copy = tmp_path / "jachat"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    for module, line in (
+        ("service/engine/gpu.py", "import grpc"),
+        ("service/domain/results.py", "from jachat.service.edge import calls"),
+        ("service/edge/grpc/servicer.py", "from jachat.service.edge.http import status"),
+    ):
+        path = copy / module
+        path.write_text(path.read_text(encoding="utf-8") + f"\n{line}  # a deliberate violation\n", encoding="utf-8")
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    assert "3 broken" in result.stdout, result.stdout
+    for violation in (
+        "jachat.service.engine.gpu -> grpc",
+        "jachat.service.domain.results -> jachat.service.edge.calls",
+        "jachat.service.edge.grpc.servicer -> jachat.service.edge.http.status",
+    ):
+        assert violation in result.stdout, result.stdout
 
 
 def test_everything_is_imported_through_the_jachat_namespace() -> None:
     for module, imported in modules().items():
-        stray = {m for m in imported if m.split(".")[0] in RUNTIME}
+        stray = {m for m in imported if m.split(".")[0] in ("service", "converter", "bench")}
         assert not stray, f"{module} imports {stray}: use jachat.<package>"
 
 
 def test_only_the_engine_imports_the_scheduler() -> None:
     importers = {m for m, imported in modules().items() if "jachat.service.engine.scheduler" in imported}
-    assert importers == {"service/engine.py"}
+    assert importers == {"jachat/service/engine/engine.py"}
 
 
-def test_only_the_edge_imports_the_generated_chat_stubs() -> None:
+def test_only_the_grpc_edge_and_its_clients_import_the_generated_chat_stubs() -> None:
     importers = {m for m, imported in modules().items() if any(i.startswith("jachat.v1") for i in imported)}
-    assert importers <= EDGE, importers - EDGE
-    assert "service/servicer.py" in importers and "service/protocol.py" in importers
+    allowed = ("jachat/service/edge/grpc/", "jachat/service/client.py", "jachat/bench/")
+    assert {m for m in importers if not m.startswith(allowed)} == set()
+    assert {"jachat/service/edge/grpc/servicer.py", "jachat/service/edge/grpc/protocol.py"} <= importers
 
 
 def importers_of(prefix: str) -> set[str]:
@@ -55,28 +100,21 @@ def importers_of(prefix: str) -> set[str]:
 def test_each_optional_library_has_one_door() -> None:
     """The HTTP stack and OpenAI's shapes stay in the HTTP edge, OpenTelemetry in tracing.py: the rest of the
     service never depends on an optional extra, and swapping one touches one module."""
-    assert importers_of("aiohttp") == {"service/http_api.py"}
-    assert importers_of("jachat.service.edge.http.openai_request") | importers_of(
-        "jachat.service.edge.http.openai_response"
-    ) == {"service/http_api.py"}
-    assert importers_of("opentelemetry") == {"service/tracing.py"}
+    assert importers_of("aiohttp") == {"jachat/service/edge/http/api.py"}
+    assert importers_of("opentelemetry") == {"jachat/service/observability/tracing.py"}
     # the server reaches the HTTP API only through a deferred import, so a gRPC-only install never loads aiohttp
-    assert "service/server.py" in importers_of("jachat.service.edge.http.api")
+    assert "jachat/service/server.py" in importers_of("jachat.service.edge.http.api")
     probe = "import sys, jachat.service.server; print(sorted(m for m in sys.modules if m.startswith('aiohttp')))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
 def test_metrics_never_see_a_live_sequence() -> None:
-    imported = modules()["service/metrics.py"]
-    assert not {
-        m for m in imported if m.startswith(("jachat.service.engine.sequence", "jachat.service.engine.scheduler"))
-    }
+    imported = modules()["jachat/service/observability/metrics.py"]
+    assert not {m for m in imported if m.startswith(("jachat.service.engine.sequence", "jachat.service.engine"))}
 
 
-def test_no_runtime_module_is_over_300_lines() -> None:
-    sizes = {
-        p.relative_to(REPO).as_posix(): len(p.read_text(encoding="utf-8").splitlines())
-        for folder in RUNTIME
-        for p in (REPO / folder).glob("*.py")
-    }
-    assert {m: n for m, n in sizes.items() if n > 300} == {}
+def test_no_symbolic_link_anywhere_in_the_repository() -> None:
+    """A link becomes a 10-byte text file in a clone without symlinks (Windows' default) and is shipped twice or
+    not at all by a build backend: the repository has none."""
+    staged = subprocess.run(["git", "ls-files", "-s"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+    assert [line for line in staged.splitlines() if line.startswith("120000")] == []

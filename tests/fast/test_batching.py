@@ -463,3 +463,31 @@ def test_a_tenant_back_from_idle_gets_its_share_not_a_burst() -> None:
     newcomer = SimpleNamespace(tenant="c")
     order.arrived(newcomer, active={"a", "b"})  # type: ignore[arg-type]  # only its tenant is read
     assert order.served["c"] == 5000.0  # starts level with the least served active tenant
+
+
+def test_a_failed_batch_logs_a_line_per_call_with_its_request_id(
+    tokenizer: Tokenizer, run: Callable[..., Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A generation thread's log line for a call carries that call's request id (the sequence keeps its context)."""
+    from jachat.service.observability.logs import RequestIdFilter, request_id
+
+    class Broken(FakeGenerator):
+        def generate_batch(self, *args: Any, **kwargs: Any) -> list[Any]:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    async def submitted(scheduler: Scheduler, rid: str, name: int) -> Generation:
+        request_id.set(rid)  # as the call's frame does, in the call's own task
+        gen = sequence(tokenizer, name)
+        scheduler.submit(gen)
+        return gen
+
+    async def scenario(make: Callable[..., Scheduler]) -> list[FinishReason | None]:
+        scheduler = make(SchedulerOptions(max_batch_size=2, replicas=1), Broken(token=700))
+        gens = await asyncio.gather(submitted(scheduler, "call-a", 100), submitted(scheduler, "call-b", 101))
+        return [await finished(g) for g in gens]
+
+    caplog.handler.addFilter(RequestIdFilter())
+    with caplog.at_level("ERROR", logger="jachat.scheduler"):
+        assert run(scenario) == [FinishReason.ERROR, FinishReason.ERROR]
+    per_call = [r for r in caplog.records if "the call ends INTERNAL" in r.getMessage()]
+    assert sorted(getattr(r, "request_id", None) for r in per_call) == ["call-a", "call-b"]

@@ -267,7 +267,8 @@ class Scheduler:
             )
         except Exception:  # reported to every caller in the batch, never raised in the worker thread
             log.exception("generation failed for a batch of %d", len(batch))
-            for gen in batch:
+            for gen in batch:  # one line per call, in its context: each carries the call's request id
+                gen.context.run(log.error, "generation failed (a batch of %d); the call ends INTERNAL", len(batch))
                 gen.finish(FinishReason.ERROR, EngineFailure("generation failed"))
         finally:
             for gen in batch:

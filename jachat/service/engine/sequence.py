@@ -11,6 +11,7 @@ which sequences share a batch; everything about one reply is here.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import time
 from collections.abc import Callable
@@ -54,6 +55,8 @@ class Generation:
     ) -> None:
         self.priority = priority
         self.tenant = tenant
+        # the caller's context (its request id among it): what a generation thread logs for this call runs in it
+        self.context = contextvars.copy_context()
         self.cost = len(prompt_ids) + max_new_tokens  # what it takes of its tenant's fair share
         self.prompt_ids = prompt_ids
         self.options = options

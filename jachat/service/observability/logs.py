@@ -2,8 +2,9 @@
 
 The id comes from the caller's `x-request-id` metadata (at most 128 characters of letters, digits and `-_.:/+=@~`,
 so it cannot forge text in a log line) or is generated;
-the service sends it back in the response's initial metadata. It lives in a context variable, so every log line
-written in the request's task carries it, and the scheduler copies it into the request's Generation.
+the service sends it back with the reply (edge/identity.py). It lives in a context variable, so every log line
+written in the request's task carries it; a sequence keeps a copy of its caller's context, and what a generation
+thread logs for one call (a failed batch) is logged in it, so that line carries the id too.
 """
 
 from __future__ import annotations
