@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import shutil
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -150,3 +153,20 @@ def piece_id(checkpoint: Path, piece: str) -> int:
 def read_json(path: Path) -> dict[str, object]:
     data: dict[str, object] = json.loads(path.read_text())
     return data
+
+
+def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+    """Wait for a state (a metric, health, a log line), polling: never a fixed sleep standing in for it. The
+    timeout only bounds a broken run; a passing one waits exactly as long as the state takes."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: never happened within {timeout:g} s"
+        time.sleep(0.01)
+
+
+async def until(condition: Callable[[], bool], what: str = "the condition", timeout: float = 30.0) -> None:
+    """wait_until for a test's event loop."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: never happened within {timeout:g} s"
+        await asyncio.sleep(0.01)

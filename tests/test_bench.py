@@ -8,10 +8,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import REPO
 from tests.servers import InProcessServer
 
 
+@pytest.mark.slow
 def test_bench_all_modes_write_a_report(model_f32: Path, demo_checkpoint: Path, tmp_path: Path) -> None:
     output = tmp_path / "bench.json"
     result = subprocess.run(
@@ -78,6 +81,7 @@ def test_bench_counts_errors_by_status_code(server: InProcessServer, tmp_path: P
     assert report["errors"] == {"INVALID_ARGUMENT": 4}, result.stderr
 
 
+@pytest.mark.slow
 def test_bench_abuse_reports_every_figure_and_the_expected_outcomes(model_f32: Path, tmp_path: Path) -> None:
     """The mode runs end to end; its figures are printed and recorded, not asserted (they depend on the machine)."""
     output = tmp_path / "abuse.json"
@@ -140,6 +144,7 @@ def test_bench_fairness_reports_both_floods(model_f32: Path, tmp_path: Path) -> 
     assert "tenant B under tenant A's flood" in result.stdout and "interactive under a batch flood" in result.stdout
 
 
+@pytest.mark.slow
 def test_bench_sweep_reports_each_rate_the_best_under_the_slo_and_a_plot(model_f32: Path, tmp_path: Path) -> None:
     output = tmp_path / "sweep.json"
     command = ["jachat-bench", "sweep", "--model", str(model_f32), "--rates", "2,4", "--step-duration", "2"]
@@ -176,6 +181,7 @@ def test_bench_warmstart_times_the_first_calls_with_and_without_the_warm_start(m
         assert run["first_over_tenth"] == run["call_seconds"][0] / run["call_seconds"][-1]
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_end_to_end_in_dry_mode(tmp_path: Path) -> None:
     """scripts/gpu-check --dry-run: every step of the GPU check (environment, device tests, closed loops, replicas,
     sweep, roofline, recommendation) on the CPU with a tiny model, into one report."""

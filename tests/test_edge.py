@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2
 
 from jachat.service.edge.identity import request_id_from
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from tests.helpers import details, greedy, health_stub, status_of, user
+from tests.helpers import details, greedy, health_stub, status_of, user, wait_until
 from tests.servers import ServerProcess, serving, start
 
 LONG = chat_pb2.SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=1500, min_new_tokens=1500)
@@ -149,6 +149,16 @@ def test_health_watchers_are_capped_and_check_still_answers(edge_server: ServerP
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
+def _closed_by_peer(connection: socket.socket) -> bool:
+    """Whether the server has closed this connection (it reads as end of file, without waiting)."""
+    try:
+        return connection.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except BlockingIOError:
+        return False
+    except OSError:  # reset by the server: closed too
+        return True
+
+
 def _threads(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("Threads:"):
@@ -162,7 +172,8 @@ def test_idle_metrics_connections_cost_no_threads_and_scrapes_still_work(edge_se
     before = _threads(pid)
     idle = [socket.create_connection(("127.0.0.1", edge_server.metrics_port)) for _ in range(200)]
     try:
-        time.sleep(0.5)
+        # the server has taken every connection once it has closed all those beyond its cap of 32
+        wait_until(lambda: sum(_closed_by_peer(s) for s in idle) >= 200 - 32, "the connections beyond the cap closed")
         assert _threads(pid) <= before + 2, "a thread per connection"
         for s in idle[:32]:  # the ones beyond the cap were closed at once; free some places
             s.close()
@@ -180,7 +191,7 @@ def test_idle_metrics_connections_cost_no_threads_and_scrapes_still_work(edge_se
 
 
 def test_the_event_loop_lag_is_measured(edge_server: ServerProcess) -> None:
-    time.sleep(0.2)
+    wait_until(lambda: edge_server.scrape().get("jachat_event_loop_lag_seconds_count", 0) > 0, "a lag sample")
     samples = edge_server.scrape()
     assert samples["jachat_event_loop_lag_seconds_count"] > 0
     assert samples['jachat_event_loop_lag_seconds_bucket{le="+Inf"}'] == samples["jachat_event_loop_lag_seconds_count"]
@@ -260,7 +271,7 @@ def test_unauthenticated_calls_to_unknown_methods_are_denied_without_a_traceback
             for _ in range(3):
                 with pytest.raises(grpc.RpcError) as info:
                     unknown(b"", timeout=5)
-                assert info.value.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.UNIMPLEMENTED)
+                assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED  # a stranger learns nothing of what exists
     finally:
         server.stop()
     assert not problems_in_log(server), problems_in_log(server)

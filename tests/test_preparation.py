@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import grpc
@@ -15,14 +13,7 @@ from jachat.service.server import Service
 from jachat.service.settings import Settings
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 from tests.fast.test_preparation import CountingTokenizer
-from tests.helpers import greedy, user
-
-
-async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        await asyncio.sleep(0.01)
+from tests.helpers import greedy, until, user
 
 
 def test_preparation_runs_off_the_event_loop_and_a_full_server_refuses_before_any(model_f32: Path) -> None:

@@ -4,6 +4,7 @@ would run them."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -23,7 +24,7 @@ import pytest
 import yaml
 
 from jachat.v1 import chat_pb2
-from tests.helpers import REPO, greedy, user
+from tests.helpers import REPO, greedy, user, wait_until
 from tests.servers import Server, free_port, serving
 
 PROMETHEUS = shutil.which("prometheus")
@@ -82,13 +83,31 @@ def prometheus(tmp_path_factory: pytest.TempPathFactory, model_f32: Path) -> Ite
             wait_ready(port, process)
             traffic(server, seconds=8)
             # two more scrapes and rule evaluations after the traffic, so every counter has moved in the window
-            time.sleep(2.5)
+            ended = time.time()
+            wait_until(lambda: settled_since(port, ended + 1.0), "two scrapes and evaluations after the traffic", 60)
             yield port, server
         finally:
             process.terminate()
             process.wait(30)
             assert process.stderr is not None
             process.stderr.close()
+
+
+def settled_since(port: int, moment: float) -> bool:
+    """Whether Prometheus has scraped jachat and evaluated every rule group since `moment` (a Unix time)."""
+    scraped = api(port, "query", query='timestamp(up{job="jachat"})')["result"]
+    if not scraped or float(scraped[0]["value"][1]) <= moment:
+        return False
+    evaluated = [group["lastEvaluation"] for group in api(port, "rules")["groups"]]
+    return bool(evaluated) and all(_unix(stamp) > moment for stamp in evaluated)
+
+
+def _unix(stamp: str) -> float:
+    """An RFC 3339 time as Prometheus writes it (up to nanoseconds; Z or an offset) as a Unix time."""
+    match = re.fullmatch(r"([^.]+?)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)", stamp)
+    assert match, stamp
+    zone = "+00:00" if match[3] == "Z" else match[3]
+    return datetime.datetime.fromisoformat(match[1] + zone).timestamp() + float("0." + (match[2] or "0"))
 
 
 def wait_ready(port: int, process: subprocess.Popen[str]) -> None:

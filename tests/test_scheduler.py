@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +14,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2
 
 from jachat.v1 import chat_pb2, chat_pb2_grpc
-from tests.helpers import details, greedy, health_stub, status_of, user
+from tests.helpers import details, greedy, health_stub, status_of, until, user
 from tests.servers import Server, ServerProcess, serving
 
 PROMPTS = [
@@ -23,13 +23,6 @@ PROMPTS = [
     "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。",
     "おすすめの本を教えてください。最近は小説よりもエッセイをよく読みます。何かありますか?",
 ]
-
-
-async def until(condition: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the condition never held"
-        await asyncio.sleep(0.01)
 
 
 def fixed(tokens: int, **kwargs: Any) -> chat_pb2.SamplingParams:
@@ -154,12 +147,14 @@ def test_deadline_stops_a_running_call_and_an_expired_queued_call_never_starts(
             with pytest.raises(grpc.aio.AioRpcError) as running:
                 await collect(stub, PROMPTS[0], fixed(1900), timeout=0.5)
             assert running.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-            await asyncio.sleep(0.3)
+            deadline_ended = 'jachat_finished_total{reason="deadline"}'
+            await until(lambda: delta(before, server.scrape(), deadline_ended) == 1, "the running call ended")
             mid = server.scrape()
             assert delta(before, mid, 'jachat_finished_total{reason="deadline"}') == 1
             assert delta(before, mid, "jachat_generated_tokens_total") < 1900
             blocker = asyncio.ensure_future(collect(stub, PROMPTS[1], fixed(1900)))
-            await asyncio.sleep(0.1)  # the blocker runs; the next call must wait in the queue
+            batches = mid["jachat_batch_size_count"]  # the blocker runs; the next call must wait in the queue
+            await until(lambda: server.scrape()["jachat_batch_size_count"] > batches, "the blocker started")
             with pytest.raises(grpc.aio.AioRpcError) as queued:
                 await collect(stub, PROMPTS[2], fixed(10), timeout=0.2)
             assert queued.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
@@ -184,10 +179,8 @@ def test_full_queue_is_resource_exhausted_at_once_with_retry_info(single_slot_se
             await until(lambda: server.scrape()["jachat_batch_size_count"] > batches)  # it holds the replica
             waiting = asyncio.ensure_future(collect(stub, PROMPTS[1], fixed(1500)))
             await until(lambda: server.scrape()["jachat_queue_size"] == 1)  # it fills the queue
-            started = time.monotonic()
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await stub.Generate(chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=fixed(5)))
-            assert time.monotonic() - started < 0.5
             assert not running.done() and not waiting.done()  # refused at once: not after a generation
             error = refused.value
             assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
@@ -202,12 +195,16 @@ def test_full_queue_is_resource_exhausted_at_once_with_retry_info(single_slot_se
 
 
 def test_health_answers_fast_while_sixteen_streams_generate(batching_server: Server) -> None:
-    async def scenario() -> float:
+    """Health is answered between tokens, never after a batch: its slowest answer while sixteen streams generate,
+    compared with the time those streams take, in the same run (no absolute bound a busy machine could miss)."""
+
+    async def scenario() -> tuple[float, float]:
         async with grpc.aio.insecure_channel(batching_server.target) as channel:
             stub = chat_pb2_grpc.ChatServiceStub(channel)
             health = health_stub(channel)
+            began = time.perf_counter()
             streams = [asyncio.ensure_future(collect(stub, PROMPTS[i % 4], fixed(1000))) for i in range(16)]
-            await asyncio.sleep(0.3)
+            await until(lambda: batching_server.scrape()["jachat_running_requests"] == 16, "all sixteen running")
             slowest, checks_while_generating = 0.0, 0
             while not any(s.done() for s in streams):  # as long as all sixteen generate, however fast the machine
                 started = time.perf_counter()
@@ -218,10 +215,10 @@ def test_health_answers_fast_while_sixteen_streams_generate(batching_server: Ser
                 await asyncio.sleep(0.05)
             assert checks_while_generating >= 5, f"only {checks_while_generating} checks while the streams ran"
             await asyncio.gather(*streams)
-            return slowest
+            return slowest, time.perf_counter() - began
 
-    slowest = asyncio.run(scenario())
-    assert slowest < 0.1, f"health took {slowest * 1000:.0f} ms"  # held twice with a CPU-bound process beside it
+    slowest, generating = asyncio.run(scenario())
+    assert slowest < generating / 20, f"health took {slowest * 1000:.0f} ms of {generating * 1000:.0f} ms"
 
 
 def test_an_interactive_call_sheds_a_queued_batch_call_from_the_full_queue(single_slot_server: Server) -> None:

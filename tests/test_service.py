@@ -172,11 +172,6 @@ def test_bad_sampling_is_invalid_argument_naming_the_field(
     assert details(info.value).startswith(field + ":")
 
 
-def test_min_new_tokens_is_honoured(stub: chat_pb2_grpc.ChatServiceStub) -> None:
-    reply = generate(stub, [user("やあ")], greedy(6, min_new_tokens=6))
-    assert reply.usage.completion_tokens == 6
-
-
 def test_metrics_count_requests_by_rpc_and_code_and_generated_tokens(
     server: Server, stub: chat_pb2_grpc.ChatServiceStub
 ) -> None:
@@ -202,6 +197,17 @@ def test_metrics_count_requests_by_rpc_and_code_and_generated_tokens(
 def scripted_server(scripted_model: Path) -> Iterator[Server]:
     with serving(scripted_model) as server:
         yield server
+
+
+def test_min_new_tokens_holds_the_end_of_turn_back(scripted_server: Server) -> None:
+    """The scripted model writes </s> as its 12th token; min_new_tokens 20 keeps it from ending before 20 tokens
+    (max 40 leaves room, so only min_new_tokens can explain the length)."""
+    with scripted_server.channel() as channel:
+        stub = scripted_server.stub(channel)
+        free = generate(stub, [user("x")], greedy(40))
+        held = generate(stub, [user("x")], greedy(40, min_new_tokens=20))
+    assert free.finish_reason == chat_pb2.FINISH_REASON_END_OF_TURN and free.usage.completion_tokens == 12
+    assert held.usage.completion_tokens >= 20
 
 
 def test_scripted_reply_streams_whole_characters_and_ends_at_eos(

@@ -6,7 +6,10 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
 
+
+@pytest.mark.slow
 def test_short_soak_has_no_unexpected_errors_and_stays_serving(model_f32: Path, tmp_path: Path) -> None:
     output = tmp_path / "soak.json"
     result = subprocess.run(

@@ -14,6 +14,7 @@ from jachat.service.domain.sampling import SamplingOptions
 from jachat.service.engine.preparation import Preparer
 from jachat.service.text.prompt import Speaker, Turn, render_prompt
 from jachat.service.text.tokenizer import Tokenizer
+from tests.helpers import until
 
 
 class CountingTokenizer(Tokenizer):
@@ -56,7 +57,7 @@ def test_too_many_waiting_preparations_are_refused_as_overloaded(tokenizer: Toke
 
     async def scenario() -> None:
         blocked = [asyncio.ensure_future(preparer.run(release.wait)) for _ in range(2)]
-        await asyncio.sleep(0.05)
+        await until(lambda: preparer._waiting == 2, "both preparations waiting")
         with pytest.raises(Overloaded):
             await preparer.run(lambda: None)
         release.set()
