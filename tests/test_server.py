@@ -228,7 +228,8 @@ def test_sigterm_drain_finishes_short_calls_ends_long_ones_and_exits_zero(model_
         server.process.terminate()
 
         def serving_status() -> int:
-            return health.Check(health_pb2.HealthCheckRequest(service="jachat.v1.ChatService"), timeout=1).status
+            reply = health.Check(health_pb2.HealthCheckRequest(service="jachat.v1.ChatService"), timeout=1)
+            return int(reply.status)
 
         wait_until(lambda: serving_status() == health_pb2.HealthCheckResponse.NOT_SERVING, "health NOT_SERVING")
         with pytest.raises(grpc.RpcError) as refused:

@@ -490,4 +490,4 @@ def test_a_failed_batch_logs_a_line_per_call_with_its_request_id(
     with caplog.at_level("ERROR", logger="jachat.scheduler"):
         assert run(scenario) == [FinishReason.ERROR, FinishReason.ERROR]
     per_call = [r for r in caplog.records if "the call ends INTERNAL" in r.getMessage()]
-    assert sorted(getattr(r, "request_id", None) for r in per_call) == ["call-a", "call-b"]
+    assert sorted(str(getattr(r, "request_id", None)) for r in per_call) == ["call-a", "call-b"]

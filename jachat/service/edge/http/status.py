@@ -14,7 +14,6 @@ STATUSES = {
     Kind.UNAUTHENTICATED: 401,
     Kind.NOT_FOUND: 404,
     Kind.OVERLOADED: 429,
-    Kind.CANCELLED: 499,
     Kind.INTERNAL: 500,
     Kind.UNAVAILABLE: 503,
     Kind.DEADLINE: 504,
@@ -67,4 +66,4 @@ def to_http(exc: BaseException, spell: Callable[[FieldPath], str] = dotted) -> H
         param = spell(exc.violations[0].path) if exc.violations else None
         return HttpError(413 if isinstance(exc, BodyTooLarge) else 400, exc.kind, message(exc.violations, spell), param)
     retry = max(1, math.ceil(exc.retry_after)) if isinstance(exc, Overloaded) else None
-    return HttpError(STATUSES[exc.kind], exc.kind, str(exc), retry_after=retry)
+    return HttpError(STATUSES.get(exc.kind, 500), exc.kind, str(exc), retry_after=retry)
