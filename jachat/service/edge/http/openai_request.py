@@ -1,5 +1,5 @@
 """OpenAI's chat completions requests at the edge: JSON bodies to the engine's dataclasses (openai_response.py
-writes the replies). The counterpart of protocol.py for the HTTP API: nothing past these modules (and http_api.py,
+writes the replies). The counterpart of protocol.py for the HTTP API: nothing past these modules (and api.py,
 which calls them) sees OpenAI's shapes. The rules are gRPC's (same limits, same defaults), spelled with OpenAI's
 names: a violation names the body field (`messages[2].role`, `max_tokens`), so a client learns what to fix whichever
 API it uses.
@@ -25,7 +25,7 @@ from jachat.service.domain.sampling import BY_NAME, FIELDS, SamplingOptions
 from jachat.service.text.prompt import Speaker, Turn
 
 ROLES = {"user": Speaker.USER, "assistant": Speaker.SYSTEM}
-PRIORITIES = {"interactive": Priority.INTERACTIVE, "batch": Priority.BATCH}
+PRIORITIES = {p.value: p for p in Priority}  # the body names a priority as the metrics label it
 MAX_MODEL_NAME = 256
 
 # Fields that change nothing here, accepted so that clients which always send them work: OpenAI's bookkeeping.
