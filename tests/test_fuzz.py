@@ -3,13 +3,15 @@ and the server stays SERVING."""
 
 from __future__ import annotations
 
+import http.client
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from jachat.v1 import chat_pb2, chat_pb2_grpc
@@ -52,7 +54,7 @@ def sampling(draw: st.DrawFn) -> chat_pb2.SamplingParams:
 
 @pytest.fixture(scope="module")
 def fuzz_server(model_f32: Path) -> Iterator[Server]:
-    with serving(model_f32) as server:
+    with serving(model_f32, "--http-host", "127.0.0.1", "--http-port", "0") as server:
         yield server
 
 
@@ -107,3 +109,65 @@ def test_server_is_still_serving_after_the_fuzzing(fuzz_server: Server) -> None:
     with fuzz_server.channel() as channel:
         reply = health_stub(channel).Check(health_pb2.HealthCheckRequest(service="jachat.v1.ChatService"))
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+# JSON values of every kind, including integers beyond any float and deep nesting, for any field of a body
+json_values = st.recursive(
+    st.one_of(
+        st.none(),
+        st.booleans(),
+        st.integers(-(2**70), 2**70),
+        st.sampled_from([10**400, -(10**400), 0, -1, 1, 2047, 2048]),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(max_size=20),
+    ),
+    lambda inner: st.one_of(st.lists(inner, max_size=3), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=8,
+)
+BODY_FIELDS = [
+    "model", "messages", "stream", "stream_options", "max_tokens", "max_completion_tokens", "temperature", "top_p",
+    "top_k", "min_tokens", "repetition_penalty", "no_repeat_ngram_size", "stop", "logprobs", "top_logprobs", "n",
+    "priority", "drop_oldest_turns", "include_stop_str_in_output", "user", "seed", "response_format", "tools",
+]  # fmt: skip
+messages = st.one_of(
+    json_values,
+    st.lists(
+        st.fixed_dictionaries(
+            {"role": st.one_of(st.sampled_from(["user", "assistant", "system"]), json_values), "content": json_values}
+        ),
+        max_size=3,
+    ),
+    st.just([{"role": "user", "content": "やあ"}]),
+)
+
+
+@st.composite
+def bodies(draw: st.DrawFn) -> dict[str, object]:
+    body = {name: draw(json_values) for name in draw(st.lists(st.sampled_from(BODY_FIELDS), unique=True, max_size=6))}
+    body["messages"] = draw(messages)
+    if draw(st.booleans()):
+        body["max_tokens"] = draw(st.integers(1, 8))  # keep the calls that are valid short
+        body.pop("max_completion_tokens", None)
+    return body
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=bodies())
+@example(body={"messages": [{"role": "user", "content": "x"}], "max_tokens": 10**400})  # each was a 500
+@example(body={"messages": [{"role": "user", "content": "x"}], "top_k": -(10**30), "temperature": 10**400})
+@example(body={"messages": [{"role": ["user"], "content": "x"}], "model": None})
+def test_any_http_body_gets_a_deliberate_status_never_a_server_error(
+    fuzz_server: Server, body: dict[str, object]
+) -> None:
+    """No body a client can send makes the HTTP API answer 5xx (each was recorded INTERNAL and paged someone)."""
+    assert fuzz_server.http_port is not None
+    connection = http.client.HTTPConnection("127.0.0.1", fuzz_server.http_port, timeout=60)
+    try:
+        connection.request("POST", "/v1/chat/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        reply = response.read()
+    finally:
+        connection.close()
+    assert response.status in (200, 400, 404), (response.status, reply[:300], body)
+    if response.status != 200:
+        assert json.loads(reply)["error"]["message"]

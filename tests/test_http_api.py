@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -15,7 +16,7 @@ import openai
 import pytest
 
 from jachat.v1 import chat_pb2
-from tests.helpers import CARD_TURNS, system, user
+from tests.helpers import CARD_TURNS, system, user, wait_until
 from tests.servers import Server, serving, start
 
 ROLES = {"ユーザー": "user", "システム": "assistant"}
@@ -236,6 +237,15 @@ def test_stop_strings_end_the_reply_as_over_grpc(server: Server) -> None:
         ({"top_p": 0}, "top_p", "(0, 1]"),
         ({"stop": [1, 2]}, "stop", "strings"),
         ({"priority": "urgent"}, "priority", "interactive"),
+        # each of these was a 500 with a traceback (recorded INTERNAL, feeding the paging error-ratio alert)
+        ({"model": None}, "model", "is required"),
+        ({"messages": [{"role": ["user"], "content": "hi"}]}, "messages[0].role", "must be 'user' or 'assistant'"),
+        ({"messages": [{"role": {"a": 1}, "content": "hi"}]}, "messages[0].role", "must be 'user' or 'assistant'"),
+        ({"temperature": 10**400}, "temperature", "a number"),
+        ({"top_p": -(10**400)}, "top_p", "a number"),
+        ({"top_k": -1}, "top_k", "must be 0 to"),
+        ({"min_tokens": -1}, "min_tokens", "must be 0 to"),
+        ({"no_repeat_ngram_size": -2}, "no_repeat_ngram_size", "must be 0 to"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "stream: true"),
         ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools", "not supported"),
         ({"frobnicate": 1}, "frobnicate", "unrecognized"),
@@ -355,6 +365,39 @@ def test_tokens_and_tenants_are_grpcs(model_f32: Path, tmp_path: Path) -> None:
         assert scraped['jachat_tenant_generated_tokens_total{tenant="team-a"}'] >= 1
         assert 'jachat_tenant_generated_tokens_total{tenant="not-me"}' not in scraped
         assert scraped['jachat_rejected_total{api="http",priority="interactive",reason="unauthenticated"}'] == 2
+
+
+def _raw(port: int, head: bytes, body: bytes = b"", read: bool = True) -> bytes:
+    """One hand-written HTTP/1.1 exchange (what an HTTP client library would refuse to send)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(head + b"\r\n\r\n" + body)
+        if not read:
+            return b""
+        return connection.recv(65536)
+
+
+def test_bytes_that_are_not_utf8_in_authorization_are_a_401_not_a_server_error(model_f32: Path, tmp_path: Path) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("team-a secret-a\n")
+    with serving(model_f32, "--auth-token-file", str(tokens), *http_flags()) as guarded:
+        assert guarded.http_port is not None
+        before = guarded.scrape()
+        reply = _raw(guarded.http_port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer \xff\xfe\xc3")
+        assert reply.startswith(b"HTTP/1.1 401 ") and b"invalid_api_key" in reply
+        key = 'jachat_requests_total{api="http",code="INTERNAL",rpc="/v1/models"}'
+        assert guarded.scrape().get(key, 0.0) == before.get(key, 0.0)
+
+
+def test_a_client_that_hangs_up_while_uploading_its_body_has_cancelled(server: Server) -> None:
+    """A body cut off by the client's hang-up: a cancellation, logged in one line, never INTERNAL."""
+    assert server.http_port is not None
+    before = server.scrape()
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100000"
+    _raw(server.http_port, head, b'{"model": "' + b"a" * 5000, read=False)
+    cancelled = 'jachat_requests_total{api="http",code="CANCELLED",rpc="/v1/chat/completions"}'
+    wait_until(lambda: server.scrape().get(cancelled, 0.0) > before.get(cancelled, 0.0), "the hang-up recorded")
+    internal = 'jachat_requests_total{api="http",code="INTERNAL",rpc="/v1/chat/completions"}'
+    assert server.scrape().get(internal, 0.0) == before.get(internal, 0.0)
 
 
 def test_a_full_server_refuses_with_429_and_retry_after(model_f32: Path) -> None:

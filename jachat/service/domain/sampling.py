@@ -99,9 +99,11 @@ class SamplingField:
         return f"in ({low}, {high}]" if self.low_open else f"{low} to {high}"
 
     def violation(self, value: float, context_length: int, vocab_size: int) -> str | None:
-        """Why `value` is out of range, or None. NaN and infinities are out of every range."""
+        """Why `value` is out of range, or None. NaN and infinities are out of every range; an integer of any size
+        (JSON has no limit) is compared as it is, never converted to a float."""
         low, high = self.bounds(context_length, vocab_size)
-        inside = math.isfinite(value) and (low < value if self.low_open else low <= value) and value <= high
+        finite = isinstance(value, int) or math.isfinite(value)
+        inside = finite and (low < value if self.low_open else low <= value) and value <= high
         if inside:
             return None
         return f"must be {self.range_text(context_length, vocab_size)}" + (f" ({self.note})" if self.note else "")

@@ -127,7 +127,12 @@ class Tokens:
         scheme, _, given = values[0].partition(" ")
         if scheme.lower() != "bearer" or not given.strip():  # RFC 6750: the scheme is case-insensitive
             return None
-        matches = [hmac.compare_digest(given.strip().encode(), token) for token in self._tokens]
+        # an HTTP header's bytes that are not UTF-8 arrive as surrogate escapes: compared as the bytes they were
+        try:
+            presented = given.strip().encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:
+            return None
+        matches = [hmac.compare_digest(presented, token) for token in self._tokens]
         return next((name for name, match in zip(self._names, matches, strict=True) if match), None)
 
 

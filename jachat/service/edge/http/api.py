@@ -95,8 +95,15 @@ class HttpApi:
         """One call in the frame (edge/calls.py): the HTTP call limit, then `work`; a failure becomes its HTTP
         status and OpenAI's error body, and every answer carries the request id."""
         headers = request.headers.items()
+        # a client that hangs up (even while its body is being read) has cancelled its call: not a server error
         opening = Opening(
-            "http", method, f"{request.method} {method}", headers, self._timeout(request, strict=False), spell=spell
+            "http",
+            method,
+            f"{request.method} {method}",
+            headers,
+            self._timeout(request, strict=False),
+            gone=(ConnectionResetError,),
+            spell=spell,
         )
 
         async def run(call: Call) -> web.StreamResponse:

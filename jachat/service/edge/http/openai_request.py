@@ -101,7 +101,10 @@ class _Body:
         # JSON has one number type: a float field takes 2 as well as 2.0; true is never a number
         ok = isinstance(value, kinds) and not (isinstance(value, bool) and bool not in kinds)
         if float in kinds and isinstance(value, int) and not isinstance(value, bool):
-            value, ok = float(value), True
+            try:
+                value, ok = float(value), True
+            except OverflowError:  # an integer beyond any float: out of every range, not a server error
+                value, ok = math.inf, True
         if float in kinds and ok and not math.isfinite(value):
             ok = False
         if not ok:
@@ -126,7 +129,7 @@ def parse_request(body: object, info: ModelInfo) -> CompletionRequest:
     ):
         b.bad("max_tokens", "differs from max_completion_tokens; give one of them")
     model = b.get("model", str, "a string")
-    if model is None and "model" not in body:
+    if model is None and body.get("model") is None:
         b.bad("model", f"is required: {info.model_name!r} (GET /v1/models)")
     turns = _turns(b, body.get("messages"))
     options, explicit_max = _sampling(b, info)
@@ -176,7 +179,9 @@ def _turns(b: _Body, messages: object) -> list[Turn]:
             b.bad(name, "must be an object with role and content")
             continue
         role = message.get("role")
-        if role in ("system", "developer"):
+        if not isinstance(role, str):
+            b.bad(f"{name}.role", "must be 'user' or 'assistant'")
+        elif role in ("system", "developer"):
             b.bad(f"{name}.role", f"is {role!r}: rinna's chat format has no system turn; use user and assistant")
         elif role in ("tool", "function"):
             b.bad(f"{name}.role", f"is {role!r}: tools are not supported; use user and assistant")
@@ -185,7 +190,7 @@ def _turns(b: _Body, messages: object) -> list[Turn]:
         if message.get("tool_calls") or message.get("function_call"):
             b.bad(f"{name}.tool_calls", "tools are not supported")
         text = _content(b, f"{name}.content", message.get("content"))
-        if role in ROLES and text is not None:
+        if isinstance(role, str) and role in ROLES and text is not None:
             turns.append(Turn(ROLES[role], text))
     # the last turn must be the user's: one rule, request preparation's (domain/request.py)
     return turns
