@@ -3,8 +3,10 @@ also serves gRPC: same engine, same defaults, same limits, same tokens."""
 
 from __future__ import annotations
 
+import gzip
 import http.client
 import json
+import select
 import socket
 import threading
 import time
@@ -505,9 +507,9 @@ def test_a_client_that_hangs_up_mid_stream_cancels_its_sequence(server: Server) 
 def test_a_body_that_never_arrives_is_a_400_not_a_server_error(server: Server, monkeypatch: pytest.MonkeyPatch) -> None:
     """A client that sends its headers and then trickles (or withholds) the body gets 400 naming the body once the
     read timeout passes (shortened here; the server runs in this process), not an INTERNAL error."""
-    from jachat.service.edge.http import api as http_api
+    from jachat.service.edge.http import body
 
-    monkeypatch.setattr(http_api, "BODY_READ_TIMEOUT", 0.5)
+    monkeypatch.setattr(body, "BODY_READ_TIMEOUT", 0.5)
     assert server.http_port is not None
     before = server.scrape()
     connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=60)
@@ -546,3 +548,86 @@ def test_a_large_body_is_parsed_and_converted_off_the_event_loop(
         status, _, answer = request(server, "POST", "/v1/chat/completions", body)
         assert status == expected, answer
     assert threads[0].startswith("jachat-prepare") and threads[1] == "jachat-test-server", threads
+
+
+def _closed_by_server(connection: socket.socket) -> bool:
+    """Whether the server has closed this connection: it reads as end of file (or a reset), without waiting."""
+    if not select.select([connection], [], [], 0)[0]:
+        return False
+    try:
+        return connection.recv(65536) == b""
+    except OSError:  # reset: closed too
+        return True
+
+
+def test_compressed_bodies_are_inflated_off_the_loop_within_the_limit(
+    server: Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """gzip and deflate bodies work; we inflate them on the preparation pool, never past 4 MiB (413), gzip with at
+    most 16 members; any other coding is 415 in OpenAI's shape, refused before the body is read."""
+    import threading
+    import zlib
+
+    from jachat.service.edge.http import body as http_body
+
+    threads: list[str] = []
+    inflate = http_body.inflate
+
+    def recording(data: bytes, coding: str, limit: int) -> bytes:
+        threads.append(threading.current_thread().name)
+        return inflate(data, coding, limit)
+
+    monkeypatch.setattr(http_body, "inflate", recording)
+    assert server.http_port is not None
+    call = {"model": model_id(server), "messages": [{"role": "user", "content": "やあ"}], "max_tokens": 2}
+    plain = json.dumps(call).encode()
+    for coding, data in (("gzip", gzip.compress(plain)), ("deflate", zlib.compress(plain))):
+        status, _, answer = request(server, "POST", "/v1/chat/completions", data, {"Content-Encoding": coding})
+        assert status == 200, answer
+    assert threads and all(name.startswith("jachat-prepare") for name in threads), threads
+
+    bomb = gzip.compress(b" " * (5 * 1024 * 1024))  # 5 KB that inflate past the limit
+    status, _, answer = request(server, "POST", "/v1/chat/completions", bomb, {"Content-Encoding": "gzip"})
+    assert status == 413 and json.loads(answer)["error"]["param"] == "body", answer
+    members = b"".join(gzip.compress(b" ") for _ in range(100))
+    status, _, answer = request(server, "POST", "/v1/chat/completions", members, {"Content-Encoding": "gzip"})
+    assert status == 400 and "gzip members" in json.loads(answer)["error"]["message"], answer
+    for coding in ("br", "zstd", "gzip, gzip"):
+        status, _, answer = request(server, "POST", "/v1/chat/completions", plain, {"Content-Encoding": coding})
+        error = json.loads(answer)["error"]
+        assert status == 415 and error["param"] == "content-encoding", answer
+
+
+def test_a_body_no_route_reads_is_never_read_after_the_reply(server: Server) -> None:
+    """aiohttp kept reading (and inflating, on the event loop) whatever body a client sent to any route for 10 s
+    after the reply: one unauthenticated client uploading gzip to GET /health took the server's CPU. Now the
+    connection is closed right after the reply instead."""
+    assert server.http_port is not None
+    head = b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\nContent-Length: 4000000\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as connection:
+        connection.sendall(head + gzip.compress(b"\0" * 1_000_000))
+        reply = connection.recv(65536)
+        assert reply.startswith(b"HTTP/1.1 200 "), reply[:100]
+        wait_until(lambda: _closed_by_server(connection), "the server hung up on the unread body", timeout=5)
+
+
+def test_connections_beyond_the_cap_are_closed_at_once_and_the_rest_are_served(model_f32: Path) -> None:
+    with serving(model_f32, "--max-http-connections", "8", *http_flags()) as capped:
+        assert capped.http_port is not None
+        idle = [socket.create_connection(("127.0.0.1", capped.http_port), timeout=30) for _ in range(8)]
+        try:
+            extra = socket.create_connection(("127.0.0.1", capped.http_port), timeout=30)
+            wait_until(lambda: _closed_by_server(extra), "the ninth connection closed")
+            assert not any(_closed_by_server(c) for c in idle)  # the first eight are kept
+            idle.pop().close()
+
+            def served() -> bool:
+                try:
+                    return request(capped, "GET", "/health")[0] == 200
+                except OSError:  # still at the cap a moment: closed at once
+                    return False
+
+            wait_until(served, "a free place serves again")
+        finally:
+            for connection in idle:
+                connection.close()

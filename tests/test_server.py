@@ -388,3 +388,20 @@ def test_every_replica_warms_up_before_health_turns_serving(model_f32: Path) -> 
         )
     with serving(model_f32, "--warm-up", "false") as cold:
         assert not any("warm start:" in line for line in cold.log)
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_hard_one_at_start_up() -> None:
+    """A soft limit of 1024 (a common container default) would let a thousand idle connections make every
+    accept() fail, gRPC health checks included; the server lifts it to the hard limit."""
+    import resource
+
+    from jachat.service.server import raise_open_file_limit
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    lowered = min(soft, 256)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowered, hard))
+    try:
+        assert raise_open_file_limit() == (hard if hard != resource.RLIM_INFINITY else lowered)
+        assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == (hard if hard != resource.RLIM_INFINITY else lowered)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

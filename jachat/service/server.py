@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import resource
 import signal
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -110,6 +111,7 @@ def http_api(settings: Settings, calls: Calls) -> HttpApi:
         settings.max_concurrent_rpcs,
         settings.http_request_timeout_seconds,
         settings.stream_write_timeout_seconds,
+        settings.max_http_connections,
     )
 
 
@@ -117,6 +119,19 @@ async def set_serving(health_servicer: health.aio.HealthServicer, serving: bool)
     status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
     for service in ("", CHAT_SERVICE):
         await health_servicer.set(service, status)
+
+
+def raise_open_file_limit() -> int:
+    """Raise the soft RLIMIT_NOFILE to the hard one (a container's default soft limit is often 1024, where a
+    thousand idle connections would make every accept() fail); returns the soft limit in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:  # not allowed here: keep the soft limit, and say so
+            log.warning("cannot raise the open-file limit from %d to %d: %s", soft, hard, exc)
+    return soft
 
 
 @dataclass
@@ -140,6 +155,7 @@ class Service:
     async def start(cls, settings: Settings, registry: CollectorRegistry | None = None) -> Service:
         """Listen at once (health NOT_SERVING), then load the model off the event loop."""
         metrics = Metrics(registry or CollectorRegistry())
+        open_files = raise_open_file_limit()
         tokens = None if settings.auth_token_file is None else Tokens(settings.auth_token_file)
         calls = Calls(metrics, configure(settings.otlp_endpoint or None, os.environ), tokens)
         servicer = ChatServicer(calls, settings.stream_write_timeout_seconds, MAX_MESSAGE_BYTES)
@@ -165,7 +181,13 @@ class Service:
         await server.start()
         log.info("listening on %s:%d (metrics on %s), loading %s", settings.host, port, metrics_port, settings.model)
         if http_port is not None:
-            log.info("OpenAI-compatible HTTP API on %s:%d", settings.http_host, http_port)
+            log.info(
+                "OpenAI-compatible HTTP API on %s:%d (at most %d connections; open-file limit %d)",
+                settings.http_host,
+                http_port,
+                settings.max_http_connections,
+                open_files,
+            )
         if calls.tracing.enabled:
             log.info("tracing: spans go to %s", settings.otlp_endpoint or "the OTEL_EXPORTER_OTLP_* endpoint")
         return cls(

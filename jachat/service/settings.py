@@ -125,6 +125,13 @@ class Settings:
             "x-jachat-timeout header, in seconds); past it the call gets 504"
         ),
     )
+    max_http_connections: int = field(
+        default=1024,
+        metadata=_opt(
+            "HTTP connections open at once; one more is closed as soon as it is accepted (the soft open-file limit "
+            "is raised to the hard one at start-up, so this cap decides, not the limit)"
+        ),
+    )
     otlp_endpoint: str = field(
         default="",
         metadata=_opt(

@@ -6,8 +6,10 @@ tokens and tenants, the metrics (api="http") and traces. Why aiohttp: an asyncio
 of an existing loop (grpc.aio's), with streaming responses and client-disconnect cancellation built in, and no
 framework or ASGI server on top; it is the `http` extra, so a gRPC-only deployment does not carry it.
 
-Bounds, as gRPC's: bodies up to 4 MiB (413 above), read within 30 s (400 after), parsed and converted off the
-event loop above 64 KiB; at most --max-concurrent-rpcs HTTP calls at once (429 beyond); every call ends by
+Bounds, as gRPC's: bodies up to 4 MiB (413 above, also once inflated), read within 30 s (400 after), gzip or
+deflate inflated by us off the event loop (body.py), parsed and converted off the event loop above 64 KiB; at most
+--max-http-connections connections (connections.py) and --max-concurrent-rpcs HTTP calls at once (429 beyond);
+an idle keep-alive connection is closed after 15 s, and a body a route does not read is never read; every call ends by
 --http-request-timeout-seconds, or sooner with the caller's `x-jachat-timeout` (504); a stream whose client reads
 nothing for --stream-write-timeout-seconds is ended; a client that disconnects cancels its call, and its sequence
 stops.
@@ -29,6 +31,8 @@ from aiohttp import web
 from jachat.service.domain.errors import FieldViolation, InvalidRequest, Kind, Overloaded, WriteStalled
 from jachat.service.domain.results import Completion
 from jachat.service.edge.calls import Call, Calls, Opening, messages, whole, write_within
+from jachat.service.edge.http.body import MAX_BODY_BYTES, read_body
+from jachat.service.edge.http.connections import KEEPALIVE_SECONDS, Admission
 from jachat.service.edge.http.openai_request import CompletionRequest, parse_json, parse_request, spell, unknown_model
 from jachat.service.edge.http.openai_response import (
     FINISH_REASONS,
@@ -40,14 +44,12 @@ from jachat.service.edge.http.openai_response import (
     models_body,
     usage_chunk,
 )
-from jachat.service.edge.http.status import BodyTooLarge, HttpError, to_http
+from jachat.service.edge.http.status import HttpError, to_http
 from jachat.service.edge.identity import REQUEST_ID_HEADER, tenant_from_user
 from jachat.service.engine.preparation import PreparedRequest
 
 log = logging.getLogger("jachat.http")
 
-MAX_BODY_BYTES = 4 * 1024 * 1024
-BODY_READ_TIMEOUT = 30.0
 TIMEOUT_HEADER = "x-jachat-timeout"
 PARSE_OFF_LOOP_BYTES = 64 * 1024  # larger bodies are parsed and converted on the preparation pool, not the loop
 
@@ -59,7 +61,14 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
 
 
 class HttpApi:
-    def __init__(self, calls: Calls, max_calls: int, request_timeout: float, stream_write_timeout: float) -> None:
+    def __init__(
+        self,
+        calls: Calls,
+        max_calls: int,
+        request_timeout: float,
+        stream_write_timeout: float,
+        max_connections: int = 1024,
+    ) -> None:
         self.calls = calls
         self.max_calls, self.request_timeout = max_calls, request_timeout
         self.stream_write_timeout = stream_write_timeout
@@ -74,17 +83,34 @@ class HttpApi:
                 web.get("/health", self.health),
             ]
         )
-        # a client that disconnects cancels its handler, so its sequence stops at once
-        # (calls are drained before the runner stops, so its own wait for handlers is short)
-        self.runner = web.AppRunner(self.app, handler_cancellation=True, access_log=None, shutdown_timeout=2.0)
+        # A client that disconnects cancels its handler, so its sequence stops at once (calls are drained before the
+        # runner stops, so its own wait for handlers is short). aiohttp's own trust in the client is turned off: no
+        # inflating on the loop (body.py does it, bounded, off the loop), no lingering read of a body nobody asked
+        # for, and idle keep-alive connections closed after KEEPALIVE_SECONDS rather than an hour.
+        self.runner = web.AppRunner(
+            self.app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=2.0,
+            auto_decompress=False,
+            lingering_time=0.0,
+            keepalive_timeout=KEEPALIVE_SECONDS,
+        )
+        self.admission = Admission(max_connections)
+        self.listener: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
         await self.runner.setup()
-        site = web.TCPSite(self.runner, host, port, reuse_address=True)
-        await site.start()
-        return int(self.runner.addresses[0][1])
+        assert self.runner.server is not None
+        loop = asyncio.get_running_loop()
+        self.listener = await loop.create_server(
+            self.admission.protocol(self.runner.server), host, port, reuse_address=True, backlog=128
+        )
+        return int(self.listener.sockets[0].getsockname()[1])
 
     async def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
         await self.runner.cleanup()
 
     # ---- the frame of every call ----
@@ -138,20 +164,6 @@ class HttpApi:
             raise InvalidRequest([FieldViolation((TIMEOUT_HEADER,), f"is {text[:32]!r}; must be seconds, above 0")])
         return min(asked, self.request_timeout)
 
-    async def _read(self, request: web.Request) -> bytes:
-        too_large = BodyTooLarge([FieldViolation(("body",), f"the body is over {MAX_BODY_BYTES} bytes")])
-        if (request.content_length or 0) > MAX_BODY_BYTES:  # refused before reading it (a chunked one: while)
-            raise too_large
-        try:
-            data = await asyncio.wait_for(request.read(), BODY_READ_TIMEOUT)
-        except asyncio.TimeoutError:  # a client that trickles its body holds a connection, not the server
-            raise InvalidRequest(
-                [FieldViolation(("body",), f"not received within {BODY_READ_TIMEOUT:g} s of the headers")]
-            ) from None
-        except web.HTTPRequestEntityTooLarge:
-            raise too_large from None
-        return data
-
     # ---- routes ----
 
     async def health(self, request: web.Request) -> web.Response:
@@ -179,8 +191,8 @@ class HttpApi:
 
     async def _complete(self, request: web.Request, call: Call) -> web.StreamResponse:
         timeout = self._timeout(request)
-        data = await self._read(request)
         engine = self.calls.engine()
+        data = await read_body(request, engine.offload)
         info = engine.info
 
         def convert() -> CompletionRequest:

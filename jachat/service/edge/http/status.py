@@ -23,6 +23,7 @@ _OPENAI_ERRORS = {  # HTTP status -> (error.type, error.code)
     401: ("invalid_request_error", "invalid_api_key"),
     404: ("invalid_request_error", "model_not_found"),
     413: ("invalid_request_error", "request_too_large"),
+    415: ("invalid_request_error", "unsupported_content_encoding"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
     500: ("server_error", None),
     503: ("server_error", "service_unavailable"),
@@ -32,6 +33,10 @@ _OPENAI_ERRORS = {  # HTTP status -> (error.type, error.code)
 
 class BodyTooLarge(InvalidRequest):
     """A body over the limit: 413 here (an invalid request in the metrics)."""
+
+
+class UnsupportedEncoding(InvalidRequest):
+    """A Content-Encoding other than gzip or deflate: 415 here (an invalid request in the metrics)."""
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,7 @@ def to_http(exc: BaseException, spell: Callable[[FieldPath], str] = dotted) -> H
         return HttpError(500, Kind.INTERNAL, "internal error")
     if isinstance(exc, InvalidRequest):
         param = spell(exc.violations[0].path) if exc.violations else None
-        return HttpError(413 if isinstance(exc, BodyTooLarge) else 400, exc.kind, message(exc.violations, spell), param)
+        status = 413 if isinstance(exc, BodyTooLarge) else 415 if isinstance(exc, UnsupportedEncoding) else 400
+        return HttpError(status, exc.kind, message(exc.violations, spell), param)
     retry = max(1, math.ceil(exc.retry_after)) if isinstance(exc, Overloaded) else None
     return HttpError(STATUSES.get(exc.kind, 500), exc.kind, str(exc), retry_after=retry)
