@@ -158,3 +158,25 @@ def test_tracing_is_off_unless_configured_and_says_what_it_needs() -> None:
     on = configure(None, {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://127.0.0.1:9"})
     assert on.enabled
     on.shutdown()
+
+
+def test_a_collector_that_never_answers_does_not_hold_the_shutdown(model_f32: Path) -> None:
+    """A black-holed collector (it accepts connections and says nothing): the drain waits at most 5 s for the last
+    spans, then drops them and says so. The SDK alone waits for its exporter (30 s measured in the issue), which
+    breaks the manifests' 45 s termination budget once calls use their grace."""
+    import socket
+
+    from tests.servers import start
+
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)  # never accepted: the kernel completes the handshake, then nothing ever answers
+        endpoint = f"http://127.0.0.1:{hole.getsockname()[1]}"
+        server = start(model_f32, "--otlp-endpoint", endpoint, process=True)
+        with server.channel() as channel:  # one call, so a span waits in the batch processor's buffer
+            server.stub(channel).Generate(
+                chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(2)), timeout=30
+            )
+        code = server.stop(timeout=20)  # 4 x the bound; a kill (not a clean exit) after that
+    assert code == 0
+    assert any("last spans dropped" in line for line in server.log), list(server.log)[-5:]

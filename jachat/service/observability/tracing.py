@@ -16,6 +16,8 @@ SDK and exporter are the `tracing` extra.
 from __future__ import annotations
 
 import contextlib
+import logging
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from importlib import metadata
@@ -29,6 +31,8 @@ from jachat.service.domain.results import Completion
 __all__ = ["Span", "Tracing", "configure"]
 
 _ENDPOINT_VARIABLES = ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT")
+SHUTDOWN_SECONDS = 5.0  # the most the drain waits for the last spans to be exported
+log = logging.getLogger("jachat.tracing")
 
 
 class Tracing:
@@ -105,10 +109,19 @@ class Tracing:
             span.set_status(Status(StatusCode.ERROR, f"{code}: {error}"))
         span.end()
 
-    def shutdown(self) -> None:
-        """Export what is still buffered (at the end of the drain)."""
-        if self._shutdown is not None:
-            self._shutdown()
+    def shutdown(self, timeout: float = SHUTDOWN_SECONDS) -> bool:
+        """Export what is still buffered (at the end of the drain), for at most `timeout` seconds: a collector that
+        does not answer must not hold the pod past its termination grace (the SDK would wait 30 s). Returns whether
+        the spans went out; if not, they are dropped and the log says so."""
+        if self._shutdown is None:
+            return True
+        exporting = threading.Thread(target=self._shutdown, name="jachat-trace-shutdown", daemon=True)
+        exporting.start()
+        exporting.join(timeout)
+        if exporting.is_alive():
+            log.warning("traces: the collector took nothing within %g s at shutdown; last spans dropped", timeout)
+            return False
+        return True
 
 
 def _wall_ns(monotonic: float) -> int:
@@ -135,7 +148,8 @@ def configure(endpoint: str | None, environ: Mapping[str, str]) -> Tracing:
     defaults: dict[str, Any] = {SERVICE_NAME: "jachat", SERVICE_VERSION: _version()}
     if environ.get("OTEL_SERVICE_NAME"):
         defaults[SERVICE_NAME] = environ["OTEL_SERVICE_NAME"]
-    provider = TracerProvider(resource=Resource.create(defaults))
+    # shut down by the drain, within SHUTDOWN_SECONDS (not again at exit, where the SDK would wait on the collector)
+    provider = TracerProvider(resource=Resource.create(defaults), shutdown_on_exit=False)
     # the exporter reads the other OTEL_EXPORTER_OTLP_* variables (headers, TLS, timeout) itself
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=configured)))
     return Tracing(provider.get_tracer("jachat", _version()), provider.shutdown)
