@@ -287,3 +287,41 @@ def test_token_file_rules_scheme_comments_and_a_vanishing_file(
     _touch(tokens, "secret-three\n")  # a good file again is taken at once
     assert tenant("Bearer secret-three") is not None
     assert tenant("Bearer secret-one") is None
+
+
+def test_the_http_port_speaks_tls_whenever_grpc_does(model_f32: Path, tmp_path: Path, ca: Authority) -> None:
+    """The bearer tokens are the same on both ports: with --tls-cert the HTTP API is HTTPS (the openai SDK over
+    https), plain HTTP is refused, a rotated certificate is served to new connections without a restart, and
+    --http-plaintext is the explicit way out (TLS terminated in front)."""
+    import ssl
+
+    import httpx2 as httpx  # the openai SDK's own HTTP client
+    import openai
+
+    cert, key = write_server_files(tmp_path, ca)
+    authority = tmp_path / "ca.pem"
+    authority.write_bytes(ca.pem)
+    flags = ("--tls-cert", str(cert), "--tls-key", str(key), "--http-host", "127.0.0.1", "--http-port", "0")
+    with serving(model_f32, *flags) as server:
+        assert server.http_port is not None
+        base = f"https://localhost:{server.http_port}/v1"
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(authority))) as https:
+            sdk = openai.OpenAI(base_url=base, api_key="-", http_client=https, max_retries=0)
+            model = sdk.models.list().data[0].id
+            reply = sdk.chat.completions.create(
+                model=model, messages=[{"role": "user", "content": "やあ"}], max_tokens=2
+            )
+            assert reply.usage is not None and reply.usage.completion_tokens == 2
+        with pytest.raises(httpx.HTTPError):  # plain HTTP on the TLS port: no answer
+            httpx.get(f"http://127.0.0.1:{server.http_port}/health", timeout=10)
+        rotated = Authority("rotated CA")
+        stamps = {p: p.stat().st_mtime_ns for p in (cert, key)}
+        write_server_files(tmp_path, rotated)
+        for path, before in stamps.items():
+            os.utime(path, ns=(before + 1_000_000, before + 1_000_000))
+        fresh = tmp_path / "rotated.pem"
+        fresh.write_bytes(rotated.pem)
+        with httpx.Client(verify=ssl.create_default_context(cafile=str(fresh))) as https:
+            assert https.get(f"https://localhost:{server.http_port}/health", timeout=10).status_code == 200
+    with serving(model_f32, *flags, "--http-plaintext", "true") as behind_a_proxy:
+        assert httpx.get(f"http://127.0.0.1:{behind_a_proxy.http_port}/health", timeout=10).status_code == 200

@@ -101,17 +101,23 @@ def security(
 
 
 def http_api(settings: Settings, calls: Calls) -> HttpApi:
-    """The HTTP API (the http extra: aiohttp), sharing the calls, limits and tokens of gRPC."""
+    """The HTTP API (the http extra: aiohttp), sharing the calls, limits, tokens and TLS files of gRPC: encrypted
+    whenever gRPC is, unless --http-plaintext says something in front terminates TLS."""
     try:
         from jachat.service.edge.http.api import HttpApi
+        from jachat.service.edge.http.tls import ReloadingTLS
     except ImportError as exc:
         raise ValueError(f"--http-port needs the http extra: pip install 'jachat[http]' ({exc})") from None
+    tls = None
+    if settings.tls_cert is not None and settings.tls_key is not None and not settings.http_plaintext:
+        tls = ReloadingTLS(settings.tls_cert, settings.tls_key, settings.tls_client_ca)
     return HttpApi(
         calls,
         settings.max_concurrent_rpcs,
         settings.http_request_timeout_seconds,
         settings.stream_write_timeout_seconds,
         settings.max_http_connections,
+        tls,
     )
 
 
@@ -161,7 +167,7 @@ class Service:
         servicer = ChatServicer(calls, settings.stream_write_timeout_seconds, MAX_MESSAGE_BYTES)
         health_servicer = HealthServicer(settings.max_health_watchers)
         await set_serving(health_servicer, False)
-        credentials, interceptors = security(settings, metrics, tokens)
+        credentials, interceptors = security(settings, metrics, tokens)  # checks the TLS flags first
         http = None if settings.http_port < 0 else http_api(settings, calls)  # every port flag: 0 free, -1 off
         server, port = create_server(
             f"{settings.host}:{settings.port}",
@@ -182,7 +188,8 @@ class Service:
         log.info("listening on %s:%d (metrics on %s), loading %s", settings.host, port, metrics_port, settings.model)
         if http_port is not None:
             log.info(
-                "OpenAI-compatible HTTP API on %s:%d (at most %d connections; open-file limit %d)",
+                "OpenAI-compatible HTTP API on %s://%s:%d (at most %d connections; open-file limit %d)",
+                "http" if http is None or http.tls is None else "https",
                 settings.http_host,
                 http_port,
                 settings.max_http_connections,

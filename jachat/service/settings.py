@@ -144,6 +144,13 @@ class Settings:
     tls_client_ca: Path | None = field(
         default=None, metadata=_opt("PEM CA bundle: require client certificates signed by it (mutual TLS)")
     )
+    http_plaintext: bool = field(
+        default=False,
+        metadata=_opt(
+            "serve the HTTP API without TLS even when --tls-cert is set (only where something in front of it "
+            "terminates TLS: the bearer tokens cross this port)"
+        ),
+    )
     auth_token_file: Path | None = field(
         default=None,
         metadata=_opt("file of bearer tokens, one per line: calls (not health, reflection) must carry one"),

@@ -45,6 +45,7 @@ from jachat.service.edge.http.openai_response import (
     usage_chunk,
 )
 from jachat.service.edge.http.status import HttpError, to_http
+from jachat.service.edge.http.tls import ReloadingTLS
 from jachat.service.edge.identity import REQUEST_ID_HEADER, tenant_from_user
 from jachat.service.engine.preparation import PreparedRequest
 
@@ -68,8 +69,10 @@ class HttpApi:
         request_timeout: float,
         stream_write_timeout: float,
         max_connections: int = 1024,
+        tls: ReloadingTLS | None = None,
     ) -> None:
         self.calls = calls
+        self.tls = tls
         self.max_calls, self.request_timeout = max_calls, request_timeout
         self.stream_write_timeout = stream_write_timeout
         self.active = 0
@@ -104,7 +107,12 @@ class HttpApi:
         assert self.runner.server is not None
         loop = asyncio.get_running_loop()
         self.listener = await loop.create_server(
-            self.admission.protocol(self.runner.server), host, port, reuse_address=True, backlog=128
+            self.admission.protocol(self.runner.server),
+            host,
+            port,
+            reuse_address=True,
+            backlog=128,
+            ssl=None if self.tls is None else self.tls.context,
         )
         return int(self.listener.sockets[0].getsockname()[1])
 
