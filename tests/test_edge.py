@@ -168,23 +168,17 @@ def _threads(pid: int) -> int:
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="counts threads through /proc")
 def test_idle_metrics_connections_cost_no_threads_and_scrapes_still_work(edge_server: ServerProcess) -> None:
+    """200 idle connections to /metrics: no thread each, at most 32 held (each newcomer displaces the one idle
+    longest), and a scrape made while they all stay open is answered (32 of them used to fail every scrape)."""
     pid = edge_server.process.pid
     before = _threads(pid)
     idle = [socket.create_connection(("127.0.0.1", edge_server.metrics_port)) for _ in range(200)]
     try:
-        # the server has taken every connection once it has closed all those beyond its cap of 32
-        wait_until(lambda: sum(_closed_by_peer(s) for s in idle) >= 200 - 32, "the connections beyond the cap closed")
+        # the server has taken every connection once it holds no more than its 32 places
+        wait_until(lambda: sum(_closed_by_peer(s) for s in idle) >= 200 - 32, "all but 32 displaced")
         assert _threads(pid) <= before + 2, "a thread per connection"
-        for s in idle[:32]:  # the ones beyond the cap were closed at once; free some places
-            s.close()
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                assert "jachat_event_loop_lag_seconds_count" in "".join(edge_server.scrape())
-                break
-            except OSError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+        for _ in range(3):  # with all 200 still open on our side
+            assert "jachat_event_loop_lag_seconds_count" in "".join(edge_server.scrape())
     finally:
         for s in idle:
             s.close()

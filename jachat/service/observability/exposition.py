@@ -1,8 +1,10 @@
 """The Prometheus /metrics endpoint, served on the event loop.
 
 prometheus-client's own server starts a thread per connection, so idle connections cost threads without bound. This
-one is a few coroutines: at most `max_connections` at once (others are closed at once), each with `timeout` seconds
-to send its request (bounded in size), one response, then the connection closes.
+one is a few coroutines: at most `max_connections` at once, each with `timeout` seconds to send its request (bounded
+in size), one response, then the connection closes. A connection that arrives when all places are taken takes the
+place of the one that has waited longest without sending its request (a scraper sends at once): idle connections
+cannot lock the scrapes out; only when every place is busy answering is the newcomer closed.
 """
 
 from __future__ import annotations
@@ -22,6 +24,9 @@ class MetricsEndpoint:
         self.max_connections = max_connections
         self.timeout = timeout
         self.connections = 0
+        # connections still waiting for their request, oldest first: the ones a newcomer may displace
+        self._waiting: dict[int, asyncio.StreamWriter] = {}
+        self._displaced: set[int] = set()
         self._server: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -36,13 +41,25 @@ class MetricsEndpoint:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 1.0)
 
+    def _displace_oldest_waiting(self) -> bool:
+        if not self._waiting:
+            return False
+        key = next(iter(self._waiting))
+        self._waiting.pop(key).close()
+        self._displaced.add(key)
+        self.connections -= 1
+        return True
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.connections >= self.max_connections:
+        if self.connections >= self.max_connections and not self._displace_oldest_waiting():
             writer.close()
             return
         self.connections += 1
+        key = id(writer)
+        self._waiting[key] = writer
         try:
             status, body, content_type = await asyncio.wait_for(self._respond(reader), self.timeout)
+            self._waiting.pop(key, None)
             head = (
                 f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
                 "Connection: close\r\n\r\n"
@@ -52,7 +69,11 @@ class MetricsEndpoint:
         except (asyncio.TimeoutError, ConnectionError, asyncio.LimitOverrunError, asyncio.IncompleteReadError):
             pass  # a slow, oversized or vanished client: just close
         finally:
-            self.connections -= 1
+            self._waiting.pop(key, None)
+            if key in self._displaced:
+                self._displaced.discard(key)  # its place was counted free when it was displaced
+            else:
+                self.connections -= 1
             writer.close()
 
     async def _respond(self, reader: asyncio.StreamReader) -> tuple[str, bytes, str]:
