@@ -631,3 +631,34 @@ def test_connections_beyond_the_cap_are_closed_at_once_and_the_rest_are_served(m
         finally:
             for connection in idle:
                 connection.close()
+
+
+def test_a_stream_nobody_reads_is_hung_up_on_even_when_it_fits_in_the_buffers(model_f32: Path) -> None:
+    """A reply small enough for the socket buffers never blocks a write, so it used to be recorded OK and kept,
+    unread, in the server's kernel memory for as long as the connection lived. Written is not delivered: the
+    client must take it within --stream-write-timeout-seconds, or the call is DEADLINE_EXCEEDED and the
+    connection is reset."""
+    with serving(model_f32, "--stream-write-timeout-seconds", "1", *http_flags()) as server:
+        assert server.http_port is not None
+        body = {
+            "model": model_id(server),
+            "messages": [{"role": "user", "content": "長く"}],
+            "stream": True,
+            "max_tokens": 300,
+            "min_tokens": 300,
+        }
+        data = json.dumps(body).encode()
+        head = (
+            f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(data)}"
+        ).encode()
+        before = server.scrape()
+        with socket.socket() as reader:
+            reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # a client that takes next to nothing
+            reader.connect(("127.0.0.1", server.http_port))
+            reader.sendall(head + b"\r\n\r\n" + data)
+            key = 'jachat_requests_total{api="http",code="DEADLINE_EXCEEDED",rpc="/v1/chat/completions"}'
+            wait_until(lambda: server.scrape().get(key, 0.0) > before.get(key, 0.0), "the unread stream ended")
+            ok = 'jachat_requests_total{api="http",code="OK",rpc="/v1/chat/completions"}'
+            assert server.scrape().get(ok, 0.0) == before.get(ok, 0.0)
+            assert server.scrape()["jachat_running_requests"] == 0

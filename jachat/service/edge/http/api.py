@@ -32,7 +32,7 @@ from jachat.service.domain.errors import FieldViolation, InvalidRequest, Kind, O
 from jachat.service.domain.results import Completion
 from jachat.service.edge.calls import Call, Calls, Opening, messages, whole, write_within
 from jachat.service.edge.http.body import MAX_BODY_BYTES, read_body
-from jachat.service.edge.http.connections import KEEPALIVE_SECONDS, Admission
+from jachat.service.edge.http.connections import KEEPALIVE_SECONDS, Admission, delivered
 from jachat.service.edge.http.openai_request import CompletionRequest, parse_json, parse_request, spell, unknown_model
 from jachat.service.edge.http.openai_response import (
     FINISH_REASONS,
@@ -250,7 +250,7 @@ class HttpApi:
         except WriteStalled as exc:  # nothing more can reach this client, not even an error: hang up
             self.calls.end(call, exc.kind, str(exc))
             if request.transport is not None:
-                request.transport.close()
+                request.transport.abort()  # a reset frees what is buffered for it at once
             return response
         except ConnectionResetError:  # the client went away mid-reply: a cancellation (its sequence stops)
             self.calls.end(call, Kind.CANCELLED)
@@ -269,6 +269,13 @@ class HttpApi:
         with contextlib.suppress(ConnectionResetError):
             await self._write(response, b"data: [DONE]\n\n")
             await response.write_eof()
+        # Written is not read: a whole reply fits in the socket buffers, where a client that reads nothing would leave
+        # it (kernel memory, for as long as the connection lives). It must be taken within the write timeout too.
+        transport = request.transport
+        if transport is not None and not await delivered(transport, self.stream_write_timeout):
+            transport.abort()
+            stalled = f"the client read nothing for {self.stream_write_timeout:g} s; the stream was ended"
+            self.calls.end(call, Kind.DEADLINE, stalled)
         return response
 
     async def _send(self, response: web.StreamResponse, body: dict[str, Any]) -> None:

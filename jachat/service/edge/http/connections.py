@@ -10,7 +10,11 @@ open-file limit to its hard limit at start-up (server.raise_open_file_limit), so
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import fcntl
 import logging
+import struct
+import termios
 from collections.abc import Callable
 from typing import Any
 
@@ -71,3 +75,27 @@ class _Admitted(asyncio.Protocol):
     def resume_writing(self) -> None:
         if self.inner is not None:
             self.inner.resume_writing()
+
+
+def unsent(transport: asyncio.BaseTransport) -> int:
+    """Bytes written to this connection that its client has not taken yet: the transport's own buffer and the
+    kernel's send queue (unacknowledged bytes: SIOCOUTQ). A client that reads nothing leaves them there."""
+    pending = transport.get_write_buffer_size() if isinstance(transport, asyncio.WriteTransport) else 0
+    sock = transport.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):  # closed meanwhile: nothing more will be sent
+            pending += struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+    return pending
+
+
+async def delivered(transport: asyncio.BaseTransport, seconds: float) -> bool:
+    """Whether the client takes everything written within `seconds` (checked quickly at first, then every 50 ms)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    pause = 0.001
+    while unsent(transport) > 0:
+        if loop.time() >= deadline:
+            return False
+        await asyncio.sleep(pause)
+        pause = min(pause * 2, 0.05)
+    return True
