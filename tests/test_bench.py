@@ -128,6 +128,7 @@ def test_the_open_loop_keeps_at_most_the_concurrency_in_flight(server: InProcess
 def test_bench_fairness_reports_both_floods(model_f32: Path, tmp_path: Path) -> None:
     output = tmp_path / "fairness.json"
     command = ["jachat-bench", "fairness", "--model", str(model_f32), "--flood", "6", "--few", "2", "--tokens", "8"]
+    command += ["--promotion", "0.5"]
     result = subprocess.run([*command, "-o", str(output)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     report = json.loads(output.read_text())["fairness"]
@@ -142,6 +143,9 @@ def test_bench_fairness_reports_both_floods(model_f32: Path, tmp_path: Path) -> 
         }
         assert all(value > 0 for value in figures.values())
     assert "tenant B under tenant A's flood" in result.stdout and "interactive under a batch flood" in result.stdout
+    starved = report["starvation"]  # the batch call got its first token while the interactive load went on
+    assert starved["promotion_s"] == 0.5 and starved["batch_ttft_s"] > 0 and starved["interactive_calls"] > 6
+    assert "a batch call under interactive load" in result.stdout
 
 
 @pytest.mark.slow

@@ -662,3 +662,68 @@ def test_a_stream_nobody_reads_is_hung_up_on_even_when_it_fits_in_the_buffers(mo
             ok = 'jachat_requests_total{api="http",code="OK",rpc="/v1/chat/completions"}'
             assert server.scrape().get(ok, 0.0) == before.get(ok, 0.0)
             assert server.scrape()["jachat_running_requests"] == 0
+
+
+def test_slow_bodies_hold_no_call_slot(model_f32: Path) -> None:
+    """Clients that send headers and then trickle their bodies used to hold the HTTP call slots: every other chat
+    call got 429 for as long as they kept it up. A call now takes its slot once its body is in."""
+    with serving(model_f32, "--max-concurrent-rpcs", "4", *http_flags()) as server:
+        assert server.http_port is not None
+        head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 999"
+        slow = []
+        try:
+            for _ in range(6):  # more than the 4 slots: each sends its headers and one byte, then nothing
+                connection = socket.create_connection(("127.0.0.1", server.http_port))
+                connection.sendall(head + b"\r\n\r\n{")
+                slow.append(connection)
+            call = {"model": model_id(server), "messages": [{"role": "user", "content": "やあ"}], "max_tokens": 2}
+            status, _, answer = request(server, "POST", "/v1/chat/completions", call)
+            assert status == 200, answer
+        finally:
+            for connection in slow:
+                connection.close()
+
+
+def test_one_peer_holds_at_most_its_share_of_the_connections(model_f32: Path) -> None:
+    """One address cannot take every place (--max-http-connections-per-peer; a quarter of the cap by default)."""
+    flags = ("--max-http-connections", "32", "--max-http-connections-per-peer", "6")
+    with serving(model_f32, *flags, *http_flags()) as server:
+        assert server.http_port is not None
+        held = [socket.create_connection(("127.0.0.1", server.http_port)) for _ in range(6)]
+        extra = socket.create_connection(("127.0.0.1", server.http_port))
+        try:
+            wait_until(lambda: _closed_by_server(extra), "the connection beyond the peer's share closed")
+            assert not any(_closed_by_server(c) for c in held)
+        finally:
+            for connection in (*held, extra):
+                connection.close()
+
+
+def test_expect_100_continue_is_not_said_to_a_body_over_the_limit_or_a_stranger(
+    model_f32: Path, tmp_path: Path
+) -> None:
+    """aiohttp answered 100 Continue to anyone, so a 5 MiB upload was invited before its 413; a caller without a
+    token too. Now each is answered at once, in OpenAI's shape; a good caller is still invited."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("team-a secret-a\n")
+    with serving(model_f32, "--auth-token-file", str(tokens), *http_flags()) as guarded:
+        assert guarded.http_port is not None
+        start = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\n"
+        big = _raw(guarded.http_port, start + b"Authorization: Bearer secret-a\r\nContent-Length: 5000000")
+        assert big.startswith(b"HTTP/1.1 413 ") and b"request_too_large" in big, big[:200]
+        stranger = _raw(guarded.http_port, start + b"Content-Length: 10")
+        assert stranger.startswith(b"HTTP/1.1 401 ") and b"invalid_api_key" in stranger, stranger[:200]
+        invited = _raw(guarded.http_port, start + b"Authorization: Bearer secret-a\r\nContent-Length: 10")
+        assert invited.startswith(b"HTTP/1.1 100 Continue"), invited[:200]
+
+
+def test_a_malformed_request_is_refused_in_one_log_line_without_a_traceback(
+    server: Server, caplog: pytest.LogCaptureFixture
+) -> None:
+    assert server.http_port is not None
+    with caplog.at_level("INFO", logger="aiohttp.server"):
+        reply = _raw(server.http_port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: a\x00b")
+        assert reply.startswith(b"HTTP/1.") and b" 400 " in reply[:20]
+        wait_until(lambda: any("malformed HTTP request" in r.getMessage() for r in caplog.records), "its log line")
+    records = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert records and all(r.levelname == "WARNING" and not r.exc_info for r in records)

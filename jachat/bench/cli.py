@@ -52,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--clients", type=int, default=4, help="abuse: clients sending worst-case requests")
     parser.add_argument("--flood", type=int, default=48, help="fairness: calls of the flooding tenant (or priority)")
     parser.add_argument("--few", type=int, default=4, help="fairness: calls of the light tenant (or interactive)")
+    parser.add_argument(
+        "--promotion", type=float, default=2.0, help="fairness: the server's --batch-promotion-seconds (aging)"
+    )
     parser.add_argument("--rates", help="sweep: offered calls/s, comma-separated (default: rising until saturation)")
     parser.add_argument("--start-rate", type=float, default=1.0, help="sweep: the first rate (calls/s)")
     parser.add_argument("--rate-factor", type=float, default=1.5, help="sweep: each rate is the last times this")
@@ -96,7 +99,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.mode == "fairness":
         from jachat.bench.fairness import fairness_main
 
-        return fairness_main(args.model, args.flood, args.few, args.tokens, args.serve_arg, args.output, meta)
+        return fairness_main(
+            args.model, args.flood, args.few, args.tokens, args.serve_arg, args.output, meta, args.promotion
+        )
     if args.mode == "abuse":
         from jachat.bench.abuse import abuse_main
 

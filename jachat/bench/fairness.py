@@ -3,7 +3,10 @@
 On a fresh server: the light tenant's calls alone (its TTFT at rest), then tenant A floods `flood` calls and tenant
 B sends `few` just after (B's TTFT under the flood, against A's); then the same with priorities: `flood` batch calls,
 then `few` interactive ones. With a fair scheduler the light calls start within about one batch of their arrival;
-first-come-first-served would put them behind the whole flood.
+first-come-first-served would put them behind the whole flood. Last, starvation: tenant A keeps `flood`
+interactive calls in flight (each replaced as it ends) while tenant B sends one batch call; with the server's aging
+(`--batch-promotion-seconds`, `promotion` here) B's first token comes after about that long plus one batch, where
+strict priority would make it wait for as long as A keeps up.
 """
 
 from __future__ import annotations
@@ -37,17 +40,40 @@ async def _ttft(stub: chat_pb2_grpc.ChatServiceAsyncStub, text: str, tokens: int
     return first if first is not None else time.perf_counter() - started
 
 
+STREAMS_PER_CHANNEL = 64  # well under the server's --max-streams-per-connection (128): no REFUSED_STREAM
+
+
+class _Channels:
+    """Enough connections for `calls` streams at once; stub(i) spreads them."""
+
+    def __init__(self, target: str, calls: int) -> None:
+        # a local subchannel pool each: grpc shares one connection between channels to the same target otherwise
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        count = calls // STREAMS_PER_CHANNEL + 1
+        self.channels = [grpc.aio.insecure_channel(target, options=options) for _ in range(count)]
+        self.stubs = [chat_pb2_grpc.ChatServiceStub(c) for c in self.channels]
+
+    def stub(self, i: int) -> chat_pb2_grpc.ChatServiceAsyncStub:
+        return self.stubs[i % len(self.stubs)]
+
+    async def close(self) -> None:
+        await asyncio.gather(*(c.close() for c in self.channels))
+
+
 async def _scenario(server: ServerProcess, flood: int, few: int, tokens: int, by_priority: bool) -> dict[str, Any]:
     batch, interactive = chat_pb2.PRIORITY_BATCH, chat_pb2.PRIORITY_INTERACTIVE
     heavy = ("a", batch if by_priority else interactive)
     light = ("b" if not by_priority else "a", interactive)
-    async with grpc.aio.insecure_channel(server.target) as channel:
-        stub = chat_pb2_grpc.ChatServiceStub(channel)
-        alone = [await _ttft(stub, f"一人{i}", tokens, light[0], light[1]) for i in range(few)]
-        flooding = [asyncio.ensure_future(_ttft(stub, f"大量{i}", tokens, *heavy)) for i in range(flood)]
+    channels = _Channels(server.target, flood + few)
+    try:
+        stub = channels.stub
+        alone = [await _ttft(stub(i), f"一人{i}", tokens, light[0], light[1]) for i in range(few)]
+        flooding = [asyncio.ensure_future(_ttft(stub(i), f"大量{i}", tokens, *heavy)) for i in range(flood)]
         await asyncio.sleep(0.2)  # the flood is queued
-        under = await asyncio.gather(*(_ttft(stub, f"少し{i}", tokens, *light) for i in range(few)))
+        under = await asyncio.gather(*(_ttft(stub(i), f"少し{i}", tokens, *light) for i in range(few)))
         heavy_ttft = await asyncio.gather(*flooding)
+    finally:
+        await channels.close()
     return {
         "light_alone_ttft_p50_s": percentile(alone, 0.5),
         "light_under_flood_ttft_p50_s": percentile(under, 0.5),
@@ -57,16 +83,70 @@ async def _scenario(server: ServerProcess, flood: int, few: int, tokens: int, by
     }
 
 
+async def _starvation(server: ServerProcess, inflight: int, tokens: int, load_seconds: float) -> dict[str, Any]:
+    """One batch call's TTFT while another tenant keeps `inflight` interactive calls running, for at most
+    `load_seconds` (or until the batch call has its reply): a starved call waits for the whole load."""
+    channels = _Channels(server.target, inflight + 1)
+    try:
+        stub = channels.stub
+        stop = asyncio.Event()
+        asyncio.get_running_loop().call_later(load_seconds, stop.set)
+        served: list[float] = []
+
+        async def keep_busy(i: int) -> None:
+            while not stop.is_set():
+                served.append(await _ttft(stub(i), f"常時{i}", tokens, "a", chat_pb2.PRIORITY_INTERACTIVE))
+
+        workers = [asyncio.ensure_future(keep_busy(i)) for i in range(inflight)]
+        await asyncio.sleep(0.2)  # the interactive load is running
+        waited = await _ttft(stub(inflight), "後回し", tokens, "b", chat_pb2.PRIORITY_BATCH)
+        stop.set()
+        await asyncio.gather(*workers)
+    finally:
+        await channels.close()
+    return {
+        "batch_ttft_s": waited,
+        "interactive_ttft_p50_s": percentile(served, 0.5),
+        "interactive_calls": len(served),
+        "load_seconds": load_seconds,
+    }
+
+
 def fairness_main(
-    model: Path, flood: int, few: int, tokens: int, serve_args: Sequence[str], output: Path | None, meta: dict[str, Any]
+    model: Path,
+    flood: int,
+    few: int,
+    tokens: int,
+    serve_args: Sequence[str],
+    output: Path | None,
+    meta: dict[str, Any],
+    promotion: float = 2.0,
 ) -> int:
-    server = spawn(model, "--device", "cpu", "--max-queued-per-tenant", str(flood + few), *serve_args)
+    server = spawn(
+        model,
+        "--device",
+        "cpu",
+        "--max-queued-per-tenant",
+        str(flood + few),
+        "--batch-promotion-seconds",
+        str(promotion),
+        *serve_args,
+    )
     try:
         tenants = asyncio.run(_scenario(server, flood, few, tokens, by_priority=False))
         priorities = asyncio.run(_scenario(server, flood, few, tokens, by_priority=True))
+        starvation = asyncio.run(_starvation(server, flood, tokens, max(5.0, 3 * promotion)))
     finally:
         server.stop()
-    result = {"tenants": tenants, "priorities": priorities, "flood": flood, "few": few, "tokens": tokens}
+    starvation["promotion_s"] = promotion
+    result = {
+        "tenants": tenants,
+        "priorities": priorities,
+        "starvation": starvation,
+        "flood": flood,
+        "few": few,
+        "tokens": tokens,
+    }
     for name, figures in (
         ("tenant B under tenant A's flood", tenants),
         ("interactive under a batch flood", priorities),
@@ -77,6 +157,11 @@ def fairness_main(
             f" (alone {ms['light_alone_ttft_p50_s']} ms); the flood's TTFT p50 {ms['flood_ttft_p50_s']} ms, max "
             f"{ms['flood_ttft_max_s']} ms"
         )
+    print(
+        f"{'a batch call under interactive load':<34} TTFT {round(starvation['batch_ttft_s'] * 1000)} ms "
+        f"({flood} interactive calls kept in flight by another tenant, {starvation['interactive_calls']} served "
+        f"meanwhile; promotion after {promotion:g} s; the load lasts at most {starvation['load_seconds']:g} s)"
+    )
     if output is not None:
         output.parent.mkdir(parents=True, exist_ok=True)
         output.write_text(json.dumps({"meta": meta, "fairness": result}, indent=2, ensure_ascii=False) + "\n")

@@ -118,6 +118,7 @@ def http_api(settings: Settings, calls: Calls) -> HttpApi:
         settings.stream_write_timeout_seconds,
         settings.max_http_connections,
         tls,
+        settings.max_http_connections_per_peer or None,
     )
 
 
@@ -227,6 +228,7 @@ class Service:
                 batch_idle=self.settings.batch_idle_ms / 1000,
                 max_queued=self.settings.max_queued_requests,
                 max_queued_per_tenant=self.settings.max_queued_per_tenant,
+                batch_promotion=self.settings.batch_promotion_seconds,
                 replicas=self.settings.replicas,
                 max_prompt_length_spread=self.settings.max_prompt_length_spread,
             ),

@@ -67,6 +67,13 @@ class Settings:
             "(0: auto, one per CPU core up to 4 on CPU, 1 on GPU)"
         ),
     )
+    batch_promotion_seconds: float = field(
+        default=10.0,
+        metadata=_opt(
+            "a batch call that has waited this long competes as an interactive one, so interactive load can delay "
+            "batch work but never starve it"
+        ),
+    )
     max_queued_per_tenant: int = field(
         default=64,
         metadata=_opt(
@@ -130,6 +137,13 @@ class Settings:
         metadata=_opt(
             "HTTP connections open at once; one more is closed as soon as it is accepted (the soft open-file limit "
             "is raised to the hard one at start-up, so this cap decides, not the limit)"
+        ),
+    )
+    max_http_connections_per_peer: int = field(
+        default=0,
+        metadata=_opt(
+            "HTTP connections one peer address may hold (0: a quarter of --max-http-connections), so one client "
+            "cannot take every place; behind a gateway, whose addresses are the peers, raise it"
         ),
     )
     otlp_endpoint: str = field(

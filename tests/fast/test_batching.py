@@ -465,6 +465,24 @@ def test_a_tenant_back_from_idle_gets_its_share_not_a_burst() -> None:
     assert order.served["c"] == 5000.0  # starts level with the least served active tenant
 
 
+def test_a_batch_call_that_has_waited_long_enough_competes_as_interactive() -> None:
+    """Strict priority starved batch work for ever under steady interactive load (a noisy tenant keeping 64
+    interactive calls in flight). With aging, a batch call that has waited `promote_after` seconds goes into the
+    interactive class, where its tenant (served little) takes the next place ahead of the flooding tenant."""
+    from jachat.service.engine.fairness import FairOrder
+
+    def call(tenant: str, priority: Priority, arrived: float) -> Any:
+        return SimpleNamespace(tenant=tenant, priority=priority, arrived=arrived, cost=100)
+
+    order = FairOrder(promote_after=10.0)
+    order.served = {"noisy": 50_000.0, "quiet": 40_000.0}
+    batch = call("quiet", Priority.BATCH, arrived=100.0)
+    flood = [call("noisy", Priority.INTERACTIVE, arrived=100.0 + i) for i in range(64)]
+    assert order.order([batch, *flood], now=105.0)[-1] is batch  # waited 5 s: interactive first, as ever
+    assert order.order([batch, *flood], now=110.0)[0] is batch  # waited 10 s: its tenant's fair share, now
+    assert FairOrder().order([batch, *flood], now=1e9)[-1] is batch  # no aging: strict priority
+
+
 def test_a_failed_batch_logs_a_line_per_call_with_its_request_id(
     tokenizer: Tokenizer, run: Callable[..., Any], caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -1,6 +1,9 @@
 """Who gets the next free place in a batch: priority first, then a fair share between tenants.
 
-- Interactive calls go before batch calls; within a priority, tenants share places fairly by tokens (start-time fair
+- Interactive calls go before batch calls, except that a batch call that has waited `promote_after` seconds
+  competes as an interactive one from then on (aging): however many interactive calls keep arriving, a batch call
+  waits at most that long plus about one batch for its place (its tenant's fair share among the interactive
+  tenants, typically the least served). Within a priority, tenants share places fairly by tokens (start-time fair
   queueing, an equivalent of deficit round robin): each tenant's *served* count grows by the cost of every request of
   its that starts (prompt tokens + max_new_tokens), and the next place goes to the tenant that has been served least;
   a tenant's own requests keep their arrival order. So a tenant that floods the queue does not delay another's few
@@ -14,6 +17,7 @@
 from __future__ import annotations
 
 import heapq
+import math
 from collections import deque
 from collections.abc import Iterable, Sequence
 
@@ -24,16 +28,17 @@ MAX_REMEMBERED = 1024
 
 
 class FairOrder:
-    def __init__(self) -> None:
+    def __init__(self, promote_after: float = math.inf) -> None:
         self.served: dict[str, float] = {}
+        self.promote_after = promote_after  # seconds a batch call waits before it competes as interactive
 
-    def order(self, waiting: Sequence[Generation]) -> list[Generation]:
-        """The waiting sequences in the order they get places."""
+    def order(self, waiting: Sequence[Generation], now: float) -> list[Generation]:
+        """The waiting sequences in the order they get places (`now`: time.monotonic(), for the aging)."""
         ordered: list[Generation] = []
         for priority in (Priority.INTERACTIVE, Priority.BATCH):
             queues: dict[str, deque[Generation]] = {}
             for gen in waiting:  # arrival order
-                if gen.priority is priority:
+                if self.competes_as(gen, now) is priority:
                     queues.setdefault(gen.tenant, deque()).append(gen)
             # a heap of (tenant's served tokens so far, its oldest call's arrival, tenant): O(n log tenants) on the
             # event loop, however many tenants a client invents
@@ -46,6 +51,11 @@ class FairOrder:
                 if queues[tenant]:
                     heapq.heappush(heap, (served + gen.cost, queues[tenant][0].arrived, tenant))
         return ordered
+
+    def competes_as(self, gen: Generation, now: float) -> Priority:
+        if gen.priority is Priority.BATCH and now - gen.arrived >= self.promote_after:
+            return Priority.INTERACTIVE
+        return gen.priority
 
     def arrived(self, gen: Generation, active: Iterable[str]) -> None:
         """A request arrived; `active`: the tenants with requests queued or running before it."""

@@ -13,6 +13,7 @@ class SchedulerOptions:
     batch_idle: float = 0.002  # a batch starts once no request has arrived for this long (s)
     max_queued: int = 256
     max_queued_per_tenant: int = 64  # one tenant cannot fill the queue
+    batch_promotion: float = 10.0  # a batch call that has waited this long (s) competes as an interactive one
     replicas: int = 1  # resolved: the engine turns 0 (auto) into a count
     max_prompt_length_spread: int = 64
 

@@ -85,7 +85,7 @@ class Scheduler:
         self._batches: list[list[Generation]] = []
         self._running_lock = threading.Lock()
         self._batch_seconds = 1.0  # running estimate of a batch's duration, for Retry-After
-        self.fair = FairOrder()
+        self.fair = FairOrder(options.batch_promotion)
         self._last_arrival = 0.0
 
     def _ensure_started(self) -> None:
@@ -206,8 +206,9 @@ class Scheduler:
         self._queue_changed()
 
     def _waiting(self) -> list[Generation]:
-        """Waiting sequences in the order they get places: interactive first, tenants' fair shares within each."""
-        return self.fair.order(self.pending)
+        """Waiting sequences in the order they get places: interactive first (and batch calls that have waited
+        too long), tenants' fair shares within each."""
+        return self.fair.order(self.pending, time.monotonic())
 
     def _compatible(self, waiting: list[Generation]) -> list[Generation]:
         """The batch `waiting[0]` heads: the waiting sequences after it, in order, that can share its call."""

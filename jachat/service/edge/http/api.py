@@ -8,7 +8,8 @@ framework or ASGI server on top; it is the `http` extra, so a gRPC-only deployme
 
 Bounds, as gRPC's: bodies up to 4 MiB (413 above, also once inflated), read within 30 s (400 after), gzip or
 deflate inflated by us off the event loop (body.py), parsed and converted off the event loop above 64 KiB; at most
---max-http-connections connections (connections.py) and --max-concurrent-rpcs HTTP calls at once (429 beyond);
+--max-http-connections connections, a quarter per peer (connections.py), and --max-concurrent-rpcs HTTP calls at
+once, each taking its place once its body is in (429 beyond);
 an idle keep-alive connection is closed after 15 s, and a body a route does not read is never read; every call ends by
 --http-request-timeout-seconds, or sooner with the caller's `x-jachat-timeout` (504); a stream whose client reads
 nothing for --stream-write-timeout-seconds is ended; a client that disconnects cancels its call, and its sequence
@@ -23,16 +24,16 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from aiohttp import web
+from aiohttp import HttpVersion11, web
 
-from jachat.service.domain.errors import FieldViolation, InvalidRequest, Kind, Overloaded, WriteStalled
+from jachat.service.domain.errors import FieldViolation, InvalidRequest, Kind, Overloaded, Unauthenticated, WriteStalled
 from jachat.service.domain.results import Completion
 from jachat.service.edge.calls import Call, Calls, Opening, messages, whole, write_within
-from jachat.service.edge.http.body import MAX_BODY_BYTES, read_body
-from jachat.service.edge.http.connections import KEEPALIVE_SECONDS, Admission, delivered
+from jachat.service.edge.http.body import MAX_BODY_BYTES, read_body, too_large
+from jachat.service.edge.http.connections import KEEPALIVE_SECONDS, Admission, MalformedRequestLog, delivered
 from jachat.service.edge.http.openai_request import CompletionRequest, parse_json, parse_request, spell, unknown_model
 from jachat.service.edge.http.openai_response import (
     FINISH_REASONS,
@@ -70,6 +71,7 @@ class HttpApi:
         stream_write_timeout: float,
         max_connections: int = 1024,
         tls: ReloadingTLS | None = None,
+        max_connections_per_peer: int | None = None,
     ) -> None:
         self.calls = calls
         self.tls = tls
@@ -80,7 +82,7 @@ class HttpApi:
         self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors])
         self.app.add_routes(
             [
-                web.post("/v1/chat/completions", self.chat_completions),
+                web.post("/v1/chat/completions", self.chat_completions, expect_handler=self._expect),
                 web.get("/v1/models", self.models),
                 web.get("/v1/models/{model:.+}", self.model),
                 web.get("/health", self.health),
@@ -99,7 +101,9 @@ class HttpApi:
             lingering_time=0.0,
             keepalive_timeout=KEEPALIVE_SECONDS,
         )
-        self.admission = Admission(max_connections)
+        self.admission = Admission(max_connections, max_connections_per_peer)
+        if not any(isinstance(f, MalformedRequestLog) for f in logging.getLogger("aiohttp.server").filters):
+            logging.getLogger("aiohttp.server").addFilter(MalformedRequestLog())
         self.listener: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -141,13 +145,7 @@ class HttpApi:
         )
 
         async def run(call: Call) -> web.StreamResponse:
-            self.active += 1
-            try:
-                if self.active > self.max_calls:
-                    raise Overloaded(f"{self.max_calls} HTTP calls are in progress; retry shortly", 1.0)
-                response = await work(call)
-            finally:
-                self.active -= 1
+            response = await work(call)
             response.headers.setdefault(REQUEST_ID_HEADER, call.request_id)
             return response
 
@@ -156,6 +154,18 @@ class HttpApi:
             return json_response(error.body(), error.status, {REQUEST_ID_HEADER: call.request_id, **error.headers()})
 
         return await self.calls.serve(opening, run, render)
+
+    @contextlib.contextmanager
+    def _slot(self) -> Iterator[None]:
+        """One of the --max-concurrent-rpcs HTTP call slots, taken once the call's body is in: a client that
+        trickles its body holds one connection (capped per peer), never a slot the other callers need."""
+        if self.active >= self.max_calls:
+            raise Overloaded(f"{self.max_calls} HTTP calls are in progress; retry shortly", 1.0)
+        self.active += 1
+        try:
+            yield
+        finally:
+            self.active -= 1
 
     def _timeout(self, request: web.Request, strict: bool = True) -> float:
         """The call's time limit: the server's, or less when the caller asks for less."""
@@ -172,6 +182,24 @@ class HttpApi:
             raise InvalidRequest([FieldViolation((TIMEOUT_HEADER,), f"is {text[:32]!r}; must be seconds, above 0")])
         return min(asked, self.request_timeout)
 
+    async def _expect(self, request: web.Request) -> web.StreamResponse | None:
+        """`Expect: 100-continue`: the client waits for our word before it sends its body, so a body over the limit
+        or a caller without a valid token is answered at once (413, 401), never invited to upload. aiohttp's own
+        handler said 100 Continue to everyone."""
+        if request.headers.get("Expect", "").lower() != "100-continue" or request.version != HttpVersion11:
+            error = HttpError(417, Kind.INVALID, "only Expect: 100-continue is understood")
+            return json_response(error.body(), error.status)
+        if (request.content_length or 0) > MAX_BODY_BYTES:
+            error = to_http(too_large(), spell)
+            return json_response(error.body(), error.status)
+        tokens = self.calls.tokens
+        if tokens is not None and tokens.authenticate(request.headers.items()) is None:
+            error = to_http(Unauthenticated("missing or invalid bearer token (Authorization: Bearer ...)"))
+            return json_response(error.body(), error.status, error.headers())
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        request.writer.output_size = 0  # the reply proper has not begun (as aiohttp's own handler does)
+        return None
+
     # ---- routes ----
 
     async def health(self, request: web.Request) -> web.Response:
@@ -181,16 +209,18 @@ class HttpApi:
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         async def work(call: Call) -> web.StreamResponse:
-            return json_response(models_body(self.calls.engine().info, self.started))
+            with self._slot():
+                return json_response(models_body(self.calls.engine().info, self.started))
 
         return await self._frame(request, "/v1/models", work)
 
     async def model(self, request: web.Request) -> web.StreamResponse:
         async def work(call: Call) -> web.StreamResponse:
-            info = self.calls.engine().info
-            if request.match_info["model"] != info.model_name:
-                raise unknown_model(request.match_info["model"], info.model_name)
-            return json_response(model_body(info, self.started))
+            with self._slot():
+                info = self.calls.engine().info
+                if request.match_info["model"] != info.model_name:
+                    raise unknown_model(request.match_info["model"], info.model_name)
+                return json_response(model_body(info, self.started))
 
         return await self._frame(request, "/v1/models/{model}", work)
 
@@ -201,6 +231,11 @@ class HttpApi:
         timeout = self._timeout(request)
         engine = self.calls.engine()
         data = await read_body(request, engine.offload)
+        with self._slot():
+            return await self._answer(request, call, data, timeout)
+
+    async def _answer(self, request: web.Request, call: Call, data: bytes, timeout: float) -> web.StreamResponse:
+        engine = self.calls.engine()
         info = engine.info
 
         def convert() -> CompletionRequest:

@@ -23,13 +23,45 @@ log = logging.getLogger("jachat.http")
 KEEPALIVE_SECONDS = 15.0
 
 
-class Admission:
-    """Counts the open connections; `protocol(make)` wraps aiohttp's per-connection protocol factory."""
+class MalformedRequestLog(logging.Filter):
+    """aiohttp logs a request it cannot parse (a NUL in a header, a bad request line) as an ERROR with a traceback,
+    which a client can cause at will: it becomes one WARNING line, without the client's bytes beyond 200."""
 
-    def __init__(self, cap: int, on_refuse: Callable[[], None] | None = None) -> None:
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if exc is not None and type(exc).__module__ == "aiohttp.http_exceptions":
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+            record.msg, record.args = "malformed HTTP request refused: %s", (" ".join(str(exc).split())[:200],)
+            record.exc_info = record.exc_text = None
+        return True
+
+
+class Admission:
+    """Counts the open connections, in all and per peer address; `protocol(make)` wraps aiohttp's per-connection
+    protocol factory. The per-peer share keeps one client from taking every place (behind a gateway, whose
+    addresses are the peers, raise it)."""
+
+    def __init__(self, cap: int, per_peer: int | None = None, on_refuse: Callable[[], None] | None = None) -> None:
         self.cap = cap
+        self.per_peer = per_peer if per_peer is not None else max(1, cap // 4)
         self.open = 0
+        self.by_peer: dict[str, int] = {}
         self.on_refuse = on_refuse
+
+    def admit(self, peer: str) -> bool:
+        if self.open >= self.cap or self.by_peer.get(peer, 0) >= self.per_peer:
+            if self.on_refuse is not None:
+                self.on_refuse()
+            return False
+        self.open += 1
+        self.by_peer[peer] = self.by_peer.get(peer, 0) + 1
+        return True
+
+    def release(self, peer: str) -> None:
+        self.open -= 1
+        left = self.by_peer.pop(peer) - 1
+        if left:
+            self.by_peer[peer] = left
 
     def protocol(self, make: Callable[[], Any]) -> Callable[[], asyncio.Protocol]:
         return lambda: _Admitted(self, make)
@@ -42,23 +74,23 @@ class _Admitted(asyncio.Protocol):
         self.admission = admission
         self.make = make
         self.inner: Any = None
+        self.peer = ""
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if self.admission.open >= self.admission.cap:
-            if self.admission.on_refuse is not None:
-                self.admission.on_refuse()
+        peername = transport.get_extra_info("peername")
+        self.peer = str(peername[0]) if isinstance(peername, tuple) and peername else str(peername)
+        if not self.admission.admit(self.peer):
             if isinstance(transport, asyncio.Transport):
                 transport.abort()  # no reply: it holds no descriptor past this line
             else:  # pragma: no cover - a TCP server's transports are Transports
                 transport.close()
             return
-        self.admission.open += 1
         self.inner = self.make()
         self.inner.connection_made(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self.inner is not None:
-            self.admission.open -= 1
+            self.admission.release(self.peer)
             self.inner.connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
