@@ -104,10 +104,18 @@ def test_bench_abuse_reports_every_figure_and_the_expected_outcomes(model_f32: P
         assert set(outcomes[name]) <= {"OK"}, outcomes
     assert all(set(codes) == {"RESOURCE_EXHAUSTED"} for codes in abuse["refusal_codes"].values())
     assert abuse["server_exit_code"] == 0
-    assert [c["what"] for c in document["checks"]][:4] == [
+    # the HTTP phase: connections held, compressed bodies refused past the limit, unread streams hung up on
+    assert abuse["http_health_checks"] > 10 and abuse["http_connections_held"] > 0
+    answers = abuse["http_answers"]
+    assert set(answers["gzip_bomb"]) == {"413"} and set(answers["gzip_to_health"]) == {"200"}, answers
+    assert set(answers["unread_stream"]) <= {"200", "closed"}, answers  # a stream began (and was reset, unread)
+    assert [c["what"] for c in document["checks"]][:7] == [
         "health check p99",
         "health check max",
         "normal stream's worst gap",
+        "HTTP abuse: health check p99",
+        "HTTP abuse: health check max",
+        "HTTP abuse: stream's worst gap",
         "full server refuses (max)",
     ]
 

@@ -10,6 +10,12 @@ Meanwhile a prober checks health every 50 ms (1 s timeout, like a liveness probe
 greedy replies. Reported: health latency p50/p99/max, the normal stream's worst gap between two messages, and the
 server's event-loop lag (from its own histogram).
 
+Phase HTTP (`duration` seconds, the HTTP port on): idle connections (200) and slow ones (headers and one byte of
+a body, 40) are held open (within one peer's share of the connections; beyond it they are closed at accept), one
+client uploads gzip bodies that inflate past the limit (to the chat route, and to GET /health, which reads no
+body), another opens streams it never reads. The same prober, normal stream and loop
+lag are reported, and what each abuse was answered.
+
 Phase 2: the queue is kept full with long generations (the server runs with a small --max-queued-requests, and
 refused fillers try again), then the heavy generation requests are sent one at a time, each once the server's own
 gauge shows the queue full: each must be refused (RESOURCE_EXHAUSTED); reported is how long the refusal took,
@@ -19,6 +25,7 @@ request transfer included.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -43,6 +50,9 @@ TARGETS = (
     ("health check p99", "health_p99_ms", 50.0),
     ("health check max", "health_max_ms", 250.0),
     ("normal stream's worst gap", "stream_worst_gap_ms", 250.0),
+    ("HTTP abuse: health check p99", "http_health_p99_ms", 50.0),
+    ("HTTP abuse: health check max", "http_health_max_ms", 250.0),
+    ("HTTP abuse: stream's worst gap", "http_stream_worst_gap_ms", 250.0),
     ("full server refuses (max)", "refusal_max_ms", 50.0),
 )
 _TEXT = "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。"
@@ -123,6 +133,37 @@ async def _call(stub: chat_pb2_grpc.ChatServiceAsyncStub, method: str, request: 
         return str(error.code().name)
 
 
+async def _probe_health(target: str, stop_at: float, health_ms: list[float], failures: list[str]) -> None:
+    """Health every 50 ms with a 1 s timeout, as a liveness probe: each check's latency, each failure's code."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        health = health_stub(channel)
+        while time.monotonic() < stop_at:
+            started = time.perf_counter()
+            try:
+                await health.Check(health_pb2.HealthCheckRequest(service="jachat.v1.ChatService"), timeout=1)
+            except grpc.aio.AioRpcError as error:
+                failures.append(error.code().name)
+            health_ms.append(1000 * (time.perf_counter() - started))
+            await asyncio.sleep(0.05)
+
+
+async def _stream_normally(target: str, stop_at: float, gaps_ms: list[float]) -> None:
+    """One normal client streaming greedy replies: the gaps between its messages."""
+    sampling = chat_pb2.SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=64)
+    request = chat_pb2.GenerateStreamRequest(
+        turns=[chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text="今日は良い天気ですね。")], sampling=sampling
+    )
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+        while time.monotonic() < stop_at:
+            last = None
+            async for _ in stub.GenerateStream(request, timeout=60):
+                now = time.perf_counter()
+                if last is not None:
+                    gaps_ms.append(1000 * (now - last))
+                last = now
+
+
 async def phase_one(target: str, duration: float, clients: int) -> dict[str, Any]:
     heavy = heavy_requests()
     stop_at = time.monotonic() + duration
@@ -130,33 +171,6 @@ async def phase_one(target: str, duration: float, clients: int) -> dict[str, Any
     health_failures: list[str] = []
     gaps_ms: list[float] = []
     outcomes: dict[str, dict[str, int]] = {name: {} for name in heavy}
-
-    async def prober() -> None:
-        async with grpc.aio.insecure_channel(target) as channel:
-            health = health_stub(channel)
-            while time.monotonic() < stop_at:
-                started = time.perf_counter()
-                try:
-                    await health.Check(health_pb2.HealthCheckRequest(service="jachat.v1.ChatService"), timeout=1)
-                except grpc.aio.AioRpcError as error:
-                    health_failures.append(error.code().name)
-                health_ms.append(1000 * (time.perf_counter() - started))
-                await asyncio.sleep(0.05)
-
-    async def normal() -> None:
-        sampling = chat_pb2.SamplingParams(temperature=0, repetition_penalty=1.0, max_new_tokens=64)
-        request = chat_pb2.GenerateStreamRequest(
-            turns=[chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text="今日は良い天気ですね。")], sampling=sampling
-        )
-        async with grpc.aio.insecure_channel(target) as channel:
-            stub = chat_pb2_grpc.ChatServiceStub(channel)
-            while time.monotonic() < stop_at:
-                last = None
-                async for _ in stub.GenerateStream(request, timeout=60):
-                    now = time.perf_counter()
-                    if last is not None:
-                        gaps_ms.append(1000 * (now - last))
-                    last = now
 
     async def abuser(offset: int) -> None:
         names = list(heavy)
@@ -170,7 +184,11 @@ async def phase_one(target: str, duration: float, clients: int) -> dict[str, Any
                 outcomes[name][code] = outcomes[name].get(code, 0) + 1
                 i += 1
 
-    await asyncio.gather(prober(), normal(), *(abuser(i) for i in range(clients)))
+    await asyncio.gather(
+        _probe_health(target, stop_at, health_ms, health_failures),
+        _stream_normally(target, stop_at, gaps_ms),
+        *(abuser(i) for i in range(clients)),
+    )
     return {
         "health_checks": len(health_ms),
         "health_failures": health_failures,
@@ -236,15 +254,112 @@ async def phase_two(server: ServerProcess, attempts: int) -> dict[str, Any]:
     }
 
 
+def served_model(http_port: int) -> str:
+    import http.client
+
+    connection = http.client.HTTPConnection("127.0.0.1", http_port, timeout=30)
+    try:
+        connection.request("GET", "/v1/models")
+        return str(json.loads(connection.getresponse().read())["data"][0]["id"])
+    finally:
+        connection.close()
+
+
+async def phase_http(target: str, http_port: int, duration: float, model: str) -> dict[str, Any]:
+    import gzip
+    import socket
+
+    stop_at = time.monotonic() + duration
+    health_ms: list[float] = []
+    health_failures: list[str] = []
+    gaps_ms: list[float] = []
+    answers: dict[str, dict[str, int]] = {"gzip_bomb": {}, "gzip_to_health": {}, "unread_stream": {}}
+    bomb = gzip.compress(b"\0" * (6 * 1024 * 1024))
+    chat = json.dumps(
+        {"model": model, "messages": [{"role": "user", "content": "やあ"}], "stream": True, "max_tokens": 64}
+    ).encode()
+
+    def tally(kind: str, reply: bytes) -> None:
+        status = reply[9:12].decode("ascii", "replace") if reply.startswith(b"HTTP/1.") else "closed"
+        answers[kind][status] = answers[kind].get(status, 0) + 1
+
+    async def exchange(head: bytes, body: bytes, read: bool = True) -> bytes:
+        reader, writer = await asyncio.open_connection("127.0.0.1", http_port)
+        try:
+            writer.write(head + b"\r\n\r\n" + body)
+            with contextlib.suppress(ConnectionError):
+                await writer.drain()
+            return await asyncio.wait_for(reader.read(256), 30) if read else b""
+        except (ConnectionError, asyncio.TimeoutError):
+            return b""
+        finally:
+            writer.close()
+
+    async def compressor() -> None:
+        while time.monotonic() < stop_at:
+            head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+            tally("gzip_bomb", await exchange(head + f"Content-Length: {len(bomb)}".encode(), bomb))
+            head = b"GET /health HTTP/1.1\r\nHost: x\r\nContent-Encoding: gzip\r\n"
+            tally("gzip_to_health", await exchange(head + f"Content-Length: {len(bomb)}".encode(), bomb))
+
+    async def unread() -> None:
+        while time.monotonic() < stop_at:
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.setblocking(False)
+            await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", http_port))
+            reader, writer = await asyncio.open_connection(sock=sock)
+            head = b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            writer.write(head + f"Content-Length: {len(chat)}\r\n\r\n".encode() + chat)
+            await writer.drain()
+            await asyncio.sleep(3)  # reads nothing
+            tally("unread_stream", await reader.read(16))
+            writer.close()
+
+    held: list[asyncio.StreamWriter] = []
+    for i in range(240):  # 200 idle, 40 slow: within one peer's share (256), so the other abusers still get in
+        with contextlib.suppress(OSError):
+            _, writer = await asyncio.open_connection("127.0.0.1", http_port)
+            if i >= 200:
+                writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 999\r\n\r\n{")
+            held.append(writer)
+    try:
+        await asyncio.gather(
+            _probe_health(target, stop_at, health_ms, health_failures),
+            _stream_normally(target, stop_at, gaps_ms),
+            compressor(),
+            unread(),
+        )
+    finally:
+        for writer in held:
+            writer.close()
+    return {
+        "http_health_checks": len(health_ms),
+        "http_health_failures": health_failures,
+        "http_health_p50_ms": percentile(health_ms, 0.5),
+        "http_health_p99_ms": percentile(health_ms, 0.99),
+        "http_health_max_ms": max(health_ms, default=float("nan")),
+        "http_stream_worst_gap_ms": max(gaps_ms, default=float("nan")),
+        "http_connections_held": len(held),
+        "http_answers": answers,
+    }
+
+
 def run_abuse(
     model: Path, duration: float, clients: int, serve_args: Sequence[str] = (), attempts: int = 10
 ) -> dict[str, Any]:
-    server = spawn(model, "--max-queued-requests", str(QUEUE), "--max-batch-size", str(BATCH), *serve_args)
+    flags = ("--max-queued-requests", str(QUEUE), "--max-batch-size", str(BATCH), "--http-host", "127.0.0.1")
+    server = spawn(model, *flags, "--http-port", "0", *serve_args)
     try:
         time.sleep(1.0)
         before = _lag_histogram(server)
         first = asyncio.run(phase_one(server.target, duration, clients))
         first["event_loop_lag"] = _lag_summary(before, _lag_histogram(server))
+        assert server.http_port is not None
+        before = _lag_histogram(server)
+        over_http = asyncio.run(phase_http(server.target, server.http_port, duration, served_model(server.http_port)))
+        over_http["http_event_loop_lag"] = _lag_summary(before, _lag_histogram(server))
+        first.update(over_http)
         second = asyncio.run(phase_two(server, attempts))
     finally:
         exit_code = server.stop()
@@ -264,8 +379,11 @@ def abuse_main(
     )
     print(f"heavy requests: {json.dumps(result['abuse_outcomes'])}")
     print(f"refusals when full: {json.dumps(result['refusal_codes'])}")
+    print(f"HTTP abuse answers: {json.dumps(result['http_answers'])} ({result['http_connections_held']} held open)")
     checks = [(what, result[key], limit, result[key] < limit) for what, key, limit in TARGETS]
     checks.append(("health checks failed", len(result["health_failures"]), 0, not result["health_failures"]))
+    failed = len(result["http_health_failures"])
+    checks.append(("HTTP abuse: health checks failed", failed, 0, not failed))
     for what, value, limit, met in checks:
         print(f"{what:<30} {value:10.1f}  target < {limit:<6g} {'met' if met else 'NOT MET'}")
     if output is not None:
