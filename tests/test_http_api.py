@@ -612,7 +612,9 @@ def test_a_body_no_route_reads_is_never_read_after_the_reply(server: Server) -> 
 
 
 def test_connections_beyond_the_cap_are_closed_at_once_and_the_rest_are_served(model_f32: Path) -> None:
-    with serving(model_f32, "--max-http-connections", "8", *http_flags()) as capped:
+    with serving(
+        model_f32, "--max-http-connections", "8", "--max-http-connections-per-peer", "8", *http_flags()
+    ) as capped:
         assert capped.http_port is not None
         idle = [socket.create_connection(("127.0.0.1", capped.http_port), timeout=30) for _ in range(8)]
         try:
