@@ -729,3 +729,25 @@ def test_a_malformed_request_is_refused_in_one_log_line_without_a_traceback(
         wait_until(lambda: any("malformed HTTP request" in r.getMessage() for r in caplog.records), "its log line")
     records = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert records and all(r.levelname == "WARNING" and not r.exc_info for r in records)
+
+
+def test_a_client_that_hangs_up_right_after_done_had_a_whole_reply(server: Server) -> None:
+    """Closing the connection as soon as [DONE] arrives (as the openai SDK does) is a whole reply, recorded OK,
+    however the hang-up races the server's check that the client took everything."""
+    assert server.http_port is not None
+    call = {"model": model_id(server), "messages": [{"role": "user", "content": "やあ"}], "stream": True}
+    data = json.dumps({**call, "max_tokens": 3}).encode()
+    head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(data)}\r\n\r\n".encode()
+    ok = 'jachat_requests_total{api="http",code="OK",rpc="/v1/chat/completions"}'
+    cancelled = 'jachat_requests_total{api="http",code="CANCELLED",rpc="/v1/chat/completions"}'
+    before = server.scrape()
+    for _ in range(20):
+        with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as connection:
+            connection.sendall(head + data)
+            received = b""
+            while b"data: [DONE]" not in received:
+                chunk = connection.recv(65536)
+                assert chunk, received
+                received += chunk
+    wait_until(lambda: server.scrape().get(ok, 0.0) - before.get(ok, 0.0) == 20, "twenty whole replies recorded")
+    assert server.scrape().get(cancelled, 0.0) == before.get(cancelled, 0.0)

@@ -307,7 +307,13 @@ class HttpApi:
         # Written is not read: a whole reply fits in the socket buffers, where a client that reads nothing would leave
         # it (kernel memory, for as long as the connection lives). It must be taken within the write timeout too.
         transport = request.transport
-        if transport is not None and not await delivered(transport, self.stream_write_timeout):
+        try:
+            taken = transport is None or await delivered(transport, self.stream_write_timeout)
+        except asyncio.CancelledError:  # the client hung up after the whole reply was written (the SDK does, at
+            self.calls.end(call, "OK")  # [DONE]): it had its reply; the cancellation goes on up
+            raise
+        if not taken:
+            assert transport is not None
             transport.abort()
             stalled = f"the client read nothing for {self.stream_write_timeout:g} s; the stream was ended"
             self.calls.end(call, Kind.DEADLINE, stalled)
