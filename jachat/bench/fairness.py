@@ -4,14 +4,15 @@ On a fresh server: the light tenant's calls alone (its TTFT at rest), then tenan
 B sends `few` just after (B's TTFT under the flood, against A's); then the same with priorities: `flood` batch calls,
 then `few` interactive ones. With a fair scheduler the light calls start within about one batch of their arrival;
 first-come-first-served would put them behind the whole flood. Last, starvation: tenant A keeps `flood`
-interactive calls in flight (each replaced as it ends) while tenant B sends one batch call; with the server's aging
-(`--batch-promotion-seconds`, `promotion` here) B's first token comes after about that long plus one batch, where
-strict priority would make it wait for as long as A keeps up.
+interactive calls waiting (each one that starts is replaced at once) while tenant B sends one batch call; with the
+server's aging (`--batch-promotion-seconds`, `promotion` here) B's first token comes after about that long plus one
+batch, where strict priority would make it wait for as long as A keeps up.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Sequence
@@ -83,25 +84,46 @@ async def _scenario(server: ServerProcess, flood: int, few: int, tokens: int, by
     }
 
 
-async def _starvation(server: ServerProcess, inflight: int, tokens: int, load_seconds: float) -> dict[str, Any]:
-    """One batch call's TTFT while another tenant keeps `inflight` interactive calls running, for at most
-    `load_seconds` (or until the batch call has its reply): a starved call waits for the whole load."""
-    channels = _Channels(server.target, inflight + 1)
+async def _starvation(server: ServerProcess, waiting: int, tokens: int, load_seconds: float) -> dict[str, Any]:
+    """One batch call's TTFT while another tenant keeps `waiting` interactive calls queued (each call that starts
+    is replaced at once, so the queue never drains), for at most `load_seconds` or until the batch call has its
+    reply: under strict priority the batch call waits for the whole load."""
+    channels = _Channels(server.target, 2 * waiting + 64)
+    served: list[float] = []
     try:
-        stub = channels.stub
         stop = asyncio.Event()
         asyncio.get_running_loop().call_later(load_seconds, stop.set)
-        served: list[float] = []
+        room = asyncio.Semaphore(waiting)
 
-        async def keep_busy(i: int) -> None:
+        async def interactive(i: int) -> None:
+            sampling = chat_pb2.SamplingParams(temperature=0, max_new_tokens=tokens, min_new_tokens=tokens)
+            request = chat_pb2.GenerateStreamRequest(
+                turns=[chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text=f"常時{i}")], sampling=sampling
+            )
+            sent, first = time.perf_counter(), True
+            metadata = (("x-jachat-tenant", "a"),)
+            async for _ in channels.stub(i).GenerateStream(request, metadata=metadata, timeout=600):
+                if first:  # it has a place: the next one takes its place in the queue
+                    served.append(time.perf_counter() - sent)
+                    room.release()
+                    first = False
+
+        async def keep_queued() -> None:
+            calls, i = [], 0
             while not stop.is_set():
-                served.append(await _ttft(stub(i), f"常時{i}", tokens, "a", chat_pb2.PRIORITY_INTERACTIVE))
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(room.acquire(), 0.1)
+                    calls.append(asyncio.ensure_future(interactive(i)))
+                    i += 1
+            await asyncio.gather(*calls)
 
-        workers = [asyncio.ensure_future(keep_busy(i)) for i in range(inflight)]
-        await asyncio.sleep(0.2)  # the interactive load is running
-        waited = await _ttft(stub(inflight), "後回し", tokens, "b", chat_pb2.PRIORITY_BATCH)
+        load = asyncio.ensure_future(keep_queued())
+        deadline = time.monotonic() + 10
+        while server.scrape().get("jachat_queue_size", 0) < waiting // 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)  # until the interactive queue has filled (the server's own gauge)
+        waited = await _ttft(channels.stub(-1), "後回し", tokens, "b", chat_pb2.PRIORITY_BATCH)
         stop.set()
-        await asyncio.gather(*workers)
+        await load
     finally:
         await channels.close()
     return {
@@ -109,6 +131,7 @@ async def _starvation(server: ServerProcess, inflight: int, tokens: int, load_se
         "interactive_ttft_p50_s": percentile(served, 0.5),
         "interactive_calls": len(served),
         "load_seconds": load_seconds,
+        "interactive_waiting": waiting,
     }
 
 
@@ -135,7 +158,7 @@ def fairness_main(
     try:
         tenants = asyncio.run(_scenario(server, flood, few, tokens, by_priority=False))
         priorities = asyncio.run(_scenario(server, flood, few, tokens, by_priority=True))
-        starvation = asyncio.run(_starvation(server, flood, tokens, max(5.0, 3 * promotion)))
+        starvation = asyncio.run(_starvation(server, flood, tokens, min(60.0, max(5.0, 3 * promotion))))
     finally:
         server.stop()
     starvation["promotion_s"] = promotion
@@ -159,7 +182,7 @@ def fairness_main(
         )
     print(
         f"{'a batch call under interactive load':<34} TTFT {round(starvation['batch_ttft_s'] * 1000)} ms "
-        f"({flood} interactive calls kept in flight by another tenant, {starvation['interactive_calls']} served "
+        f"({flood} interactive calls kept waiting by another tenant, {starvation['interactive_calls']} served "
         f"meanwhile; promotion after {promotion:g} s; the load lasts at most {starvation['load_seconds']:g} s)"
     )
     if output is not None:
