@@ -751,3 +751,30 @@ def test_a_client_that_hangs_up_right_after_done_had_a_whole_reply(server: Serve
                 received += chunk
     wait_until(lambda: server.scrape().get(ok, 0.0) - before.get(ok, 0.0) == 20, "twenty whole replies recorded")
     assert server.scrape().get(cancelled, 0.0) == before.get(cancelled, 0.0)
+
+
+def test_with_tokens_one_tenant_holds_at_most_half_of_the_call_slots(model_f32: Path, tmp_path: Path) -> None:
+    """One valid token used to be able to take every HTTP call slot and shut the other tenants out."""
+    tokens = tmp_path / "tokens"
+    tokens.write_text("team-a secret-a\nteam-b secret-b\n")
+    flags = ("--auth-token-file", str(tokens), "--max-concurrent-rpcs", "4")
+    with serving(model_f32, *flags, *http_flags()) as server:
+        a, b = client(server, "secret-a"), client(server, "secret-b")
+        model = a.models.list().data[0].id
+        hello: Any = [{"role": "user", "content": "長く"}]
+        long = [
+            a.chat.completions.create(
+                model=model, messages=hello, max_tokens=1500, extra_body={"min_tokens": 1500}, stream=True
+            )
+            for _ in range(2)
+        ]
+        try:
+            for stream in long:
+                next(iter(stream))  # both run: team-a holds its two slots of four
+            with pytest.raises(openai.RateLimitError) as refused:
+                a.chat.completions.create(model=model, messages=hello, max_tokens=2)
+            assert "its share" in str(refused.value)
+            assert b.chat.completions.create(model=model, messages=hello, max_tokens=2).choices  # team-b gets in
+        finally:
+            for stream in long:
+                stream.close()

@@ -78,6 +78,7 @@ class HttpApi:
         self.max_calls, self.request_timeout = max_calls, request_timeout
         self.stream_write_timeout = stream_write_timeout
         self.active = 0
+        self.by_tenant: dict[str, int] = {}  # HTTP call slots held per tenant
         self.started = int(time.time())
         self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors])
         self.app.add_routes(
@@ -156,16 +157,25 @@ class HttpApi:
         return await self.calls.serve(opening, run, render)
 
     @contextlib.contextmanager
-    def _slot(self) -> Iterator[None]:
+    def _slot(self, call: Call) -> Iterator[None]:
         """One of the --max-concurrent-rpcs HTTP call slots, taken once the call's body is in: a client that
-        trickles its body holds one connection (capped per peer), never a slot the other callers need."""
+        trickles its body holds one connection (capped per peer), never a slot the other callers need. With bearer
+        tokens, a tenant (a token) holds at most half of the slots, so one valid token cannot shut the others out."""
         if self.active >= self.max_calls:
             raise Overloaded(f"{self.max_calls} HTTP calls are in progress; retry shortly", 1.0)
+        share = max(1, self.max_calls // 2)
+        held = self.by_tenant.get(call.tenant, 0)
+        if self.calls.tokens is not None and held >= share:
+            raise Overloaded(f"this tenant already has {held} HTTP calls in progress (its share); retry shortly", 1.0)
         self.active += 1
+        self.by_tenant[call.tenant] = held + 1
         try:
             yield
         finally:
             self.active -= 1
+            left = self.by_tenant.pop(call.tenant) - 1
+            if left:
+                self.by_tenant[call.tenant] = left
 
     def _timeout(self, request: web.Request, strict: bool = True) -> float:
         """The call's time limit: the server's, or less when the caller asks for less."""
@@ -209,14 +219,14 @@ class HttpApi:
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         async def work(call: Call) -> web.StreamResponse:
-            with self._slot():
+            with self._slot(call):
                 return json_response(models_body(self.calls.engine().info, self.started))
 
         return await self._frame(request, "/v1/models", work)
 
     async def model(self, request: web.Request) -> web.StreamResponse:
         async def work(call: Call) -> web.StreamResponse:
-            with self._slot():
+            with self._slot(call):
                 info = self.calls.engine().info
                 if request.match_info["model"] != info.model_name:
                     raise unknown_model(request.match_info["model"], info.model_name)
@@ -231,7 +241,7 @@ class HttpApi:
         timeout = self._timeout(request)
         engine = self.calls.engine()
         data = await read_body(request, engine.offload)
-        with self._slot():
+        with self._slot(call):
             return await self._answer(request, call, data, timeout)
 
     async def _answer(self, request: web.Request, call: Call, data: bytes, timeout: float) -> web.StreamResponse:
