@@ -722,13 +722,17 @@ def test_expect_100_continue_is_not_said_to_a_body_over_the_limit_or_a_stranger(
 def test_a_malformed_request_is_refused_in_one_log_line_without_a_traceback(
     server: Server, caplog: pytest.LogCaptureFixture
 ) -> None:
+    """A request aiohttp cannot parse (a NUL in a header) was a plain-text 400 and an ERROR with a traceback:
+    now OpenAI's error shape and one WARNING line."""
     assert server.http_port is not None
-    with caplog.at_level("INFO", logger="aiohttp.server"):
+    with caplog.at_level("INFO"):
         reply = _raw(server.http_port, b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-A: a\x00b")
         assert reply.startswith(b"HTTP/1.") and b" 400 " in reply[:20]
+        head, _, body = reply.partition(b"\r\n\r\n")
+        assert b"application/json" in head and json.loads(body)["error"]["type"] == "invalid_request_error", reply
         wait_until(lambda: any("malformed HTTP request" in r.getMessage() for r in caplog.records), "its log line")
-    records = [r for r in caplog.records if r.name == "aiohttp.server"]
-    assert records and all(r.levelname == "WARNING" and not r.exc_info for r in records)
+    records = [r for r in caplog.records if r.name.startswith(("aiohttp", "jachat.http"))]
+    assert records and all(r.levelname == "WARNING" and not r.exc_info for r in records), records
 
 
 def test_a_client_that_hangs_up_right_after_done_had_a_whole_reply(server: Server) -> None:

@@ -33,7 +33,13 @@ from jachat.service.domain.errors import FieldViolation, InvalidRequest, Kind, O
 from jachat.service.domain.results import Completion
 from jachat.service.edge.calls import Call, Calls, Opening, messages, whole, write_within
 from jachat.service.edge.http.body import MAX_BODY_BYTES, read_body, too_large
-from jachat.service.edge.http.connections import KEEPALIVE_SECONDS, Admission, MalformedRequestLog, delivered
+from jachat.service.edge.http.connections import (
+    KEEPALIVE_SECONDS,
+    Admission,
+    MalformedRequestLog,
+    delivered,
+    json_errors,
+)
 from jachat.service.edge.http.openai_request import CompletionRequest, parse_json, parse_request, spell, unknown_model
 from jachat.service.edge.http.openai_response import (
     FINISH_REASONS,
@@ -112,7 +118,7 @@ class HttpApi:
         assert self.runner.server is not None
         loop = asyncio.get_running_loop()
         self.listener = await loop.create_server(
-            self.admission.protocol(self.runner.server),
+            self.admission.protocol(json_errors(self.runner.server)),
             host,
             port,
             reuse_address=True,
@@ -164,18 +170,19 @@ class HttpApi:
         if self.active >= self.max_calls:
             raise Overloaded(f"{self.max_calls} HTTP calls are in progress; retry shortly", 1.0)
         share = max(1, self.max_calls // 2)
-        held = self.by_tenant.get(call.tenant, 0)
+        tenant = call.tenant  # as known now (a body's `user` may name it later, without tokens)
+        held = self.by_tenant.get(tenant, 0)
         if self.calls.tokens is not None and held >= share:
             raise Overloaded(f"this tenant already has {held} HTTP calls in progress (its share); retry shortly", 1.0)
         self.active += 1
-        self.by_tenant[call.tenant] = held + 1
+        self.by_tenant[tenant] = held + 1
         try:
             yield
         finally:
             self.active -= 1
-            left = self.by_tenant.pop(call.tenant) - 1
+            left = self.by_tenant.pop(tenant) - 1
             if left:
-                self.by_tenant[call.tenant] = left
+                self.by_tenant[tenant] = left
 
     def _timeout(self, request: web.Request, strict: bool = True) -> float:
         """The call's time limit: the server's, or less when the caller asks for less."""

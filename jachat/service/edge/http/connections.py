@@ -12,15 +12,50 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import json
 import logging
 import struct
 import termios
 from collections.abc import Callable
 from typing import Any
 
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+
 log = logging.getLogger("jachat.http")
 
 KEEPALIVE_SECONDS = 15.0
+
+
+class JsonErrorHandler(RequestHandler):
+    """aiohttp's per-connection protocol, but a request it cannot parse (a NUL in a header, a bad request line) is
+    refused in OpenAI's error shape, as every other client fault is, instead of a plain-text page. aiohttp offers no
+    public hook for these replies: they never reach the application. Built by `json_errors(server)`."""
+
+    __slots__ = ()
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status >= 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        text = " ".join(str(message or exc or "malformed request").split())[:200]
+        log.warning("malformed HTTP request from %s refused: %s", request.remote, text)
+        kind = {413: "request_too_large", 431: "request_header_fields_too_large"}.get(status)
+        body = {"error": {"message": text, "type": "invalid_request_error", "param": None, "code": kind}}
+        response = web.Response(status=status, text=json.dumps(body), content_type="application/json")
+        response.force_close()
+        return response
+
+
+def json_errors(server: web.Server) -> Callable[[], RequestHandler]:
+    """The per-connection protocol factory of `server`, with JsonErrorHandler (the handler aiohttp would make, with
+    the same settings)."""
+    return lambda: JsonErrorHandler(server, loop=asyncio.get_running_loop(), **server._kwargs)
 
 
 class MalformedRequestLog(logging.Filter):
