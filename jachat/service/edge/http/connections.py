@@ -2,10 +2,11 @@
 
 aiohttp accepts every connection and keeps an idle keep-alive one for an hour: a client that opens a thousand and
 sends nothing exhausts the process's file descriptors, and then gRPC health checks, scrapes and every other
-accept() fail. Here a connection beyond the cap is closed as soon as it is accepted (the others are unaffected),
-and an idle keep-alive connection is closed after KEEPALIVE_SECONDS (aiohttp's keep-alive timer also closes a new
-connection that has not sent a whole request head by then, however slowly it trickles: measured, 2026-11-30); the server raises the process's soft
-open-file limit to its hard limit at start-up (server.raise_open_file_limit), so the cap, not the limit, decides.
+accept() fail. Here a connection beyond the cap (in all, or for its peer) is closed as soon as it is accepted,
+and an idle keep-alive connection is closed after KEEPALIVE_SECONDS. aiohttp's keep-alive timer also closes a new
+connection that has not sent a whole request head by then, however slowly it trickles (measured, 2026-11-30). The
+server raises the process's soft open-file limit to its hard limit at start-up (server.raise_open_file_limit), so
+the cap, not the limit, decides.
 """
 
 from __future__ import annotations
