@@ -29,14 +29,13 @@ from typing import Any
 
 from aiohttp import HttpVersion11, web
 
-from jachat.service.domain.errors import FieldViolation, InvalidRequest, Kind, Overloaded, Unauthenticated, WriteStalled
+from jachat.service.domain.errors import FieldViolation, InvalidRequest, JachatError, Kind, Overloaded, WriteStalled
 from jachat.service.domain.results import Completion
 from jachat.service.edge.calls import Call, Calls, Opening, messages, whole, write_within
 from jachat.service.edge.http.body import MAX_BODY_BYTES, read_body, too_large
 from jachat.service.edge.http.connections import (
     KEEPALIVE_SECONDS,
     Admission,
-    MalformedRequestLog,
     delivered,
     json_errors,
 )
@@ -53,7 +52,7 @@ from jachat.service.edge.http.openai_response import (
 )
 from jachat.service.edge.http.status import HttpError, to_http
 from jachat.service.edge.http.tls import ReloadingTLS
-from jachat.service.edge.identity import REQUEST_ID_HEADER, tenant_from_user
+from jachat.service.edge.identity import REQUEST_ID_HEADER, tenant_from_user, tenant_of
 from jachat.service.engine.preparation import PreparedRequest
 
 log = logging.getLogger("jachat.http")
@@ -66,6 +65,11 @@ def json_response(body: Any, status: int = 200, headers: dict[str, str] | None =
     return web.Response(
         text=json.dumps(body, ensure_ascii=False), status=status, content_type="application/json", headers=headers
     )
+
+
+def error_response(error: HttpError, headers: dict[str, str] | None = None) -> web.Response:
+    """An error in OpenAI's shape, with the headers its status calls for (Retry-After, WWW-Authenticate)."""
+    return json_response(error.body(), error.status, {**(headers or {}), **error.headers()})
 
 
 class HttpApi:
@@ -109,8 +113,6 @@ class HttpApi:
             keepalive_timeout=KEEPALIVE_SECONDS,
         )
         self.admission = Admission(max_connections, max_connections_per_peer)
-        if not any(isinstance(f, MalformedRequestLog) for f in logging.getLogger("aiohttp.server").filters):
-            logging.getLogger("aiohttp.server").addFilter(MalformedRequestLog())
         self.listener: asyncio.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -157,8 +159,7 @@ class HttpApi:
             return response
 
         async def render(call: Call, exc: BaseException) -> web.StreamResponse:
-            error = to_http(exc, spell)
-            return json_response(error.body(), error.status, {REQUEST_ID_HEADER: call.request_id, **error.headers()})
+            return error_response(to_http(exc, spell), {REQUEST_ID_HEADER: call.request_id})
 
         return await self.calls.serve(opening, run, render)
 
@@ -204,15 +205,13 @@ class HttpApi:
         or a caller without a valid token is answered at once (413, 401), never invited to upload. aiohttp's own
         handler said 100 Continue to everyone."""
         if request.headers.get("Expect", "").lower() != "100-continue" or request.version != HttpVersion11:
-            error = HttpError(417, Kind.INVALID, "only Expect: 100-continue is understood")
-            return json_response(error.body(), error.status)
-        if (request.content_length or 0) > MAX_BODY_BYTES:
-            error = to_http(too_large(), spell)
-            return json_response(error.body(), error.status)
-        tokens = self.calls.tokens
-        if tokens is not None and tokens.authenticate(request.headers.items()) is None:
-            error = to_http(Unauthenticated("missing or invalid bearer token (Authorization: Bearer ...)"))
-            return json_response(error.body(), error.status, error.headers())
+            return error_response(HttpError(417, Kind.INVALID, "only Expect: 100-continue is understood"))
+        try:
+            if (request.content_length or 0) > MAX_BODY_BYTES:
+                raise too_large()
+            tenant_of(request.headers.items(), self.calls.tokens)  # the frame's own check, done early
+        except JachatError as exc:
+            return error_response(to_http(exc, spell))
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         request.writer.output_size = 0  # the reply proper has not begun (as aiohttp's own handler does)
         return None
@@ -351,5 +350,4 @@ async def _json_errors(request: web.Request, handler: Callable[[web.Request], Aw
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        error = HttpError(exc.status, Kind.NOT_FOUND if exc.status == 404 else Kind.INVALID, exc.reason)
-        return json_response(error.body(), exc.status)
+        return error_response(HttpError(exc.status, Kind.NOT_FOUND if exc.status == 404 else Kind.INVALID, exc.reason))

@@ -22,7 +22,11 @@ from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMethod
 from aiohttp.web_protocol import RequestHandler
+
+from jachat.service.domain.errors import Kind
+from jachat.service.edge.http.status import HttpError
 
 log = logging.getLogger("jachat.http")
 
@@ -46,11 +50,12 @@ class JsonErrorHandler(RequestHandler):
         if status >= 500 or request.writer.output_size > 0:
             return super().handle_error(request, status, exc, message)
         text = " ".join(str(message or exc or "malformed request").split())[:200]
-        log.warning("malformed HTTP request from %s refused: %s", request.remote, text)
-        kind = {413: "request_too_large", 431: "request_header_fields_too_large"}.get(status)
-        body = {"error": {"message": text, "type": "invalid_request_error", "param": None, "code": kind}}
+        # not HTTP at all (a TLS handshake, a scanner) is everyday noise on an open port: debug, as aiohttp logs it
+        level = logging.DEBUG if isinstance(exc, BadHttpMethod) else logging.WARNING
+        log.log(level, "malformed HTTP request from %s refused: %s", request.remote, text)
+        body = HttpError(status, Kind.INVALID, text).body()
         response = web.Response(status=status, text=json.dumps(body), content_type="application/json")
-        response.force_close()
+        response.force_close()  # aiohttp's own would too: the rest of what this client sent cannot be trusted
         return response
 
 
@@ -58,19 +63,6 @@ def json_errors(server: web.Server) -> Callable[[], RequestHandler]:
     """The per-connection protocol factory of `server`, with JsonErrorHandler (the handler aiohttp would make, with
     the same settings)."""
     return lambda: JsonErrorHandler(server, loop=asyncio.get_running_loop(), **server._kwargs)
-
-
-class MalformedRequestLog(logging.Filter):
-    """aiohttp logs a request it cannot parse (a NUL in a header, a bad request line) as an ERROR with a traceback,
-    which a client can cause at will: it becomes one WARNING line, without the client's bytes beyond 200."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        exc = record.exc_info[1] if record.exc_info else None
-        if exc is not None and type(exc).__module__ == "aiohttp.http_exceptions":
-            record.levelno, record.levelname = logging.WARNING, "WARNING"
-            record.msg, record.args = "malformed HTTP request refused: %s", (" ".join(str(exc).split())[:200],)
-            record.exc_info = record.exc_text = None
-        return True
 
 
 class Admission:

@@ -25,6 +25,7 @@ _OPENAI_ERRORS = {  # HTTP status -> (error.type, error.code)
     413: ("invalid_request_error", "request_too_large"),
     415: ("invalid_request_error", "unsupported_content_encoding"),
     417: ("invalid_request_error", None),
+    431: ("invalid_request_error", "request_header_fields_too_large"),
     429: ("rate_limit_error", "rate_limit_exceeded"),
     500: ("server_error", None),
     503: ("server_error", "service_unavailable"),
