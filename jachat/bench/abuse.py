@@ -28,7 +28,8 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -133,6 +134,33 @@ async def _call(stub: chat_pb2_grpc.ChatServiceAsyncStub, method: str, request: 
         return str(error.code().name)
 
 
+@dataclass
+class _Watch:
+    """What the health prober and the normal stream saw during one phase, and its figures."""
+
+    health_ms: list[float] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)
+    gaps_ms: list[float] = field(default_factory=list)
+
+    def watchers(self, target: str, stop_at: float) -> list[Awaitable[None]]:
+        return [
+            _probe_health(target, stop_at, self.health_ms, self.failures),
+            _stream_normally(target, stop_at, self.gaps_ms),
+        ]
+
+    def figures(self, prefix: str = "") -> dict[str, Any]:
+        return {
+            f"{prefix}health_checks": len(self.health_ms),
+            f"{prefix}health_failures": self.failures,
+            f"{prefix}health_p50_ms": percentile(self.health_ms, 0.5),
+            f"{prefix}health_p99_ms": percentile(self.health_ms, 0.99),
+            f"{prefix}health_max_ms": max(self.health_ms, default=float("nan")),
+            f"{prefix}stream_gaps": len(self.gaps_ms),
+            f"{prefix}stream_worst_gap_ms": max(self.gaps_ms, default=float("nan")),
+            f"{prefix}stream_gap_p99_ms": percentile(self.gaps_ms, 0.99),
+        }
+
+
 async def _probe_health(target: str, stop_at: float, health_ms: list[float], failures: list[str]) -> None:
     """Health every 50 ms with a 1 s timeout, as a liveness probe: each check's latency, each failure's code."""
     async with grpc.aio.insecure_channel(target) as channel:
@@ -167,9 +195,7 @@ async def _stream_normally(target: str, stop_at: float, gaps_ms: list[float]) ->
 async def phase_one(target: str, duration: float, clients: int) -> dict[str, Any]:
     heavy = heavy_requests()
     stop_at = time.monotonic() + duration
-    health_ms: list[float] = []
-    health_failures: list[str] = []
-    gaps_ms: list[float] = []
+    watch = _Watch()
     outcomes: dict[str, dict[str, int]] = {name: {} for name in heavy}
 
     async def abuser(offset: int) -> None:
@@ -184,20 +210,9 @@ async def phase_one(target: str, duration: float, clients: int) -> dict[str, Any
                 outcomes[name][code] = outcomes[name].get(code, 0) + 1
                 i += 1
 
-    await asyncio.gather(
-        _probe_health(target, stop_at, health_ms, health_failures),
-        _stream_normally(target, stop_at, gaps_ms),
-        *(abuser(i) for i in range(clients)),
-    )
+    await asyncio.gather(*watch.watchers(target, stop_at), *(abuser(i) for i in range(clients)))
     return {
-        "health_checks": len(health_ms),
-        "health_failures": health_failures,
-        "health_p50_ms": percentile(health_ms, 0.5),
-        "health_p99_ms": percentile(health_ms, 0.99),
-        "health_max_ms": max(health_ms, default=float("nan")),
-        "stream_gaps": len(gaps_ms),
-        "stream_worst_gap_ms": max(gaps_ms, default=float("nan")),
-        "stream_gap_p99_ms": percentile(gaps_ms, 0.99),
+        **watch.figures(),
         "abuse_outcomes": outcomes,
     }
 
@@ -270,9 +285,7 @@ async def phase_http(target: str, http_port: int, duration: float, model: str) -
     import socket
 
     stop_at = time.monotonic() + duration
-    health_ms: list[float] = []
-    health_failures: list[str] = []
-    gaps_ms: list[float] = []
+    watch = _Watch()
     answers: dict[str, dict[str, int]] = {"gzip_bomb": {}, "gzip_to_health": {}, "unread_stream": {}}
     bomb = gzip.compress(b"\0" * (6 * 1024 * 1024))
     chat = json.dumps(
@@ -324,22 +337,12 @@ async def phase_http(target: str, http_port: int, duration: float, model: str) -
                 writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 999\r\n\r\n{")
             held.append(writer)
     try:
-        await asyncio.gather(
-            _probe_health(target, stop_at, health_ms, health_failures),
-            _stream_normally(target, stop_at, gaps_ms),
-            compressor(),
-            unread(),
-        )
+        await asyncio.gather(*watch.watchers(target, stop_at), compressor(), unread())
     finally:
         for writer in held:
             writer.close()
     return {
-        "http_health_checks": len(health_ms),
-        "http_health_failures": health_failures,
-        "http_health_p50_ms": percentile(health_ms, 0.5),
-        "http_health_p99_ms": percentile(health_ms, 0.99),
-        "http_health_max_ms": max(health_ms, default=float("nan")),
-        "http_stream_worst_gap_ms": max(gaps_ms, default=float("nan")),
+        **watch.figures("http_"),
         "http_connections_held": len(held),
         "http_answers": answers,
     }

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,8 +26,16 @@ from jachat.bench.workload import percentile
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 
 
-async def _ttft(stub: chat_pb2_grpc.ChatServiceAsyncStub, text: str, tokens: int, tenant: str, priority: int) -> float:
-    """Seconds from sending a streaming call to its first message."""
+async def _ttft(
+    stub: chat_pb2_grpc.ChatServiceAsyncStub,
+    text: str,
+    tokens: int,
+    tenant: str,
+    priority: int,
+    started_generating: Callable[[], None] | None = None,
+) -> float:
+    """Seconds from sending a streaming call to its first message (when `started_generating` is called), read to
+    its end."""
     sampling = chat_pb2.SamplingParams(temperature=0, max_new_tokens=tokens, min_new_tokens=tokens)
     request = chat_pb2.GenerateStreamRequest(
         turns=[chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text=text)],
@@ -37,7 +45,10 @@ async def _ttft(stub: chat_pb2_grpc.ChatServiceAsyncStub, text: str, tokens: int
     started = time.perf_counter()
     first = None
     async for _ in stub.GenerateStream(request, metadata=(("x-jachat-tenant", tenant),), timeout=600):
-        first = first if first is not None else time.perf_counter() - started
+        if first is None:
+            first = time.perf_counter() - started
+            if started_generating is not None:
+                started_generating()
     return first if first is not None else time.perf_counter() - started
 
 
@@ -95,18 +106,9 @@ async def _starvation(server: ServerProcess, waiting: int, tokens: int, load_sec
         asyncio.get_running_loop().call_later(load_seconds, stop.set)
         room = asyncio.Semaphore(waiting)
 
-        async def interactive(i: int) -> None:
-            sampling = chat_pb2.SamplingParams(temperature=0, max_new_tokens=tokens, min_new_tokens=tokens)
-            request = chat_pb2.GenerateStreamRequest(
-                turns=[chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text=f"常時{i}")], sampling=sampling
-            )
-            sent, first = time.perf_counter(), True
-            metadata = (("x-jachat-tenant", "a"),)
-            async for _ in channels.stub(i).GenerateStream(request, metadata=metadata, timeout=600):
-                if first:  # it has a place: the next one takes its place in the queue
-                    served.append(time.perf_counter() - sent)
-                    room.release()
-                    first = False
+        async def interactive(i: int) -> None:  # once it has a place, the next takes its place in the queue
+            ttft = await _ttft(channels.stub(i), f"常時{i}", tokens, "a", chat_pb2.PRIORITY_INTERACTIVE, room.release)
+            served.append(ttft)
 
         async def keep_queued() -> None:
             calls, i = [], 0
