@@ -17,7 +17,7 @@ def _ct2(model: Path, replicas: int = 1, threads: int = 0) -> tuple[Any, Any]:
     import ctranslate2
 
     from jachat.manifest import read_manifest
-    from jachat.service.engine.engine import resolve_compute_type
+    from jachat.service.engine.core import resolve_compute_type
     from jachat.service.text.tokenizer import Tokenizer
 
     compute_type = resolve_compute_type("default", read_manifest(model).quantization, "cpu")
@@ -83,7 +83,7 @@ def _ct2_round(generator: Any, tokenizer: Any, workload: Workload, layout: Layou
 def run_ct2(model: Path, workload: Workload, n: int, rounds: int, cores: int | None = None) -> Report:
     """CTranslate2 alone at its best on this machine for n sequences at once: every layout is probed with one
     round, and the fastest is measured for `rounds` rounds (its name says which it was)."""
-    from jachat.service.engine.engine import cpu_cores
+    from jachat.service.engine.core import cpu_cores
 
     cores = cores or cpu_cores()
     best: tuple[float, Layout] | None = None

@@ -10,6 +10,10 @@
 - `sweep`: a fresh server under open-loop Poisson arrivals at rising rates until it saturates: latency curves and
   the highest rate under the TTFT SLO (sweep.py).
 - `warmstart`: a fresh server's first ten calls, with and without the warm start (warmstart.py).
+- `regime`: the GPU regime on this CPU (a tiny model, one thread): the service's unary and streaming tokens/s
+  against CTranslate2 with a trivial callback, side by side (regime.py).
+- `gil`: decode throughput with and without a busy Python thread, CTranslate2 in this process or in the engine
+  process (gil.py).
 """
 
 from __future__ import annotations
@@ -31,7 +35,9 @@ from jachat.bench.workload import Report, Workload
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jachat-bench", description=__doc__.split("\n\n")[0])
-    parser.add_argument("mode", choices=("grpc", "ct2", "hf", "all", "soak", "abuse", "fairness", "sweep", "warmstart"))
+    parser.add_argument(
+        "mode", choices=("grpc", "ct2", "hf", "all", "soak", "abuse", "fairness", "sweep", "warmstart", "regime", "gil")
+    )
     parser.add_argument("--target", default="localhost:50051", help="grpc: HOST:PORT of a running service")
     parser.add_argument("--model", type=Path, help="ct2/all: converted model folder")
     parser.add_argument("--checkpoint", type=Path, help="hf/all: the Hugging Face checkpoint it came from")
@@ -82,6 +88,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "fairness": ["model"],
         "sweep": ["model"],
         "warmstart": ["model"],
+        "regime": ["model"],
+        "gil": ["model"],
     }
     for name in need.get(args.mode, []):
         if getattr(args, name) is None:
@@ -92,6 +100,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jachat.bench.sweep import sweep_main
 
         return sweep_main(args, workload, meta)
+    if args.mode == "regime":
+        from jachat.bench.regime import regime_main
+
+        return regime_main(args.model, n, args.requests or 8, args.tokens, args.serve_arg, args.output)
+    if args.mode == "gil":
+        from jachat.bench.gil import gil_main
+
+        return gil_main(args.model, n, args.requests or 8, args.tokens, args.output)
     if args.mode == "warmstart":
         from jachat.bench.warmstart import warmstart_main
 

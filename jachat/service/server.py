@@ -8,7 +8,7 @@ import logging
 import os
 import resource
 import signal
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -157,6 +157,8 @@ class Service:
     lag_sampler: asyncio.Task[None]
     http: HttpApi | None = None
     http_port: int | None = None
+    lost: str | None = None  # why the engine process died, once it has
+    lost_event: asyncio.Event = field(default_factory=asyncio.Event)
 
     @classmethod
     async def start(cls, settings: Settings, registry: CollectorRegistry | None = None) -> Service:
@@ -233,7 +235,12 @@ class Service:
                 max_prompt_length_spread=self.settings.max_prompt_length_spread,
             ),
         )
-        engine = await asyncio.to_thread(Engine, options, self.metrics)
+        loop = asyncio.get_running_loop()
+
+        def lost(reason: str) -> None:  # on the engine's receiver thread
+            loop.call_soon_threadsafe(self._engine_lost, reason)
+
+        engine = await asyncio.to_thread(Engine, options, self.metrics, lost)
         self.calls.attach(engine)
         info = engine.info
         self.metrics.queue_capacity.set(self.settings.max_queued_requests)
@@ -241,6 +248,11 @@ class Service:
         await set_serving(self.health, True)
         log.info("serving %s on port %d", info.model_name, self.port)
         return engine
+
+    def _engine_lost(self, reason: str) -> None:
+        """The engine process died: its calls have ended UNAVAILABLE; `run` stops the server, which exits 1."""
+        self.lost = reason
+        self.lost_event.set()
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain: health NOT_SERVING at once, new calls refused with UNAVAILABLE, calls in flight get `grace`
@@ -266,15 +278,24 @@ async def run(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    grace = None
     try:
         loader = asyncio.create_task(service.load_model())
         stopper = asyncio.create_task(stopping.wait())
         await asyncio.wait({loader, stopper}, return_when=asyncio.FIRST_COMPLETED)
         if loader.done():
             loader.result()  # a load failure ends the process
-            await stopper
+            lost = asyncio.create_task(service.lost_event.wait())
+            await asyncio.wait({stopper, lost}, return_when=asyncio.FIRST_COMPLETED)
+            lost.cancel()
         else:
             loader.cancel()
-        log.info("stopping: draining for up to %.1f s", settings.grace_seconds)
+        if service.lost is not None:  # nothing left to drain: stop now and exit 1, for Kubernetes to restart the pod
+            grace = 0.0
+            log.error("stopping: %s", service.lost)
+        else:
+            log.info("stopping: draining for up to %.1f s", settings.grace_seconds)
     finally:
-        await service.stop()
+        await service.stop(grace)
+    if service.lost is not None:
+        raise RuntimeError(service.lost)

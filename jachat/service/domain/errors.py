@@ -125,3 +125,9 @@ class EngineFailure(JachatError):
     """Generation failed inside the engine; details are logged, not sent."""
 
     kind = Kind.INTERNAL
+
+
+class EngineLost(JachatError):
+    """The engine process died (a crash, a CUDA error, the OOM killer): the server stops; retry on another replica."""
+
+    kind = Kind.UNAVAILABLE

@@ -196,9 +196,10 @@ class Calls:
         return prompt
 
     async def generate(
-        self, call: Call, request: PreparedRequest, timeout: float | None, include_stop: bool
+        self, call: Call, request: PreparedRequest, timeout: float | None, include_stop: bool, logprobs: bool = False
     ) -> AsyncGenerator[Delta | Completion, None]:
-        """The reply's deltas, then its Completion; closing the generator early stops the sequence."""
+        """The reply's deltas, then its Completion; closing the generator early stops the sequence. Tokens carry
+        their log-probabilities only with `logprobs` (computing them costs the engine)."""
         engine = self.engine()
         self.metrics.running.inc()
         try:
@@ -210,6 +211,7 @@ class Calls:
                 include_stop=include_stop,
                 priority=call.priority,
                 tenant=call.tenant,
+                logprobs=logprobs,
             )
             try:
                 async for item in stream:

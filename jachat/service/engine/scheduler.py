@@ -18,8 +18,9 @@ joins it once it runs. So the scheduler decides what starts together:
   history-dependent penalty (repetition_penalty != 1 or no_repeat_ngram_size > 0) the prompts must be equally
   long, because those extra prompt tokens would count as generated tokens for the penalty and the reply would
   depend on its batch-mates.
-- Each sequence stops on its own (its callback returns True): at its own max_new_tokens, a stop string, </s>,
-  cancellation by its caller, or its deadline. Its caller hears of the end at once, not when the batch ends.
+- Each sequence stops on its own (its row's stop flag in the engine process): at its own max_new_tokens, a stop
+  string, </s>, cancellation by its caller, or its deadline. Its caller hears of the end at once, not when the
+  batch ends.
 - At most `max_queued` requests wait; beyond that `submit` raises Overloaded at once.
 """
 
@@ -34,7 +35,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Protocol
 
-from jachat.service.domain.errors import EngineFailure, Overloaded
+from jachat.service.domain.errors import EngineFailure, JachatError, Overloaded
 from jachat.service.domain.results import FinishedGeneration, FinishReason, Priority
 from jachat.service.engine.fairness import FairOrder
 from jachat.service.engine.options import SchedulerOptions
@@ -51,6 +52,14 @@ class SchedulerObserver(TokenObserver, Protocol):
     def generation_finished(self, record: FinishedGeneration) -> None: ...
 
 
+class Decoder(Protocol):
+    """What runs a batch: the engine process (link.py's EngineProcess), or a fake in the fast tier. `run` blocks
+    until the batch ends, calling each row's `on_token` meanwhile (from another thread), and sets each row's `halt`
+    while it runs."""
+
+    def run(self, rows: Sequence[Generation], max_length: int, options: dict[str, Any]) -> None: ...
+
+
 SOON = 4  # a running batch with at most this many tokens to go is about to free its replica
 MIN_SHARE = 4  # calls are split over replicas only into batches of at least this many
 
@@ -62,17 +71,8 @@ def _tokens_left(batch: list[Generation]) -> tuple[int, int]:
 
 
 class Scheduler:
-    def __init__(
-        self,
-        generator: Any,
-        pieces: Sequence[str],
-        eos_id: int,
-        options: SchedulerOptions,
-        observer: SchedulerObserver | None = None,
-    ) -> None:
-        self.generator = generator  # a ctranslate2.Generator, or anything with its generate_batch
-        self.pieces = pieces  # token id -> piece: generate_batch takes prompts as pieces
-        self.eos_id = eos_id
+    def __init__(self, decoder: Decoder, options: SchedulerOptions, observer: SchedulerObserver | None = None) -> None:
+        self.decoder: Decoder | None = decoder
         self.options = options
         self.observer = observer
         self.pending: list[Generation] = []
@@ -148,7 +148,7 @@ class Scheduler:
 
     def withdraw(self, gen: Generation) -> None:
         """The caller is gone: a waiting sequence leaves the queue (a running one stops at its next token)."""
-        gen.cancelled.set()
+        gen.cancel()
         if gen in self.pending:
             self.pending.remove(gen)
             self._queue_changed()
@@ -252,28 +252,26 @@ class Scheduler:
         return batch
 
     def _generate(self, batch: list[Generation]) -> None:
-        """Run one batch on a generation thread."""
+        """Run one batch in the engine, waiting on a thread of the scheduler's (one per replica)."""
         started = time.monotonic()
         for gen in batch:
             gen.started_at, gen.batch_size = started, len(batch)
         try:
-            self.generator.generate_batch(
-                [[self.pieces[i] for i in gen.prompt_ids] for gen in batch],
-                max_length=max(gen.max_new_tokens for gen in batch),
-                include_prompt_in_result=False,
-                end_token=[self.eos_id],
-                callback=lambda step: batch[step.batch_id].on_step(step),
-                return_scores=True,  # each step's log-probability (Token.logprob); one log-softmax per token
-                **batch[0].options.ctranslate2_kwargs(),
-            )
-        except Exception:  # reported to every caller in the batch, never raised in the worker thread
-            log.exception("generation failed for a batch of %d", len(batch))
+            assert self.decoder is not None
+            options = {**batch[0].options.ctranslate2_kwargs(), "return_scores": batch[0].logprobs}
+            self.decoder.run(batch, max(gen.max_new_tokens for gen in batch), options)
+        except Exception as exc:  # reported to every caller in the batch, never raised in the worker thread
+            error = exc if isinstance(exc, JachatError) else EngineFailure("generation failed")
+            if not isinstance(exc, JachatError):
+                log.exception("generation failed for a batch of %d", len(batch))
             for gen in batch:  # one line per call, in its context: each carries the call's request id
-                gen.context.run(log.error, "generation failed (a batch of %d); the call ends INTERNAL", len(batch))
-                gen.finish(FinishReason.ERROR, EngineFailure("generation failed"))
+                gen.context.run(
+                    log.error, "generation failed (a batch of %d); the call ends %s", len(batch), error.kind.value
+                )
+                gen.finish(FinishReason.ERROR, error)
         finally:
-            for gen in batch:
-                gen.finish(FinishReason.LENGTH)  # no-op for sequences that already ended
+            for gen in batch:  # no-op for sequences that already ended
+                gen.finish(gen.stop_reason() if gen.cancelled.is_set() else FinishReason.LENGTH)
             with self._running_lock:
                 self._batches.remove(batch)
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
@@ -281,7 +279,7 @@ class Scheduler:
     def abandon(self, error: BaseException) -> None:
         """End every waiting and running sequence now, telling each caller `error` (the drain's grace is over)."""
         for gen in [*self.pending, *self.running]:
-            gen.cancelled.set()
+            gen.cancel()
             gen.finish(FinishReason.CANCELLED, error)
         self.pending.clear()
         self._queue_changed()
@@ -292,4 +290,4 @@ class Scheduler:
         for gen in list(self.pending):
             self.withdraw(gen)
         self._executor.shutdown(wait=True, cancel_futures=True)
-        self.generator = None  # the engine destroys it now (see Engine.close): no reference may outlive the close
+        self.decoder = None

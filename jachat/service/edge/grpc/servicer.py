@@ -91,15 +91,17 @@ class ChatServicer:
         return await self.calls.prepare(call, ChatRequest(turns, options, explicit_max, request.drop_oldest_turns))
 
     def _generate(
-        self, request: PreparedRequest, context: Context, include_stop: bool, call: Call
+        self, request: PreparedRequest, context: Context, options: chat_pb2.ResponseOptions, call: Call
     ) -> AsyncGenerator[Delta | Completion, None]:
-        return self.calls.generate(call, request, context.time_remaining(), include_stop)
+        return self.calls.generate(
+            call, request, context.time_remaining(), options.include_stop_sequence, options.token_logprobs
+        )
 
     async def Generate(self, request: chat_pb2.GenerateRequest, context: Context) -> chat_pb2.GenerateResponse:
         async def work(call: Call) -> chat_pb2.GenerateResponse:
             prepared = await self._prepare(request, call)
             options = request.response
-            reply = await whole(self._generate(prepared, context, options.include_stop_sequence, call))
+            reply = await whole(self._generate(prepared, context, options, call))
             return chat_pb2.GenerateResponse(
                 text=reply.text,
                 finish_reason=FINISH_REASONS[reply.completion.finish_reason],
@@ -115,7 +117,7 @@ class ChatServicer:
         async def work(call: Call) -> None:
             prepared = await self._prepare(request, call)
             options = request.response
-            items = self._generate(prepared, context, options.include_stop_sequence, call)
+            items = self._generate(prepared, context, options, call)
             try:
                 async for item, own in messages(items):
                     tokens = tokens_to_pb(own, call.pieces, options.token_logprobs)

@@ -269,7 +269,7 @@ class HttpApi:
         remaining = timeout - (time.monotonic() - call.received)
         if parsed.stream:
             return await self._stream(request, call, parsed, prepared, remaining)
-        reply = await whole(self.calls.generate(call, prepared, remaining, parsed.include_stop))
+        reply = await whole(self.calls.generate(call, prepared, remaining, parsed.include_stop, parsed.logprobs))
         logprobs = logprobs_content(reply.tokens, call.token_bytes) if parsed.logprobs else None
         return json_response(completion_body(completion_id(), parsed.model, reply.text, reply.completion, logprobs))
 
@@ -282,7 +282,7 @@ class HttpApi:
         cid, model, usage = completion_id(), parsed.model, parsed.include_usage
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         response.headers[REQUEST_ID_HEADER] = call.request_id
-        replies = self.calls.generate(call, prepared, timeout, parsed.include_stop)
+        replies = self.calls.generate(call, prepared, timeout, parsed.include_stop, parsed.logprobs)
 
         async def started() -> None:  # the first token: the headers and the role chunk go out
             await response.prepare(request)

@@ -1,0 +1,304 @@
+"""The engine process: CTranslate2 and the least Python a token needs, in a process of its own.
+
+CTranslate2 calls back into Python for every token of every row, on its decode thread, and a callback must take the
+GIL. In the server's process that GIL is also the event loop's, so a busy edge (gRPC, HTTP, metrics) made the decode
+thread wait, and on a GPU the accelerator idled (measured on a model whose steps take a millisecond: a trivial
+callback and one busy Python thread in the same process cut CTranslate2 from 15,000 to 1,000-1,400 tokens/s; with
+CTranslate2 in a child process, the busy thread costs nothing). So the server spawns this module
+(`python -m jachat.service.engine.core`), and here the GIL belongs to the decode threads.
+
+Per token a decode thread only records (row's slot, token id, log-probability, time), counts the row's budget
+(max_new_tokens is exact) and reads the row's stop flag, a byte in memory shared with the server: a stop string, a
+cancel, a deadline or the drain ends the row at its next token, with no round trip. One sender thread hands the
+recorded tokens to the server in batches: whatever accumulated since its last send, so one message per decode step
+or a few (never one per token per row). Decoding, reply assembly, stop strings, deadlines, cancellation, metrics:
+all of that is the server's (engine/link.py, engine/sequence.py).
+
+The process ends when the server says so, or when the server is gone (its command pipe closes).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import mmap
+import os
+import pickle
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+from jachat.service.engine import gpu
+from jachat.service.engine.warmup import WarmUp, shapes, warm_up
+
+log = logging.getLogger("jachat.engine")
+
+# What to run when the device cannot run a compute type (first supported entry wins).
+_FALLBACKS = {
+    "int8_float16": ("int8_bfloat16", "int8_float32", "int8", "float32"),
+    "int8_bfloat16": ("int8_float16", "int8_float32", "int8", "float32"),
+    "int8_float32": ("int8", "float32"),
+    "int8": ("int8_float32", "float32"),
+    "float16": ("bfloat16", "float32"),
+    "bfloat16": ("float16", "float32"),
+    "int16": ("int8", "float32"),
+    "float32": (),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class CoreOptions:
+    """What the engine process needs to load the model (sent to it as its first command)."""
+
+    model_dir: Path
+    quantization: str  # the converted weight type (the manifest's)
+    context_length: int
+    eos_id: int
+    device: str = "auto"
+    compute_type: str = "default"
+    device_index: int = 0
+    replicas: int = 0  # 0: auto
+    intra_threads: int = 0  # 0: auto
+    max_batch_size: int = 16
+    warm_up: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Loaded:
+    """What the engine process reports once the model is loaded (and warm)."""
+
+    device: str
+    compute_type: str
+    replicas: int
+    intra_threads: int
+    warm: WarmUp | None
+    notes: tuple[tuple[int, str], ...] = ()  # (level, message) logged while loading, for the server to log
+
+
+def resolve_device(device: str) -> str:
+    import ctranslate2
+
+    if device == "auto":
+        return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose one of: auto, cpu, cuda")
+    return device
+
+
+def cpu_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def resolve_threads(device: str, replicas: int, intra_threads: int) -> tuple[int, int]:
+    """(replicas, intra_threads), 0 meaning auto. On CPU the cores are shared out: a single sequence's decoding is
+    bound by memory, not compute (one thread decodes as fast as two here), so several one-thread replicas serve
+    concurrent batches better than one wide one. On GPU one replica; intra_threads only matters for the CPU."""
+    if device != "cpu":
+        return replicas or 1, intra_threads
+    cores = cpu_cores()
+    replicas = replicas or min(4, cores)
+    return replicas, intra_threads or max(1, cores // replicas)
+
+
+def resolve_compute_type(requested: str, quantization: str, device: str) -> str:
+    """The compute type to run: the requested one (default: the converted one), or a fallback the device has."""
+    import ctranslate2
+
+    wanted = quantization if requested == "default" else requested
+    if wanted == "auto":
+        return "auto"
+    supported = ctranslate2.get_supported_compute_types(device)
+    if wanted in supported:
+        return wanted
+    if wanted not in _FALLBACKS:
+        raise ValueError(f"unknown compute type {wanted!r}; choose one of: default, auto, {', '.join(_FALLBACKS)}")
+    for fallback in _FALLBACKS[wanted]:
+        if fallback in supported:
+            log.warning("compute type %s is not supported on %s; falling back to %s", wanted, device, fallback)
+            return fallback
+    raise ValueError(f"no compute type close to {wanted} runs on {device} (supported: {sorted(supported)})")
+
+
+def load(options: CoreOptions) -> tuple[Any, Loaded, list[str]]:
+    """The generator (GPU checked first, its errors as one line each), warm; its report; the vocabulary."""
+    import ctranslate2
+
+    device = resolve_device(options.device)
+    if device == "cuda":  # the driver checked and cuBLAS 12 found before CTranslate2 needs them (gpu.py)
+        log.info("cuBLAS 12 from %s", gpu.prepare(options.device_index, ctranslate2.get_cuda_device_count()))
+    compute_type = resolve_compute_type(options.compute_type, options.quantization, device)
+    replicas, intra_threads = resolve_threads(device, options.replicas, options.intra_threads)
+    model_dir = Path(options.model_dir)
+    weights = (model_dir / "model.bin").stat().st_size
+    explained = gpu.explain(options.device_index, weights) if device == "cuda" else contextlib.nullcontext()
+    vocabulary: list[str] = json.loads((model_dir / "vocabulary.json").read_text(encoding="utf-8"))
+    with explained:
+        generator = ctranslate2.Generator(
+            str(model_dir),
+            device=device,
+            device_index=options.device_index,
+            compute_type=compute_type,
+            inter_threads=replicas,
+            intra_threads=intra_threads,
+        )
+        warm = None
+        if options.warm_up:
+            plan = shapes(device, options.max_batch_size, options.context_length)
+            warm = warm_up(generator, vocabulary, options.eos_id, replicas, plan)
+    return generator, Loaded(device, generator.compute_type, replicas, intra_threads, warm), vocabulary
+
+
+class Outbox:
+    """What the decode threads hand to the server, sent by one thread: everything recorded since its last send.
+
+    The lists are never rebound, only cut from the front, so a decode thread's callback appends to the same list
+    object for its whole batch (no attribute lookup per token). Finished batches are taken before tokens: a batch's
+    end is recorded after its last token, so whenever the server reads an end, it has read that batch's tokens."""
+
+    def __init__(self, events: Connection) -> None:
+        self.events = events
+        self.tokens: list[tuple[int, int, float, float]] = []  # (slot, token id, log-probability, time.monotonic)
+        self.ended: list[tuple[int, str | None]] = []  # (batch number, error or None)
+        self.wake = threading.Event()
+
+    def run(self) -> None:
+        tokens, ended, wake, send = self.tokens, self.ended, self.wake, self.events.send_bytes
+        while True:
+            wake.wait()
+            wake.clear()
+            while tokens or ended:
+                done = ended[: len(ended)]
+                del ended[: len(done)]
+                batch = tokens[: len(tokens)]
+                del tokens[: len(batch)]
+                try:
+                    send(pickle.dumps((batch, done), pickle.HIGHEST_PROTOCOL))
+                except OSError:  # the server is gone: the main thread ends the process
+                    return
+
+    def end(self, number: int, error: str | None) -> None:
+        self.ended.append((number, error))
+        self.wake.set()
+
+
+def run_batch(
+    generator: Any,
+    vocabulary: Sequence[str],
+    eos_id: int,
+    outbox: Outbox,
+    flags: memoryview,
+    command: tuple[Any, ...],
+) -> None:
+    """One generate_batch call on a free replica (a thread of the pool), its end reported after its tokens."""
+    _, number, prompts, slots, limits, max_length, options = command
+    left: list[int] = list(limits)
+    row_slots: list[int] = slots
+    tokens, wake, now = outbox.tokens, outbox.wake, time.monotonic
+
+    def callback(step: Any) -> bool:
+        # the whole per-token path on the decode thread: record, count, read the flag
+        row = step.batch_id
+        slot = row_slots[row]
+        tokens.append((slot, step.token_id, step.log_prob, now()))
+        if len(tokens) == 1:
+            wake.set()
+        left[row] -= 1
+        return left[row] <= 0 or bool(flags[slot])
+
+    error = None
+    try:
+        generator.generate_batch(
+            [[vocabulary[i] for i in ids] for ids in prompts],
+            max_length=max_length,
+            include_prompt_in_result=False,
+            end_token=[eos_id],
+            callback=callback,
+            **options,  # return_scores among them: each step's log-probability (a log-softmax), when asked for
+        )
+    except Exception:  # reported to the server, which ends the batch's calls
+        error = traceback.format_exc()
+    outbox.end(number, error)
+
+
+def rss_bytes(pid: int | str = "self") -> int:
+    """A process's resident set size (Linux), 0 where it cannot be read."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
+class _Notes(logging.Handler):
+    """What the engine logs while it loads, handed to the server, which logs it in its own format."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: list[tuple[int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.levelno, record.getMessage()))
+
+
+def serve(commands: Connection, events: Connection, flags: memoryview) -> None:
+    """Load as the first command says, report, then run batches until told to stop or the server is gone."""
+    options: CoreOptions = commands.recv()
+    notes = _Notes()
+    logging.getLogger("jachat").addHandler(notes)
+    try:
+        generator, loaded, vocabulary = load(options)
+    except Exception as exc:  # one line for the operator, as the server would have said it
+        events.send(("failed", type(exc).__name__, str(exc), tuple(notes.records)))
+        return
+    finally:
+        logging.getLogger("jachat").removeHandler(notes)
+    events.send(("ready", dataclasses.replace(loaded, notes=tuple(notes.records))))
+    outbox = Outbox(events)
+    threading.Thread(target=outbox.run, name="jachat-outbox", daemon=True).start()
+    pool = ThreadPoolExecutor(max_workers=loaded.replicas, thread_name_prefix="jachat-decode")
+    while True:
+        try:
+            command = commands.recv()
+        except (EOFError, OSError):  # the server is gone
+            os._exit(0)
+        if command[0] != "run":
+            break
+        pool.submit(run_batch, generator, vocabulary, options.eos_id, outbox, flags, command)
+    pool.shutdown(wait=True)  # the server stopped every row: these end at their next token
+    generator.unload_model()
+    del generator  # the C++ replicas' threads are joined here, while Python is fully alive
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m jachat.service.engine.core COMMANDS_FD EVENTS_FD FLAGS_FD SLOTS`, spawned by link.py."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    commands_fd, events_fd, flags_fd, slots = (int(a) for a in args)
+    # Ctrl-C in a terminal signals the whole process group: the server drains, and needs its engine to do so
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    logging.getLogger("jachat").setLevel(logging.INFO)
+    logging.getLogger("jachat").propagate = False  # the server logs what this process says (_Notes)
+    shared = mmap.mmap(flags_fd, slots)
+    commands, events = Connection(commands_fd, writable=False), Connection(events_fd, readable=False)
+    serve(commands, events, memoryview(shared))
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter finalization while CTranslate2's threads might still be winding down
+
+
+if __name__ == "__main__":
+    from jachat.service.engine import core  # what is pickled for the server must be core's, not __main__'s
+
+    core.main()
