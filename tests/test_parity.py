@@ -146,7 +146,7 @@ def test_token_logprobs_equal_hugging_face_log_softmax(engine_f32: Engine, demo_
 
     async def tokens(prompt_ids: list[int]) -> list[GeneratedToken]:
         found: list[GeneratedToken] = []
-        async for item in engine_f32.stream(prompt_ids, GREEDY):
+        async for item in engine_f32.stream(prompt_ids, GREEDY, logprobs=True):
             if isinstance(item, Delta):
                 found.extend(item.tokens)
         return found

@@ -1,11 +1,13 @@
-"""The batching policy, pinned deterministically: the real scheduler and sequences against a fake generator with
-CTranslate2's generate_batch signature (no model). Who shares a batch, in what order, and what deadlines,
-cancellation and the queue limit do."""
+"""The batching policy, pinned deterministically: the real scheduler and sequences against a fake engine process
+that keeps the real one's contract (no model, no process): `run(rows, max_length, options)` blocks until the batch
+ends, hands every token to its row's `on_token`, and ends a row at its own budget or at the token after its stop
+flag was set (`halt`). Who shares a batch, in what order, and what deadlines, cancellation and the queue limit do."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -28,42 +30,44 @@ GREEDY = SamplingOptions(temperature=0.0, repetition_penalty=1.0)
 
 @dataclass
 class FakeGenerator:
-    """generate_batch without a model: every sequence writes `token` until max_length or its callback stops it.
-    It records each batch (its prompts' first pieces identify the requests) and can hold a batch until released."""
+    """The engine process without a model: every row writes `token` until its budget, max_length or the token after
+    its stop flag was set. It records each batch (its prompts' first ids identify the requests) and its options, and
+    can hold a batch until released."""
 
     token: int
-    batches: list[list[str]] = field(default_factory=list)
+    batches: list[list[int]] = field(default_factory=list)
     kwargs: list[dict[str, Any]] = field(default_factory=list)
     release: threading.Event = field(default_factory=threading.Event)
     started: threading.Event = field(default_factory=threading.Event)
-    on_step: Callable[[int, int], None] | None = None  # (batch_id, step) before the callback: a test's hook
+    on_step: Callable[[int, int], None] | None = None  # (row, step) before the row's token: a test's hook
 
     def __post_init__(self) -> None:
         self.release.set()
 
-    def generate_batch(
-        self, prompts: Sequence[Sequence[str]], max_length: int, callback: Callable[[Any], bool], **kwargs: Any
-    ) -> list[Any]:
-        self.batches.append([p[0] for p in prompts])
-        self.kwargs.append(kwargs)
+    def run(self, rows: Sequence[Generation], max_length: int, options: dict[str, Any]) -> None:
+        self.batches.append([row.prompt_ids[0] for row in rows])
+        self.kwargs.append(options)
+        flags = [False] * len(rows)
+        for b, row in enumerate(rows):
+            row.halt = lambda b=b: flags.__setitem__(b, True)  # type: ignore[misc]
         self.started.set()
         assert self.release.wait(30), "the test never released the batch"
         done: set[int] = set()
         for step in range(max_length):
-            for b in range(len(prompts)):
+            for b, row in enumerate(rows):
                 if b in done:
                     continue
                 if self.on_step is not None:
                     self.on_step(b, step)
-                if callback(
-                    SimpleNamespace(
-                        batch_id=b, step=step, token_id=self.token, log_prob=-0.5, is_last=step == max_length - 1
-                    )
-                ):
+                stop = flags[b]  # the decode thread reads the flag as it records the token
+                if row.on_token(self.token, -0.5, time.monotonic()) or stop:
+                    flags[b] = True
+                if flags[b] or step + 1 >= row.max_new_tokens or self.token == row.eos_id:
                     done.add(b)
-            if len(done) == len(prompts):
+            if len(done) == len(rows):
                 break
-        return []
+        for row in rows:
+            row.halt = lambda: None
 
 
 @pytest.fixture
@@ -91,7 +95,7 @@ def sequence(
 
 
 async def finished(gen: Generation) -> FinishReason | None:
-    while await gen.queue.get() is not None:
+    while None not in await gen.take():
         pass
     return gen.finish_reason
 
@@ -105,8 +109,9 @@ async def batches_started(fake: FakeGenerator, count: int) -> None:
     raise AssertionError(f"{len(fake.batches)} batches started, not {count}: {fake.batches}")
 
 
-def names(tokenizer: Tokenizer, *ids: int) -> list[str]:
-    return [tokenizer.pieces[i] for i in ids]
+def names(tokenizer: Tokenizer, *ids: int) -> list[int]:
+    """The requests a batch held, as FakeGenerator records them: their prompts' first ids."""
+    return list(ids)
 
 
 @pytest.fixture
@@ -115,7 +120,7 @@ def run(tokenizer: Tokenizer) -> Iterator[Callable[..., Any]]:
     schedulers: list[Scheduler] = []
 
     def make(options: SchedulerOptions, generator: FakeGenerator) -> Scheduler:
-        scheduler = Scheduler(generator, tokenizer.pieces, tokenizer.eos_id, options)
+        scheduler = Scheduler(generator, options)
         schedulers.append(scheduler)
         return scheduler
 
@@ -316,7 +321,7 @@ def test_a_cancelled_running_sequence_stops_within_two_tokens_and_its_batch_mate
 
         def cancel_the_middle_one(batch_id: int, step: int) -> None:
             if (batch_id, step) == (1, 10):  # its caller goes away while it generates
-                gens[1].cancelled.set()
+                gens[1].cancel()
 
         fake.on_step = cancel_the_middle_one
         for gen in gens:
@@ -395,9 +400,9 @@ def test_a_full_queue_sheds_the_newest_batch_call_for_an_interactive_one(
             scheduler.submit(sequence(tokenizer, 104, priority=BATCH))  # a batch call finds no room
         urgent = sequence(tokenizer, 105)
         scheduler.submit(urgent)  # an interactive one takes the newest batch call's place
-        item = await newer.queue.get()
-        assert isinstance(item, Overloaded) and newer.finish_reason is FinishReason.SHED
-        assert await newer.queue.get() is None
+        items = await newer.take()
+        assert isinstance(items[0], Overloaded) and newer.finish_reason is FinishReason.SHED
+        assert items[1:] == [None]
         with pytest.raises(Overloaded):  # full again, of interactive calls and one batch call: still shed-able
             scheduler.check_capacity(Priority.BATCH)
         fake.release.set()
@@ -490,7 +495,7 @@ def test_a_failed_batch_logs_a_line_per_call_with_its_request_id(
     from jachat.service.observability.logs import RequestIdFilter, request_id
 
     class Broken(FakeGenerator):
-        def generate_batch(self, *args: Any, **kwargs: Any) -> list[Any]:
+        def run(self, *args: Any, **kwargs: Any) -> None:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
     async def submitted(scheduler: Scheduler, rid: str, name: int) -> Generation:

@@ -95,7 +95,6 @@ def test_a_callers_stop_string_equal_to_the_turn_marker_is_a_stop() -> None:
 def test_a_stop_string_completed_at_the_final_flush_is_a_stop(tokenizer: Tokenizer) -> None:
     """The model ends with half a character: the flush turns it into U+FFFD, which completes the stop string."""
     import asyncio
-    from types import SimpleNamespace
 
     from jachat.service.domain.results import Delta, FinishReason
     from jachat.service.domain.sampling import SamplingOptions
@@ -110,12 +109,13 @@ def test_a_stop_string_completed_at_the_final_flush_is_a_stop(tokenizer: Tokeniz
         loop = asyncio.get_running_loop()
         gen = Generation([5], options, 8, None, tokenizer.eos_id, tokenizer.decoder(), reply, loop)
         for token in [*tokenizer.encode("猫"), lead, tokenizer.eos_id]:
-            if gen.on_step(SimpleNamespace(token_id=token, log_prob=-1.0, is_last=False)):
+            if gen.on_token(token, -1.0, 0.0):
                 break
         texts = []
-        while (item := await gen.queue.get()) is not None:
-            assert isinstance(item, Delta)
-            texts.append(item.text)
+        for item in await gen.take():
+            if item is not None:
+                assert isinstance(item, Delta)
+                texts.append(item.text)
         return gen.finish_reason, "".join(texts)
 
     reason, text = asyncio.run(run())
