@@ -9,7 +9,8 @@ what the GPU would: whether the per-token path and the edge keep up with the eng
 - the service (`--replicas 1 --intra-threads 1`): `concurrency` closed-loop unary Generate clients, then the same
   number of GenerateStream clients, exactly `tokens` tokens each.
 
-Ratios are the service's tokens/s over the floor's.
+Ratios are the service's tokens/s over the floor's. This machine's speed drifts by several percent from minute to
+minute, so the floor is measured before and after the service, and the ratios use the mean of the two.
 """
 
 from __future__ import annotations
@@ -100,6 +101,7 @@ def regime_main(model: Path, n: int, rounds: int, tokens: int, serve_args: list[
 
     workload = Workload(tokens=tokens)
     figures: dict[str, Any] = {}
+    before = engine_floor(model, workload, n, rounds, callback=True)
     server = spawn(model, *SERVE, "--max-batch-size", str(n), *serve_args)
     try:
         unary = asyncio.run(run_unary(server.target, workload, n, rounds))
@@ -107,10 +109,13 @@ def regime_main(model: Path, n: int, rounds: int, tokens: int, serve_args: list[
         server_log = [line.rstrip() for line in server.log if "engine" in line and "RSS" in line]
     finally:
         server.stop()
-    floor = engine_floor(model, workload, n, rounds, callback=True)
+    after = engine_floor(model, workload, n, rounds, callback=True)
+    floor = (before + after) / 2
     bare = engine_floor(model, workload, n, rounds, callback=False)
     figures = {
         "ctranslate2_no_callback": bare,
+        "ctranslate2_trivial_callback_before": before,
+        "ctranslate2_trivial_callback_after": after,
         "ctranslate2_trivial_callback": floor,
         "service_unary": unary.tokens_per_second,
         "service_streaming": stream.tokens_per_second,
@@ -120,7 +125,7 @@ def regime_main(model: Path, n: int, rounds: int, tokens: int, serve_args: list[
     }
     print(f"GPU regime on {cpu_model()}: {model.name}, one thread, {n} concurrent, {tokens} tokens")
     print(f"{'CTranslate2, no callback':<44} {bare:>9.0f} tok/s")
-    print(f"{'CTranslate2, trivial callback (the floor)':<44} {floor:>9.0f} tok/s")
+    print(f"{'CTranslate2, trivial callback (the floor)':<44} {floor:>9.0f} tok/s  (before {before:.0f}, after {after:.0f})")
     print(f"{'service, unary Generate':<44} {unary.tokens_per_second:>9.0f} tok/s  {figures['unary_ratio']:.2f}x")
     print(f"{'service, GenerateStream':<44} {stream.tokens_per_second:>9.0f} tok/s  {figures['streaming_ratio']:.2f}x")
     for line in server_log:

@@ -196,7 +196,13 @@ class Calls:
         return prompt
 
     async def generate(
-        self, call: Call, request: PreparedRequest, timeout: float | None, include_stop: bool, logprobs: bool = False
+        self,
+        call: Call,
+        request: PreparedRequest,
+        timeout: float | None,
+        include_stop: bool,
+        logprobs: bool = False,
+        streaming: bool = True,
     ) -> AsyncGenerator[Delta | Completion, None]:
         """The reply's deltas, then its Completion; closing the generator early stops the sequence. Tokens carry
         their log-probabilities only with `logprobs` (computing them costs the engine)."""
@@ -212,6 +218,7 @@ class Calls:
                 priority=call.priority,
                 tenant=call.tenant,
                 logprobs=logprobs,
+                streaming=streaming,
             )
             try:
                 async for item in stream:
@@ -222,6 +229,12 @@ class Calls:
                 await stream.aclose()  # stops the sequence now if the caller left early
         finally:
             self.metrics.running.dec()
+
+    async def reply(
+        self, call: Call, request: PreparedRequest, timeout: float | None, include_stop: bool, logprobs: bool
+    ) -> Reply:
+        """The whole reply of a unary call (its deltas are held to the end: no wake-up of the loop per token)."""
+        return await whole(self.generate(call, request, timeout, include_stop, logprobs, streaming=False))
 
     async def drain(self, grace: float) -> None:
         """Refuse new work, give the calls in flight `grace` seconds, then end those still running."""

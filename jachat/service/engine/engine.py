@@ -181,10 +181,12 @@ class Engine:
         priority: Priority = Priority.INTERACTIVE,
         tenant: str = "default",
         logprobs: bool = False,
+        streaming: bool = True,
     ) -> AsyncGenerator[Delta | Completion, None]:
         """Deltas of the reply (text and tokens), then one Completion. Closing the iterator early stops the sequence.
         With include_stop, the text ends with the caller's stop string that ended it. With logprobs, each token
-        carries its log-probability (else 0.0).
+        carries its log-probability (else 0.0). Without streaming, the text and tokens come in one delta at the
+        end (the caller wants the whole reply: its loop is not woken per token).
 
         Raises Overloaded when the queue is full, DeadlineExceeded when `timeout` seconds pass first."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -201,6 +203,7 @@ class Engine:
             priority,
             tenant,
             logprobs,
+            streaming,
         )
         self.scheduler.submit(gen)
         try:

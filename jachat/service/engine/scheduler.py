@@ -87,6 +87,7 @@ class Scheduler:
         self._batch_seconds = 1.0  # running estimate of a batch's duration, for Retry-After
         self.fair = FairOrder(options.batch_promotion)
         self._last_arrival = 0.0
+        self._freed_at = 0.0  # when a batch last ended (its replica freed)
 
     def _ensure_started(self) -> None:
         """Start the batching task on the running event loop (again, if an earlier loop has gone)."""
@@ -235,7 +236,13 @@ class Scheduler:
             batch = self._compatible(self._waiting())
             now = time.monotonic()
             head = batch[0]
-            start_at = min(head.arrived + self.options.max_batch_wait, self._last_arrival + self.options.batch_idle)
+            # a replica that has just freed counts as an arrival: the callers of the batch that ended come back
+            # together (closed loops), and the calls that waited for the replica should share it with them
+            freed = self._freed_at
+            start_at = min(
+                max(head.arrived, freed) + self.options.max_batch_wait,
+                max(self._last_arrival, freed) + self.options.batch_idle,
+            )
             if len(batch) >= self.options.max_batch_size or now >= start_at:
                 batch = batch[: self._share(len(batch))]
                 break
@@ -274,6 +281,7 @@ class Scheduler:
                 gen.finish(gen.stop_reason() if gen.cancelled.is_set() else FinishReason.LENGTH)
             with self._running_lock:
                 self._batches.remove(batch)
+            self._freed_at = time.monotonic()
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
 
     def abandon(self, error: BaseException) -> None:

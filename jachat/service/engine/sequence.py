@@ -105,6 +105,7 @@ class Generation:
         priority: Priority = Priority.INTERACTIVE,
         tenant: str = "default",
         logprobs: bool = False,
+        streaming: bool = True,
     ) -> None:
         self.priority = priority
         self.tenant = tenant
@@ -118,6 +119,8 @@ class Generation:
         # log-probabilities cost CTranslate2 a log-softmax per step (16% of a millisecond step, measured): only
         # the calls that asked for them compute them, so they batch apart
         self.logprobs = logprobs
+        # a caller that wants the whole reply gets it in one delta at the end: its loop is not woken per token
+        self.held: list[str] | None = None if streaming else []
         self.key = (options.batch_key(), logprobs)
         self.exact_length = options.history_penalty
         self.arrived = time.monotonic()
@@ -204,7 +207,11 @@ class Generation:
         return self.finish_reason is not None
 
     def _deliver(self, text: str) -> None:
-        """Hand the caller's loop the text that became final and the tokens generated since the last delta."""
+        """Hand the caller's loop the text that became final and the tokens generated since the last delta (or,
+        for a caller that wants the whole reply, keep them for the end)."""
+        if self.held is not None:
+            self.held.append(text)
+            return
         tokens, self.pending_tokens = tuple(self.pending_tokens), []
         self.send(Delta(text, tokens))
 
@@ -232,6 +239,9 @@ class Generation:
                 self._deliver(text)
         elif self.pending_tokens:
             self._deliver("")  # the tokens generated before a cancellation or deadline, for the record
+        if self.held:
+            self.send(Delta("".join(self.held), tuple(self.pending_tokens)))
+            self.held, self.pending_tokens = [], []
         if self.on_finish is not None:  # before the caller hears of the end, so metrics are never behind
             self.on_finish(self)
         if error is not None:

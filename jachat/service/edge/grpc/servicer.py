@@ -13,7 +13,7 @@ import grpc
 from jachat.service.domain.request import ChatRequest
 from jachat.service.domain.results import Completion, Delta
 from jachat.service.domain.sampling import SamplingOptions
-from jachat.service.edge.calls import Call, Calls, Opening, messages, whole, write_within
+from jachat.service.edge.calls import Call, Calls, Opening, messages, write_within
 from jachat.service.edge.grpc.protocol import (
     CHAT_SERVICE,
     FINISH_REASONS,
@@ -101,7 +101,9 @@ class ChatServicer:
         async def work(call: Call) -> chat_pb2.GenerateResponse:
             prepared = await self._prepare(request, call)
             options = request.response
-            reply = await whole(self._generate(prepared, context, options, call))
+            reply = await self.calls.reply(
+                call, prepared, context.time_remaining(), options.include_stop_sequence, options.token_logprobs
+            )
             return chat_pb2.GenerateResponse(
                 text=reply.text,
                 finish_reason=FINISH_REASONS[reply.completion.finish_reason],

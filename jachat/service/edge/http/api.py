@@ -31,7 +31,7 @@ from aiohttp import HttpVersion11, web
 
 from jachat.service.domain.errors import FieldViolation, InvalidRequest, JachatError, Kind, Overloaded, WriteStalled
 from jachat.service.domain.results import Completion
-from jachat.service.edge.calls import Call, Calls, Opening, messages, whole, write_within
+from jachat.service.edge.calls import Call, Calls, Opening, messages, write_within
 from jachat.service.edge.http.body import MAX_BODY_BYTES, read_body, too_large
 from jachat.service.edge.http.connections import (
     KEEPALIVE_SECONDS,
@@ -269,7 +269,7 @@ class HttpApi:
         remaining = timeout - (time.monotonic() - call.received)
         if parsed.stream:
             return await self._stream(request, call, parsed, prepared, remaining)
-        reply = await whole(self.calls.generate(call, prepared, remaining, parsed.include_stop, parsed.logprobs))
+        reply = await self.calls.reply(call, prepared, remaining, parsed.include_stop, parsed.logprobs)
         logprobs = logprobs_content(reply.tokens, call.token_bytes) if parsed.logprobs else None
         return json_response(completion_body(completion_id(), parsed.model, reply.text, reply.completion, logprobs))
 
