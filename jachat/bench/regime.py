@@ -125,7 +125,8 @@ def regime_main(model: Path, n: int, rounds: int, tokens: int, serve_args: list[
     }
     print(f"GPU regime on {cpu_model()}: {model.name}, one thread, {n} concurrent, {tokens} tokens")
     print(f"{'CTranslate2, no callback':<44} {bare:>9.0f} tok/s")
-    print(f"{'CTranslate2, trivial callback (the floor)':<44} {floor:>9.0f} tok/s  (before {before:.0f}, after {after:.0f})")
+    floor_label = "CTranslate2, trivial callback (the floor)"
+    print(f"{floor_label:<44} {floor:>9.0f} tok/s  (before {before:.0f}, after {after:.0f})")
     print(f"{'service, unary Generate':<44} {unary.tokens_per_second:>9.0f} tok/s  {figures['unary_ratio']:.2f}x")
     print(f"{'service, GenerateStream':<44} {stream.tokens_per_second:>9.0f} tok/s  {figures['streaming_ratio']:.2f}x")
     for line in server_log:
