@@ -90,6 +90,11 @@ class InProcessServer(LoopbackServer):
     def _run(self, work: Coroutine[Any, Any, T], timeout: float = 120.0) -> T:
         return asyncio.run_coroutine_threadsafe(work, self._loop).result(timeout)
 
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The server's event loop (its edge): a test can hold it busy."""
+        return self._loop
+
     def alive(self) -> bool:
         return not self._stopped and self._thread.is_alive()
 

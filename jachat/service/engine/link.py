@@ -224,8 +224,8 @@ class EngineProcess:
         self._lose()
 
     def _lose(self) -> None:
-        """The engine's events pipe closed: fail every batch in flight now, then tell the server (unless it closed
-        the engine itself)."""
+        """The engine's events pipe closed: tell the server (unless it closed the engine itself), then fail every
+        batch in flight now."""
         try:
             code = self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:  # it closed its pipe but lives on: it is no engine any more
@@ -235,12 +235,12 @@ class EngineProcess:
         with self._lock:
             self.lost = reason
             numbers = list(self._batches)
-        for number in numbers:
-            self._ended(number, EngineLost(reason))
         if not self._closing:
             log.error("%s: every call in flight ends UNAVAILABLE", reason)
             if self.on_lost is not None:
                 self.on_lost(reason)
+        for number in numbers:
+            self._ended(number, EngineLost(reason))
 
     def close(self, timeout: float = 30.0) -> None:
         """Stop every row, let the engine finish and exit (killed after `timeout` seconds)."""
