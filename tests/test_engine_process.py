@@ -258,3 +258,4 @@ def test_metrics_after_a_mixed_workload_equal_what_the_calls_saw(in_process: InP
     assert moved('jachat_requests_total{api="grpc",code="OK",rpc="GenerateStream"}') == streams
     assert moved('jachat_requests_total{api="grpc",code="OK",rpc="Generate"}') == len(seen) - streams
     assert after["jachat_running_requests"] == 0 and after["jachat_queue_size"] == 0
+    assert after["jachat_engine_resident_memory_bytes"] > 0  # the engine process, read at the scrape

@@ -270,6 +270,19 @@ def build() -> dashboard.Dashboard:
         ),
         (
             series(
+                "Resident memory by pod and process",
+                "bytes",
+                [
+                    query(f"sum by (pod) (jachat_engine_resident_memory_bytes{{{POD}}})", "{{pod}} engine", "A"),
+                    query(f"sum by (pod) (process_resident_memory_bytes{{{POD}}})", "{{pod}} server", "B"),
+                ],
+                "The engine process holds the weights and CTranslate2's buffers; the server process holds the edge. "
+                "The engine's drops to 0 when it dies (the server then exits and the pod restarts).",
+            ),
+            8,
+        ),
+        (
+            series(
                 "Request duration p99 by API and method",
                 "s",
                 [

@@ -242,6 +242,7 @@ class Service:
 
         engine = await asyncio.to_thread(Engine, options, self.metrics, lost)
         self.calls.attach(engine)
+        self.metrics.engine_memory.set_function(lambda: engine.core.rss())  # read at each scrape
         info = engine.info
         self.metrics.queue_capacity.set(self.settings.max_queued_requests)
         self.metrics.model_info.labels(info.model_name, info.quantization, info.compute_type, info.device).set(1)

@@ -132,6 +132,12 @@ class Metrics:
             buckets=LOOP_LAG_BUCKETS,
             registry=r,
         )
+        self.engine_memory = Gauge(
+            "jachat_engine_resident_memory_bytes",
+            "Resident memory of the engine process (CTranslate2: the weights and its buffers; 0 once it is gone). "
+            "The server process's own is process_resident_memory_bytes.",
+            registry=r,
+        )
         self.model_info = Gauge(
             "jachat_model_info",
             "The served model (value 1).",
