@@ -10,11 +10,14 @@ CTranslate2 in a child process, the busy thread costs nothing). So the server sp
 Per token a decode thread only records (row's slot, token id, log-probability, time), counts the row's budget
 (max_new_tokens is exact) and reads the row's stop flag, a byte in memory shared with the server: a stop string, a
 cancel, a deadline or the drain ends the row at its next token, with no round trip. One sender thread hands the
-recorded tokens to the server in batches: every SEND_PERIOD while a batch runs, whatever accumulated since (never
-one message per token per row). It polls rather than being woken: waking it costs each token a lock and, once per
-send, a futex call on the decode thread, measured at 10% of a millisecond step; polling every half millisecond
-costs nothing measurable and adds at most that to a token's latency. Decoding, reply assembly, stop strings,
-deadlines, cancellation, metrics: all of that is the server's (engine/link.py, engine/sequence.py).
+recorded tokens to the server in batches: every SEND_PERIOD while tokens keep coming, whatever accumulated since
+(never one message per token per row). It polls rather than being woken while tokens come faster than that:
+waking it from the callback costs the decode thread a futex call and a GIL hand-off per wake, measured at 10% of a
+millisecond step, while polling every half millisecond costs nothing measurable and adds at most that to a token's
+latency. When steps are slow (a CPU: tens of milliseconds), polling would wake it dozens of times per step for
+nothing, taking CPU from the decode threads; after IDLE_POLLS empty looks it sleeps until the next token wakes it
+(one wake per step, nothing next to such a step). Decoding, reply assembly, stop strings, deadlines,
+cancellation, metrics: all of that is the server's (engine/link.py, engine/sequence.py).
 
 The process ends when the server says so, or when the server is gone (its command pipe closes).
 """
@@ -44,7 +47,8 @@ from jachat.service.engine.warmup import WarmUp, shapes, warm_up
 
 log = logging.getLogger("jachat.engine")
 
-SEND_PERIOD = 0.0005  # seconds between the sender's looks at the decode threads' tokens while a batch runs
+SEND_PERIOD = 0.0005  # seconds between the sender's looks at the decode threads' tokens while tokens come
+IDLE_POLLS = 4  # empty looks in a row after which the sender sleeps until a token wakes it (2 ms: slower steps)
 
 # What to run when the device cannot run a compute type (first supported entry wins).
 _FALLBACKS = {
@@ -170,23 +174,30 @@ class Outbox:
     The lists are never rebound, only cut from the front, so a decode thread's callback appends to the same list
     object for its whole batch (no attribute lookup per token). Finished batches are taken before tokens: a batch's
     end is recorded after its last token, so whenever the server reads an end, it has read that batch's tokens.
-    With no batch running the sender sleeps until one starts (an idle engine costs no CPU)."""
+    With no batch running, or no token for IDLE_POLLS looks, the sender sleeps until a batch, its end or a token
+    wakes it (`asleep` tells the decode threads to), so an idle engine costs no CPU."""
 
     def __init__(self, events: Connection) -> None:
         self.events = events
         self.tokens: list[tuple[int, int, float | None, float]] = []  # (slot, token id, log-prob, time.monotonic)
         self.ended: list[tuple[int, str | None]] = []  # (batch number, error or None)
         self.running = 0  # batches running (changed under the GIL by the decode threads)
-        self.wake = threading.Event()  # a batch started or ended
+        self.wake = threading.Event()  # a batch started or ended, or a token came while the sender slept
+        self.asleep = [False]  # a list, so that the callbacks read it without an attribute lookup
 
     def run(self) -> None:
-        tokens, ended, wake, send = self.tokens, self.ended, self.wake, self.events.send_bytes
+        tokens, ended, wake, asleep, send = self.tokens, self.ended, self.wake, self.asleep, self.events.send_bytes
+        idle = 0
         while True:
-            if self.running:
+            if self.running and idle < IDLE_POLLS:
                 time.sleep(SEND_PERIOD)
             else:
-                wake.wait()
                 wake.clear()
+                asleep[0] = True  # from here on a token wakes us: none can be missed
+                if not (tokens or ended):
+                    wake.wait()
+                asleep[0] = False
+            idle = 0 if tokens or ended else idle + 1
             if tokens or ended:
                 done = ended[: len(ended)]
                 del ended[: len(done)]
@@ -199,6 +210,11 @@ class Outbox:
 
     def start(self) -> None:
         self.running += 1
+        self.wake.set()
+
+    def woken(self) -> None:
+        """A decode thread recorded a token while the sender slept (at most once per sleep)."""
+        self.asleep[0] = False
         self.wake.set()
 
     def end(self, number: int, error: str | None) -> None:
@@ -219,13 +235,15 @@ def run_batch(
     _, number, prompts, slots, limits, max_length, options = command
     left: list[int] = list(limits)
     row_slots: list[int] = slots
-    tokens, now = outbox.tokens, time.monotonic
+    tokens, asleep, woken, now = outbox.tokens, outbox.asleep, outbox.woken, time.monotonic
 
     def callback(step: Any) -> bool:
         # the whole per-token path on the decode thread: record, count, read the flag
         row = step.batch_id
         slot = row_slots[row]
         tokens.append((slot, step.token_id, step.log_prob, now()))
+        if asleep[0]:  # steps slower than the sender's polling: wake it, once per step
+            woken()
         left[row] -= 1
         return left[row] <= 0 or bool(flags[slot])
 
