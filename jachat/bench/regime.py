@@ -9,16 +9,20 @@ what the GPU would: whether the per-token path and the edge keep up with the eng
 - the service (`--replicas 1 --intra-threads 1`): `concurrency` closed-loop unary Generate clients, then the same
   number of GenerateStream clients, exactly `tokens` tokens each.
 
-Ratios are the service's tokens/s over the floor's. This machine's speed drifts by several percent from minute to
-minute, so the floor is measured before and after the service, and the ratios use the mean of the two.
+Ratios are the service's tokens/s over the floor's. The CPU time each process spent per generated token is printed
+beside them (the server's bounds what one server process can carry; the engine's is CTranslate2's plus the
+callback): the figures behind the README's projection for a GPU. This machine's speed drifts by several percent from
+minute to minute, so the floor is measured before and after the service, and the ratios use the mean of the two.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import platform
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +43,28 @@ def cpu_model() -> str:
     except OSError:
         pass
     return platform.processor() or "unknown"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    """A process's child processes, whichever of its threads started them (Linux)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+    return found
+
+
+def per_token(pids: dict[str, int], run: Callable[[], Report]) -> tuple[Report, dict[str, float]]:
+    """Run, and the CPU microseconds each process spent per token generated meanwhile."""
+    before = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    report = run()
+    tokens = max(1, report.output_tokens)
+    return report, {name: (cpu_seconds(pid) - before[name]) / tokens * 1e6 for name, pid in pids.items()}
 
 
 def engine_floor(model: Path, workload: Workload, n: int, rounds: int, callback: bool) -> float:
@@ -104,8 +130,11 @@ def regime_main(model: Path, n: int, rounds: int, tokens: int, serve_args: list[
     before = engine_floor(model, workload, n, rounds, callback=True)
     server = spawn(model, *SERVE, "--max-batch-size", str(n), *serve_args)
     try:
-        unary = asyncio.run(run_unary(server.target, workload, n, rounds))
-        stream = asyncio.run(run_grpc(server.target, workload, n, n * rounds, label=f"service, {n} streams"))
+        pids = {"server": server.process.pid, "engine": children(server.process.pid)[0]}
+        unary, unary_cpu = per_token(pids, lambda: asyncio.run(run_unary(server.target, workload, n, rounds)))
+        stream, stream_cpu = per_token(
+            pids, lambda: asyncio.run(run_grpc(server.target, workload, n, n * rounds, label=f"service, {n} streams"))
+        )
         server_log = [line.rstrip() for line in server.log if "engine" in line and "RSS" in line]
     finally:
         server.stop()
@@ -121,6 +150,9 @@ def regime_main(model: Path, n: int, rounds: int, tokens: int, serve_args: list[
         "service_streaming": stream.tokens_per_second,
         "unary_ratio": unary.tokens_per_second / floor,
         "streaming_ratio": stream.tokens_per_second / floor,
+        "callback_microseconds_per_token": (1 / floor - 1 / bare) * 1e6,
+        "unary_cpu_microseconds_per_token": unary_cpu,
+        "streaming_cpu_microseconds_per_token": stream_cpu,
         "errors": {**unary.errors, **stream.errors},
     }
     print(f"GPU regime on {cpu_model()}: {model.name}, one thread, {n} concurrent, {tokens} tokens")
@@ -129,6 +161,9 @@ def regime_main(model: Path, n: int, rounds: int, tokens: int, serve_args: list[
     print(f"{floor_label:<44} {floor:>9.0f} tok/s  (before {before:.0f}, after {after:.0f})")
     print(f"{'service, unary Generate':<44} {unary.tokens_per_second:>9.0f} tok/s  {figures['unary_ratio']:.2f}x")
     print(f"{'service, GenerateStream':<44} {stream.tokens_per_second:>9.0f} tok/s  {figures['streaming_ratio']:.2f}x")
+    print(f"a trivial callback costs CTranslate2 {figures['callback_microseconds_per_token']:.1f} µs per token")
+    for label, cpu in (("unary", unary_cpu), ("streaming", stream_cpu)):
+        print(f"CPU per token, {label}: server {cpu['server']:.1f} µs, engine {cpu['engine']:.1f} µs")
     for line in server_log:
         print(line)
     if figures["errors"]:
