@@ -53,24 +53,27 @@ def test_the_layers_contract_holds() -> None:
 
 
 def test_the_layers_contract_fails_on_a_violation(tmp_path: Path) -> None:
-    """The contract bites: a copy of the package with three violations (a transport in the engine, the domain
-    importing an edge, one edge importing the other) breaks exactly those contracts."""
+    """The contract bites: a copy of the package with four violations (a transport in the engine, the domain
+    importing an edge, one edge importing the other, CTranslate2 in the server process) breaks exactly those
+    contracts."""
     copy = tmp_path / "jachat"
     shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
     for module, line in (
         ("service/engine/gpu.py", "import grpc"),
         ("service/domain/results.py", "from jachat.service.edge import calls"),
         ("service/edge/grpc/servicer.py", "from jachat.service.edge.http import status"),
+        ("service/engine/sequence.py", "import ctranslate2"),
     ):
         path = copy / module
         path.write_text(path.read_text(encoding="utf-8") + f"\n{line}  # a deliberate violation\n", encoding="utf-8")
     result = lint_imports(tmp_path)
     assert result.returncode != 0
-    assert "3 broken" in result.stdout, result.stdout
+    assert "4 broken" in result.stdout, result.stdout
     for violation in (
         "jachat.service.engine.gpu -> grpc",
         "jachat.service.domain.results -> jachat.service.edge.calls",
         "jachat.service.edge.grpc.servicer -> jachat.service.edge.http.status",
+        "jachat.service.engine.sequence -> ctranslate2",
     ):
         assert violation in result.stdout, result.stdout
 
