@@ -20,7 +20,8 @@ slower (a CPU: tens of milliseconds), it stops looking after IDLE_POLLS empty lo
 wakes it (one wake per step, nothing next to such a step). Decoding, reply assembly, stop strings, deadlines,
 cancellation, metrics: all of that is the server's (engine/link.py, engine/sequence.py).
 
-The process ends when the server says so, or when the server is gone (its command pipe closes).
+The process ends when the server says so, or when the server is gone (its command pipe closes); it ignores SIGINT
+and SIGTERM, which a terminal or systemd sends to every process of the service while the server drains.
 """
 
 from __future__ import annotations
@@ -185,6 +186,7 @@ class Outbox:
         self.running = 0  # batches running (changed under the GIL by the decode threads)
         self.wake = threading.Event()  # a batch started or ended, or a token came while the sender slept
         self.asleep = [False]  # a list, so that the callbacks read it without an attribute lookup
+        self.closing = False  # set once no batch will start: send what is left, then return
 
     def run(self) -> None:
         tokens, ended, wake, asleep, send = self.tokens, self.ended, self.wake, self.asleep, self.events.send_bytes
@@ -195,7 +197,7 @@ class Outbox:
             else:
                 wake.clear()
                 asleep[0] = True  # from here on a token wakes us: none can be missed
-                if not (tokens or ended):
+                if not (tokens or ended or self.closing):  # each is set before the wake that tells of it
                     wake.wait()
                 asleep[0] = False
             idle = 0 if tokens or ended else idle + 1
@@ -208,6 +210,13 @@ class Outbox:
                     send(pickle.dumps((batch, done), pickle.HIGHEST_PROTOCOL))
                 except OSError:  # the server is gone: the main thread ends the process
                     return
+            elif self.closing and not self.running:
+                return
+
+    def close(self) -> None:
+        """No batch will start: the sender sends the last ends and returns."""
+        self.closing = True
+        self.wake.set()
 
     def start(self) -> None:
         self.running += 1
@@ -300,17 +309,20 @@ def serve(commands: Connection, events: Connection, flags: memoryview) -> None:
         logging.getLogger("jachat").removeHandler(notes)
     events.send(("ready", dataclasses.replace(loaded, notes=tuple(notes.records))))
     outbox = Outbox(events)
-    threading.Thread(target=outbox.run, name="jachat-outbox", daemon=True).start()
+    sender = threading.Thread(target=outbox.run, name="jachat-outbox", daemon=True)
+    sender.start()
     pool = ThreadPoolExecutor(max_workers=loaded.replicas, thread_name_prefix="jachat-decode")
     while True:
         try:
             command = commands.recv()
-        except (EOFError, OSError):  # the server is gone
+        except (EOFError, OSError):  # the server is gone: nobody wants these rows; no finalization mid-batch
             os._exit(0)
         if command[0] != "run":
             break
         pool.submit(run_batch, generator, vocabulary, options.eos_id, outbox, flags, command)
     pool.shutdown(wait=True)  # the server stopped every row: these end at their next token
+    outbox.close()
+    sender.join()  # the server hears of every batch's end before the pipe closes
     generator.unload_model()
     del generator  # the C++ replicas' threads are joined here, while Python is fully alive
 
@@ -319,15 +331,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     """`python -m jachat.service.engine.core COMMANDS_FD EVENTS_FD FLAGS_FD SLOTS`, spawned by link.py."""
     args = list(sys.argv[1:] if argv is None else argv)
     commands_fd, events_fd, flags_fd, slots = (int(a) for a in args)
-    # Ctrl-C in a terminal signals the whole process group: the server drains, and needs its engine to do so
+    # Ctrl-C in a terminal signals the whole process group, and systemd's default stop sends SIGTERM to every
+    # process of the service: the server drains on either, and needs its engine to do so. The engine ends when the
+    # server says so, or when the server is gone.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.getLogger("jachat").setLevel(logging.INFO)
     logging.getLogger("jachat").propagate = False  # the server logs what this process says (_Notes)
     shared = mmap.mmap(flags_fd, slots)
     commands, events = Connection(commands_fd, writable=False), Connection(events_fd, readable=False)
-    serve(commands, events, memoryview(shared))
-    sys.stderr.flush()
-    os._exit(0)  # no interpreter finalization while CTranslate2's threads might still be winding down
+    serve(commands, events, memoryview(shared))  # its generator is destroyed: a plain exit is safe
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ import asyncio
 from collections.abc import Sequence
 from importlib import metadata
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector
 
 from jachat.service.domain.results import FinishedGeneration, FinishReason, Priority
 
@@ -50,6 +50,7 @@ class Metrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.registry = registry
         r = registry
+        ProcessCollector(registry=r)  # the server process's process_* (memory, CPU, open files); the engine's below
         self.requests = Counter(
             "jachat_requests",
             "Finished calls by API (grpc, http), method and status code (gRPC code names for both APIs).",
