@@ -217,6 +217,30 @@ def test_a_replica_that_frees_first_takes_its_share_not_everyones(
     run(scenario)
 
 
+def test_a_freed_replica_waits_for_the_callers_its_batch_just_answered(
+    tokenizer: Tokenizer, run: Callable[..., Any]
+) -> None:
+    """A call that waited through a whole batch does not start alone the instant the replica frees: the freeing
+    counts as an arrival, so the callers that batch just answered (closed loops come back at once) share the next
+    batch with it, instead of waiting a whole batch behind a batch of one. Bounded as ever by max_batch_wait."""
+
+    async def scenario(make: Callable[..., Scheduler]) -> None:
+        options = SchedulerOptions(replicas=1, batch_idle=0.002, max_batch_wait=0.05)
+        scheduler = make(options, FakeGenerator(token=700))
+        waited = sequence(tokenizer, 101)
+        now = time.monotonic()
+        waited.arrived = scheduler._last_arrival = now - 10.0  # it waited through a long batch
+        assert scheduler._start_at(waited) < now  # nothing freed lately: it would start at once
+        scheduler._freed_at = now  # the replica frees
+        assert scheduler._start_at(waited) == pytest.approx(now + 0.002)  # it waits for the callers coming back
+        scheduler._last_arrival = now + 0.001  # one comes back: the idle gap counts from it
+        assert scheduler._start_at(waited) == pytest.approx(now + 0.003)
+        scheduler._last_arrival = now + 0.049  # they keep coming: never past max_batch_wait from the freeing
+        assert scheduler._start_at(waited) == pytest.approx(now + 0.05)
+
+    run(scenario)
+
+
 def test_different_decoding_options_never_share_a_batch(tokenizer: Tokenizer, run: Callable[..., Any]) -> None:
     async def scenario(make: Callable[..., Scheduler]) -> None:
         fake = FakeGenerator(token=700)

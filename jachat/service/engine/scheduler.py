@@ -11,7 +11,9 @@ joins it once it runs. So the scheduler decides what starts together:
   one replica's thread does them all). While requests keep
   arriving it waits for more: it starts when it is full, when none has arrived for `batch_idle` seconds, or
   `max_batch_wait` after its head arrived, whichever comes first. A lone caller so waits only `batch_idle`, and
-  callers that arrive together (closed-loop clients whose replies ended together) start together.
+  callers that arrive together (closed-loop clients whose replies ended together) start together. A replica that
+  frees counts as an arrival (and as the head's arrival, for `max_batch_wait`): the callers its batch just answered
+  come back together, and the calls that waited for the replica share it with them rather than start alone.
 - Requests share a call only with identical decoding options (temperature, top-k, top-p, repetition penalty,
   n-gram blocking, min_new_tokens). Their prompts may differ in length by at most `max_prompt_length_spread`
   tokens: CTranslate2 decodes a longer prompt's extra tokens one step at a time, which costs latency. With a
@@ -225,6 +227,17 @@ class Scheduler:
                 low, high = min(low, length), max(high, length)
         return batch
 
+    def _start_at(self, head: Generation) -> float:
+        """When the batch `head` heads starts if it does not fill first: `batch_idle` after the last arrival, at most
+        `max_batch_wait` after the head's. A replica that has just freed counts as an arrival (and as the head's): the
+        callers of the batch that ended come back together (closed loops), and the calls that waited for the replica
+        share it with them rather than start alone the instant it frees."""
+        freed = self._freed_at
+        return min(
+            max(head.arrived, freed) + self.options.max_batch_wait,
+            max(self._last_arrival, freed) + self.options.batch_idle,
+        )
+
     async def _next_batch(self) -> list[Generation]:
         assert self._arrived is not None
         while True:
@@ -236,13 +249,7 @@ class Scheduler:
             batch = self._compatible(self._waiting())
             now = time.monotonic()
             head = batch[0]
-            # a replica that has just freed counts as an arrival: the callers of the batch that ended come back
-            # together (closed loops), and the calls that waited for the replica should share it with them
-            freed = self._freed_at
-            start_at = min(
-                max(head.arrived, freed) + self.options.max_batch_wait,
-                max(self._last_arrival, freed) + self.options.batch_idle,
-            )
+            start_at = self._start_at(head)
             if len(batch) >= self.options.max_batch_size or now >= start_at:
                 batch = batch[: self._share(len(batch))]
                 break
