@@ -193,6 +193,35 @@ def test_bench_warmstart_times_the_first_calls_with_and_without_the_warm_start(m
         assert run["first_over_tenth"] == run["call_seconds"][0] / run["call_seconds"][-1]
 
 
+def test_bench_regime_compares_the_service_with_the_floor_in_one_run(model_f32: Path, tmp_path: Path) -> None:
+    output = tmp_path / "regime.json"
+    command = ["jachat-bench", "regime", "--model", str(model_f32), "-c", "4", "-n", "2", "--tokens", "8"]
+    result = subprocess.run([*command, "-o", str(output)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    figures = json.loads(output.read_text())["figures"]
+    floor = figures["ctranslate2_trivial_callback"]
+    assert floor == (figures["ctranslate2_trivial_callback_before"] + figures["ctranslate2_trivial_callback_after"]) / 2
+    assert figures["unary_ratio"] == figures["service_unary"] / floor > 0
+    assert figures["streaming_ratio"] == figures["service_streaming"] / floor > 0
+    for run in ("unary", "streaming"):
+        assert set(figures[f"{run}_cpu_microseconds_per_token"]) == {"server", "engine"}
+    assert figures["errors"] == {}
+    assert "service, GenerateStream" in result.stdout and "CPU per token, streaming: server" in result.stdout
+
+
+def test_bench_gil_runs_the_engine_in_and_out_of_process_with_and_without_a_busy_thread(
+    model_f32: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "gil.json"
+    command = ["jachat-bench", "gil", "--model", str(model_f32), "-c", "4", "-n", "2", "--tokens", "8"]
+    result = subprocess.run([*command, "-o", str(output)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    speeds = json.loads(output.read_text())["tokens_per_second"]
+    runs = {"in_process", "in_process_busy", "engine_process", "engine_process_busy"}
+    assert set(speeds) == runs and all(speeds[run] > 0 for run in runs)
+    assert "in the engine process" in result.stdout
+
+
 @pytest.mark.slow
 def test_gpu_check_runs_end_to_end_in_dry_mode(tmp_path: Path) -> None:
     """scripts/gpu-check --dry-run: every step of the GPU check (environment, device tests, closed loops, replicas,
