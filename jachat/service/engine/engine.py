@@ -138,7 +138,7 @@ class Engine:
             loaded.intra_threads,
         )
         log.info(
-            "engine process pid %d: RSS %s (the weights); this process: RSS %s",
+            "engine process pid %d: RSS %s (CTranslate2, the weights); this process: RSS %s",
             self.core.pid,
             mib(self.core.rss()),
             mib(rss_bytes()),
