@@ -37,6 +37,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from jachat.bench.launcher import ServerProcess, health_stub, spawn
+from jachat.bench.reports import write_report
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 
 FOUR_MB_TURNS = 256
@@ -390,10 +391,9 @@ def abuse_main(
     for what, value, limit, met in checks:
         print(f"{what:<30} {value:10.1f}  target < {limit:<6g} {'met' if met else 'NOT MET'}")
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
         document = {
             "abuse": result,
             "checks": [{"what": w, "value": v, "target": t, "met": m} for w, v, t, m in checks],
         }
-        output.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        write_report(output, document)
     return 0 if all(m for *_, m in checks) else 1

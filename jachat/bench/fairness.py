@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +21,7 @@ from typing import Any
 import grpc
 
 from jachat.bench.launcher import ServerProcess, spawn
+from jachat.bench.reports import write_report
 from jachat.bench.workload import percentile
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 
@@ -188,6 +188,5 @@ def fairness_main(
         f"meanwhile; promotion after {promotion:g} s; the load lasts at most {starvation['load_seconds']:g} s)"
     )
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps({"meta": meta, "fairness": result}, indent=2, ensure_ascii=False) + "\n")
+        write_report(output, {"meta": meta, "fairness": result})
     return 0

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from jachat.bench.regime import cpu_model
+from jachat.bench.reports import write_report
 from jachat.bench.workload import Workload
 
 
@@ -124,8 +125,6 @@ def gil_main(model: Path, n: int, rounds: int, tokens: int, output: Path | None)
         alone, beside = figures[where], figures[f"{where}_busy"]
         print(f"{label:<36} {alone:>10.0f} {beside:>12.0f} {beside / alone:>6.2f}")
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
         meta = {"cpu": cpu_model(), "model": str(model), "sequences": n, "rounds": rounds, "tokens": tokens}
-        output.write_text(json.dumps({"meta": meta, "tokens_per_second": figures}, indent=2) + "\n")
-        print(f"written to {output}")
+        write_report(output, {"meta": meta, "tokens_per_second": figures})
     return 0

@@ -18,7 +18,6 @@ minute to minute, so the floor is measured before and after the service, and the
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import platform
 import time
@@ -124,6 +123,7 @@ async def run_unary(target: str, workload: Workload, n: int, rounds: int) -> Rep
 def regime_main(model: Path, n: int, rounds: int, tokens: int, serve_args: list[str], output: Path | None) -> int:
     from jachat.bench.clients import run_grpc
     from jachat.bench.launcher import spawn
+    from jachat.bench.reports import write_report
 
     workload = Workload(tokens=tokens)
     figures: dict[str, Any] = {}
@@ -169,8 +169,6 @@ def regime_main(model: Path, n: int, rounds: int, tokens: int, serve_args: list[
     if figures["errors"]:
         print(f"errors: {figures['errors']}")
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
         meta = {"cpu": cpu_model(), "model": str(model), "concurrency": n, "rounds": rounds, "tokens": tokens}
-        output.write_text(json.dumps({"meta": meta, "figures": figures}, indent=2) + "\n")
-        print(f"written to {output}")
+        write_report(output, {"meta": meta, "figures": figures})
     return 1 if figures["errors"] else 0

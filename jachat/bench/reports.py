@@ -12,6 +12,14 @@ from jachat.bench.targets import TARGETS
 from jachat.bench.workload import Report
 
 
+def write_report(output: Path, document: dict[str, Any], say: bool = True) -> None:
+    """A benchmark's JSON report (its folder made), and a line saying where it went."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+    if say:
+        print(f"\nwritten to {output}")
+
+
 def table(reports: list[Report]) -> str:
     header = (
         f"{'run':<34} {'conc':>4} {'reqs':>5} {'tok/s':>8} {'TTFT p50/p90/p99 (ms)':>24} "
@@ -53,12 +61,10 @@ def print_results(reports: dict[str, Report], concurrency: int, output: Path | N
                 f"{what:<66} {value:8.2f}  target {'>=' if floor else '<='} {target:<5} {'met' if met else 'NOT MET'}"
             )
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
         document = {
             "meta": meta,
             "reports": {k: asdict(v) for k, v in reports.items()},
             "targets": [{"what": w, "value": v, "target": t, "floor": f, "met": m} for w, v, t, f, m in rows],
         }
-        output.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
-        print(f"\nwritten to {output}")
+        write_report(output, document)
     return 0 if all(row[-1] for row in rows) else 1

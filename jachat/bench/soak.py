@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import time
 from collections.abc import Sequence
 from dataclasses import asdict
@@ -14,6 +13,7 @@ from typing import Any
 import grpc
 
 from jachat.bench.clients import run_grpc
+from jachat.bench.reports import write_report
 from jachat.bench.workload import Workload
 
 
@@ -115,11 +115,10 @@ def soak_main(args: argparse.Namespace, workload: Workload, meta: dict[str, Any]
             f"{'met' if met else 'NOT MET'}"
         )
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
         document = {
             "meta": meta,
             "soak": result,
             "checks": [{"what": w, "value": v, "target": t, "met": m} for w, v, t, m in checks],
         }
-        args.output.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        write_report(args.output, document)
     return 0 if all(m for *_, m in checks) else 1

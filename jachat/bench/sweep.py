@@ -10,7 +10,6 @@ the service's capacity, and TTFT with them), or errors over 1%.
 from __future__ import annotations
 
 import asyncio
-import json
 import math
 import sys
 from collections.abc import Sequence
@@ -19,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from jachat.bench.clients import run_grpc
+from jachat.bench.reports import write_report
 from jachat.bench.workload import Report, Workload
 
 MAX_IN_FLIGHT = 512  # an open loop, bounded only so a dead server cannot exhaust the client
@@ -140,8 +140,7 @@ def sweep_main(args: Any, workload: Workload, meta: dict[str, Any]) -> int:
     )
     document = {"meta": meta, "slo_seconds": args.slo, "best_rate": best, "steps": [asdict(s) for s in steps]}
     if args.output is not None:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(document, indent=2, ensure_ascii=False) + "\n")
+        write_report(args.output, document, say=False)
         picture = plot(steps, args.slo, args.output.with_suffix(".png"), f"jachat open-loop sweep ({args.model.name})")
         print(f"written to {args.output}" + (f" and {picture}" if picture else ""))
     return 0

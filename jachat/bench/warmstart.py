@@ -4,7 +4,6 @@ first over the median of calls 2-10, and how long the warm start took (from the 
 
 from __future__ import annotations
 
-import json
 import re
 import statistics
 import time
@@ -15,6 +14,7 @@ from typing import Any
 import grpc
 
 from jachat.bench.launcher import spawn
+from jachat.bench.reports import write_report
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 
 CALLS = 10
@@ -58,7 +58,5 @@ def warmstart_main(model: Path, serve_args: Sequence[str], output: Path | None, 
             f"{run['first_over_tenth']:.2f}  calls (ms): {calls}"
         )
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps({"meta": meta, "runs": runs}, indent=2) + "\n")
-        print(f"written to {output}")
+        write_report(output, {"meta": meta, "runs": runs})
     return 0
