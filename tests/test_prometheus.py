@@ -135,10 +135,11 @@ def traffic(server: Server, seconds: float) -> None:
     def grpc_caller(priority: chat_pb2.Priority.ValueType, tenant: str) -> None:
         with server.channel() as channel:
             stub = server.stub(channel)
+            # the batch caller cancels its streams: long ones, so that the cancel finds them generating
+            sampling = greedy(400, min_new_tokens=400) if priority == chat_pb2.PRIORITY_BATCH else greedy(8)
             while time.monotonic() < stop:
-                request = chat_pb2.GenerateStreamRequest(
-                    turns=[user("こんにちは")], sampling=greedy(8), priority=priority
-                )
+                turns = [user("こんにちは")]
+                request = chat_pb2.GenerateStreamRequest(turns=turns, sampling=sampling, priority=priority)
                 stream = stub.GenerateStream(request, metadata=(("x-jachat-tenant", tenant),), timeout=30)
                 for i, _ in enumerate(stream):
                     if i == 2 and priority == chat_pb2.PRIORITY_BATCH:
