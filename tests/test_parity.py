@@ -163,3 +163,29 @@ def test_token_logprobs_equal_hugging_face_log_softmax(engine_f32: Engine, demo_
         for step, token in enumerate(generated):
             reference = float(expected[len(prompt_ids) - 1 + step, token.id])
             assert abs(token.logprob - reference) < 1e-3, (step, token, reference)
+
+
+def test_scored_replies_equal_hugging_face_teacher_forced(engine_f32: Engine, demo_checkpoint: Path) -> None:
+    """Scoring candidate replies gives each reply token Hugging Face's teacher-forced log_softmax after the
+    conversation (float32, within 1e-3), one batch for all candidates of different lengths; a newline in a reply is
+    the model's <NL>."""
+    import torch
+
+    from jachat.service.domain.request import ScoreRequest
+    from tests.helpers import hf_model
+
+    turns = PROMPTS[1]
+    prompt_ids = engine_f32.tokenizer.encode(render_prompt(turns))
+    candidates = ["東京です。", "大阪です。\n京都も近い。", "吾輩は猫である。名前はまだ無い。"]
+    scored = asyncio.run(engine_f32.score(ScoreRequest(turns, candidates)))
+    assert scored.prompt_tokens == len(prompt_ids) and len(scored.candidates) == 3
+    model = hf_model(demo_checkpoint)
+    for text, tokens in zip(candidates, scored.candidates, strict=True):
+        assert engine_f32.tokenizer.decode([t.id for t in tokens]).replace("<NL>", "\n") == text
+        ids = prompt_ids + [t.id for t in tokens]
+        with torch.no_grad():
+            expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        for step, token in enumerate(tokens):
+            assert abs(token.logprob - float(expected[len(prompt_ids) - 1 + step, token.id])) < 1e-3, (step, token)
+    newline = engine_f32.tokenizer.encode("<NL>")
+    assert len(newline) == 1 and newline[0] in [t.id for t in scored.candidates[1]]

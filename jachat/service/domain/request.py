@@ -31,6 +31,32 @@ class ChatRequest:
     drop_oldest_turns: bool = False
 
 
+MAX_CANDIDATES = 16  # replies scored in one call (one score_batch)
+
+
+@dataclass(frozen=True)
+class ScoreRequest:
+    """Candidate replies to a conversation, to be scored (each token's log-probability), as one batch."""
+
+    turns: Sequence[Turn]
+    candidates: Sequence[str]
+
+
+def check_candidates(candidates: Sequence[str]) -> None:
+    """1 to MAX_CANDIDATES candidates, each 1 to MAX_TURN_CHARACTERS characters."""
+    if not candidates:
+        raise InvalidRequest([FieldViolation(("candidates",), "must not be empty: give at least one reply to score")])
+    if len(candidates) > MAX_CANDIDATES:
+        raise InvalidRequest([FieldViolation(("candidates",), f"{len(candidates)}; at most {MAX_CANDIDATES}")])
+    violations = [
+        FieldViolation(("candidates", i), f"{len(c)} characters; 1 to {MAX_TURN_CHARACTERS}")
+        for i, c in enumerate(candidates)
+        if not 0 < len(c) <= MAX_TURN_CHARACTERS
+    ]
+    if violations:
+        raise InvalidRequest(violations)
+
+
 def check_turn_count(count: int) -> None:
     """At least one turn, at most MAX_TURNS: checked by each edge before it converts any turn."""
     if count == 0:

@@ -59,6 +59,15 @@ class Completion:
 
 
 @dataclass(frozen=True)
+class Scored:
+    """Candidate replies scored against one conversation: each reply's tokens with their teacher-forced
+    log-probabilities (given the conversation and the reply's earlier tokens), in the order asked."""
+
+    prompt_tokens: int
+    candidates: tuple[tuple[GeneratedToken, ...], ...]
+
+
+@dataclass(frozen=True)
 class FinishedGeneration:
     reason: FinishReason
     prompt_tokens: int

@@ -182,7 +182,8 @@ class Outbox:
     def __init__(self, events: Connection) -> None:
         self.events = events
         self.tokens: list[tuple[int, int, float | None, float]] = []  # (slot, token id, log-prob, time.monotonic)
-        self.ended: list[tuple[int, str | None]] = []  # (batch number, error or None)
+        # (batch or scoring job number, error or None, a scoring job's log-probabilities)
+        self.ended: list[tuple[int, str | None, list[list[float]] | None]] = []
         self.running = 0  # batches running (changed under the GIL by the decode threads)
         self.wake = threading.Event()  # a batch started or ended, or a token came while the sender slept
         self.asleep = [False]  # a list, so that the callbacks read it without an attribute lookup
@@ -228,8 +229,12 @@ class Outbox:
         self.wake.set()
 
     def end(self, number: int, error: str | None) -> None:
-        self.ended.append((number, error))
+        self.ended.append((number, error, None))
         self.running -= 1
+        self.wake.set()
+
+    def scored(self, number: int, error: str | None, log_probs: list[list[float]] | None) -> None:
+        self.ended.append((number, error, log_probs))
         self.wake.set()
 
 
@@ -273,6 +278,16 @@ def run_batch(
     outbox.end(number, error)
 
 
+def run_scoring(generator: Any, vocabulary: Sequence[str], outbox: Outbox, command: tuple[Any, ...]) -> None:
+    """One score_batch call: each sequence's teacher-forced log-probabilities (of its tokens after the first)."""
+    _, number, sequences = command
+    try:
+        results = generator.score_batch([[vocabulary[i] for i in ids] for ids in sequences], max_input_length=0)
+        outbox.scored(number, None, [list(result.log_probs) for result in results])
+    except Exception:  # reported to the server, which fails the call
+        outbox.scored(number, traceback.format_exc(), None)
+
+
 def rss_bytes(pid: int | str = "self") -> int:
     """A process's resident set size (Linux), 0 where it cannot be read."""
     try:
@@ -312,15 +327,21 @@ def serve(commands: Connection, events: Connection, flags: memoryview) -> None:
     sender = threading.Thread(target=outbox.run, name="jachat-outbox", daemon=True)
     sender.start()
     pool = ThreadPoolExecutor(max_workers=loaded.replicas, thread_name_prefix="jachat-decode")
+    # scoring jobs wait here for a free replica (CTranslate2 queues them), never in a decode thread's place
+    scorers = ThreadPoolExecutor(max_workers=loaded.replicas, thread_name_prefix="jachat-score")
     while True:
         try:
             command = commands.recv()
         except (EOFError, OSError):  # the server is gone: nobody wants these rows; no finalization mid-batch
             os._exit(0)
-        if command[0] != "run":
+        if command[0] == "run":
+            pool.submit(run_batch, generator, vocabulary, options.eos_id, outbox, flags, command)
+        elif command[0] == "score":
+            scorers.submit(run_scoring, generator, vocabulary, outbox, command)
+        else:
             break
-        pool.submit(run_batch, generator, vocabulary, options.eos_id, outbox, flags, command)
     pool.shutdown(wait=True)  # the server stopped every row: these end at their next token
+    scorers.shutdown(wait=True)
     outbox.close()
     sender.join()  # the server hears of every batch's end before the pipe closes
     generator.unload_model()

@@ -22,8 +22,16 @@ from typing import TypeVar
 
 from jachat.manifest import TOKENIZER_FILE, Manifest, read_manifest, verify_manifest
 from jachat.service.domain.errors import DeadlineExceeded
-from jachat.service.domain.request import ChatRequest
-from jachat.service.domain.results import Completion, Delta, FinishReason, ModelInfo, Priority
+from jachat.service.domain.request import ChatRequest, ScoreRequest
+from jachat.service.domain.results import (
+    Completion,
+    Delta,
+    FinishReason,
+    GeneratedToken,
+    ModelInfo,
+    Priority,
+    Scored,
+)
 from jachat.service.domain.sampling import SamplingOptions
 from jachat.service.engine.core import CoreOptions, rss_bytes
 from jachat.service.engine.link import EngineProcess
@@ -162,6 +170,22 @@ class Engine:
     async def tokenize(self, turns: Sequence[Turn]) -> Prompt:
         """The conversation's prompt as the model would see it (on the preparation pool)."""
         return await self.preparer.tokenize(turns)
+
+    async def score(self, request: ScoreRequest) -> Scored:
+        """Each candidate reply's tokens and teacher-forced log-probabilities after the conversation, as one
+        score_batch call in the engine process (scoring waits for a free replica there, never in the queue of
+        generations). Raises InvalidRequest, Overloaded, EngineLost or EngineFailure."""
+        prompt, candidates = await self.preparer.prepare_score(request)
+        sequences = [prompt.ids + ids for ids in candidates]
+        log_probs = await asyncio.wrap_future(self.core.score(sequences))
+        start = len(prompt.ids) - 1  # log_probs[i] is the probability of sequence[i + 1]
+        return Scored(
+            len(prompt.ids),
+            tuple(
+                tuple(GeneratedToken(i, p) for i, p in zip(ids, scores[start:], strict=True))
+                for ids, scores in zip(candidates, log_probs, strict=True)
+            ),
+        )
 
     async def offload(self, work: Callable[[], T]) -> T:
         """Run other CPU work of a request (building a large reply) on the preparation pool, off the event loop."""

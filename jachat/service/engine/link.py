@@ -28,6 +28,7 @@ import subprocess
 import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
@@ -62,9 +63,24 @@ class _Batch:
         self.ended = threading.Event()
         self.error: Exception | None = None
 
-    def end(self, error: Exception | None) -> None:
+    def end(self, error: Exception | None, log_probs: list[list[float]] | None = None) -> None:
         self.error = error
         self.ended.set()
+
+
+class _Scoring(_Batch):
+    """A scoring job in flight: no rows, its log-probabilities as a future."""
+
+    def __init__(self) -> None:
+        super().__init__([])
+        self.future: Future[list[list[float]]] = Future()
+
+    def end(self, error: Exception | None, log_probs: list[list[float]] | None = None) -> None:
+        if error is not None:
+            self.future.set_exception(error)
+        else:
+            self.future.set_result(log_probs or [])
+        super().end(error)
 
 
 def _nothing() -> None:
@@ -166,12 +182,28 @@ class EngineProcess:
         if batch.error is not None:
             raise batch.error
 
+    def score(self, sequences: list[list[int]]) -> Future[list[list[float]]]:
+        """Each sequence's teacher-forced log-probabilities (of its tokens after the first), as one score_batch
+        call on the next free replica. The future fails with EngineLost or EngineFailure as `run` does."""
+        with self._lock:
+            if self.lost is not None:
+                raise EngineLost(self.lost)
+            number = next(self._numbers)
+            job = _Scoring()
+            self._batches[number] = job
+        try:
+            with self._send_lock:
+                self._commands.send(("score", number, sequences))
+        except OSError:
+            self._ended(number, EngineLost(self.lost or "the engine process is gone"))
+        return job.future
+
     def _halt(self, slot: int, row: Row) -> None:
         with self._lock:
             if self._rows[slot] is row:
                 self.flags[slot] = 1
 
-    def _ended(self, number: int, error: Exception | None) -> None:
+    def _ended(self, number: int, error: Exception | None, log_probs: list[list[float]] | None = None) -> None:
         with self._lock:
             batch = self._batches.pop(number, None)
             if batch is None:
@@ -182,7 +214,7 @@ class EngineProcess:
                     row.halt = _nothing
                 self._rows[slot] = None
                 self._free.append(slot)
-        batch.end(error)
+        batch.end(error, log_probs)
 
     def _messages(self) -> Iterator[list[Any]]:
         """The engine's messages, as many per read as the pipe holds: each read (a system call) lets another
@@ -217,10 +249,10 @@ class EngineProcess:
                     row = rows[slot]
                     if row is not None and row.on_token(token_id, log_prob, at):
                         flags[slot] = 1
-                for number, error in ended:
+                for number, error, log_probs in ended:
                     if error is not None:
                         log.error("the engine failed a batch:\n%s", error.rstrip())
-                    self._ended(number, None if error is None else EngineFailure("generation failed"))
+                    self._ended(number, None if error is None else EngineFailure("generation failed"), log_probs)
         self._lose()
 
     def _lose(self) -> None:

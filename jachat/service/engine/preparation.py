@@ -21,10 +21,16 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from jachat.service.domain.errors import FieldViolation, InvalidRequest, Overloaded
-from jachat.service.domain.request import MAX_REQUEST_TOKENS, ChatRequest, check_turns
+from jachat.service.domain.request import (
+    MAX_REQUEST_TOKENS,
+    ChatRequest,
+    ScoreRequest,
+    check_candidates,
+    check_turns,
+)
 from jachat.service.domain.sampling import SamplingOptions
 from jachat.service.engine.injection import RenderedTurn, TurnGuard
-from jachat.service.text.prompt import CUE, SEPARATOR, Turn, join_turns
+from jachat.service.text.prompt import CUE, SEPARATOR, Turn, join_turns, neutralise
 from jachat.service.text.tokenizer import Tokenizer
 
 T = TypeVar("T")
@@ -79,6 +85,29 @@ class Preparer:
     def prompt(self, turns: Sequence[Turn]) -> Prompt:
         """The whole conversation as the model sees it (Tokenize)."""
         return self._join(self._render(turns), 0)
+
+    async def prepare_score(self, request: ScoreRequest) -> tuple[Prompt, list[list[int]]]:
+        check_turns(request.turns)
+        check_candidates(request.candidates)
+        return await self.run(lambda: self.score_now(request))
+
+    def score_now(self, request: ScoreRequest) -> tuple[Prompt, list[list[int]]]:
+        """The conversation's prompt and each candidate reply's ids (its text as a turn's: newlines as <NL>), each
+        prompt + candidate within the context (on a worker thread)."""
+        prompt = self.prompt(request.turns)
+        candidates = [self.tokenizer.encode(neutralise(text)) for text in request.candidates]
+        violations = [
+            FieldViolation(
+                ("candidates", i),
+                f"{len(prompt.ids)} prompt tokens and {len(ids)} of this reply exceed the {self.context_length}-token "
+                "context",
+            )
+            for i, ids in enumerate(candidates)
+            if len(prompt.ids) + len(ids) > self.context_length
+        ]
+        if violations:
+            raise InvalidRequest(violations)
+        return prompt, candidates
 
     def prepare_now(self, request: ChatRequest) -> PreparedRequest:
         """Render, encode and fit one generation request (on a worker thread)."""
