@@ -28,8 +28,8 @@ from jachat.service.domain.errors import (
     dotted,
     message,
 )
-from jachat.service.domain.request import ChatRequest
-from jachat.service.domain.results import DEADLINE_SLACK, Completion, Delta, GeneratedToken, Priority
+from jachat.service.domain.request import ChatRequest, ScoreRequest
+from jachat.service.domain.results import DEADLINE_SLACK, Completion, Delta, GeneratedToken, Priority, Scored
 from jachat.service.edge.identity import Headers, Tokens, request_id_from, tenant_of
 from jachat.service.engine.engine import Engine
 from jachat.service.engine.preparation import PreparedRequest, Prompt
@@ -185,6 +185,16 @@ class Calls:
             prepared = await engine.prepare(request)
             span.set_attribute("gen_ai.usage.input_tokens", len(prepared.prompt.ids))
         return prepared
+
+    async def score(self, call: Call, request: ScoreRequest) -> Scored:
+        """Scoring, through the same door: the queue's room first, then the engine, in a span."""
+        engine = self.engine()
+        engine.check_capacity(call.priority, call.tenant)
+        call.pieces, call.token_bytes = engine.tokenizer.pieces, engine.tokenizer.token_bytes
+        with self.tracing.child(call.span, "jachat.score") as span:
+            scored = await engine.score(request)
+            span.set_attribute("gen_ai.usage.input_tokens", scored.prompt_tokens)
+        return scored
 
     async def tokenize(self, call: Call, turns: Sequence[Turn]) -> Prompt:
         """Tokenize's preparation, through the same door: the queue's room first, then the pool, in a span."""

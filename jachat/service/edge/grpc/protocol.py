@@ -172,5 +172,8 @@ def method_handlers(servicer: Any) -> grpc.GenericRpcHandler:
         "GetModelInfo": grpc.unary_unary_rpc_method_handler(
             servicer.GetModelInfo, tolerant_parser(pb.GetModelInfoRequest), pb.GetModelInfoResponse.SerializeToString
         ),
+        "Score": grpc.unary_unary_rpc_method_handler(
+            servicer.Score, tolerant_parser(pb.ScoreRequest), pb.ScoreResponse.SerializeToString
+        ),
     }
     return grpc.method_handlers_generic_handler(CHAT_SERVICE, handlers)

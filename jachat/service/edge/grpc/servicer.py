@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
-from jachat.service.domain.request import ChatRequest
+from jachat.service.domain.request import ChatRequest, ScoreRequest, check_candidates, check_turn_count
 from jachat.service.domain.results import Completion, Delta
 from jachat.service.domain.sampling import SamplingOptions
 from jachat.service.edge.calls import Call, Calls, Opening, messages, write_within
@@ -148,6 +148,25 @@ class ChatServicer:
             return await engine.offload(lambda: tokenize_response(prompt, pieces, limit))
 
         return await self._rpc("Tokenize", context, work)
+
+    async def Score(self, request: chat_pb2.ScoreRequest, context: Context) -> chat_pb2.ScoreResponse:
+        async def work(call: Call) -> chat_pb2.ScoreResponse:
+            check_parsed(request)
+            call.priority = priority_from_pb(request.priority)
+            check_turn_count(len(request.turns))
+            check_candidates(request.candidates)
+            scored = await self.calls.score(call, ScoreRequest(turns_from_pb(request.turns), list(request.candidates)))
+            return chat_pb2.ScoreResponse(
+                prompt_tokens=scored.prompt_tokens,
+                candidates=[
+                    chat_pb2.CandidateScore(
+                        tokens=tokens_to_pb(tokens, call.pieces, True), logprob=sum(t.logprob for t in tokens)
+                    )
+                    for tokens in scored.candidates
+                ],
+            )
+
+        return await self._rpc("Score", context, work)
 
     async def GetModelInfo(
         self, request: chat_pb2.GetModelInfoRequest, context: Context
