@@ -27,7 +27,8 @@ MAX_STEPS = 16
 
 @dataclass(frozen=True)
 class Step:
-    rate: float  # offered, calls/s
+    rate: float  # nominal, calls/s
+    offered_rate: float  # calls/s actually sent: the calls over the arrival window (clients.arrivals)
     achieved_rate: float  # completed calls/s
     tokens_per_second: float
     ttft_p50: float
@@ -43,6 +44,7 @@ class Step:
         achieved = report.requests / report.seconds if report.seconds > 0 else 0.0
         return cls(
             rate,
+            report.offered_rate if report.offered_rate is not None else math.nan,
             achieved,
             report.tokens_per_second,
             report.ttft["p50"],
@@ -128,11 +130,14 @@ def sweep_main(args: Any, workload: Workload, meta: dict[str, Any]) -> int:
     finally:
         server.stop()
     best = best_rate(steps, args.slo)
-    print(f"{'calls/s':>8} {'done/s':>7} {'tok/s':>8} {'TTFT p50/p99 (ms)':>18} {'e2e p50/p99 (s)':>16} {'errors':>6}")
+    header = (
+        f"{'calls/s':>8} {'sent/s':>7} {'done/s':>7} {'tok/s':>8} {'TTFT p50/p99 (ms)':>18} {'e2e p50/p99 (s)':>16}"
+    )
+    print(f"{header} {'errors':>6}")
     for s in steps:
         ttft = f"{s.ttft_p50 * 1000:.0f}/{s.ttft_p99 * 1000:.0f}" if not math.isnan(s.ttft_p99) else "-"
         print(
-            f"{s.rate:>8g} {s.achieved_rate:>7.2f} {s.tokens_per_second:>8.1f} {ttft:>18} "
+            f"{s.rate:>8g} {s.offered_rate:>7.2f} {s.achieved_rate:>7.2f} {s.tokens_per_second:>8.1f} {ttft:>18} "
             f"{s.e2e_p50:>7.2f}/{s.e2e_p99:<8.2f} {s.errors:>6}"
         )
     print(

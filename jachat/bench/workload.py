@@ -95,6 +95,8 @@ class Report:
 
     cancelled: int = 0  # calls the client cancelled on purpose (--cancel-fraction): not errors
     max_in_flight: int = 0  # the most calls in flight at once (open loop: bounded by the concurrency)
+    nominal_rate: float | None = None  # open loop: the calls/s asked for
+    offered_rate: float | None = None  # open loop: the calls/s actually sent (calls over the arrival window)
 
     @classmethod
     def of(cls, name: str, concurrency: int, records: list[Record], seconds: float, max_in_flight: int = 0) -> Report:

@@ -19,7 +19,7 @@ def test_the_sweep_finds_the_highest_rate_within_the_slo_and_stops_at_saturation
     from jachat.bench.sweep import Step, best_rate, rates_from
 
     def step(rate: float, ttft_p99: float, errors: int = 0) -> Step:
-        return Step(rate, rate, 10 * rate, ttft_p99 / 2, ttft_p99, 1.0, 2.0, 100, errors)
+        return Step(rate, rate, rate, 10 * rate, ttft_p99 / 2, ttft_p99, 1.0, 2.0, 100, errors)
 
     steps = [step(1, 0.2), step(2, 0.6), step(3, 0.9, errors=1), step(4, 2.0)]
     assert best_rate(steps, 1.0) == 2  # 3/s met the latency, not the errors; 4/s missed the latency
