@@ -176,6 +176,29 @@ def test_bench_sweep_reports_each_rate_the_best_under_the_slo_and_a_plot(model_f
     assert output.with_suffix(".png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
+def test_bench_sweep_measures_any_openai_server_with_the_same_schedule_and_draws_a_comparison(
+    model_f32: Path, tmp_path: Path
+) -> None:
+    """--openai-base-url: the sweep's own schedule, prompts and token count against an OpenAI-compatible server
+    (jachat's HTTP API here); --compare draws another report's curves beside it."""
+    from tests.servers import serving
+
+    first, second = tmp_path / "openai.json", tmp_path / "compared.json"
+    with serving(model_f32, "--http-port", "0") as server:
+        base = f"http://127.0.0.1:{server.http_port}/v1"
+        command = ["jachat-bench", "sweep", "--openai-base-url", base, "--rates", "3", "--step-duration", "2"]
+        for output, more in ((first, []), (second, ["--compare", str(first)])):
+            result = subprocess.run(
+                [*command, "--tokens", "4", "-o", str(output), *more], capture_output=True, text=True, timeout=600
+            )
+            assert result.returncode == 0, result.stdout + result.stderr
+    (step,) = json.loads(first.read_text())["steps"]
+    assert step["requests"] == 6 and step["errors"] == 0  # exactly rate x duration calls, all answered
+    assert abs(step["offered_rate"] - 3.0) <= 0.3 and step["tokens_per_second"] > 0
+    assert json.loads(first.read_text())["meta"]["server"]["openai_base_url"] == base
+    assert second.with_suffix(".png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
 def test_bench_warmstart_times_the_first_calls_with_and_without_the_warm_start(model_f32: Path, tmp_path: Path) -> None:
     output = tmp_path / "warmstart.json"
     result = subprocess.run(

@@ -8,7 +8,7 @@
 - `soak`: a fresh server under load for a long time: errors, health and memory (soak.py).
 - `abuse`: a fresh server under worst-case requests: health, stream gaps, loop lag, refusals (abuse.py).
 - `sweep`: a fresh server under open-loop Poisson arrivals at rising rates until it saturates: latency curves and
-  the highest rate under the TTFT SLO (sweep.py).
+  the highest rate under the TTFT SLO (sweep.py); with --openai-base-url, any running OpenAI-compatible server.
 - `warmstart`: a fresh server's first ten calls, with and without the warm start (warmstart.py).
 - `regime`: the GPU regime on this CPU (a tiny model, one thread): the service's unary and streaming tokens/s
   against CTranslate2 with a trivial callback, side by side (regime.py).
@@ -66,6 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rate-factor", type=float, default=1.5, help="sweep: each rate is the last times this")
     parser.add_argument("--step-duration", type=float, default=20.0, help="sweep: seconds of arrivals per rate")
     parser.add_argument("--slo", type=float, default=1.0, help="sweep: the TTFT p99 target (s)")
+    parser.add_argument(
+        "--openai-base-url", help="sweep: measure this running OpenAI-compatible server (URL ending in /v1) instead"
+    )
+    parser.add_argument("--openai-model", help="sweep: the model name to ask for (default: the first of /v1/models)")
+    parser.add_argument(
+        "--openai-extra", help="sweep: JSON fields added to every request, e.g. '{\"ignore_eos\": true}'"
+    )
+    parser.add_argument("--compare", type=Path, help="sweep: another sweep's JSON report, drawn beside this one")
     parser.add_argument("--output", "-o", type=Path, help="write the JSON report here")
     return parser
 
@@ -86,7 +94,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "soak": ["model", "duration"],
         "abuse": ["model"],
         "fairness": ["model"],
-        "sweep": ["model"],
+        "sweep": [] if args.openai_base_url else ["model"],
         "warmstart": ["model"],
         "regime": ["model"],
         "gil": ["model"],

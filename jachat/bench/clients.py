@@ -11,9 +11,12 @@ from a seed of the step's own. The report gives the rate actually offered beside
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import random
 import time
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import grpc
 
@@ -60,6 +63,9 @@ def arrivals(rate: float, duration: float, seed: int = 0) -> list[float]:
     return sorted(chance.uniform(0.0, duration) for _ in range(count))
 
 
+Call = Callable[[int, "int | None"], Awaitable[Record]]  # (request index, cancel after n messages) -> its record
+
+
 async def run_grpc(
     target: str,
     workload: Workload,
@@ -71,15 +77,116 @@ async def run_grpc(
     label: str | None = None,
     cancel_fraction: float = 0.0,
 ) -> Report:
+    """The load against a jachat's gRPC API (GenerateStream)."""
+    async with grpc.aio.insecure_channel(target) as channel:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+
+        async def call(i: int, cancel_after: int | None) -> Record:
+            return await _grpc_request(stub, workload, i, timeout, cancel_after)
+
+        return await run_load(call, workload, concurrency, requests, duration, rate, label, cancel_fraction)
+
+
+async def run_openai(
+    base_url: str,
+    workload: Workload,
+    concurrency: int,
+    requests: int | None = None,
+    duration: float | None = None,
+    rate: float | None = None,
+    timeout: float = 600.0,
+    label: str | None = None,
+    model: str | None = None,
+    extra: dict[str, Any] | None = None,
+) -> Report:
+    """The same load against any OpenAI-compatible server (`base_url` ends in /v1): each call one streamed chat
+    completion of the same prompt as the same user turn, with the same sampling, exactly `workload.tokens` tokens
+    where the server allows it (min_tokens; `extra` adds what another server wants, e.g. {"ignore_eos": true})."""
+    import aiohttp
+
+    base = base_url.rstrip("/")
+    limits = aiohttp.TCPConnector(limit=0)
+    async with aiohttp.ClientSession(connector=limits, timeout=aiohttp.ClientTimeout(total=timeout)) as session:
+        if model is None:
+            async with session.get(f"{base}/models") as listed:
+                model = str((await listed.json())["data"][0]["id"])
+        body = openai_body(workload, model, extra or {})
+
+        async def call(i: int, cancel_after: int | None) -> Record:
+            return await _openai_request(session, f"{base}/chat/completions", body, workload, i)
+
+        name = label or (f"{base}, {rate}/s" if rate is not None else f"{base}, {concurrency} streams")
+        return await run_load(call, workload, concurrency, requests, duration, rate, name, 0.0)
+
+
+def openai_body(workload: Workload, model: str, extra: dict[str, Any]) -> dict[str, Any]:
+    """The request body of every call but its messages: the workload's sampling under OpenAI's names (top_k,
+    repetition_penalty and min_tokens as vLLM and jachat name them), streamed, with usage."""
+    return {
+        "model": model,
+        "max_tokens": workload.tokens,
+        "min_tokens": workload.tokens,
+        "temperature": workload.temperature,
+        "top_p": workload.top_p,
+        "top_k": workload.top_k,
+        "repetition_penalty": workload.repetition_penalty,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        **extra,
+    }
+
+
+async def _openai_request(session: Any, url: str, body: dict[str, Any], workload: Workload, i: int) -> Record:
+    """One streamed chat completion: TTFT at the first content, tokens from the usage chunk."""
+    import aiohttp
+
+    messages = [{"role": "user", "content": workload.prompts[i % len(workload.prompts)]}]
+    started = time.perf_counter()
+    first: float | None = None
+    tokens = 0
+    try:
+        async with session.post(url, json={**body, "messages": messages}) as response:
+            if response.status != 200:
+                return Record(math.nan, time.perf_counter() - started, 0, f"HTTP_{response.status}")
+            async for line in response.content:
+                if not line.startswith(b"data: ") or line.strip() == b"data: [DONE]":
+                    continue
+                chunk = json.loads(line[6:])
+                if "error" in chunk:
+                    return Record(math.nan, time.perf_counter() - started, 0, "STREAM_ERROR")
+                choices = chunk.get("choices") or []
+                if first is None and choices and (choices[0].get("delta") or {}).get("content"):
+                    first = time.perf_counter() - started
+                if chunk.get("usage"):
+                    tokens = int(chunk["usage"].get("completion_tokens", 0))
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return Record(math.nan, time.perf_counter() - started, 0, type(exc).__name__)
+    e2e = time.perf_counter() - started
+    return Record(first if first is not None else e2e, e2e, tokens)
+
+
+async def run_load(
+    call: Call,
+    workload: Workload,
+    concurrency: int,
+    requests: int | None = None,
+    duration: float | None = None,
+    rate: float | None = None,
+    label: str | None = None,
+    cancel_fraction: float = 0.0,
+) -> Report:
     """Closed loop: `concurrency` clients, each sending its next request when the last one ends. With `rate`,
-    an open loop: Poisson arrivals at `rate` requests/s (at most `concurrency` in flight). With cancel_fraction,
-    that share of calls is cancelled by the client after a random number of messages."""
+    an open loop: exactly rate x duration (or `requests`) Poisson arrivals (`arrivals`), at most `concurrency` in
+    flight. With cancel_fraction, that share of calls is cancelled by the client after a random number of messages.
+    One warm-up call first, not counted."""
     if requests is None and duration is None:
         requests = 4 * concurrency
     name = label or (f"service, {concurrency} streams" if rate is None else f"service, {rate}/s")
     progress = Progress(name, requests, duration)
     records: list[Record] = []
     counter = iter(range(10**9))
+    await call(0, None)  # warm-up, not counted
+    started = time.perf_counter()
     stop_at = None if duration is None else time.monotonic() + duration
 
     def more() -> bool:
@@ -89,51 +196,47 @@ async def run_grpc(
 
     in_flight = [0]
     most = [0]
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = chat_pb2_grpc.ChatServiceStub(channel)
-        await _grpc_request(stub, workload, 0, timeout)  # warm-up, not counted
-        started = time.perf_counter()
+    chance = random.Random(1)
 
-        chance = random.Random(1)
+    async def one() -> None:
+        """One call, already counted in flight by whoever launched it (so `more` never overshoots)."""
+        cancel_after = chance.randint(1, max(1, workload.tokens - 1)) if chance.random() < cancel_fraction else None
+        record = await call(next(counter), cancel_after)
+        in_flight[0] -= 1
+        records.append(record)
+        progress.advance()
 
-        async def one() -> None:
-            """One call, already counted in flight by whoever launched it (so `more` never overshoots)."""
-            cancel_after = chance.randint(1, max(1, workload.tokens - 1)) if chance.random() < cancel_fraction else None
-            record = await _grpc_request(stub, workload, next(counter), timeout, cancel_after)
-            in_flight[0] -= 1
-            records.append(record)
-            progress.advance()
+    def launched() -> None:
+        in_flight[0] += 1
+        most[0] = max(most[0], in_flight[0])
 
-        def launched() -> None:
-            in_flight[0] += 1
-            most[0] = max(most[0], in_flight[0])
+    offered = (0, 1.0)
+    if rate is None:
 
-        if rate is None:
-
-            async def client() -> None:
-                while more():
-                    launched()
-                    await one()
-
-            await asyncio.gather(*(client() for _ in range(concurrency)))
-        else:
-            window = duration if duration is not None else (requests or 1) / rate
-            schedule = arrivals(rate, window)
-            tasks: set[asyncio.Task[None]] = set()
-            limit = asyncio.Semaphore(concurrency)
-            loop = asyncio.get_running_loop()
-            opened = loop.time()
-            for at in schedule:
-                await asyncio.sleep(max(0.0, opened + at - loop.time()))
-                await limit.acquire()  # held until the call ends: at most `concurrency` in flight
+        async def client() -> None:
+            while more():
                 launched()
-                task = asyncio.ensure_future(one())
-                tasks.add(task)
-                task.add_done_callback(tasks.discard)
-                task.add_done_callback(lambda _: limit.release())
-            offered = (len(schedule), max(window, loop.time() - opened))
-            await asyncio.gather(*tasks)
-        seconds = time.perf_counter() - started
+                await one()
+
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    else:
+        window = duration if duration is not None else (requests or 1) / rate
+        schedule = arrivals(rate, window)
+        tasks: set[asyncio.Task[None]] = set()
+        limit = asyncio.Semaphore(concurrency)
+        loop = asyncio.get_running_loop()
+        opened = loop.time()
+        for at in schedule:
+            await asyncio.sleep(max(0.0, opened + at - loop.time()))
+            await limit.acquire()  # held until the call ends: at most `concurrency` in flight
+            launched()
+            task = asyncio.ensure_future(one())
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            task.add_done_callback(lambda _: limit.release())
+        offered = (len(schedule), max(window, loop.time() - opened))
+        await asyncio.gather(*tasks)
+    seconds = time.perf_counter() - started
     progress.close()
     report = Report.of(name, concurrency, records, seconds, most[0])
     if rate is not None:

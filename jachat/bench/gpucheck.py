@@ -31,7 +31,7 @@ from typing import Any
 
 from jachat.bench.clients import run_grpc
 from jachat.bench.launcher import spawn
-from jachat.bench.sweep import best_rate, sweep
+from jachat.bench.sweep import best_rate, over_grpc, sweep
 from jachat.bench.workload import Workload
 
 REPO = Path(__file__).resolve().parents[2]  # jachat/bench/ in a checkout: gpu-check runs from one
@@ -170,7 +170,7 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
         server = spawn(model, "--device", device, *args.serve_arg)
         try:
             rates = [2.0, 4.0] if args.dry_run else [4.0, 8.0, 16.0, 32.0, 64.0, 128.0]
-            steps = sweep(server.target, workload, rates, 2.0 if args.dry_run else 20.0, args.slo, stop=True)
+            steps = sweep(over_grpc(server.target, workload, 2.0 if args.dry_run else 20.0), rates, args.slo, stop=True)
         finally:
             server.stop()
         best = max(by_replicas, key=lambda row: row["tokens_per_second"])

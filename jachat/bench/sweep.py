@@ -5,19 +5,24 @@ stays under the SLO (default 1 s) without errors. A progress bar per rate; a PNG
 
 Saturation (the sweep stops after the first such rate): TTFT p99 over 5x the SLO (queues grow without bound past
 the service's capacity, and TTFT with them), or errors over 1%.
+
+With `--openai-base-url` the same sweep (the same schedule, prompts as the same user turns, sampling and token
+count) runs against any OpenAI-compatible server already running (llama-server, vLLM, TGI, jachat's HTTP API), so
+servers are compared with one client; `--compare REPORT.json` draws another sweep's curves beside this one's.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from jachat.bench.clients import run_grpc
+from jachat.bench.clients import run_grpc, run_openai
 from jachat.bench.reports import write_report
 from jachat.bench.workload import Report, Workload
 
@@ -72,22 +77,44 @@ def best_rate(steps: Sequence[Step], slo: float) -> float | None:
     return max(within) if within else None
 
 
-def sweep(
-    target: str, workload: Workload, rates: Sequence[float], duration: float, slo: float, stop: bool
-) -> list[Step]:
+Runner = Callable[[float, str], Coroutine[Any, Any, Report]]  # (rate, label) -> that step's report
+
+
+def over_grpc(target: str, workload: Workload, duration: float) -> Runner:
+    """Steps of `duration` seconds against a jachat's gRPC API."""
+
+    async def run(rate: float, label: str) -> Report:
+        return await run_grpc(target, workload, MAX_IN_FLIGHT, duration=duration, rate=rate, label=label)
+
+    return run
+
+
+def over_openai(base_url: str, workload: Workload, duration: float, model: str | None, extra: dict[str, Any]) -> Runner:
+    """Steps of `duration` seconds against any OpenAI-compatible server (clients.run_openai)."""
+
+    async def run(rate: float, label: str) -> Report:
+        return await run_openai(
+            base_url, workload, MAX_IN_FLIGHT, duration=duration, rate=rate, label=label, model=model, extra=extra
+        )
+
+    return run
+
+
+def sweep(runner: Runner, rates: Sequence[float], slo: float, stop: bool) -> list[Step]:
     steps: list[Step] = []
     for rate in rates:
-        report = asyncio.run(
-            run_grpc(target, workload, MAX_IN_FLIGHT, duration=duration, rate=rate, label=f"sweep {rate:g}/s")
-        )
+        report = asyncio.run(runner(rate, f"sweep {rate:g}/s"))
         steps.append(Step.of(rate, report))
         if stop and steps[-1].saturated(slo):
             break
     return steps
 
 
-def plot(steps: Sequence[Step], slo: float, path: Path, title: str) -> Path | None:
-    """The curves as a PNG (matplotlib, the bench extra); None when matplotlib is not installed."""
+def plot(
+    steps: Sequence[Step], slo: float, path: Path, title: str, other: tuple[str, Sequence[Step]] | None = None
+) -> Path | None:
+    """The curves as a PNG (matplotlib, the bench extra), with another sweep's beside them (dashed, grey labels);
+    None when matplotlib is not installed."""
     try:
         import matplotlib
 
@@ -96,19 +123,21 @@ def plot(steps: Sequence[Step], slo: float, path: Path, title: str) -> Path | No
     except ImportError:
         print("sweep: matplotlib is not installed (pip install 'jachat[bench]'): no plot", file=sys.stderr)
         return None
-    rates = [s.rate for s in steps]
     figure, (latency, throughput) = plt.subplots(1, 2, figsize=(11, 4.2))
-    for values, label, style in (
-        ([s.ttft_p50 for s in steps], "TTFT p50", "o-"),
-        ([s.ttft_p99 for s in steps], "TTFT p99", "o--"),
-        ([s.e2e_p50 for s in steps], "end-to-end p50", "s-"),
-        ([s.e2e_p99 for s in steps], "end-to-end p99", "s--"),
-    ):
-        latency.plot(rates, values, style, label=label)
+    runs = [("", steps, "-")] + ([(f"{other[0]}: ", other[1], ":")] if other is not None else [])
+    for prefix, run, line in runs:
+        rates = [s.rate for s in run]
+        latency.plot(rates, [s.ttft_p50 for s in run], "o" + line, label=f"{prefix}TTFT p50")
+        latency.plot(rates, [s.ttft_p99 for s in run], "^" + line, label=f"{prefix}TTFT p99")
+        if not prefix:
+            latency.plot(rates, [s.e2e_p50 for s in run], "s" + line, label="end-to-end p50")
+            latency.plot(rates, [s.e2e_p99 for s in run], "D" + line, label="end-to-end p99")
+        throughput.plot(rates, [s.tokens_per_second for s in run], "o" + line, label=prefix.rstrip(": ") or "this")
     latency.axhline(slo, color="grey", linestyle=":", label=f"SLO {slo:g} s")
     latency.set(xlabel="offered calls/s (Poisson)", ylabel="seconds", yscale="log", title="latency")
-    latency.legend()
-    throughput.plot(rates, [s.tokens_per_second for s in steps], "o-")
+    latency.legend(fontsize="small")
+    if other is not None:
+        throughput.legend()
     throughput.set(xlabel="offered calls/s (Poisson)", ylabel="output tokens/s", title="achieved throughput")
     figure.suptitle(title)
     figure.tight_layout()
@@ -118,17 +147,25 @@ def plot(steps: Sequence[Step], slo: float, path: Path, title: str) -> Path | No
 
 
 def sweep_main(args: Any, workload: Workload, meta: dict[str, Any]) -> int:
-    """Start jachat-serve on the model, sweep, print the table, write the JSON report and the plot."""
+    """Start jachat-serve on the model (or take the running OpenAI-compatible server), sweep, print the table, write
+    the JSON report and the plot."""
     from jachat.bench.launcher import spawn
 
     explicit = [float(r) for r in args.rates.split(",")] if args.rates else None
     rates = explicit or rates_from(args.start_rate, args.rate_factor)
-    server = spawn(args.model, "--device", "cpu", *args.serve_arg)
-    meta["server"] = [str(a) for a in server.process.args]  # type: ignore[union-attr]
-    try:
-        steps = sweep(server.target, workload, rates, args.step_duration, args.slo, stop=explicit is None)
-    finally:
-        server.stop()
+    duration, stop = args.step_duration, explicit is None
+    if args.openai_base_url:
+        extra = json.loads(args.openai_extra) if args.openai_extra else {}
+        meta["server"] = {"openai_base_url": args.openai_base_url, "model": args.openai_model, "extra": extra}
+        runner = over_openai(args.openai_base_url, workload, duration, args.openai_model, extra)
+        steps = sweep(runner, rates, args.slo, stop)
+    else:
+        server = spawn(args.model, "--device", "cpu", *args.serve_arg)
+        meta["server"] = [str(a) for a in server.process.args]  # type: ignore[union-attr]
+        try:
+            steps = sweep(over_grpc(server.target, workload, duration), rates, args.slo, stop)
+        finally:
+            server.stop()
     best = best_rate(steps, args.slo)
     header = (
         f"{'calls/s':>8} {'sent/s':>7} {'done/s':>7} {'tok/s':>8} {'TTFT p50/p99 (ms)':>18} {'e2e p50/p99 (s)':>16}"
@@ -146,6 +183,13 @@ def sweep_main(args: Any, workload: Workload, meta: dict[str, Any]) -> int:
     document = {"meta": meta, "slo_seconds": args.slo, "best_rate": best, "steps": [asdict(s) for s in steps]}
     if args.output is not None:
         write_report(args.output, document, say=False)
-        picture = plot(steps, args.slo, args.output.with_suffix(".png"), f"jachat open-loop sweep ({args.model.name})")
+        other = None
+        if args.compare is not None:
+            compared = json.loads(args.compare.read_text())
+            fields = set(Step.__dataclass_fields__)
+            name = str(compared.get("meta", {}).get("label") or args.compare.stem)
+            other = (name, [Step(**{k: v for k, v in s.items() if k in fields}) for s in compared["steps"]])
+        subject = args.openai_base_url or args.model.name
+        picture = plot(steps, args.slo, args.output.with_suffix(".png"), f"open-loop sweep ({subject})", other)
         print(f"written to {args.output}" + (f" and {picture}" if picture else ""))
     return 0
