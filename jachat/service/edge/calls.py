@@ -176,30 +176,33 @@ class Calls:
             extra={"api": call.api, "rpc": call.method, "code": code, "duration_ms": round(seconds * 1000, 1)},
         )
 
-    async def prepare(self, call: Call, request: ChatRequest) -> PreparedRequest:
-        """The queue's room first (a full server refuses before doing any work), then request preparation."""
+    def admit(self, call: Call) -> Engine:
+        """The door of a call's model work: the engine, the queue's room first (a full server refuses before doing
+        any work), and the vocabulary the edge spells the call's tokens with."""
         engine = self.engine()
         engine.check_capacity(call.priority, call.tenant)
         call.pieces, call.token_bytes = engine.tokenizer.pieces, engine.tokenizer.token_bytes
+        return engine
+
+    async def prepare(self, call: Call, request: ChatRequest) -> PreparedRequest:
+        """Through the door (`admit`), then request preparation, in a span."""
+        engine = self.admit(call)
         with self.tracing.child(call.span, "jachat.prepare") as span:
             prepared = await engine.prepare(request)
             span.set_attribute("gen_ai.usage.input_tokens", len(prepared.prompt.ids))
         return prepared
 
     async def score(self, call: Call, request: ScoreRequest) -> Scored:
-        """Scoring, through the same door: the queue's room first, then the engine, in a span."""
-        engine = self.engine()
-        engine.check_capacity(call.priority, call.tenant)
-        call.pieces, call.token_bytes = engine.tokenizer.pieces, engine.tokenizer.token_bytes
+        """Scoring, through the same door (`admit`), in a span."""
+        engine = self.admit(call)
         with self.tracing.child(call.span, "jachat.score") as span:
             scored = await engine.score(request)
             span.set_attribute("gen_ai.usage.input_tokens", scored.prompt_tokens)
         return scored
 
     async def tokenize(self, call: Call, turns: Sequence[Turn]) -> Prompt:
-        """Tokenize's preparation, through the same door: the queue's room first, then the pool, in a span."""
-        engine = self.engine()
-        engine.check_capacity(call.priority, call.tenant)
+        """Tokenize's preparation, through the same door (`admit`), then the pool, in a span."""
+        engine = self.admit(call)
         with self.tracing.child(call.span, "jachat.prepare") as span:
             prompt = await engine.tokenize(turns)
             span.set_attribute("gen_ai.usage.input_tokens", len(prompt.ids))
