@@ -19,6 +19,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2
 
+from jachat.bench.processes import children
 from jachat.manifest import read_manifest
 from jachat.service.domain.errors import EngineFailure, EngineLost
 from jachat.service.engine.core import CoreOptions
@@ -125,19 +126,12 @@ def test_a_killed_engine_fails_its_batch_at_once_and_every_later_one(model_f32: 
         process.close()
 
 
-def _children(pid: int) -> list[int]:
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-    return found
-
-
 def test_a_killed_engine_ends_every_stream_unavailable_and_the_server_exits_1(model_f32: Path) -> None:
     """SIGKILL to the engine process mid-stream: the streams end UNAVAILABLE at once (not at their deadline), health
     turns NOT_SERVING, and the server exits 1 for Kubernetes to restart the pod. The server process itself never
     loaded CTranslate2: the engine process holds it."""
     with serving(model_f32, "--replicas", "1", process=True) as server:
-        (engine_pid,) = _children(server.process.pid)
+        (engine_pid,) = children(server.process.pid)
         assert "libctranslate2" in Path(f"/proc/{engine_pid}/maps").read_text()
         assert "libctranslate2" not in Path(f"/proc/{server.process.pid}/maps").read_text()
 
@@ -263,7 +257,7 @@ def test_metrics_after_a_mixed_workload_equal_what_the_calls_saw(in_process: InP
 
 def test_the_engine_process_exits_when_the_server_is_killed(model_f32: Path) -> None:
     with serving(model_f32, "--replicas", "1", process=True) as server:
-        (engine_pid,) = _children(server.process.pid)
+        (engine_pid,) = children(server.process.pid)
         server.process.kill()
         server.process.wait()
         wait_until(lambda: not Path(f"/proc/{engine_pid}").exists() or _state(engine_pid) == "Z", "the engine exits")

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from jachat.bench.regime import cpu_model
+from jachat.bench.processes import cpu_model
 from jachat.bench.reports import write_report
 from jachat.bench.workload import Workload
 

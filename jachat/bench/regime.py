@@ -18,8 +18,6 @@ minute to minute, so the floor is measured before and after the service, and the
 from __future__ import annotations
 
 import asyncio
-import os
-import platform
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,35 +25,11 @@ from typing import Any
 
 import grpc
 
+from jachat.bench.processes import children, cpu_model, cpu_seconds
 from jachat.bench.workload import Record, Report, Workload
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 
 SERVE = ("--device", "cpu", "--replicas", "1", "--intra-threads", "1")
-
-
-def cpu_model() -> str:
-    """The CPU's model name (every CPU figure carries it: the vendor changes CTranslate2's backend)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of a process so far (Linux)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def children(pid: int) -> list[int]:
-    """A process's child processes, whichever of its threads started them (Linux)."""
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
-    return found
 
 
 def per_token(pids: dict[str, int], run: Callable[[], Report]) -> tuple[Report, dict[str, float]]:

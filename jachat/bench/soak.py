@@ -13,16 +13,9 @@ from typing import Any
 import grpc
 
 from jachat.bench.clients import run_grpc
+from jachat.bench.processes import tree_rss_bytes
 from jachat.bench.reports import write_report
 from jachat.bench.workload import Workload
-
-
-def rss_bytes(pid: int) -> int:
-    """Resident memory of a process (Linux)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for process {pid}")
 
 
 async def run_soak(
@@ -34,7 +27,8 @@ async def run_soak(
     cancel_fraction: float,
     serve_args: Sequence[str] = (),
 ) -> dict[str, Any]:
-    """Load a fresh jachat-serve for `duration` seconds with cancellations, watching its memory and health."""
+    """Load a fresh jachat-serve for `duration` seconds with cancellations, watching its memory (the server
+    process's and the engine process's together) and health."""
     from grpc_health.v1 import health_pb2
 
     from jachat.bench.launcher import health_stub, spawn
@@ -49,7 +43,7 @@ async def run_soak(
             async with grpc.aio.insecure_channel(server.target) as channel:
                 health = health_stub(channel)
                 while True:
-                    samples.append((time.monotonic() - started, rss_bytes(server.process.pid)))
+                    samples.append((time.monotonic() - started, tree_rss_bytes(server.process.pid)))
                     try:
                         reply = await health.Check(
                             health_pb2.HealthCheckRequest(service="jachat.v1.ChatService"), timeout=1
@@ -106,8 +100,9 @@ def soak_main(args: argparse.Namespace, workload: Workload, meta: dict[str, Any]
     ]
     print(
         f"soak: {report['requests']} calls in {report['seconds']:.0f} s, {report['cancelled']} cancelled on purpose,"
-        f" {report['tokens_per_second']:.1f} tokens/s; RSS {result['rss_at_warmup_bytes'] / 2**20:.1f} MiB after"
-        f" warm-up, {result['rss_end_bytes'] / 2**20:.1f} MiB at the end"
+        f" {report['tokens_per_second']:.1f} tokens/s; RSS (server and engine processes)"
+        f" {result['rss_at_warmup_bytes'] / 2**20:.1f} MiB after warm-up, {result['rss_end_bytes'] / 2**20:.1f} MiB at"
+        " the end"
     )
     for what, value, target, met in checks:
         print(
