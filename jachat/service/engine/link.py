@@ -172,12 +172,8 @@ class EngineProcess:
                 row.halt = lambda slot=slot, row=row: self._halt(slot, row)  # type: ignore[misc]
             number = next(self._numbers)
             batch = self._batches[number] = _Batch(slots)
-        try:
-            command = ("run", number, [row.prompt_ids for row in rows], slots, [r.max_new_tokens for r in rows])
-            with self._send_lock:
-                self._commands.send((*command, max_length, options))
-        except OSError:
-            self._ended(number, EngineLost(self.lost or "the engine process is gone"))
+        prompts, limits = [row.prompt_ids for row in rows], [row.max_new_tokens for row in rows]
+        self._post(number, ("run", number, prompts, slots, limits, max_length, options))
         batch.ended.wait()
         if batch.error is not None:
             raise batch.error
@@ -191,12 +187,16 @@ class EngineProcess:
             number = next(self._numbers)
             job = _Scoring()
             self._batches[number] = job
+        self._post(number, ("score", number, sequences))
+        return job.future
+
+    def _post(self, number: int, command: tuple[Any, ...]) -> None:
+        """Send a job's command; if the engine's pipe is already closed, the job fails as a lost engine's do."""
         try:
             with self._send_lock:
-                self._commands.send(("score", number, sequences))
+                self._commands.send(command)
         except OSError:
             self._ended(number, EngineLost(self.lost or "the engine process is gone"))
-        return job.future
 
     def _halt(self, slot: int, row: Row) -> None:
         with self._lock:
