@@ -275,9 +275,11 @@ class Scheduler:
             options = {**batch[0].options.ctranslate2_kwargs(), "return_scores": batch[0].logprobs}
             self.decoder.run(batch, max(gen.max_new_tokens for gen in batch), options)
         except Exception as exc:  # reported to every caller in the batch, never raised in the worker thread
-            error = exc if isinstance(exc, JachatError) else EngineFailure("generation failed")
-            if not isinstance(exc, JachatError):
+            if isinstance(exc, JachatError):  # the engine's failure (its traceback logged by link.py), or its loss
+                error = exc
+            else:
                 log.exception("generation failed for a batch of %d", len(batch))
+                error = EngineFailure("generation failed")
             for gen in batch:  # one line per call, in its context: each carries the call's request id
                 gen.context.run(
                     log.error, "generation failed (a batch of %d); the call ends %s", len(batch), error.kind.value
