@@ -119,6 +119,7 @@ def http_api(settings: Settings, calls: Calls) -> HttpApi:
         settings.max_http_connections,
         tls,
         settings.max_http_connections_per_peer or None,
+        settings.completions,
     )
 
 

@@ -120,8 +120,16 @@ class Settings:
     http_port: int = field(
         default=-1,
         metadata=_opt(
-            "port of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/models, /health) on --http-host; "
+            "port of the OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models, /health) on "
+            "--http-host; "
             "0 picks a free one, -1 (the default) turns it off (needs the http extra: pip install 'jachat[http]')"
+        ),
+    )
+    completions: bool = field(
+        default=True,
+        metadata=_opt(
+            "serve /v1/completions on the HTTP port: raw prompts, written whole by the caller, so the chat format's "
+            "turn defence cannot apply (false: the route answers 404, for deployments that rely on turn integrity)"
         ),
     )
     http_host: str = field(default="0.0.0.0", metadata=_opt("address to listen on for the HTTP API"))

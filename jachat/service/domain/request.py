@@ -32,6 +32,18 @@ class ChatRequest:
 
 
 MAX_CANDIDATES = 16  # replies scored in one call (one score_batch)
+MAX_PROMPTS = 16  # prompts of one completions call (each its own sequence)
+
+
+@dataclass(frozen=True)
+class TextRequest:
+    """A raw prompt, used as written (no chat format, no turn defence: the caller writes the whole text), or given
+    as token ids; `generate` False scores the prompt only (echo with max_tokens 0)."""
+
+    prompt: str | Sequence[int]
+    options: SamplingOptions
+    explicit_max_new_tokens: bool = False
+    generate: bool = True
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,15 @@ class Scored:
 
 
 @dataclass(frozen=True)
+class PromptScores:
+    """A prompt's tokens after the first, each with its log-probability given the tokens before it, and, when
+    asked for, the most likely token at each of those places (same positions; empty when not asked)."""
+
+    tokens: tuple[GeneratedToken, ...]
+    top: tuple[GeneratedToken, ...] = ()
+
+
+@dataclass(frozen=True)
 class FinishedGeneration:
     reason: FinishReason
     prompt_tokens: int

@@ -28,8 +28,16 @@ from jachat.service.domain.errors import (
     dotted,
     message,
 )
-from jachat.service.domain.request import ChatRequest, ScoreRequest
-from jachat.service.domain.results import DEADLINE_SLACK, Completion, Delta, GeneratedToken, Priority, Scored
+from jachat.service.domain.request import ChatRequest, ScoreRequest, TextRequest
+from jachat.service.domain.results import (
+    DEADLINE_SLACK,
+    Completion,
+    Delta,
+    GeneratedToken,
+    Priority,
+    PromptScores,
+    Scored,
+)
 from jachat.service.edge.identity import Headers, Tokens, request_id_from, tenant_of
 from jachat.service.engine.engine import Engine
 from jachat.service.engine.preparation import PreparedRequest, Prompt
@@ -192,6 +200,22 @@ class Calls:
             span.set_attribute("gen_ai.usage.input_tokens", len(prepared.prompt.ids))
         return prepared
 
+    async def prepare_text(self, call: Call, request: TextRequest, where: FieldPath = ("prompt",)) -> PreparedRequest:
+        """A raw prompt's preparation (a completions call), through the door (`admit`), in a span."""
+        engine = self.admit(call)
+        with self.tracing.child(call.span, "jachat.prepare") as span:
+            prepared = await engine.prepare_text(request, where)
+            span.set_attribute("gen_ai.usage.input_tokens", len(prepared.prompt.ids))
+        return prepared
+
+    async def score_prompt(self, call: Call, ids: list[int], top: bool) -> PromptScores:
+        """A prepared prompt's own log-probabilities (a completion's echo), in a span."""
+        engine = self.engine()
+        with self.tracing.child(call.span, "jachat.score") as span:
+            scores = await engine.score_prompt(ids, top)
+            span.set_attribute("gen_ai.usage.input_tokens", len(ids))
+        return scores
+
     async def score(self, call: Call, request: ScoreRequest) -> Scored:
         """Scoring, through the same door (`admit`), in a span."""
         engine = self.admit(call)
@@ -216,6 +240,7 @@ class Calls:
         include_stop: bool,
         logprobs: bool = False,
         streaming: bool = True,
+        raw: bool = False,
     ) -> AsyncGenerator[Delta | Completion, None]:
         """The reply's deltas, then its Completion; closing the generator early stops the sequence. Tokens carry
         their log-probabilities only with `logprobs` (computing them costs the engine)."""
@@ -232,6 +257,7 @@ class Calls:
                 tenant=call.tenant,
                 logprobs=logprobs,
                 streaming=streaming,
+                raw=raw,
             )
             try:
                 async for item in stream:
@@ -244,10 +270,16 @@ class Calls:
             self.metrics.running.dec()
 
     async def reply(
-        self, call: Call, request: PreparedRequest, timeout: float | None, include_stop: bool, logprobs: bool
+        self,
+        call: Call,
+        request: PreparedRequest,
+        timeout: float | None,
+        include_stop: bool,
+        logprobs: bool,
+        raw: bool = False,
     ) -> Reply:
         """The whole reply of a unary call (its deltas are held to the end: no wake-up of the loop per token)."""
-        return await whole(self.generate(call, request, timeout, include_stop, logprobs, streaming=False))
+        return await whole(self.generate(call, request, timeout, include_stop, logprobs, streaming=False, raw=raw))
 
     async def drain(self, grace: float) -> None:
         """Refuse new work, give the calls in flight `grace` seconds, then end those still running."""

@@ -51,6 +51,9 @@ log = logging.getLogger("jachat.engine")
 
 SEND_PERIOD = 0.002  # seconds between the sender's looks at the decode threads' tokens while tokens come
 IDLE_POLLS = 2  # empty looks in a row after which the sender sleeps until a token wakes it (steps over 4 ms)
+# a scored sequence: its tokens' log-probabilities after the first, and (when asked) the most likely token at each of
+# those places and its log-probability (else empty)
+ScoredRow = tuple[list[float], list[int], list[float]]
 
 # What to run when the device cannot run a compute type (first supported entry wins).
 _FALLBACKS = {
@@ -183,7 +186,7 @@ class Outbox:
         self.events = events
         self.tokens: list[tuple[int, int, float | None, float]] = []  # (slot, token id, log-prob, time.monotonic)
         # (batch or scoring job number, error or None, a scoring job's log-probabilities)
-        self.ended: list[tuple[int, str | None, list[list[float]] | None]] = []
+        self.ended: list[tuple[int, str | None, list[ScoredRow] | None]] = []
         self.running = 0  # batches running (changed under the GIL by the decode threads)
         self.wake = threading.Event()  # a batch started or ended, or a token came while the sender slept
         self.asleep = [False]  # a list, so that the callbacks read it without an attribute lookup
@@ -233,7 +236,7 @@ class Outbox:
         self.running -= 1
         self.wake.set()
 
-    def scored(self, number: int, error: str | None, log_probs: list[list[float]] | None) -> None:
+    def scored(self, number: int, error: str | None, log_probs: list[ScoredRow] | None) -> None:
         self.ended.append((number, error, log_probs))
         self.wake.set()
 
@@ -279,13 +282,32 @@ def run_batch(
 
 
 def run_scoring(generator: Any, vocabulary: Sequence[str], outbox: Outbox, command: tuple[Any, ...]) -> None:
-    """One score_batch call: each sequence's teacher-forced log-probabilities (of its tokens after the first)."""
-    _, number, sequences = command
+    """Each sequence's teacher-forced log-probabilities (of its tokens after the first): one score_batch call, or,
+    with `top`, one forward_batch per sequence that also gives the most likely token at each place (its full
+    distribution, 32,000 floats per token, is reduced here, one sequence at a time, so it never crosses the pipe)."""
+    _, number, sequences, top = command
     try:
-        results = generator.score_batch([[vocabulary[i] for i in ids] for ids in sequences], max_input_length=0)
-        outbox.scored(number, None, [list(result.log_probs) for result in results])
+        if top:
+            rows = [_forward(generator, [vocabulary[i] for i in ids], ids) for ids in sequences]
+        else:
+            results = generator.score_batch([[vocabulary[i] for i in ids] for ids in sequences], max_input_length=0)
+            rows = [(list(result.log_probs), [], []) for result in results]
+        outbox.scored(number, None, rows)
     except Exception:  # reported to the server, which fails the call
         outbox.scored(number, traceback.format_exc(), None)
+
+
+def _forward(generator: Any, tokens: list[str], ids: list[int]) -> ScoredRow:
+    import ctranslate2
+    import numpy as np
+
+    output = generator.forward_batch([tokens], return_log_probs=True)
+    if output.device != "cpu":
+        output = output.to_device(ctranslate2.Device.cpu)
+    log_probs = np.asarray(output)[0, :-1]  # the distribution of token i + 1 given tokens 0..i
+    chosen = log_probs[np.arange(len(ids) - 1), ids[1:]]
+    best = log_probs.argmax(axis=1)
+    return chosen.tolist(), best.tolist(), log_probs[np.arange(len(best)), best].tolist()
 
 
 def rss_bytes(pid: int | str = "self") -> int:

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from jachat.manifest import TOKENIZER_FILE, Manifest, read_manifest, verify_manifest
-from jachat.service.domain.errors import DeadlineExceeded
-from jachat.service.domain.request import ChatRequest, ScoreRequest
+from jachat.service.domain.errors import DeadlineExceeded, FieldPath
+from jachat.service.domain.request import ChatRequest, ScoreRequest, TextRequest
 from jachat.service.domain.results import (
     Completion,
     Delta,
@@ -30,6 +30,7 @@ from jachat.service.domain.results import (
     GeneratedToken,
     ModelInfo,
     Priority,
+    PromptScores,
     Scored,
 )
 from jachat.service.domain.sampling import SamplingOptions
@@ -167,6 +168,10 @@ class Engine:
         """Validate, render, encode and fit a generation request (on the preparation pool)."""
         return await self.preparer.prepare(request)
 
+    async def prepare_text(self, request: TextRequest, where: FieldPath = ("prompt",)) -> PreparedRequest:
+        """Check, encode and fit a raw prompt (on the preparation pool)."""
+        return await self.preparer.prepare_text(request, where)
+
     async def tokenize(self, turns: Sequence[Turn]) -> Prompt:
         """The conversation's prompt as the model would see it (on the preparation pool)."""
         return await self.preparer.tokenize(turns)
@@ -177,14 +182,25 @@ class Engine:
         generations). Raises InvalidRequest, Overloaded, EngineLost or EngineFailure."""
         prompt, candidates = await self.preparer.prepare_score(request)
         sequences = [prompt.ids + ids for ids in candidates]
-        log_probs = await asyncio.wrap_future(self.core.score(sequences))
-        start = len(prompt.ids) - 1  # log_probs[i] is the probability of sequence[i + 1]
+        rows = await asyncio.wrap_future(self.core.score(sequences))
+        start = len(prompt.ids) - 1  # log-probability i is that of sequence[i + 1]
         return Scored(
             len(prompt.ids),
             tuple(
                 tuple(GeneratedToken(i, p) for i, p in zip(ids, scores[start:], strict=True))
-                for ids, scores in zip(candidates, log_probs, strict=True)
+                for ids, (scores, _, _) in zip(candidates, rows, strict=True)
             ),
+        )
+
+    async def score_prompt(self, ids: list[int], top: bool = False) -> PromptScores:
+        """The prompt's tokens after the first with their log-probabilities given the tokens before (the same
+        score_batch as `score`), and with `top` each place's most likely token (a forward pass instead)."""
+        if len(ids) < 2:
+            return PromptScores(())
+        [(scores, best, best_scores)] = await asyncio.wrap_future(self.core.score([ids], top))
+        return PromptScores(
+            tuple(GeneratedToken(i, p) for i, p in zip(ids[1:], scores, strict=True)),
+            tuple(GeneratedToken(i, p) for i, p in zip(best, best_scores, strict=True)),
         )
 
     async def offload(self, work: Callable[[], T]) -> T:
@@ -206,11 +222,13 @@ class Engine:
         tenant: str = "default",
         logprobs: bool = False,
         streaming: bool = True,
+        raw: bool = False,
     ) -> AsyncGenerator[Delta | Completion, None]:
         """Deltas of the reply (text and tokens), then one Completion. Closing the iterator early stops the sequence.
         With include_stop, the text ends with the caller's stop string that ended it. With logprobs, each token
         carries its log-probability (else 0.0). Without streaming, the text and tokens come in one delta at the
-        end (the caller wants the whole reply: its loop is not woken per token).
+        end (the caller wants the whole reply: its loop is not woken per token). A `raw` reply is the model's text as
+        it wrote it (a completion: `<NL>` stays, and only the caller's stop strings and </s> end it).
 
         Raises Overloaded when the queue is full, DeadlineExceeded when `timeout` seconds pass first."""
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -222,7 +240,7 @@ class Engine:
             deadline,
             self.tokenizer.eos_id,
             self.tokenizer.decoder(),
-            ReplyAssembler(options.stop, TURN_MARKERS, include_stop),
+            ReplyAssembler(options.stop, () if raw else TURN_MARKERS, include_stop, newlines=not raw),
             asyncio.get_running_loop(),
             priority,
             tenant,

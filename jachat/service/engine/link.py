@@ -33,7 +33,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from jachat.service.domain.errors import EngineFailure, EngineLost
-from jachat.service.engine.core import CoreOptions, Loaded, rss_bytes
+from jachat.service.engine.core import CoreOptions, Loaded, ScoredRow, rss_bytes
 from jachat.service.engine.gpu import GpuError
 
 log = logging.getLogger("jachat.engine")
@@ -63,7 +63,7 @@ class _Batch:
         self.ended = threading.Event()
         self.error: Exception | None = None
 
-    def end(self, error: Exception | None, log_probs: list[list[float]] | None = None) -> None:
+    def end(self, error: Exception | None, log_probs: list[ScoredRow] | None = None) -> None:
         self.error = error
         self.ended.set()
 
@@ -73,9 +73,9 @@ class _Scoring(_Batch):
 
     def __init__(self) -> None:
         super().__init__([])
-        self.future: Future[list[list[float]]] = Future()
+        self.future: Future[list[ScoredRow]] = Future()
 
-    def end(self, error: Exception | None, log_probs: list[list[float]] | None = None) -> None:
+    def end(self, error: Exception | None, log_probs: list[ScoredRow] | None = None) -> None:
         if error is not None:
             self.future.set_exception(error)
         else:
@@ -178,16 +178,17 @@ class EngineProcess:
         if batch.error is not None:
             raise batch.error
 
-    def score(self, sequences: list[list[int]]) -> Future[list[list[float]]]:
-        """Each sequence's teacher-forced log-probabilities (of its tokens after the first), as one score_batch
-        call on the next free replica. The future fails with EngineLost or EngineFailure as `run` does."""
+    def score(self, sequences: list[list[int]], top: bool = False) -> Future[list[ScoredRow]]:
+        """Each sequence's teacher-forced log-probabilities (of its tokens after the first), and with `top` each
+        place's most likely token, on the next free replica (core.run_scoring). The future fails with EngineLost or
+        EngineFailure as `run` does."""
         with self._lock:
             if self.lost is not None:
                 raise EngineLost(self.lost)
             number = next(self._numbers)
             job = _Scoring()
             self._batches[number] = job
-        self._post(number, ("score", number, sequences))
+        self._post(number, ("score", number, sequences, top))
         return job.future
 
     def _post(self, number: int, command: tuple[Any, ...]) -> None:
@@ -203,7 +204,7 @@ class EngineProcess:
             if self._rows[slot] is row:
                 self.flags[slot] = 1
 
-    def _ended(self, number: int, error: Exception | None, log_probs: list[list[float]] | None = None) -> None:
+    def _ended(self, number: int, error: Exception | None, log_probs: list[ScoredRow] | None = None) -> None:
         with self._lock:
             batch = self._batches.pop(number, None)
             if batch is None:

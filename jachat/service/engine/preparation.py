@@ -20,11 +20,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import TypeVar
 
-from jachat.service.domain.errors import FieldViolation, InvalidRequest, Overloaded
+from jachat.service.domain.errors import FieldPath, FieldViolation, InvalidRequest, Overloaded
 from jachat.service.domain.request import (
+    MAX_REQUEST_CHARACTERS,
     MAX_REQUEST_TOKENS,
     ChatRequest,
     ScoreRequest,
+    TextRequest,
     check_candidates,
     check_turns,
 )
@@ -109,6 +111,40 @@ class Preparer:
             raise InvalidRequest(violations)
         return prompt, candidates
 
+    async def prepare_text(self, request: TextRequest, where: FieldPath = ("prompt",)) -> PreparedRequest:
+        """A raw prompt (a completions call): its text encoded as written, or its ids checked, fitted to the context.
+        Violations name `where` (the prompt's place in the call)."""
+        prompt = request.prompt
+        if isinstance(prompt, str):
+            if not 0 < len(prompt) <= MAX_REQUEST_CHARACTERS:
+                raise InvalidRequest(
+                    [FieldViolation(where, f"{len(prompt)} characters; 1 to {MAX_REQUEST_CHARACTERS}")]
+                )
+            ids = await self.run(lambda: self.tokenizer.encode(prompt))
+        else:
+            ids = self._checked_ids(prompt, where)
+        if not ids:
+            raise InvalidRequest([FieldViolation(where, "encodes to no tokens")])
+        if not request.generate:  # scored only: the prompt must fit the context
+            if len(ids) > self.context_length:
+                raise InvalidRequest(
+                    [FieldViolation(where, f"{len(ids)} tokens; the context holds {self.context_length}")]
+                )
+            return PreparedRequest(Prompt(prompt if isinstance(prompt, str) else "", ids), request.options, 0)
+        max_new = self._max_new_tokens(len(ids), request.options, request.explicit_max_new_tokens, where, "")
+        return PreparedRequest(Prompt(prompt if isinstance(prompt, str) else "", ids), request.options, max_new)
+
+    def _checked_ids(self, ids: Sequence[int], where: FieldPath) -> list[int]:
+        if not 0 < len(ids) <= self.context_length:
+            raise InvalidRequest([FieldViolation(where, f"{len(ids)} token ids; 1 to {self.context_length}")])
+        vocab = self.tokenizer.vocab_size
+        bad = [i for i, t in enumerate(ids) if not 0 <= t < vocab]
+        if bad:
+            raise InvalidRequest(
+                [FieldViolation((*where, i), f"token id {ids[i]}; must be 0 to {vocab - 1}") for i in bad[:4]]
+            )
+        return list(ids)
+
     def prepare_now(self, request: ChatRequest) -> PreparedRequest:
         """Render, encode and fit one generation request (on a worker thread)."""
         turns, options = request.turns, request.options
@@ -122,7 +158,9 @@ class Preparer:
                 break
             rendered, first = rendered[1:], first + 1  # the estimate was short (pieces merged across turns)
             prompt = self._join(rendered, first)
-        return PreparedRequest(prompt, options, self._max_new_tokens(len(prompt.ids), request))
+        hint = "" if request.drop_oldest_turns else " (set drop_oldest_turns to leave out the oldest turns)"
+        max_new = self._max_new_tokens(len(prompt.ids), options, request.explicit_max_new_tokens, ("turns",), hint)
+        return PreparedRequest(prompt, options, max_new)
 
     def _render(self, turns: Sequence[Turn]) -> list[RenderedTurn]:
         """Every turn rendered and encoded once, within the request's token budget and each under the context."""
@@ -171,21 +209,18 @@ class Preparer:
         self.guard.check_prompt(ids, len(rendered))
         return Prompt(text, ids, dropped)
 
-    def _max_new_tokens(self, prompt_tokens: int, request: ChatRequest) -> int:
+    def _max_new_tokens(
+        self, prompt_tokens: int, options: SamplingOptions, explicit: bool, where: FieldPath, hint: str
+    ) -> int:
         """max_new_tokens for this prompt; an explicit value that overflows the context is an error, and so is a
-        min_new_tokens the context cannot hold."""
-        options, context = request.options, self.context_length
+        min_new_tokens the context cannot hold. A prompt that leaves no room is an error of `where`."""
+        context = self.context_length
         room = context - prompt_tokens
         if room < 1:
-            hint = "" if request.drop_oldest_turns else " (set drop_oldest_turns to leave out the oldest turns)"
             raise InvalidRequest(
-                [
-                    FieldViolation(
-                        ("turns",), f"the prompt has {prompt_tokens} tokens; the context holds {context}{hint}"
-                    )
-                ]
+                [FieldViolation(where, f"the prompt has {prompt_tokens} tokens; the context holds {context}{hint}")]
             )
-        if options.max_new_tokens > room and request.explicit_max_new_tokens:
+        if options.max_new_tokens > room and explicit:
             raise InvalidRequest(
                 [
                     FieldViolation(

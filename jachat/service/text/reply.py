@@ -25,13 +25,21 @@ def _held_suffix(text: str, patterns: Sequence[str]) -> int:
 
 class ReplyAssembler:
     """`stop`: the caller's stop strings. `turn_markers`: text with which the model starts another speaker's turn
-    (prompt.TURN_MARKERS); a match ends the reply just like a stop string, but counts as the end of the turn."""
+    (prompt.TURN_MARKERS); a match ends the reply just like a stop string, but counts as the end of the turn.
+    Without `newlines`, `<NL>` is left as the model wrote it (a raw completion)."""
 
-    def __init__(self, stop: Sequence[str] = (), turn_markers: Sequence[str] = (), include_stop: bool = False) -> None:
+    def __init__(
+        self,
+        stop: Sequence[str] = (),
+        turn_markers: Sequence[str] = (),
+        include_stop: bool = False,
+        newlines: bool = True,
+    ) -> None:
         self.caller_stops = tuple(s for s in stop if s)
         self.stop = self.caller_stops + tuple(turn_markers)
         self.ended_turn = False
         self.include_stop = include_stop  # end the text with the caller's matched stop string
+        self.newline = NEWLINE if newlines else None  # None: <NL> stays as the model wrote it (a raw completion)
         self.matched = ""  # the caller's stop string that ended the reply
         self._raw = ""  # decoded model text not yet converted (may end in part of "<NL>")
         self._text = ""  # converted text not yet emitted (may end in part of a stop string)
@@ -42,11 +50,14 @@ class ReplyAssembler:
         if self.stopped:
             return ""
         self._raw += text
-        keep = _held_suffix(self._raw, (NEWLINE,))
+        keep = 0 if self.newline is None else _held_suffix(self._raw, (self.newline,))
         cut = len(self._raw) - keep
-        self._text += self._raw[:cut].replace(NEWLINE, "\n")
+        self._text += self._newlines(self._raw[:cut])
         self._raw = self._raw[cut:]
         return self._release()
+
+    def _newlines(self, text: str) -> str:
+        return text if self.newline is None else text.replace(self.newline, "\n")
 
     def _release(self) -> str:
         matches = [(i, s) for i, s in ((self._text.find(s), s) for s in self.stop) if i >= 0]
@@ -67,7 +78,7 @@ class ReplyAssembler:
         """The model is done: release whatever was held back."""
         if self.stopped:
             return ""
-        self._text += self._raw.replace(NEWLINE, "\n")
+        self._text += self._newlines(self._raw)
         self._raw = ""
         out = self._release()
         if not self.stopped:

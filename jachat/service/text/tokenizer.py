@@ -9,6 +9,7 @@ sentencepiece's own decode does (Python's codec would merge some of them), so th
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 import sentencepiece as spm
@@ -62,7 +63,7 @@ class Tokenizer:
         return "".join(decoder.feed(i) for i in ids) + decoder.flush()
 
     def decoder(self) -> StreamDecoder:
-        return StreamDecoder(self)
+        return StreamDecoder(self.token_bytes)
 
 
 def _char_length(data: bytes | bytearray, start: int) -> int:
@@ -92,8 +93,8 @@ def _char_length(data: bytes | bytearray, start: int) -> int:
 class StreamDecoder:
     """Token ids in, text out, one id at a time; never emits half a character."""
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
-        self._bytes = tokenizer.token_bytes
+    def __init__(self, token_bytes: Sequence[bytes]) -> None:
+        self._bytes = token_bytes
         self._pending = bytearray()
 
     def feed(self, token_id: int) -> str:

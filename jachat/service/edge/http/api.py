@@ -24,14 +24,23 @@ import json
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 from aiohttp import HttpVersion11, web
 
-from jachat.service.domain.errors import FieldViolation, InvalidRequest, JachatError, Kind, Overloaded, WriteStalled
-from jachat.service.domain.results import Completion
+from jachat.service.domain.errors import (
+    FieldViolation,
+    InvalidRequest,
+    JachatError,
+    Kind,
+    NotFound,
+    Overloaded,
+    WriteStalled,
+)
+from jachat.service.domain.results import Completion, Delta, GeneratedToken
 from jachat.service.edge.calls import Call, Calls, Opening, messages, write_within
+from jachat.service.edge.http import completions
 from jachat.service.edge.http.body import MAX_BODY_BYTES, read_body, too_large
 from jachat.service.edge.http.connections import (
     KEEPALIVE_SECONDS,
@@ -53,11 +62,12 @@ from jachat.service.edge.http.openai_response import (
 from jachat.service.edge.http.status import HttpError, to_http
 from jachat.service.edge.http.tls import ReloadingTLS
 from jachat.service.edge.identity import REQUEST_ID_HEADER, tenant_from_user, tenant_of
-from jachat.service.engine.preparation import PreparedRequest
 
 log = logging.getLogger("jachat.http")
 
 TIMEOUT_HEADER = "x-jachat-timeout"
+# a route's answer once its body is in and it holds a call slot: (api, request, call, body, timeout) -> response
+Answer = Callable[["HttpApi", web.Request, Call, bytes, float], Awaitable[web.StreamResponse]]
 PARSE_OFF_LOOP_BYTES = 64 * 1024  # larger bodies are parsed and converted on the preparation pool, not the loop
 
 
@@ -82,8 +92,10 @@ class HttpApi:
         max_connections: int = 1024,
         tls: ReloadingTLS | None = None,
         max_connections_per_peer: int | None = None,
+        completions_on: bool = True,
     ) -> None:
         self.calls = calls
+        self.completions_on = completions_on  # /v1/completions (--completions): off where turn integrity matters
         self.tls = tls
         self.max_calls, self.request_timeout = max_calls, request_timeout
         self.stream_write_timeout = stream_write_timeout
@@ -94,6 +106,7 @@ class HttpApi:
         self.app.add_routes(
             [
                 web.post("/v1/chat/completions", self.chat_completions, expect_handler=self._expect),
+                web.post("/v1/completions", self.completions, expect_handler=self._expect),
                 web.get("/v1/models", self.models),
                 web.get("/v1/models/{model:.+}", self.model),
                 web.get("/health", self.health),
@@ -243,11 +256,21 @@ class HttpApi:
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
         return await self._frame(request, "/v1/chat/completions", lambda call: self._complete(request, call))
 
-    async def _complete(self, request: web.Request, call: Call) -> web.StreamResponse:
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        async def work(call: Call) -> web.StreamResponse:
+            if not self.completions_on:
+                raise NotFound("/v1/completions is turned off on this server (--completions false)")
+            return await self._complete(request, call, completions.answer)
+
+        return await self._frame(request, "/v1/completions", work)
+
+    async def _complete(self, request: web.Request, call: Call, answer: Answer | None = None) -> web.StreamResponse:
         timeout = self._timeout(request)
         engine = self.calls.engine()
         data = await read_body(request, engine.offload)
         with self._slot(call):
+            if answer is not None:
+                return await answer(self, request, call, data, timeout)
             return await self._answer(request, call, data, timeout)
 
     async def _answer(self, request: web.Request, call: Call, data: bytes, timeout: float) -> web.StreamResponse:
@@ -268,36 +291,51 @@ class HttpApi:
         prepared = await self.calls.prepare(call, parsed.chat)
         remaining = timeout - (time.monotonic() - call.received)
         if parsed.stream:
-            return await self._stream(request, call, parsed, prepared, remaining)
+            cid, model, usage = completion_id(), parsed.model, parsed.include_usage
+            replies = self.calls.generate(call, prepared, remaining, parsed.include_stop, parsed.logprobs)
+
+            def opening() -> list[dict[str, Any]]:  # the role chunk
+                return [chunk_body(cid, model, {"role": "assistant", "content": ""}, with_usage=usage)]
+
+            def render(item: Delta | Completion, tokens: list[GeneratedToken]) -> list[dict[str, Any]]:
+                logprobs = logprobs_content(tokens, call.token_bytes) if parsed.logprobs else None
+                if isinstance(item, Delta):
+                    return [chunk_body(cid, model, {"content": item.text}, None, logprobs, usage)]
+                finish = FINISH_REASONS.get(item.finish_reason, "stop")
+                chunks = [chunk_body(cid, model, {}, finish, logprobs, usage)]
+                return [*chunks, usage_chunk(cid, model, item)] if usage else chunks
+
+            return await self.stream(request, call, replies, opening, render)
         reply = await self.calls.reply(call, prepared, remaining, parsed.include_stop, parsed.logprobs)
         logprobs = logprobs_content(reply.tokens, call.token_bytes) if parsed.logprobs else None
         return json_response(completion_body(completion_id(), parsed.model, reply.text, reply.completion, logprobs))
 
-    async def _stream(
-        self, request: web.Request, call: Call, parsed: CompletionRequest, prepared: PreparedRequest, timeout: float
+    async def stream(
+        self,
+        request: web.Request,
+        call: Call,
+        replies: AsyncGenerator[Delta | Completion, None],
+        opening: Callable[[], Sequence[dict[str, Any]]],
+        render: Callable[[Delta | Completion, list[GeneratedToken]], Sequence[dict[str, Any]]],
     ) -> web.StreamResponse:
-        """Server-sent events: a role chunk, content chunks, the finish chunk, the usage chunk if asked, [DONE].
-        The headers go with the first event, so an error before the reply starts (the deadline in the queue, a
-        shed batch call, the drain) still gets its own HTTP status; later errors are an `error` event."""
-        cid, model, usage = completion_id(), parsed.model, parsed.include_usage
+        """Server-sent events, either API's: `opening`'s events when the reply starts, `render`'s for each message
+        (a delta with text, or the Completion), then [DONE]. The headers go with the first event, so an error
+        before the reply starts (the deadline in the queue, a shed batch call, the drain) still gets its own HTTP
+        status; later errors are an `error` event."""
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
         response.headers[REQUEST_ID_HEADER] = call.request_id
-        replies = self.calls.generate(call, prepared, timeout, parsed.include_stop, parsed.logprobs)
 
-        async def started() -> None:  # the first token: the headers and the role chunk go out
+        async def started() -> None:  # the first token: the headers and the opening events go out
             await response.prepare(request)
-            await self._send(response, chunk_body(cid, model, {"role": "assistant", "content": ""}, with_usage=usage))
+            for event in opening():
+                await self._send(response, event)
 
         try:
             async for item, tokens in messages(replies, started):
-                logprobs = logprobs_content(tokens, call.token_bytes) if parsed.logprobs else None
-                if isinstance(item, Completion):
-                    finish = FINISH_REASONS.get(item.finish_reason, "stop")
-                    await self._send(response, chunk_body(cid, model, {}, finish, logprobs, usage))
-                    if usage:
-                        await self._send(response, usage_chunk(cid, model, item))
-                else:
-                    await self._send(response, chunk_body(cid, model, {"content": item.text}, None, logprobs, usage))
+                for event in render(item, tokens):
+                    await self._send(response, event)
+            if not response.prepared:  # nothing to generate (an echoed prompt alone): the opening is the reply
+                await started()
         except WriteStalled as exc:  # nothing more can reach this client, not even an error: hang up
             self.calls.end(call, exc.kind, str(exc))
             if request.transport is not None:

@@ -32,8 +32,6 @@ MAX_MODEL_NAME = 256
 _IGNORED = frozenset({"store", "metadata", "service_tier", "user", "parallel_tool_calls"})
 # Fields jachat cannot honour: accepted only at their "off" value (null, or the value given).
 _OFF_ONLY = {
-    "seed": "a per-call seed cannot be honoured: CTranslate2's random state is process-wide and a sample depends on "
-    "its batch-mates; use temperature 0 for reproducible replies",
     "tools": "tools are not supported by rinna's chat format",
     "tool_choice": "tools are not supported by rinna's chat format",
     "functions": "functions are not supported by rinna's chat format",
@@ -62,6 +60,7 @@ _KNOWN = frozenset(
         "priority",
         "drop_oldest_turns",
         "include_stop_str_in_output",
+        "seed",
     }
     | {f.openai for f in FIELDS}
     | _IGNORED
@@ -83,7 +82,7 @@ class CompletionRequest:
     user: str | None = None
 
 
-class _Body:
+class Body:
     """Typed reads of a JSON object, each problem recorded as a violation naming its field."""
 
     def __init__(self, body: dict[str, Any]) -> None:
@@ -92,6 +91,21 @@ class _Body:
 
     def bad(self, name: str | FieldPath, why: str) -> None:
         self.violations.append(FieldViolation((name,) if isinstance(name, str) else name, why))
+
+    def refuse(self, known: frozenset[str], off_only: dict[str, str]) -> None:
+        """Fields the API does not know, and fields jachat cannot honour given at other than their "off" value."""
+        for name in sorted(set(self.body) - known)[:8]:
+            self.bad(name, "unrecognized request argument")
+        for name, why in off_only.items():
+            value = self.body.get(name)
+            if not (value is None or value == [] or value == {} or value in _OFF_VALUES.get(name, ())):
+                self.bad(name, why)
+
+    def model(self, info: ModelInfo) -> str | None:
+        model = self.get("model", str, "a string")
+        if model is None and self.body.get("model") is None:
+            self.bad("model", f"is required: {info.model_name!r} (GET /v1/models)")
+        return model  # type: ignore[no-any-return]
 
     def get(self, name: str, kind: type | tuple[type, ...], what: str) -> Any:
         value = self.body.get(name)
@@ -113,36 +127,52 @@ class _Body:
         return value
 
 
+@dataclass(frozen=True)
+class Common:
+    """The fields both completion APIs read alike: how the reply is delivered, and who asks."""
+
+    stream: bool = False
+    include_usage: bool = False
+    include_stop: bool = False
+    priority: Priority = Priority.INTERACTIVE
+    user: str | None = None
+
+    @classmethod
+    def read(cls, b: Body) -> Common:
+        stream = b.get("stream", bool, "true or false") or False
+        include_usage = False
+        stream_options = b.body.get("stream_options")
+        if stream_options is not None:
+            if not isinstance(stream_options, dict) or not isinstance(stream_options.get("include_usage", False), bool):
+                b.bad("stream_options", 'must be an object like {"include_usage": true}')
+            elif not stream:
+                b.bad("stream_options", "is only allowed with stream: true")
+            else:
+                include_usage = stream_options.get("include_usage", False)
+        priority_name = b.get("priority", str, '"interactive" or "batch"')
+        priority = PRIORITIES.get(priority_name or "interactive")
+        if priority is None:
+            b.bad("priority", f'is {priority_name[:32]!r}; must be "interactive" or "batch"')
+        include_stop = b.get("include_stop_str_in_output", bool, "true or false") or False
+        user = b.get("user", str, "a string")
+        return cls(stream, include_usage, include_stop, priority or Priority.INTERACTIVE, user)
+
+
 def parse_request(body: object, info: ModelInfo) -> CompletionRequest:
     """Check and convert a /v1/chat/completions body; every violation names its field."""
     if not isinstance(body, dict):
         raise InvalidRequest([FieldViolation(("body",), "must be a JSON object")])
-    b = _Body(body)
-    for name in sorted(set(body) - _KNOWN)[:8]:
-        b.bad(name, "unrecognized request argument")
-    for name, why in _OFF_ONLY.items():
-        value = body.get(name)
-        if not (value is None or value == [] or value == {} or value in _OFF_VALUES.get(name, ())):
-            b.bad(name, why)
+    b = Body(body)
+    b.refuse(_KNOWN, _OFF_ONLY)
     if None not in (body.get("max_tokens"), body.get("max_completion_tokens")) and body.get("max_tokens") != body.get(
         "max_completion_tokens"
     ):
         b.bad("max_tokens", "differs from max_completion_tokens; give one of them")
-    model = b.get("model", str, "a string")
-    if model is None and body.get("model") is None:
-        b.bad("model", f"is required: {info.model_name!r} (GET /v1/models)")
+    model = b.model(info)
     turns = _turns(b, body.get("messages"))
-    options, explicit_max = _sampling(b, info)
-    stream = b.get("stream", bool, "true or false") or False
-    include_usage = False
-    stream_options = body.get("stream_options")
-    if stream_options is not None:
-        if not isinstance(stream_options, dict) or not isinstance(stream_options.get("include_usage", False), bool):
-            b.bad("stream_options", 'must be an object like {"include_usage": true}')
-        elif not stream:
-            b.bad("stream_options", "is only allowed with stream: true")
-        else:
-            include_usage = stream_options.get("include_usage", False)
+    options, explicit_max = sampling(b, info)
+    check_seed(b, options)
+    common = Common.read(b)
     logprobs = b.get("logprobs", bool, "true or false") or False
     if (b.get("top_logprobs", int, "an integer") or 0) != 0:
         b.bad("top_logprobs", "alternatives are not returned (0 only); logprobs: true gives each chosen token's")
@@ -153,21 +183,17 @@ def parse_request(body: object, info: ModelInfo) -> CompletionRequest:
         b.bad("response_format", 'only {"type": "text"}')
     if body.get("modalities") not in (None, ["text"]):
         b.bad("modalities", 'only ["text"]')
-    priority_name = b.get("priority", str, '"interactive" or "batch"')
-    priority = PRIORITIES.get(priority_name or "interactive")
-    if priority is None:
-        b.bad("priority", f'is {priority_name[:32]!r}; must be "interactive" or "batch"')
     drop = b.get("drop_oldest_turns", bool, "true or false") or False
-    include_stop = b.get("include_stop_str_in_output", bool, "true or false") or False
-    user = b.get("user", str, "a string")
     if b.violations:
         raise InvalidRequest(b.violations)
-    assert model is not None and priority is not None
+    assert model is not None
     chat = ChatRequest(turns, options, explicit_max, drop)
-    return CompletionRequest(chat, model, stream, include_usage, logprobs, include_stop, priority, user)
+    return CompletionRequest(
+        chat, model, common.stream, common.include_usage, logprobs, common.include_stop, common.priority, common.user
+    )
 
 
-def _turns(b: _Body, messages: object) -> list[Turn]:
+def _turns(b: Body, messages: object) -> list[Turn]:
     if not isinstance(messages, list) or not messages:
         b.bad("messages", "must be a non-empty list of {role, content} messages")
         return []
@@ -196,7 +222,7 @@ def _turns(b: _Body, messages: object) -> list[Turn]:
     return turns
 
 
-def _content(b: _Body, name: str, content: object) -> str | None:
+def _content(b: Body, name: str, content: object) -> str | None:
     """A message's text: a string, or a list of text parts (joined by newlines, as vLLM does)."""
     if isinstance(content, str):
         return content
@@ -212,9 +238,21 @@ def _content(b: _Body, name: str, content: object) -> str | None:
     return None
 
 
-def _sampling(b: _Body, info: ModelInfo) -> tuple[SamplingOptions, bool]:
-    """The sampling fields of the body, by the one table (domain/sampling.py); a violation names the body's field
-    (max_completion_tokens when the client sent that instead of max_tokens)."""
+def check_seed(b: Body, options: SamplingOptions) -> None:
+    """A seed is accepted where it changes nothing (greedy decoding is reproducible without one) and refused
+    otherwise: CTranslate2's random state is process-wide, and a sample depends on its batch-mates."""
+    if b.get("seed", int, "an integer") is not None and not options.greedy:
+        b.bad(
+            "seed",
+            "a per-call seed cannot be honoured: CTranslate2's random state is process-wide and a sample depends on "
+            "its batch-mates; use temperature 0 for reproducible replies (a seed is accepted with it)",
+        )
+
+
+def sampling(b: Body, info: ModelInfo, base: SamplingOptions | None = None) -> tuple[SamplingOptions, bool]:
+    """The sampling fields of the body, by the one table (domain/sampling.py), over `base`'s defaults (the model
+    card's unless given); a violation names the body's field (max_completion_tokens when the client sent that instead
+    of max_tokens)."""
     given: dict[str, Any] = {}
     names = {f.name: f.openai for f in FIELDS}
     if b.body.get("max_completion_tokens") is not None:
@@ -233,7 +271,7 @@ def _sampling(b: _Body, info: ModelInfo) -> tuple[SamplingOptions, bool]:
         stops = ()
         if stop is not None:
             b.bad("stop", "must be a string or a list of strings")
-    options = dataclasses.replace(SamplingOptions(), **given, stop=stops)
+    options = dataclasses.replace(base or SamplingOptions(), **given, stop=stops)
     for v in options.violations(info.context_length, info.vocab_size):
         _, name, *rest = v.path  # ("sampling", field, ...): the body's own field
         b.bad((names.get(str(name), str(name)), *rest), v.description)

@@ -29,15 +29,24 @@ def logprobs_content(tokens: Sequence[GeneratedToken], token_bytes: Sequence[byt
     """OpenAI's logprobs.content: per chosen token its text, its UTF-8 bytes and its log-probability (after the
     repetition penalty, before temperature and top-k/top-p, as gRPC's Token.logprob). A byte-fallback token that
     is part of a character is spelled `bytes:\\xe3`, as OpenAI spells them."""
-    entries = []
-    for token in tokens:
-        data = token_bytes[token.id]
-        try:
-            text = data.decode("utf-8")
-        except UnicodeDecodeError:
-            text = "bytes:" + "".join(f"\\x{byte:02x}" for byte in data)
-        entries.append({"token": text, "logprob": token.logprob, "bytes": list(data), "top_logprobs": []})
-    return entries
+    return [
+        {
+            "token": token_text(token_bytes[token.id]),
+            "logprob": token.logprob,
+            "bytes": list(token_bytes[token.id]),
+            "top_logprobs": [],
+        }
+        for token in tokens
+    ]
+
+
+def token_text(data: bytes) -> str:
+    """A token as OpenAI spells it: its text, or `bytes:\\xe3` for a byte-fallback token that is part of a
+    character."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in data)
 
 
 def completion_body(

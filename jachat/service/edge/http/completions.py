@@ -1,0 +1,178 @@
+"""/v1/completions: the raw model, as OpenAI's (legacy) completions API defines it, for evaluation harnesses,
+scoring callers and the Inference Gateway's model-server protocol.
+
+Each prompt is prepared as written (completions_request.py), generated as a sequence of its own (several prompts of
+one call batch like separate calls), and, with `echo`, scored by the engine (Engine.score_prompt: score_batch, or a
+forward pass when the most likely tokens are asked for). The call frame, limits, tokens, tenants, priorities,
+metrics and traces are the chat route's (api.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+
+from jachat.service.domain.results import Completion, Delta, GeneratedToken, PromptScores
+from jachat.service.edge.calls import Call, Reply
+from jachat.service.edge.http.completions_request import TextCompletionRequest, parse_completion
+from jachat.service.edge.http.completions_response import (
+    Entry,
+    Offsets,
+    choice,
+    chunk_body,
+    completion_body,
+    completion_id,
+    generated_entries,
+    logprobs_body,
+    prompt_entries,
+    usage_body,
+)
+from jachat.service.edge.http.openai_request import parse_json, unknown_model
+from jachat.service.edge.http.openai_response import FINISH_REASONS
+from jachat.service.edge.identity import tenant_from_user
+from jachat.service.engine.preparation import PreparedRequest
+from jachat.service.text.tokenizer import StreamDecoder
+
+if TYPE_CHECKING:
+    from jachat.service.edge.http.api import HttpApi
+
+PARSE_OFF_LOOP_BYTES = 64 * 1024  # as the chat route: a larger body is parsed on the preparation pool
+
+
+async def answer(api: HttpApi, request: web.Request, call: Call, data: bytes, timeout: float) -> web.StreamResponse:
+    engine = api.calls.engine()
+    info = engine.info
+
+    def convert() -> TextCompletionRequest:
+        return parse_completion(parse_json(data), info)
+
+    parsed = await engine.offload(convert) if len(data) > PARSE_OFF_LOOP_BYTES else convert()
+    if parsed.model != info.model_name:
+        raise unknown_model(parsed.model, info.model_name)
+    call.priority = parsed.priority
+    if api.calls.tokens is None and parsed.common.user:
+        call.tenant = tenant_from_user(parsed.common.user)
+    prepared = [
+        await api.calls.prepare_text(call, text, ("prompt", i) if parsed.listed else ("prompt",))
+        for i, text in enumerate(parsed.prompts)
+    ]
+    top = parsed.logprobs == 1
+    scores: list[PromptScores | None] = [None] * len(prepared)
+    if parsed.echo and parsed.logprobs is not None:
+        scores = list(await asyncio.gather(*(api.calls.score_prompt(call, p.prompt.ids, top) for p in prepared)))
+    remaining = timeout - (time.monotonic() - call.received)
+    if parsed.common.stream:
+        return await _stream(api, request, call, parsed, prepared[0], scores[0], remaining)
+    replies = await _replies(api, call, parsed, prepared, remaining)
+    choices, completion_tokens = [], 0
+    for index, (p, score, reply) in enumerate(zip(prepared, scores, replies, strict=True)):
+        entries = prompt_entries(p.prompt.ids, score) if score is not None else []
+        text = _echo(call, p) if parsed.echo else ""
+        finish = "length"
+        if reply is not None:
+            entries += generated_entries(reply.tokens, top)
+            text += reply.text
+            finish = FINISH_REASONS.get(reply.completion.finish_reason, "stop")
+            completion_tokens += reply.completion.completion_tokens
+        logprobs = _logprobs(call, parsed, entries)
+        choices.append(choice(index, text, logprobs, finish))
+    usage = usage_body(sum(len(p.prompt.ids) for p in prepared), completion_tokens)
+    return web.json_response(completion_body(completion_id(), parsed.model, choices, usage), dumps=_dumps)
+
+
+async def _replies(
+    api: HttpApi, call: Call, parsed: TextCompletionRequest, prepared: list[PreparedRequest], timeout: float
+) -> list[Reply | None]:
+    """Every prompt's whole reply, generated side by side (None: nothing to generate)."""
+    if not parsed.prompts[0].generate:
+        return [None] * len(prepared)
+    logprobs, stop = parsed.logprobs is not None, parsed.common.include_stop
+    tasks = [asyncio.ensure_future(api.calls.reply(call, p, timeout, stop, logprobs, raw=True)) for p in prepared]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:  # one failure (or the caller leaving) ends the others: the call fails as a whole
+        for task in tasks:
+            task.cancel()
+
+
+async def _stream(
+    api: HttpApi,
+    request: web.Request,
+    call: Call,
+    parsed: TextCompletionRequest,
+    prepared: PreparedRequest,
+    score: PromptScores | None,
+    timeout: float,
+) -> web.StreamResponse:
+    """One prompt's completion as server-sent events: the echoed prompt first (with `echo`), a chunk per delta, the
+    finish chunk, the usage chunk if asked."""
+    cid, model, usage = completion_id(), parsed.model, parsed.common.include_usage
+    top = parsed.logprobs == 1
+    offsets = Offsets(call.token_bytes)
+
+    def logprobs(entries: list[Entry]) -> dict[str, Any] | None:
+        return _logprobs(call, parsed, entries, offsets)
+
+    def opening() -> list[dict[str, Any]]:
+        if not parsed.echo:
+            return []
+        entries = prompt_entries(prepared.prompt.ids, score) if score is not None else []
+        return [chunk_body(cid, model, [choice(0, _echo(call, prepared), logprobs(entries), None)], usage)]
+
+    def render(item: Delta | Completion, tokens: list[GeneratedToken]) -> list[dict[str, Any]]:
+        entries = generated_entries(tokens, top)
+        if isinstance(item, Delta):
+            return [chunk_body(cid, model, [choice(0, item.text, logprobs(entries), None)], usage)]
+        finish = FINISH_REASONS.get(item.finish_reason, "stop")
+        chunks = [chunk_body(cid, model, [choice(0, "", logprobs(entries), finish)], usage)]
+        if usage:
+            chunks.append(chunk_body(cid, model, [], usage, usage_body(item.prompt_tokens, item.completion_tokens)))
+        return chunks
+
+    if not prepared.max_new_tokens:  # echo alone: the prompt, then the end
+
+        def echoed() -> list[dict[str, Any]]:
+            return opening() + _finished(cid, model, len(prepared.prompt.ids), usage)
+
+        return await api.stream(request, call, _nothing(), echoed, render)
+    replies = api.calls.generate(
+        call, prepared, timeout, parsed.common.include_stop, parsed.logprobs is not None, raw=True
+    )
+    return await api.stream(request, call, replies, opening, render)
+
+
+async def _nothing() -> AsyncGenerator[Delta | Completion, None]:
+    return
+    yield  # an async generator that yields nothing
+
+
+def _finished(cid: str, model: str, prompt_tokens: int, usage: bool) -> list[dict[str, Any]]:
+    chunks = [chunk_body(cid, model, [choice(0, "", None, "length")], usage)]
+    if usage:
+        chunks.append(chunk_body(cid, model, [], usage, usage_body(prompt_tokens, 0)))
+    return chunks
+
+
+def _echo(call: Call, prepared: PreparedRequest) -> str:
+    """The prompt as the choice's text begins with it: as written, or its token ids decoded."""
+    if prepared.prompt.text:
+        return prepared.prompt.text
+    decoder = StreamDecoder(call.token_bytes)
+    return "".join(decoder.feed(i) for i in prepared.prompt.ids) + decoder.flush()
+
+
+def _logprobs(
+    call: Call, parsed: TextCompletionRequest, entries: list[Entry], offsets: Offsets | None = None
+) -> dict[str, Any] | None:
+    if parsed.logprobs is None:
+        return None
+    return logprobs_body(entries, call.token_bytes, offsets or Offsets(call.token_bytes), parsed.logprobs == 1)
+
+
+def _dumps(body: Any) -> str:
+    return json.dumps(body, ensure_ascii=False)
