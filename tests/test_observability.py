@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from jachat.v1 import chat_pb2
-from tests.helpers import REPO, greedy, user
+from tests.helpers import REPO, greedy, user, wait_until
 from tests.servers import Server, ServerProcess, serving
 
 DASHBOARD = REPO / "deploy" / "grafana" / "jachat-dashboard.json"
@@ -73,6 +73,23 @@ def test_known_traffic_moves_counters_exactly(json_server: Server) -> None:
         ]
         == 1
     )
+
+
+def test_the_inference_gateways_gauges_follow_a_running_batch(json_server: Server) -> None:
+    """jachat_batch_sequences and jachat_kv_cache_usage_ratio (the endpoint picker's running and KV-cache gauges)
+    rise while a batch runs and fall to 0 when it ends."""
+    with json_server.channel() as channel:
+        request = chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(1000, min_new_tokens=1000))
+        stream = json_server.stub(channel).GenerateStream(request)
+        next(stream)  # the batch runs
+        running = json_server.scrape()
+        assert running["jachat_batch_sequences"] == 1
+        assert 0 < running["jachat_kv_cache_usage_ratio"] <= 1  # one busy replica of all
+        stream.cancel()
+        wait_until(
+            lambda: json_server.scrape()["jachat_kv_cache_usage_ratio"] == 0, "the replica freed after the cancel"
+        )
+        assert json_server.scrape()["jachat_batch_sequences"] == 0
 
 
 def _model_name(server: Server) -> str:

@@ -51,6 +51,7 @@ class SchedulerObserver(TokenObserver, Protocol):
 
     def queue_changed(self, size: int) -> None: ...
     def batch_started(self, size: int, queued: Sequence[tuple[float, Priority]]) -> None: ...
+    def replicas_changed(self, busy: int, replicas: int, sequences: int) -> None: ...
     def generation_finished(self, record: FinishedGeneration) -> None: ...
 
 
@@ -165,6 +166,14 @@ class Scheduler:
         if self.observer is not None:
             self.observer.queue_changed(len(self.pending))
 
+    def _replicas_changed(self) -> None:
+        """Busy replicas and the sequence slots their batches hold (a row that ended early keeps its slot until its
+        batch ends: a static batch admits no one)."""
+        if self.observer is not None:
+            with self._running_lock:
+                busy, sequences = len(self._batches), sum(len(b) for b in self._batches)
+            self.observer.replicas_changed(busy, self.options.replicas, sequences)
+
     async def _run(self) -> None:
         assert self._slots is not None
         loop = asyncio.get_running_loop()
@@ -177,6 +186,7 @@ class Scheduler:
                 raise
             with self._running_lock:
                 self._batches.append(batch)
+            self._replicas_changed()
             future = loop.run_in_executor(self._executor, self._generate, batch)
             future.add_done_callback(lambda _: self._slots.release() if self._slots else None)
 
@@ -290,6 +300,7 @@ class Scheduler:
                 gen.finish(gen.stop_reason() if gen.cancelled.is_set() else FinishReason.LENGTH)
             with self._running_lock:
                 self._batches.remove(batch)
+            self._replicas_changed()
             self._freed_at = time.monotonic()
             self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * (time.monotonic() - started)
 

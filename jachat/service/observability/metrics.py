@@ -114,6 +114,20 @@ class Metrics:
             "jachat_running_requests", "Generation RPCs in progress (queued or generating).", registry=r
         )
         self.queue_size = Gauge("jachat_queue_size", "Requests waiting for a batch.", registry=r)
+        # the Inference Gateway's model-server protocol: queued (jachat_queue_size), running, and KV-cache use
+        self.batch_sequences = Gauge(
+            "jachat_batch_sequences",
+            "Sequences in the batches running on the engine (a row that ended early keeps its place until its batch "
+            "ends).",
+            registry=r,
+        )
+        self.kv_cache_usage = Gauge(
+            "jachat_kv_cache_usage_ratio",
+            "Share of the engine's KV cache a new call cannot use: the replicas running a batch over all replicas "
+            "(a static batch admits no sequence once it runs, so a busy replica's cache is taken whatever its rows "
+            "hold). 1: a new call waits for a batch to end.",
+            registry=r,
+        )
         self.queue_capacity = Gauge(
             "jachat_queue_capacity", "Most requests that may wait (--max-queued-requests).", registry=r
         )
@@ -160,6 +174,10 @@ class Metrics:
     # SchedulerObserver: called from the event loop and from generation threads
     def queue_changed(self, size: int) -> None:
         self.queue_size.set(size)
+
+    def replicas_changed(self, busy: int, replicas: int, sequences: int) -> None:
+        self.batch_sequences.set(sequences)
+        self.kv_cache_usage.set(busy / replicas if replicas else 0.0)
 
     def batch_started(self, size: int, queued: Sequence[tuple[float, Priority]]) -> None:
         self.batch_size.observe(size)
