@@ -79,7 +79,7 @@ def test_the_inference_gateways_gauges_follow_a_running_batch(json_server: Serve
     """jachat_batch_sequences and jachat_kv_cache_usage_ratio (the endpoint picker's running and KV-cache gauges)
     rise while a batch runs and fall to 0 when it ends."""
     with json_server.channel() as channel:
-        request = chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(1000, min_new_tokens=1000))
+        request = chat_pb2.GenerateStreamRequest(turns=[user("やあ")], sampling=greedy(1000, min_new_tokens=1000))
         stream = json_server.stub(channel).GenerateStream(request)
         next(stream)  # the batch runs
         running = json_server.scrape()
