@@ -233,6 +233,7 @@ class Service:
                 max_queued_per_tenant=self.settings.max_queued_per_tenant,
                 batch_promotion=self.settings.batch_promotion_seconds,
                 replicas=self.settings.replicas,
+                spare_replicas=self.settings.spare_replicas,
                 max_prompt_length_spread=self.settings.max_prompt_length_spread,
             ),
         )

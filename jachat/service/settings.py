@@ -67,6 +67,14 @@ class Settings:
             "(0: auto, one per CPU core up to 4 on CPU, 1 on GPU)"
         ),
     )
+    spare_replicas: int = field(
+        default=0,
+        metadata=_opt(
+            "replicas beyond --replicas that take a batch only while the load is light (all replicas busy, at most "
+            "2 calls waiting, no batch about to end): an arrival starts at once instead of waiting a whole reply, "
+            "sharing the cores meanwhile"
+        ),
+    )
     batch_promotion_seconds: float = field(
         default=10.0,
         metadata=_opt(

@@ -19,7 +19,7 @@ from jachat.service.domain.errors import Overloaded
 from jachat.service.domain.results import FinishReason, Priority
 from jachat.service.domain.sampling import SamplingOptions
 from jachat.service.engine.options import SchedulerOptions
-from jachat.service.engine.scheduler import Scheduler
+from jachat.service.engine.scheduler import SPARE_LIGHT, Scheduler
 from jachat.service.engine.sequence import Generation
 from jachat.service.text.prompt import TURN_MARKERS
 from jachat.service.text.reply import ReplyAssembler
@@ -213,6 +213,43 @@ def test_a_replica_that_frees_first_takes_its_share_not_everyones(
         scheduler.pending = scheduler.pending + [sequence(tokenizer, 300 + i) for i in range(4)]
         assert scheduler._share(6) == 4  # 4 + 2
         scheduler.pending = []
+
+    run(scenario)
+
+
+def test_a_spare_replica_takes_an_arrival_only_while_the_load_is_light(
+    tokenizer: Tokenizer, run: Callable[..., Any]
+) -> None:
+    """--spare-replicas: with every replica busy, a call that arrives alone starts at once on a spare instead of
+    waiting a whole reply; with more than SPARE_LIGHT calls waiting, or a running batch about to end, it waits."""
+
+    async def scenario(make: Callable[..., Scheduler]) -> None:
+        fake = FakeGenerator(token=700)
+        fake.release.clear()  # batches run until released
+        scheduler = make(SchedulerOptions(max_batch_size=16, replicas=1, spare_replicas=1), fake)
+        busy = sequence(tokenizer, 100, max_new_tokens=50)
+        scheduler.submit(busy)
+        await batches_started(fake, 1)
+        alone = sequence(tokenizer, 200)
+        scheduler.submit(alone)
+        await batches_started(fake, 2)  # on the spare, while the first batch still runs
+        fake.release.set()
+        assert [await finished(g) for g in (busy, alone)] == [FinishReason.LENGTH] * 2
+        assert fake.batches == [names(tokenizer, 100), names(tokenizer, 200)]
+
+        long = [sequence(tokenizer, 300, max_new_tokens=50)]
+        scheduler._batches = [long]  # the one replica busy, far from its end
+        scheduler.pending = [sequence(tokenizer, 400 + i) for i in range(SPARE_LIGHT)]
+        assert scheduler._spare_allowed()  # light: the spare may take them
+        scheduler.pending.append(sequence(tokenizer, 500))
+        assert not scheduler._spare_allowed()  # under load: they wait for the replica, in a larger batch
+        scheduler.pending = scheduler.pending[:1]
+        long[0].steps = 47  # 3 tokens to go: the replica is about to free
+        assert not scheduler._spare_allowed()
+        scheduler._batches = [long, [sequence(tokenizer, 600, max_new_tokens=50)]]
+        long[0].steps = 0
+        assert not scheduler._spare_allowed()  # the replica and the spare both busy
+        scheduler._batches, scheduler.pending = [], []
 
     run(scenario)
 

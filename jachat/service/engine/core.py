@@ -83,6 +83,7 @@ class CoreOptions:
     intra_threads: int = 0  # 0: auto
     max_batch_size: int = 16
     warm_up: bool = True
+    spare_replicas: int = 0  # replicas beyond `replicas`, which the scheduler uses only while the load is light
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,10 +92,15 @@ class Loaded:
 
     device: str
     compute_type: str
-    replicas: int
+    replicas: int  # the replicas the threads were shared out for
     intra_threads: int
     warm: WarmUp | None
     notes: tuple[tuple[int, str], ...] = ()  # (level, message) logged while loading, for the server to log
+    spare_replicas: int = 0
+
+    @property
+    def all_replicas(self) -> int:
+        return self.replicas + self.spare_replicas
 
 
 def resolve_device(device: str) -> str:
@@ -163,14 +169,19 @@ def load(options: CoreOptions) -> tuple[Any, Loaded, list[str]]:
             device=device,
             device_index=options.device_index,
             compute_type=compute_type,
-            inter_threads=replicas,
+            inter_threads=replicas + options.spare_replicas,  # the spares' threads come on top of the cores' share
             intra_threads=intra_threads,
         )
         warm = None
         if options.warm_up:
             plan = shapes(device, options.max_batch_size, options.context_length)
-            warm = warm_up(generator, vocabulary, options.eos_id, replicas, plan)
-    return generator, Loaded(device, generator.compute_type, replicas, intra_threads, warm), vocabulary
+            warm = warm_up(generator, vocabulary, options.eos_id, replicas + options.spare_replicas, plan)
+    spare = options.spare_replicas
+    return (
+        generator,
+        Loaded(device, generator.compute_type, replicas, intra_threads, warm, spare_replicas=spare),
+        vocabulary,
+    )
 
 
 class Outbox:
@@ -348,9 +359,9 @@ def serve(commands: Connection, events: Connection, flags: memoryview) -> None:
     outbox = Outbox(events)
     sender = threading.Thread(target=outbox.run, name="jachat-outbox", daemon=True)
     sender.start()
-    pool = ThreadPoolExecutor(max_workers=loaded.replicas, thread_name_prefix="jachat-decode")
+    pool = ThreadPoolExecutor(max_workers=loaded.all_replicas, thread_name_prefix="jachat-decode")
     # scoring jobs wait here for a free replica (CTranslate2 queues them), never in a decode thread's place
-    scorers = ThreadPoolExecutor(max_workers=loaded.replicas, thread_name_prefix="jachat-score")
+    scorers = ThreadPoolExecutor(max_workers=loaded.all_replicas, thread_name_prefix="jachat-score")
     while True:
         try:
             command = commands.recv()

@@ -111,8 +111,10 @@ class Engine:
             intra_threads=options.intra_threads,
             max_batch_size=options.scheduler.max_batch_size,
             warm_up=options.warm_up,
+            spare_replicas=options.scheduler.spare_replicas,
         )
-        slots = (options.scheduler.replicas or AUTO_REPLICAS) * options.scheduler.max_batch_size
+        replicas = (options.scheduler.replicas or AUTO_REPLICAS) + options.scheduler.spare_replicas
+        slots = replicas * options.scheduler.max_batch_size
         self.core = EngineProcess(core_options, slots, on_lost)
         loaded = self.core.loaded
         self.info = ModelInfo(
@@ -131,20 +133,23 @@ class Engine:
                 len(plan),
                 max(s.batch for s in plan),
                 max(s.prompt for s in plan),
-                loaded.replicas,
+                loaded.all_replicas,
                 self.warm.seconds,
             )
-        scheduler_options = dataclasses.replace(options.scheduler, replicas=loaded.replicas)
+        scheduler_options = dataclasses.replace(
+            options.scheduler, replicas=loaded.replicas, spare_replicas=loaded.spare_replicas
+        )
         self.scheduler = Scheduler(self.core, scheduler_options, observer)
         self.preparer = Preparer(self.tokenizer, self.info.context_length)
         log.info(
-            "loaded %s (%s) on %s as %s, %d replicas x %d threads",
+            "loaded %s (%s) on %s as %s, %d replicas x %d threads (+%d spare, for light load)",
             self.info.model_name,
             self.info.quantization,
             self.info.device,
             self.info.compute_type,
             loaded.replicas,
             loaded.intra_threads,
+            loaded.spare_replicas,
         )
         log.info(
             "engine process pid %d: RSS %s (CTranslate2, the weights); this process: RSS %s",

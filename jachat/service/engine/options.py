@@ -15,6 +15,7 @@ class SchedulerOptions:
     max_queued_per_tenant: int = 64  # one tenant cannot fill the queue
     batch_promotion: float = 10.0  # a batch call that has waited this long (s) competes as an interactive one
     replicas: int = 1  # resolved: the engine turns 0 (auto) into a count
+    spare_replicas: int = 0  # more replicas, on top, that take a batch only while the load is light (scheduler.py)
     max_prompt_length_spread: int = 64
 
 

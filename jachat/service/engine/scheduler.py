@@ -64,6 +64,8 @@ class Decoder(Protocol):
 
 
 SOON = 4  # a running batch with at most this many tokens to go is about to free its replica
+SPARE_RECHECK = 0.01  # seconds between looks at whether a held-back batch may take a spare replica
+SPARE_LIGHT = 2  # a spare replica takes a batch only while at most this many calls wait (the load is light)
 MIN_SHARE = 4  # calls are split over replicas only into batches of at least this many
 
 
@@ -81,7 +83,9 @@ class Scheduler:
         self.pending: list[Generation] = []
         self._arrived: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
-        self._executor = ThreadPoolExecutor(max_workers=options.replicas, thread_name_prefix="jachat-gen")
+        self._executor = ThreadPoolExecutor(
+            max_workers=options.replicas + options.spare_replicas, thread_name_prefix="jachat-gen"
+        )
         self._task: asyncio.Task[None] | None = None
         # the batches given to a replica and not yet over, one per busy replica: added on the event loop when a batch
         # is dispatched, removed by its generation thread when it ends; under _running_lock
@@ -98,7 +102,7 @@ class Scheduler:
         if self._task is None or self._task.done() or self._task.get_loop() is not loop:
             self.pending = [gen for gen in self.pending if gen.loop is loop]
             self._arrived = asyncio.Event()
-            self._slots = asyncio.Semaphore(self.options.replicas)
+            self._slots = asyncio.Semaphore(self.options.replicas + self.options.spare_replicas)
             self._task = asyncio.get_running_loop().create_task(self._run(), name="jachat-scheduler")
 
     def check_capacity(self, priority: Priority = Priority.INTERACTIVE, tenant: str = "default") -> None:
@@ -172,7 +176,7 @@ class Scheduler:
         if self.observer is not None:
             with self._running_lock:
                 busy, sequences = len(self._batches), sum(len(b) for b in self._batches)
-            self.observer.replicas_changed(busy, self.options.replicas, sequences)
+            self.observer.replicas_changed(busy, self.options.replicas + self.options.spare_replicas, sequences)
 
     async def _run(self) -> None:
         assert self._slots is not None
@@ -188,7 +192,26 @@ class Scheduler:
                 self._batches.append(batch)
             self._replicas_changed()
             future = loop.run_in_executor(self._executor, self._generate, batch)
-            future.add_done_callback(lambda _: self._slots.release() if self._slots else None)
+            future.add_done_callback(self._replica_freed)
+
+    def _replica_freed(self, _: object) -> None:
+        if self._slots is not None:
+            self._slots.release()
+        if self._arrived is not None:  # a batch held back for want of a replica may start now
+            self._arrived.set()
+
+    def _spare_allowed(self) -> bool:
+        """Whether a batch may start now. On one of the `replicas`, always. On a spare (all `replicas` busy) only
+        while the load is light: at most SPARE_LIGHT calls wait and no running batch is about to end. Then an
+        arrival starts at once instead of waiting a whole reply for a replica, at the price of sharing the cores
+        with the running batches for a while; under load, the spares stay idle, and the batches stay large."""
+        with self._running_lock:
+            busy = len(self._batches)
+            ending = any(_tokens_left(batch)[1] <= SOON for batch in self._batches)
+        if busy < self.options.replicas:
+            return True
+        spare = busy < self.options.replicas + self.options.spare_replicas
+        return spare and len(self.pending) <= SPARE_LIGHT and not ending
 
     @property
     def running(self) -> set[Generation]:
@@ -260,6 +283,11 @@ class Scheduler:
             now = time.monotonic()
             head = batch[0]
             start_at = self._start_at(head)
+            if (len(batch) >= self.options.max_batch_size or now >= start_at) and not self._spare_allowed():
+                self._arrived.clear()  # all replicas busy and the load not light: wait for one to free
+                with contextlib.suppress(asyncio.TimeoutError):  # (or for the load, or a batch's end, to change)
+                    await asyncio.wait_for(self._arrived.wait(), SPARE_RECHECK)
+                continue
             if len(batch) >= self.options.max_batch_size or now >= start_at:
                 batch = batch[: self._share(len(batch))]
                 break
