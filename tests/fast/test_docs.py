@@ -104,3 +104,18 @@ def test_the_readme_sampling_table_is_the_codes() -> None:
         kind = "integer" if f.type is int else "number"
         expected.append(f"| `{f.proto}` | `{f.openai}` | {kind} | {f.range_text()}{note} | {f.default:g} |")
     assert table == expected
+
+
+def test_every_flag_is_in_the_readmes_configuration_table() -> None:
+    """jachat-serve's flags (the Settings fields) each have a row in the README's table: no flag goes undocumented."""
+    import dataclasses
+
+    from jachat.service.settings import Settings
+
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    table = readme.split("\n## Configuration\n", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| `--")]
+    missing = [
+        f.name for f in dataclasses.fields(Settings) if not any(f"`--{f.name.replace('_', '-')}`" in r for r in rows)
+    ]
+    assert missing == []
