@@ -72,7 +72,7 @@ class Settings:
         metadata=_opt(
             "replicas beyond --replicas that take a batch only while the load is light (all replicas busy, at most "
             "2 calls waiting, no batch about to end): an arrival starts at once instead of waiting a whole reply, "
-            "sharing the cores meanwhile"
+            "sharing the cores meanwhile (measured worse on a 2-core CPU; see the README)"
         ),
     )
     batch_promotion_seconds: float = field(
