@@ -234,6 +234,7 @@ class Service:
                 batch_promotion=self.settings.batch_promotion_seconds,
                 replicas=self.settings.replicas,
                 spare_replicas=self.settings.spare_replicas,
+                stagger=self.settings.stagger_batches,
                 max_prompt_length_spread=self.settings.max_prompt_length_spread,
             ),
         )

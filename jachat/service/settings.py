@@ -75,6 +75,13 @@ class Settings:
             "sharing the cores meanwhile (measured worse on a 2-core CPU; see the README)"
         ),
     )
+    stagger_batches: bool = field(
+        default=True,
+        metadata=_opt(
+            "under load (a running batch of 2 or more calls), start a batch half a batch after the last one, so the "
+            "replicas free in turn rather than together"
+        ),
+    )
     batch_promotion_seconds: float = field(
         default=10.0,
         metadata=_opt(

@@ -19,7 +19,7 @@ from jachat.service.domain.errors import Overloaded
 from jachat.service.domain.results import FinishReason, Priority
 from jachat.service.domain.sampling import SamplingOptions
 from jachat.service.engine.options import SchedulerOptions
-from jachat.service.engine.scheduler import SPARE_LIGHT, Scheduler
+from jachat.service.engine.scheduler import SPARE_LIGHT, STAGGER_CALLS, Scheduler
 from jachat.service.engine.sequence import Generation
 from jachat.service.text.prompt import TURN_MARKERS
 from jachat.service.text.reply import ReplyAssembler
@@ -250,6 +250,34 @@ def test_a_spare_replica_takes_an_arrival_only_while_the_load_is_light(
         long[0].steps = 0
         assert not scheduler._spare_allowed()  # the replica and the spare both busy
         scheduler._batches, scheduler.pending = [], []
+
+    run(scenario)
+
+
+def test_staggered_batches_start_half_a_batch_after_a_loaded_one(tokenizer: Tokenizer, run: Callable[..., Any]) -> None:
+    """--stagger-batches: a batch on a free replica starts half a batch (the running estimate) after the last loaded
+    batch started, never later than half a batch after its head arrived; a batch of one call (light load) holds
+    nothing back, and neither does the scheduler without the option."""
+
+    async def scenario(make: Callable[..., Scheduler]) -> None:
+        scheduler = make(SchedulerOptions(replicas=2, stagger=True), FakeGenerator(token=700))
+        scheduler._batch_seconds = 1.0
+        now = time.monotonic()
+        head = sequence(tokenizer, 300)
+        head.arrived = now
+        loaded = [sequence(tokenizer, 100 + i) for i in range(STAGGER_CALLS)]
+        loaded[0].started_at = now - 0.1
+        scheduler._batches = [loaded]
+        assert scheduler._staggered(head) == pytest.approx(now + 0.4)  # 0.5 s after the loaded batch began
+        head.arrived = now - 0.3
+        assert scheduler._staggered(head) == pytest.approx(now + 0.2)  # but at most half a batch after arriving
+        scheduler._batches = [loaded[:1]]
+        assert scheduler._staggered(head) == 0.0  # light load: no hold
+        scheduler._batches = [loaded]
+        plain = make(SchedulerOptions(replicas=2), FakeGenerator(token=700))
+        plain._batches = [loaded]
+        assert plain._staggered(head) == 0.0
+        scheduler._batches = plain._batches = []
 
     run(scenario)
 

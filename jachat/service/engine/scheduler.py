@@ -64,6 +64,7 @@ class Decoder(Protocol):
 
 
 SOON = 4  # a running batch with at most this many tokens to go is about to free its replica
+STAGGER_CALLS = 2  # a running batch this large means the load is not light (--stagger-batches)
 SPARE_RECHECK = 0.01  # seconds between looks at whether a held-back batch may take a spare replica
 SPARE_LIGHT = 2  # a spare replica takes a batch only while at most this many calls wait (the load is light)
 MIN_SHARE = 4  # calls are split over replicas only into batches of at least this many
@@ -200,6 +201,21 @@ class Scheduler:
         if self._arrived is not None:  # a batch held back for want of a replica may start now
             self._arrived.set()
 
+    def _staggered(self, head: Generation) -> float:
+        """--stagger-batches: when the replica that started last runs a loaded batch (STAGGER_CALLS or more) that
+        began less than half a batch ago, a batch on a free replica starts half a batch after it (never later than
+        half a batch after its head's arrival). Replies of equal length end together, so replicas that start
+        together stay in phase, and a call that arrives just after they start waits a whole batch; staggered by half
+        a batch, a replica frees every half batch. Returns the monotonic time to start at (0: now)."""
+        if not self.options.stagger:
+            return 0.0
+        with self._running_lock:
+            started = [b[0].started_at for b in self._batches if len(b) >= STAGGER_CALLS and b[0].started_at]
+        if not started:
+            return 0.0
+        half = self._batch_seconds / 2
+        return min(max(started) + half, head.arrived + half)
+
     def _spare_allowed(self) -> bool:
         """Whether a batch may start now. On one of the `replicas`, always. On a spare (all `replicas` busy) only
         while the load is light: at most SPARE_LIGHT calls wait and no running batch is about to end. Then an
@@ -283,6 +299,12 @@ class Scheduler:
             now = time.monotonic()
             head = batch[0]
             start_at = self._start_at(head)
+            hold = self._staggered(head) if len(batch) < self.options.max_batch_size else 0.0
+            if now < hold and now >= start_at:  # in phase with a loaded replica: start half a batch after it
+                self._arrived.clear()
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._arrived.wait(), hold - now)
+                continue
             if (len(batch) >= self.options.max_batch_size or now >= start_at) and not self._spare_allowed():
                 self._arrived.clear()  # all replicas busy and the load not light: wait for one to free
                 with contextlib.suppress(asyncio.TimeoutError):  # (or for the load, or a batch's end, to change)
