@@ -92,6 +92,16 @@ def test_sigterm_drains_and_exits_zero(model_f32: Path) -> None:
     assert any("stopping" in line for line in server.log)
 
 
+def test_chat_client_whose_reader_goes_away_ends_quietly(server: Server) -> None:
+    """`jachat-chat ... | head -c 10`: the pipe closes mid-reply; the client stops with status 0, no traceback."""
+    command = ["jachat-chat", "--target", server.target, "--temperature", "0", "--max-new-tokens", "64", "こんにちは"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()  # the reader is gone before the first token
+    assert process.wait(timeout=60) == 0
+    assert process.stderr.read() == b""
+
+
 def test_chat_client_streams_one_reply(server: Server) -> None:
     result = subprocess.run(
         ["jachat-chat", "--target", server.target, "--temperature", "0", "--max-new-tokens", "8", "こんにちは"],

@@ -7,6 +7,7 @@ With text, it streams one reply. Without, it runs an interactive chat that keeps
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -86,6 +87,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except grpc.RpcError as exc:
             print(f"jachat-chat: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
+        except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as Unix tools do
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+            return 0
 
 
 def interactive(
