@@ -99,7 +99,8 @@ def test_chat_client_whose_reader_goes_away_ends_quietly(server: Server) -> None
     assert process.stdout is not None and process.stderr is not None
     process.stdout.close()  # the reader is gone before the first token
     assert process.wait(timeout=60) == 0
-    assert process.stderr.read() == b""
+    with process.stderr:
+        assert process.stderr.read() == b""
 
 
 def test_chat_client_streams_one_reply(server: Server) -> None:
