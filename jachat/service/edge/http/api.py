@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Iterator, Sequence
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import HttpVersion11, web
 
@@ -38,7 +38,7 @@ from jachat.service.domain.errors import (
     Overloaded,
     WriteStalled,
 )
-from jachat.service.domain.results import Completion, Delta, GeneratedToken
+from jachat.service.domain.results import Completion, Delta, GeneratedToken, ModelInfo, Priority
 from jachat.service.edge.calls import Call, Calls, Opening, messages, write_within
 from jachat.service.edge.http import completions
 from jachat.service.edge.http.body import MAX_BODY_BYTES, read_body, too_large
@@ -48,7 +48,7 @@ from jachat.service.edge.http.connections import (
     delivered,
     json_errors,
 )
-from jachat.service.edge.http.openai_request import CompletionRequest, parse_json, parse_request, spell, unknown_model
+from jachat.service.edge.http.openai_request import parse_json, parse_request, spell, unknown_model
 from jachat.service.edge.http.openai_response import (
     FINISH_REASONS,
     chunk_body,
@@ -66,6 +66,20 @@ from jachat.service.edge.identity import REQUEST_ID_HEADER, tenant_from_user, te
 log = logging.getLogger("jachat.http")
 
 TIMEOUT_HEADER = "x-jachat-timeout"
+
+
+class Parsed(Protocol):
+    """What the frame reads of any route's parsed body."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def priority(self) -> Priority: ...
+    @property
+    def user(self) -> str | None: ...
+
+
+P = TypeVar("P", bound=Parsed)
 # a route's answer once its body is in and it holds a call slot: (api, request, call, body, timeout) -> response
 Answer = Callable[["HttpApi", web.Request, Call, bytes, float], Awaitable[web.StreamResponse]]
 PARSE_OFF_LOOP_BYTES = 64 * 1024  # larger bodies are parsed and converted on the preparation pool, not the loop
@@ -273,12 +287,14 @@ class HttpApi:
                 return await answer(self, request, call, data, timeout)
             return await self._answer(request, call, data, timeout)
 
-    async def _answer(self, request: web.Request, call: Call, data: bytes, timeout: float) -> web.StreamResponse:
+    async def parse(self, call: Call, data: bytes, parser: Callable[[object, ModelInfo], P]) -> P:
+        """A route's body, parsed and converted by `parser`, for the model served; the call learns its priority and
+        (without tokens) its tenant from it."""
         engine = self.calls.engine()
         info = engine.info
 
-        def convert() -> CompletionRequest:
-            return parse_request(parse_json(data), info)
+        def convert() -> P:
+            return parser(parse_json(data), info)
 
         # a large body is parsed and converted on the preparation pool: its cost grows with what the client sent
         # (a 4 MiB body can hold 150,000 content parts), and the event loop serves everyone
@@ -288,6 +304,10 @@ class HttpApi:
         call.priority = parsed.priority
         if self.calls.tokens is None and parsed.user:
             call.tenant = tenant_from_user(parsed.user)
+        return parsed
+
+    async def _answer(self, request: web.Request, call: Call, data: bytes, timeout: float) -> web.StreamResponse:
+        parsed = await self.parse(call, data, parse_request)
         prepared = await self.calls.prepare(call, parsed.chat)
         remaining = timeout - (time.monotonic() - call.received)
         if parsed.stream:

@@ -32,31 +32,16 @@ from jachat.service.edge.http.completions_response import (
     prompt_entries,
     usage_body,
 )
-from jachat.service.edge.http.openai_request import parse_json, unknown_model
 from jachat.service.edge.http.openai_response import FINISH_REASONS
-from jachat.service.edge.identity import tenant_from_user
 from jachat.service.engine.preparation import PreparedRequest
 from jachat.service.text.tokenizer import StreamDecoder
 
 if TYPE_CHECKING:
     from jachat.service.edge.http.api import HttpApi
 
-PARSE_OFF_LOOP_BYTES = 64 * 1024  # as the chat route: a larger body is parsed on the preparation pool
-
 
 async def answer(api: HttpApi, request: web.Request, call: Call, data: bytes, timeout: float) -> web.StreamResponse:
-    engine = api.calls.engine()
-    info = engine.info
-
-    def convert() -> TextCompletionRequest:
-        return parse_completion(parse_json(data), info)
-
-    parsed = await engine.offload(convert) if len(data) > PARSE_OFF_LOOP_BYTES else convert()
-    if parsed.model != info.model_name:
-        raise unknown_model(parsed.model, info.model_name)
-    call.priority = parsed.priority
-    if api.calls.tokens is None and parsed.common.user:
-        call.tenant = tenant_from_user(parsed.common.user)
+    parsed = await api.parse(call, data, parse_completion)
     prepared = [
         await api.calls.prepare_text(call, text, ("prompt", i) if parsed.listed else ("prompt",))
         for i, text in enumerate(parsed.prompts)

@@ -69,6 +69,10 @@ class TextCompletionRequest:
     def priority(self) -> Priority:
         return self.common.priority
 
+    @property
+    def user(self) -> str | None:
+        return self.common.user
+
 
 def parse_completion(body: object, info: ModelInfo) -> TextCompletionRequest:
     """Check and convert a /v1/completions body; every violation names its field."""
