@@ -171,3 +171,70 @@ def test_any_http_body_gets_a_deliberate_status_never_a_server_error(
     assert response.status in (200, 400, 404), (response.status, reply[:300], body)
     if response.status != 200:
         assert json.loads(reply)["error"]["message"]
+
+
+SERVED = "(the served model)"
+COMPLETION_FIELDS = [
+    "model", "prompt", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k", "min_tokens",
+    "repetition_penalty", "no_repeat_ngram_size", "stop", "logprobs", "echo", "n", "best_of", "suffix", "priority",
+    "include_stop_str_in_output", "user", "seed", "logit_bias",
+]  # fmt: skip
+prompts = st.one_of(
+    json_values,
+    st.text(max_size=12),
+    st.lists(st.integers(-3, 40000), max_size=6),
+    st.lists(st.one_of(st.text(max_size=6), st.lists(st.integers(-3, 40000), max_size=4)), max_size=3),
+    st.just("ユーザー: やあ<NL>システム: "),
+)
+valid_prompts = st.one_of(
+    st.text(min_size=1, max_size=12),
+    st.lists(st.integers(0, 31999), min_size=1, max_size=6),
+    st.lists(st.text(min_size=1, max_size=6), min_size=1, max_size=3),
+)
+
+
+@st.composite
+def completion_bodies(draw: st.DrawFn) -> dict[str, object]:
+    names = draw(st.lists(st.sampled_from(COMPLETION_FIELDS), unique=True, max_size=6))
+    body = {name: draw(json_values) for name in names}
+    body["prompt"] = draw(prompts)
+    if draw(st.booleans()):  # a call that may be valid: the served model, a prompt it takes, fewer other fields
+        body = {k: v for k, v in body.items() if draw(st.booleans())}
+        body["model"] = SERVED  # replaced by the served model's name
+        body["prompt"] = draw(valid_prompts)
+        body["max_tokens"] = draw(st.integers(0, 8))  # keep the calls that are valid short
+    return body
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=list(HealthCheck))
+@given(body=completion_bodies())
+@example(body={"model": SERVED, "prompt": [[1], [2**70]], "max_tokens": 0, "echo": True, "logprobs": 1})
+@example(body={"model": SERVED, "prompt": [7], "max_tokens": 0, "echo": True, "logprobs": 1, "stream": True})
+def test_any_completions_body_gets_a_deliberate_status_never_a_server_error(
+    fuzz_server: Server, body: dict[str, object]
+) -> None:
+    """/v1/completions, as the chat route: no body makes it answer 5xx (the model is named where it parses)."""
+    assert fuzz_server.http_port is not None
+    if body.get("model") == SERVED:
+        body = {**body, "model": served_model(fuzz_server)}
+    connection = http.client.HTTPConnection("127.0.0.1", fuzz_server.http_port, timeout=60)
+    try:
+        connection.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        reply = response.read()
+    finally:
+        connection.close()
+    assert response.status in (200, 400, 404), (response.status, reply[:300], body)
+    if response.status != 200:
+        assert json.loads(reply)["error"]["message"]
+
+
+_served: dict[int, str] = {}  # by gRPC port: asked once per server
+
+
+def served_model(server: Server) -> str:
+    if server.port not in _served:
+        with server.channel() as channel:
+            info = server.stub(channel).GetModelInfo(chat_pb2.GetModelInfoRequest(), timeout=30)
+        _served[server.port] = info.model_name
+    return _served[server.port]
