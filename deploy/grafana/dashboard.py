@@ -169,6 +169,19 @@ def build() -> dashboard.Dashboard:
         ),
         (
             series(
+                "Busy replicas by pod (the Inference Gateway's KV-cache gauge)",
+                "percentunit",
+                [
+                    query(f"max by (pod) (jachat_kv_cache_usage_ratio{{{POD}}})", "{{pod}} busy", "A"),
+                ],
+                "Replicas running a batch over all replicas, per pod (jachat_kv_cache_usage_ratio, which the "
+                "endpoint picker reads as KV-cache use): a running static batch admits no one, so at 100% a new call "
+                "waits for a batch to end. Sequences in running batches: jachat_batch_sequences.",
+            ),
+            8,
+        ),
+        (
+            series(
                 "Batch size",
                 "short",
                 [
