@@ -1,5 +1,5 @@
-"""The engine on a device: reduced-precision compute types agree with float32 greedy, streaming, cancellation and
-deadlines. On the CPU in every run (float32, int8_float32, int8); on a GPU through scripts/gpu-check, which sets
+"""The engine on a device: reduced-precision compute types agree with float32 greedy, streaming, cancellation,
+deadlines and prompt scoring. On the CPU in every run (float32, int8_float32, int8); on a GPU through scripts/gpu-check, which sets
 JACHAT_TEST_DEVICE=cuda (float32, float16, int8_float16)."""
 
 from __future__ import annotations
@@ -8,6 +8,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -31,7 +32,8 @@ def device_server(
     model = convert(
         ConvertOptions(str(scripted_checkpoint), tmp_path_factory.mktemp("device") / quantization, quantization)
     )
-    with serving(model, "--device", DEVICE, "--replicas", "1") as server:
+    flags = ("--device", DEVICE, "--replicas", "1", "--http-host", "127.0.0.1", "--http-port", "0")
+    with serving(model, *flags) as server:
         yield quantization, server
 
 
@@ -86,3 +88,40 @@ def test_cancellation_and_deadlines_stop_generation(device_server: tuple[str, Se
         - before.get('jachat_tokens_after_cancel_bucket{le="2.0"}', 0)
         == 1
     )
+
+
+def test_scoring_and_the_most_likely_tokens_agree_with_the_greedy_reply(device_server: tuple[str, Server]) -> None:
+    """An echoed completion of the prompt and its greedy reply, scored both ways on the device: with logprobs 0
+    (score_batch) and 1 (a forward pass, its distribution reduced to each place's best token, copied from the device
+    first on a GPU). Each reply token is its place's most likely, and both paths give the log-probabilities the
+    generation reported."""
+    import json
+    import urllib.request
+
+    _, server = device_server
+    turns = [user("こんにちは")]
+    with server.channel() as channel:
+        stub = server.stub(channel)
+        prompt = stub.Tokenize(chat_pb2.TokenizeRequest(turns=turns), timeout=30)
+        info = stub.GetModelInfo(chat_pb2.GetModelInfoRequest(), timeout=30)
+        options = chat_pb2.ResponseOptions(token_logprobs=True)
+        reply = stub.Generate(chat_pb2.GenerateRequest(turns=turns, sampling=greedy(32), response=options), timeout=60)
+    ids = list(prompt.token_ids) + [t.id for t in reply.tokens]
+
+    def echo(logprobs: int) -> dict[str, Any]:
+        body = {"model": info.model_name, "prompt": ids, "max_tokens": 0, "echo": True, "logprobs": logprobs}
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{server.http_port}/v1/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(request, timeout=60) as response:
+            result: dict[str, Any] = json.load(response)["choices"][0]["logprobs"]
+        return result
+
+    scored, forward = echo(0), echo(1)
+    tail = slice(len(prompt.token_ids), None)
+    assert forward["tokens"][tail] == [next(iter(top)) for top in forward["top_logprobs"][tail]]
+    generated = [t.logprob for t in reply.tokens]
+    assert scored["token_logprobs"][tail] == pytest.approx(generated, abs=1e-3)
+    assert forward["token_logprobs"][tail] == pytest.approx(generated, abs=1e-3)

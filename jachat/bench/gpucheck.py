@@ -3,7 +3,8 @@
 1. The environment: GPU, driver, CUDA device count, the compute types CTranslate2 offers there, where cuBLAS 12
    came from.
 2. The device tests (tests/test_device.py with JACHAT_TEST_DEVICE=cuda): float16 and int8_float16 against float32
-   greedy, streaming, cancellation, deadlines.
+   greedy, streaming, cancellation, deadlines, and prompt scoring both ways (score_batch, and the forward pass whose
+   distributions are copied from the device).
 3. The benchmark on the bench model (rinna-shaped, 134M; with --full-size also rinna's own 3.6B shape, random
    weights): closed loops of 1, 16 and 64 streams; replicas 1, 2 and 4 under 64 streams; an open-loop sweep.
 4. One stream against the memory-bandwidth roofline (weights read once per token / the device's bandwidth), and
