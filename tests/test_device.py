@@ -1,6 +1,6 @@
 """The engine on a device: reduced-precision compute types agree with float32 greedy, streaming, cancellation,
-deadlines and prompt scoring. On the CPU in every run (float32, int8_float32, int8); on a GPU through scripts/gpu-check, which sets
-JACHAT_TEST_DEVICE=cuda (float32, float16, int8_float16)."""
+deadlines and prompt scoring. On the CPU in every run (float32, int8_float32, int8); on a GPU through
+scripts/gpu-check, which sets JACHAT_TEST_DEVICE=cuda (float32, float16, int8_float16)."""
 
 from __future__ import annotations
 
