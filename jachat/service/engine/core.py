@@ -159,6 +159,7 @@ def load(options: CoreOptions) -> tuple[Any, Loaded, list[str]]:
         log.info("cuBLAS 12 from %s", gpu.prepare(options.device_index, ctranslate2.get_cuda_device_count()))
     compute_type = resolve_compute_type(options.compute_type, options.quantization, device)
     replicas, intra_threads = resolve_threads(device, options.replicas, options.intra_threads)
+    spare = options.spare_replicas  # the spares' threads come on top of the cores' share
     model_dir = Path(options.model_dir)
     weights = (model_dir / "model.bin").stat().st_size
     explained = gpu.explain(options.device_index, weights) if device == "cuda" else contextlib.nullcontext()
@@ -169,14 +170,13 @@ def load(options: CoreOptions) -> tuple[Any, Loaded, list[str]]:
             device=device,
             device_index=options.device_index,
             compute_type=compute_type,
-            inter_threads=replicas + options.spare_replicas,  # the spares' threads come on top of the cores' share
+            inter_threads=replicas + spare,
             intra_threads=intra_threads,
         )
         warm = None
         if options.warm_up:
             plan = shapes(device, options.max_batch_size, options.context_length)
-            warm = warm_up(generator, vocabulary, options.eos_id, replicas + options.spare_replicas, plan)
-    spare = options.spare_replicas
+            warm = warm_up(generator, vocabulary, options.eos_id, replicas + spare, plan)
     return (
         generator,
         Loaded(device, generator.compute_type, replicas, intra_threads, warm, spare_replicas=spare),

@@ -19,6 +19,11 @@ class SchedulerOptions:
     max_prompt_length_spread: int = 64
     stagger: bool = False  # start batches half a batch apart under load (scheduler._staggered)
 
+    @property
+    def all_replicas(self) -> int:
+        """The replicas and the spares: the most batches that may run at once."""
+        return self.replicas + self.spare_replicas
+
 
 @dataclass(frozen=True)
 class EngineOptions:

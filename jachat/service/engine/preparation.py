@@ -130,8 +130,9 @@ class Preparer:
                 raise InvalidRequest(
                     [FieldViolation(where, f"{len(ids)} tokens; the context holds {self.context_length}")]
                 )
-            return PreparedRequest(Prompt(prompt if isinstance(prompt, str) else "", ids), request.options, 0)
-        max_new = self._max_new_tokens(len(ids), request.options, request.explicit_max_new_tokens, where, "")
+            max_new = 0
+        else:
+            max_new = self._max_new_tokens(len(ids), request.options, request.explicit_max_new_tokens, where, "")
         return PreparedRequest(Prompt(prompt if isinstance(prompt, str) else "", ids), request.options, max_new)
 
     def _checked_ids(self, ids: Sequence[int], where: FieldPath) -> list[int]:

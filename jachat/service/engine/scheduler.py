@@ -84,9 +84,7 @@ class Scheduler:
         self.pending: list[Generation] = []
         self._arrived: asyncio.Event | None = None
         self._slots: asyncio.Semaphore | None = None
-        self._executor = ThreadPoolExecutor(
-            max_workers=options.replicas + options.spare_replicas, thread_name_prefix="jachat-gen"
-        )
+        self._executor = ThreadPoolExecutor(max_workers=options.all_replicas, thread_name_prefix="jachat-gen")
         self._task: asyncio.Task[None] | None = None
         # the batches given to a replica and not yet over, one per busy replica: added on the event loop when a batch
         # is dispatched, removed by its generation thread when it ends; under _running_lock
@@ -103,7 +101,7 @@ class Scheduler:
         if self._task is None or self._task.done() or self._task.get_loop() is not loop:
             self.pending = [gen for gen in self.pending if gen.loop is loop]
             self._arrived = asyncio.Event()
-            self._slots = asyncio.Semaphore(self.options.replicas + self.options.spare_replicas)
+            self._slots = asyncio.Semaphore(self.options.all_replicas)
             self._task = asyncio.get_running_loop().create_task(self._run(), name="jachat-scheduler")
 
     def check_capacity(self, priority: Priority = Priority.INTERACTIVE, tenant: str = "default") -> None:
@@ -177,7 +175,7 @@ class Scheduler:
         if self.observer is not None:
             with self._running_lock:
                 busy, sequences = len(self._batches), sum(len(b) for b in self._batches)
-            self.observer.replicas_changed(busy, self.options.replicas + self.options.spare_replicas, sequences)
+            self.observer.replicas_changed(busy, self.options.all_replicas, sequences)
 
     async def _run(self) -> None:
         assert self._slots is not None
@@ -226,8 +224,7 @@ class Scheduler:
             ending = any(_tokens_left(batch)[1] <= SOON for batch in self._batches)
         if busy < self.options.replicas:
             return True
-        spare = busy < self.options.replicas + self.options.spare_replicas
-        return spare and len(self.pending) <= SPARE_LIGHT and not ending
+        return busy < self.options.all_replicas and len(self.pending) <= SPARE_LIGHT and not ending
 
     @property
     def running(self) -> set[Generation]:

@@ -58,12 +58,17 @@ class Tokenizer:
         proto.ParseFromString(self._sp.serialized_model_proto())
         return str(proto.normalizer_spec.name) or "custom"
 
-    def decode(self, ids: list[int]) -> str:
-        decoder = self.decoder()
-        return "".join(decoder.feed(i) for i in ids) + decoder.flush()
+    def decode(self, ids: Sequence[int]) -> str:
+        return decode(self.token_bytes, ids)
 
     def decoder(self) -> StreamDecoder:
         return StreamDecoder(self.token_bytes)
+
+
+def decode(token_bytes: Sequence[bytes], ids: Sequence[int]) -> str:
+    """The text of ids, each spelled by `token_bytes` (a Tokenizer's), byte-exact as sentencepiece decodes."""
+    decoder = StreamDecoder(token_bytes)
+    return "".join(decoder.feed(i) for i in ids) + decoder.flush()
 
 
 def _char_length(data: bytes | bytearray, start: int) -> int:

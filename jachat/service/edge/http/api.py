@@ -268,7 +268,9 @@ class HttpApi:
         return await self._frame(request, "/v1/models/{model}", work)
 
     async def chat_completions(self, request: web.Request) -> web.StreamResponse:
-        return await self._frame(request, "/v1/chat/completions", lambda call: self._complete(request, call))
+        return await self._frame(
+            request, "/v1/chat/completions", lambda call: self._complete(request, call, HttpApi._answer)
+        )
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         async def work(call: Call) -> web.StreamResponse:
@@ -278,14 +280,13 @@ class HttpApi:
 
         return await self._frame(request, "/v1/completions", work)
 
-    async def _complete(self, request: web.Request, call: Call, answer: Answer | None = None) -> web.StreamResponse:
+    async def _complete(self, request: web.Request, call: Call, answer: Answer) -> web.StreamResponse:
+        """Either completion route: its body read within the limits, then `answer` in one of the call slots."""
         timeout = self._timeout(request)
         engine = self.calls.engine()
         data = await read_body(request, engine.offload)
         with self._slot(call):
-            if answer is not None:
-                return await answer(self, request, call, data, timeout)
-            return await self._answer(request, call, data, timeout)
+            return await answer(self, request, call, data, timeout)
 
     async def parse(self, call: Call, data: bytes, parser: Callable[[object, ModelInfo], P]) -> P:
         """A route's body, parsed and converted by `parser`, for the model served; the call learns its priority and

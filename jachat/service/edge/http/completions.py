@@ -34,7 +34,7 @@ from jachat.service.edge.http.completions_response import (
 )
 from jachat.service.edge.http.openai_response import FINISH_REASONS
 from jachat.service.engine.preparation import PreparedRequest
-from jachat.service.text.tokenizer import StreamDecoder
+from jachat.service.text.tokenizer import decode
 
 if TYPE_CHECKING:
     from jachat.service.edge.http.api import HttpApi
@@ -114,15 +114,12 @@ async def _stream(
         if isinstance(item, Delta):
             return [chunk_body(cid, model, [choice(0, item.text, logprobs(entries), None)], usage)]
         finish = FINISH_REASONS.get(item.finish_reason, "stop")
-        chunks = [chunk_body(cid, model, [choice(0, "", logprobs(entries), finish)], usage)]
-        if usage:
-            chunks.append(chunk_body(cid, model, [], usage, usage_body(item.prompt_tokens, item.completion_tokens)))
-        return chunks
+        return _ending(cid, model, finish, logprobs(entries), usage, item.prompt_tokens, item.completion_tokens)
 
     if not prepared.max_new_tokens:  # echo alone: the prompt, then the end
 
         def echoed() -> list[dict[str, Any]]:
-            return opening() + _finished(cid, model, len(prepared.prompt.ids), usage)
+            return opening() + _ending(cid, model, "length", None, usage, len(prepared.prompt.ids), 0)
 
         return await api.stream(request, call, _nothing(), echoed, render)
     replies = api.calls.generate(
@@ -136,19 +133,25 @@ async def _nothing() -> AsyncGenerator[Delta | Completion, None]:
     yield  # an async generator that yields nothing
 
 
-def _finished(cid: str, model: str, prompt_tokens: int, usage: bool) -> list[dict[str, Any]]:
-    chunks = [chunk_body(cid, model, [choice(0, "", None, "length")], usage)]
+def _ending(
+    cid: str,
+    model: str,
+    finish: str,
+    logprobs: dict[str, Any] | None,
+    usage: bool,
+    prompt_tokens: int,
+    completion_tokens: int,
+) -> list[dict[str, Any]]:
+    """A stream's last chunks: the finish chunk, and the usage chunk if asked."""
+    chunks = [chunk_body(cid, model, [choice(0, "", logprobs, finish)], usage)]
     if usage:
-        chunks.append(chunk_body(cid, model, [], usage, usage_body(prompt_tokens, 0)))
+        chunks.append(chunk_body(cid, model, [], usage, usage_body(prompt_tokens, completion_tokens)))
     return chunks
 
 
 def _echo(call: Call, prepared: PreparedRequest) -> str:
     """The prompt as the choice's text begins with it: as written, or its token ids decoded."""
-    if prepared.prompt.text:
-        return prepared.prompt.text
-    decoder = StreamDecoder(call.token_bytes)
-    return "".join(decoder.feed(i) for i in prepared.prompt.ids) + decoder.flush()
+    return prepared.prompt.text or decode(call.token_bytes, prepared.prompt.ids)
 
 
 def _logprobs(
