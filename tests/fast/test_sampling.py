@@ -25,3 +25,25 @@ def test_violations_name_the_field_under_sampling() -> None:
     options = dataclasses.replace(SamplingOptions(), top_k=-1, temperature=10**400, stop=("",))
     paths = [v.path for v in options.violations()]
     assert paths == [("sampling", "temperature"), ("sampling", "top_k"), ("sampling", "stop", 0)]
+
+
+def test_a_float_is_checked_as_the_float32_the_engine_receives() -> None:
+    """CTranslate2 (and protobuf) hold these options as float32: over HTTP, 1e-50 passed `> 0` as a Python float
+    and reached the engine as 0 (a 500), and a denormal penalty made the log-probabilities NaN. Both APIs now see
+    the same value: what the engine would get."""
+    top_p, penalty = FIELDS[4], FIELDS[5]
+    assert top_p.name == "top_p" and penalty.name == "repetition_penalty"
+    for tiny in (1e-50, 1e-320):
+        assert top_p.violation(tiny, 2048, 32000) is not None
+    assert top_p.violation(1e-45, 2048, 32000) is None  # a float32 denormal is above 0: kept as the engine keeps it
+    for bad in (1e-50, 1e-45, 0.0099, 1e39):
+        assert penalty.violation(bad, 2048, 32000) is not None, bad
+    assert penalty.violation(0.01, 2048, 32000) is None  # the bound itself, though 0.01 is not exact in float32
+
+
+def test_a_temperature_too_small_to_divide_by_is_greedy() -> None:
+    for tiny in (1e-50, 1e-45, 9e-6, 0.0):
+        options = SamplingOptions(temperature=tiny)
+        assert options.greedy and options.ctranslate2_kwargs()["sampling_temperature"] == 1.0
+        assert not options.violations()
+    assert not SamplingOptions(temperature=1e-5).greedy

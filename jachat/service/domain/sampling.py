@@ -4,6 +4,7 @@ default) that drives validation, both edges' mappings and the README's table; an
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -11,6 +12,19 @@ from jachat.service.domain.errors import FieldViolation
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
+# a temperature below this is greedy decoding, as vLLM takes it: the logits divided by less overflow float32 (a
+# denormal temperature made CTranslate2 sample from NaN)
+GREEDY_BELOW = 1e-5
+
+
+def as_float32(value: float) -> float:
+    """`value` as the engine receives it: CTranslate2 (and protobuf, over gRPC) holds these options as float32, where
+    1e-50 is 0 and 1e39 is infinite. Every range is checked on this value, for both APIs alike."""
+    try:
+        result: float = struct.unpack("f", struct.pack("f", value))[0]
+    except OverflowError:
+        return math.copysign(math.inf, value)
+    return result
 
 
 @dataclass(frozen=True)
@@ -28,7 +42,7 @@ class SamplingOptions:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     @property
     def history_penalty(self) -> bool:
@@ -100,8 +114,11 @@ class SamplingField:
 
     def violation(self, value: float, context_length: int, vocab_size: int) -> str | None:
         """Why `value` is out of range, or None. NaN and infinities are out of every range; an integer of any size
-        (JSON has no limit) is compared as it is, never converted to a float."""
+        (JSON has no limit) is compared as it is, never converted to a float; a float is compared as the float32 the
+        engine receives (so 1e-50 is 0, for either API)."""
         low, high = self.bounds(context_length, vocab_size)
+        if isinstance(value, float):
+            value, low, high = as_float32(value), as_float32(low), as_float32(high)
         finite = isinstance(value, int) or math.isfinite(value)
         inside = finite and (low < value if self.low_open else low <= value) and value <= high
         if inside:
@@ -112,11 +129,20 @@ class SamplingField:
 FIELDS: tuple[SamplingField, ...] = (
     SamplingField("max_new_tokens", "max_new_tokens", "max_tokens", int, 1, "context"),
     SamplingField("min_new_tokens", "min_new_tokens", "min_tokens", int, 0, "context"),
-    SamplingField("temperature", "temperature", "temperature", float, 0, 100.0, note="0 means greedy"),
+    SamplingField(
+        "temperature",
+        "temperature",
+        "temperature",
+        float,
+        0,
+        100.0,
+        note="0 means greedy, as does anything below 1e-05",
+    ),
     SamplingField("top_k", "top_k", "top_k", int, 0, "vocab", note="at most the vocabulary size; 0 means no limit"),
     SamplingField("top_p", "top_p", "top_p", float, 0, 1.0, low_open=True),
+    # at least 0.01: CTranslate2 divides positive logits by it, and a float32 near 0 made them infinite (NaN)
     SamplingField(
-        "repetition_penalty", "repetition_penalty", "repetition_penalty", float, 0, 100.0, True, "1 disables it"
+        "repetition_penalty", "repetition_penalty", "repetition_penalty", float, 0.01, 100.0, note="1 disables it"
     ),
     SamplingField("no_repeat_ngram_size", "no_repeat_ngram_size", "no_repeat_ngram_size", int, 0, 64.0, note="0: off"),
 )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -294,7 +295,44 @@ def unknown_model(asked: str, served: str) -> NotFound:
 
 
 def parse_json(data: bytes) -> object:
+    """The body's JSON. A string holding a lone surrogate (JSON's \\ud800 escape, alone) is no text at all: every
+    later step (the tokenizer, the log line, the reply) would fail on it, so it is refused here, naming its field."""
     try:
-        return json.loads(data)
+        body = json.loads(data)
     except (ValueError, RecursionError) as exc:
         raise InvalidRequest([FieldViolation(("body",), f"not valid JSON ({str(exc)[:120]})")]) from None
+    if _SURROGATE_ESCAPE.search(data):  # UTF-8 cannot carry surrogates: only this escape can
+        try:
+            where = _lone_surrogate(body, ())
+        except RecursionError:  # nested as deep as json allows: name the body
+            where = ()
+        if where is not None:
+            why = "holds a lone surrogate (an escape like \\ud800 without its pair): it is not text"
+            raise InvalidRequest([FieldViolation(where or ("body",), why)])
+    return body
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _text(value: str) -> bool:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _lone_surrogate(value: object, path: FieldPath) -> FieldPath | None:
+    """The path of the first string in `value` that is not valid Unicode (an object's own path for a key), or
+    None."""
+    if isinstance(value, str):
+        return None if _text(value) else path
+    items = enumerate(value) if isinstance(value, list) else value.items() if isinstance(value, dict) else ()
+    for key, item in items:
+        if isinstance(key, str) and not _text(key):
+            return path
+        found = _lone_surrogate(item, (*path, key))
+        if found is not None:
+            return found
+    return None
