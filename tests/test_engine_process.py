@@ -42,6 +42,7 @@ class Row:
         self.halt: Any = lambda: None
         self.times: list[float] = []  # the engine's time of each token
         self.stopped_at: float | None = None  # once its stop flag is set (time.monotonic, the engine's clock too)
+        self.failed: BaseException | None = None  # what the receiver ended it with, if its on_token failed
 
     def on_token(self, token_id: int, log_prob: float | None, at: float) -> bool:
         self.times.append(at)
@@ -49,6 +50,9 @@ class Row:
             self.stop()  # as a sequence's finish() does when its reply ends
             return True
         return False
+
+    def fail(self, error: BaseException) -> None:
+        self.failed = error
 
     def stop(self) -> None:
         self.halt()

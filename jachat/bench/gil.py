@@ -56,6 +56,9 @@ class _Row:
         self.tokens += 1
         return False
 
+    def fail(self, error: BaseException) -> None:
+        raise error
+
 
 def _timed(rounds: int, run: Callable[[], int]) -> float:
     run()  # warm-up

@@ -28,6 +28,7 @@ from jachat.service.observability.exposition import MetricsEndpoint
 from jachat.service.observability.metrics import Metrics
 from jachat.service.observability.tracing import configure
 from jachat.service.settings import Settings
+from jachat.service.watch import EngineWatch
 
 if TYPE_CHECKING:
     from jachat.service.edge.http.api import HttpApi
@@ -160,6 +161,7 @@ class Service:
     http_port: int | None = None
     lost: str | None = None  # why the engine process died, once it has
     lost_event: asyncio.Event = field(default_factory=asyncio.Event)
+    watch: asyncio.Task[None] | None = None  # the engine's watch (watch.py), once the model is loaded
 
     @classmethod
     async def start(cls, settings: Settings, registry: CollectorRegistry | None = None) -> Service:
@@ -250,8 +252,29 @@ class Service:
         self.metrics.queue_capacity.set(self.settings.max_queued_requests)
         self.metrics.model_info.labels(info.model_name, info.quantization, info.compute_type, info.device).set(1)
         await set_serving(self.health, True)
+        watch = EngineWatch(
+            engine.core.liveness,
+            self.settings.engine_stall_seconds,
+            self.settings.engine_watchdog_seconds,
+            self._engine_stalled,
+            lambda reason: self._engine_dead(engine, reason),
+        )
+        self.watch = asyncio.create_task(watch.run(), name="jachat-engine-watch")
         log.info("serving %s on port %d", info.model_name, self.port)
         return engine
+
+    async def _engine_stalled(self, serving: bool) -> None:
+        """The engine stalled (or speaks again): the model's health says so, not the process's (a stall may pass;
+        the watchdog ends one that does not)."""
+        self.calls.stalled = not serving
+        if not self.calls.draining:
+            status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+            await self.health.set(CHAT_SERVICE, status)
+
+    def _engine_dead(self, engine: Engine, reason: str) -> None:
+        """The watchdog's verdict: the engine is killed (its calls end UNAVAILABLE) and the server exits 1."""
+        engine.core.kill(f"watchdog: {reason}")
+        self._engine_lost(f"watchdog: {reason}")
 
     def _engine_lost(self, reason: str) -> None:
         """The engine process died: its calls have ended UNAVAILABLE; `run` stops the server, which exits 1."""
@@ -262,6 +285,8 @@ class Service:
         """Drain: health NOT_SERVING at once, new calls refused with UNAVAILABLE, calls in flight get `grace`
         seconds to finish; those still running then end with UNAVAILABLE. Then the model is released."""
         grace = self.settings.grace_seconds if grace is None else grace
+        if self.watch is not None:
+            self.watch.cancel()
         await self.health.enter_graceful_shutdown()
         await self.calls.drain(grace)  # both APIs: new calls get UNAVAILABLE / 503, calls in flight their grace
         await self.server.stop(0.5)

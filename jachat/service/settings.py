@@ -201,6 +201,22 @@ class Settings:
         ),
     )
     grace_seconds: float = field(default=10.0, metadata=_opt("on SIGTERM, how long in-flight calls may finish"))
+    engine_stall_seconds: float = field(
+        default=3.0,
+        metadata=_opt(
+            "health (jachat.v1.ChatService, and HTTP /health) turns NOT_SERVING while the engine process has said "
+            "nothing for this long (it speaks at least twice a second: a hung device call, a stopped or "
+            "page-thrashing process), and SERVING again when it speaks"
+        ),
+    )
+    engine_watchdog_seconds: float = field(
+        default=120.0,
+        metadata=_opt(
+            "the server kills the engine and exits 1 when the engine has said nothing, or made no progress while "
+            "work is in flight (no token, no scoring piece, no job's end), for this long (0: never); a batch's "
+            "first token waits for its prompts: on a CPU, very long prompts of a large model may need more"
+        ),
+    )
     log_format: str = field(
         default="text", metadata=_opt("log lines as plain text or JSON (one object per line)", choices=("text", "json"))
     )

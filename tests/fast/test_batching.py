@@ -18,8 +18,10 @@ import pytest
 from jachat.service.domain.errors import Overloaded
 from jachat.service.domain.results import FinishReason, Priority
 from jachat.service.domain.sampling import SamplingOptions
+from jachat.service.engine.core import ScoredRow
 from jachat.service.engine.options import SchedulerOptions
 from jachat.service.engine.scheduler import SPARE_LIGHT, STAGGER_CALLS, Scheduler
+from jachat.service.engine.scoring import Scoring
 from jachat.service.engine.sequence import Generation
 from jachat.service.text.prompt import TURN_MARKERS
 from jachat.service.text.reply import ReplyAssembler
@@ -43,6 +45,17 @@ class FakeGenerator:
 
     def __post_init__(self) -> None:
         self.release.set()
+
+    def score(self, job: Scoring) -> list[ScoredRow]:
+        """A scoring job, held like a batch until released: each sequence's log-probabilities all -0.5 (its
+        tokens after the first), no rows at all once halted."""
+        self.batches.append([-1])
+        stopped = [False]
+        job.halt = lambda: stopped.__setitem__(0, True)
+        self.started.set()
+        assert self.release.wait(30), "the test never released the job"
+        job.halt = lambda: None
+        return [] if stopped[0] else [([-0.5] * (len(ids) - 1), [], []) for ids in job.sequences]
 
     def run(self, rows: Sequence[Generation], max_length: int, options: dict[str, Any]) -> None:
         self.batches.append([row.prompt_ids[0] for row in rows])
@@ -198,13 +211,13 @@ def test_a_replica_that_frees_first_takes_its_share_not_everyones(
         scheduler = make(SchedulerOptions(max_batch_size=16, replicas=2), FakeGenerator(token=700))
         scheduler.pending = [sequence(tokenizer, 200 + i) for i in range(10)]
         ending = [sequence(tokenizer, 100 + i, max_new_tokens=3) for i in range(6)]
-        scheduler._batches = [ending]  # one replica busy with it
+        scheduler._batches = [list(ending)]  # one replica busy with it
         assert scheduler._share(10) == 8  # (10 waiting + 6 coming back) / 2 replicas
         for gen in ending:
             gen.steps = 1  # 2 tokens to go: still about to end
         assert scheduler._share(10) == 8
         long = [sequence(tokenizer, 100 + i, max_new_tokens=64) for i in range(6)]
-        scheduler._batches = [long]
+        scheduler._batches = [list(long)]
         assert scheduler._share(10) == 10  # nobody waits behind a long batch
         scheduler._batches = []
         assert scheduler._share(10) == 5  # two idle replicas split the waiting calls
@@ -238,7 +251,7 @@ def test_a_spare_replica_takes_an_arrival_only_while_the_load_is_light(
         assert fake.batches == [names(tokenizer, 100), names(tokenizer, 200)]
 
         long = [sequence(tokenizer, 300, max_new_tokens=50)]
-        scheduler._batches = [long]  # the one replica busy, far from its end
+        scheduler._batches = [list(long)]  # the one replica busy, far from its end
         scheduler.pending = [sequence(tokenizer, 400 + i) for i in range(SPARE_LIGHT)]
         assert scheduler._spare_allowed()  # light: the spare may take them
         scheduler.pending.append(sequence(tokenizer, 500))
@@ -246,7 +259,7 @@ def test_a_spare_replica_takes_an_arrival_only_while_the_load_is_light(
         scheduler.pending = scheduler.pending[:1]
         long[0].steps = 47  # 3 tokens to go: the replica is about to free
         assert not scheduler._spare_allowed()
-        scheduler._batches = [long, [sequence(tokenizer, 600, max_new_tokens=50)]]
+        scheduler._batches = [list(long), [sequence(tokenizer, 600, max_new_tokens=50)]]
         long[0].steps = 0
         assert not scheduler._spare_allowed()  # the replica and the spare both busy
         scheduler._batches, scheduler.pending = [], []
@@ -261,23 +274,57 @@ def test_staggered_batches_start_half_a_batch_after_a_loaded_one(tokenizer: Toke
 
     async def scenario(make: Callable[..., Scheduler]) -> None:
         scheduler = make(SchedulerOptions(replicas=2, stagger=True), FakeGenerator(token=700))
-        scheduler._batch_seconds = 1.0
+        scheduler._batch_seconds, scheduler._step_seconds = 1.0, 0.01
         now = time.monotonic()
-        head = sequence(tokenizer, 300)
+        head = sequence(tokenizer, 300, max_new_tokens=200)  # 2 s at the pace: longer than the batch estimate
         head.arrived = now
         loaded = [sequence(tokenizer, 100 + i) for i in range(STAGGER_CALLS)]
         loaded[0].started_at = now - 0.1
-        scheduler._batches = [loaded]
-        assert scheduler._staggered(head) == pytest.approx(now + 0.4)  # 0.5 s after the loaded batch began
+        scheduler._batches = [list(loaded)]
+        assert scheduler._staggered([head]) == pytest.approx(now + 0.4)  # 0.5 s after the loaded batch began
         head.arrived = now - 0.3
-        assert scheduler._staggered(head) == pytest.approx(now + 0.2)  # but at most half a batch after arriving
-        scheduler._batches = [loaded[:1]]
-        assert scheduler._staggered(head) == 0.0  # light load: no hold
-        scheduler._batches = [loaded]
+        assert scheduler._staggered([head]) == pytest.approx(now + 0.2)  # but at most half a batch after arriving
+        scheduler._batches = [list(loaded[:1])]
+        assert scheduler._staggered([head]) == 0.0  # light load: no hold
+        scheduler._batches = [list(loaded)]
         plain = make(SchedulerOptions(replicas=2), FakeGenerator(token=700))
-        plain._batches = [loaded]
-        assert plain._staggered(head) == 0.0
+        plain._batches = [list(loaded)]
+        assert plain._staggered([head]) == 0.0
         scheduler._batches = plain._batches = []
+
+    run(scenario)
+
+
+def test_a_short_call_is_held_for_the_stagger_at_most_half_its_own_length(
+    tokenizer: Tokenizer, run: Callable[..., Any]
+) -> None:
+    """Long replies raise the estimate of a batch's length; a short call that arrives while a replica idles is still
+    held at most half its own expected length (its budget at the per-token pace), not half a long batch."""
+
+    async def scenario(make: Callable[..., Scheduler]) -> None:
+        fake = FakeGenerator(token=700)
+        scheduler = make(SchedulerOptions(max_batch_size=16, replicas=2, stagger=True), fake)
+        fake.release.clear()
+        long = [sequence(tokenizer, 100 + i, max_new_tokens=400) for i in range(STAGGER_CALLS)]
+        for gen in long:
+            scheduler.submit(gen)
+        await batches_started(fake, 1)
+        fake.release.set()
+        for gen in long:
+            await finished(gen)
+        assert scheduler._step_seconds > 0  # the pace, measured on the long batch
+        scheduler._batch_seconds = 1000 * scheduler._step_seconds * 400  # as if long batches had run for ages
+        fake.release.clear()
+        loaded = [sequence(tokenizer, 200 + i, max_new_tokens=400) for i in range(STAGGER_CALLS)]
+        for gen in loaded:
+            scheduler.submit(gen)
+        await batches_started(fake, 2)
+        short = sequence(tokenizer, 300, max_new_tokens=8)
+        held = scheduler._staggered([short]) - short.arrived  # (negative: not held at all)
+        assert held <= scheduler._step_seconds * 8 / 2 + 1e-9
+        fake.release.set()
+        for gen in loaded:
+            await finished(gen)
 
     run(scenario)
 

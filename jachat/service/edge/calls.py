@@ -2,9 +2,11 @@
 
 Both edges share one `Calls`: the engine (refused while it loads or once the server drains), the count of calls in
 flight that the drain waits for, and the steps of a call that do not depend on the protocol. `Calls.serve` is the
-frame of every RPC and route: it resolves the caller once (request id, token, tenant), counts the call in flight,
-opens its span, tells a cancel from a deadline, logs a bug's traceback, and records the end (metrics, log line,
-span) exactly once under the API's label. An edge passes only its work and how to render a failure.
+frame of every RPC and route: it resolves the caller (request id, token, tenant), counts the call in flight, opens
+its span, keeps the call's deadline from the moment it arrived (whatever the work waits for: the body, the queue, a
+stalled engine), tells a cancel from a deadline, logs a bug's traceback, and records the end (metrics, log line,
+span) exactly once under the API's label, for every outcome. An edge passes only its work and how to render a
+failure; it never ends a call itself.
 """
 
 from __future__ import annotations
@@ -12,12 +14,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
-from contextlib import suppress
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TypeVar
 
 from jachat.service.domain.errors import (
+    DeadlineExceeded,
     FieldPath,
     InvalidRequest,
     JachatError,
@@ -91,6 +94,7 @@ class Call:
     started: float = field(default_factory=time.perf_counter)
     ended: bool = False
     deadline: float | None = None  # monotonic time by which the caller's deadline passes
+    answered: bool = False  # the whole answer was written: a caller that leaves now has had it (OK)
 
 
 class Calls:
@@ -100,12 +104,18 @@ class Calls:
         self.tokens = tokens  # bearer tokens (None: no auth), the same for both edges
         self.engine_: Engine | None = None
         self.draining = False
+        self.stalled = False  # the engine has been silent too long (watch.py): health says NOT_SERVING
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
 
     def attach(self, engine: Engine) -> None:
         self.engine_ = engine
+
+    @property
+    def serving(self) -> bool:
+        """What health says of the model: loaded, not draining, its engine not stalled."""
+        return self.engine_ is not None and not self.draining and not self.stalled
 
     def engine(self) -> Engine:
         """The engine for a new piece of work: refused while the model loads and once the server drains."""
@@ -139,10 +149,10 @@ class Calls:
         try:
             try:
                 call.tenant = tenant_of(opening.headers, self.tokens, opening.authenticated)
-                result = await work(call)
+                result = await within(call, work)
             except (asyncio.CancelledError, GeneratorExit, *opening.gone) as exc:  # type: ignore[misc]
                 expired = call.deadline is not None and time.monotonic() + DEADLINE_SLACK >= call.deadline
-                self.end(call, Kind.DEADLINE if expired else Kind.CANCELLED)
+                self.end(call, "OK" if call.answered else Kind.DEADLINE if expired else Kind.CANCELLED)
                 if isinstance(exc, opening.gone):
                     raise asyncio.CancelledError from None
                 raise
@@ -209,20 +219,30 @@ class Calls:
         return prepared
 
     async def score_prompt(self, call: Call, ids: list[int], top: bool) -> PromptScores:
-        """A prepared prompt's own log-probabilities (a completion's echo), in a span."""
-        engine = self.engine()
-        with self.tracing.child(call.span, "jachat.score") as span:
-            scores = await engine.score_prompt(ids, top)
+        """A prepared prompt's own log-probabilities (a completion's echo): a scoring job through the door
+        (`admit`), in a span."""
+        engine = self.admit(call)
+        with self.tracing.child(call.span, "jachat.score") as span, self._running():
+            scores = await engine.score_prompt(ids, top, call.deadline, call.priority, call.tenant)
             span.set_attribute("gen_ai.usage.input_tokens", len(ids))
         return scores
 
     async def score(self, call: Call, request: ScoreRequest) -> Scored:
         """Scoring, through the same door (`admit`), in a span."""
         engine = self.admit(call)
-        with self.tracing.child(call.span, "jachat.score") as span:
-            scored = await engine.score(request)
+        with self.tracing.child(call.span, "jachat.score") as span, self._running():
+            scored = await engine.score(request, call.deadline, call.priority, call.tenant)
             span.set_attribute("gen_ai.usage.input_tokens", scored.prompt_tokens)
         return scored
+
+    @contextmanager
+    def _running(self) -> Iterator[None]:
+        """The call's model work counts as running (jachat_running_requests) while it lasts."""
+        self.metrics.running.inc()
+        try:
+            yield
+        finally:
+            self.metrics.running.dec()
 
     async def tokenize(self, call: Call, turns: Sequence[Turn]) -> Prompt:
         """Tokenize's preparation, through the same door (`admit`), then the pool, in a span."""
@@ -236,22 +256,21 @@ class Calls:
         self,
         call: Call,
         request: PreparedRequest,
-        timeout: float | None,
         include_stop: bool,
         logprobs: bool = False,
         streaming: bool = True,
         raw: bool = False,
     ) -> AsyncGenerator[Delta | Completion, None]:
         """The reply's deltas, then its Completion; closing the generator early stops the sequence. Tokens carry
-        their log-probabilities only with `logprobs` (computing them costs the engine)."""
+        their log-probabilities only with `logprobs` (computing them costs the engine). The sequence ends at the
+        call's deadline."""
         engine = self.engine()
-        self.metrics.running.inc()
-        try:
+        with self._running():
             stream = engine.stream(
                 request.prompt.ids,
                 request.options,
                 request.max_new_tokens,
-                timeout=timeout,
+                deadline=call.deadline,
                 include_stop=include_stop,
                 priority=call.priority,
                 tenant=call.tenant,
@@ -266,20 +285,12 @@ class Calls:
                     yield item
             finally:
                 await stream.aclose()  # stops the sequence now if the caller left early
-        finally:
-            self.metrics.running.dec()
 
     async def reply(
-        self,
-        call: Call,
-        request: PreparedRequest,
-        timeout: float | None,
-        include_stop: bool,
-        logprobs: bool,
-        raw: bool = False,
+        self, call: Call, request: PreparedRequest, include_stop: bool, logprobs: bool, raw: bool = False
     ) -> Reply:
         """The whole reply of a unary call (its deltas are held to the end: no wake-up of the loop per token)."""
-        return await whole(self.generate(call, request, timeout, include_stop, logprobs, streaming=False, raw=raw))
+        return await whole(self.generate(call, request, include_stop, logprobs, streaming=False, raw=raw))
 
     async def drain(self, grace: float) -> None:
         """Refuse new work, give the calls in flight `grace` seconds, then end those still running."""
@@ -296,6 +307,36 @@ class Calls:
     def detach(self) -> Engine | None:
         engine, self.engine_ = self.engine_, None
         return engine
+
+
+async def within(call: Call, work: Callable[[Call], Awaitable[R]]) -> R:
+    """Run the call's work within its deadline: DEADLINE_SLACK after it passes, whatever the work waits for, it is
+    cancelled and the call ends DeadlineExceeded (the engine ends a sequence or a queued job at the deadline itself:
+    this catches the rest, a stalled engine among it). One rule for both edges, from the call's arrival."""
+    if call.deadline is None:
+        return await work(call)
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = loop.call_later(max(0.0, call.deadline + DEADLINE_SLACK - time.monotonic()), expire)
+    try:
+        return await work(call)
+    except asyncio.CancelledError:
+        if not expired:
+            raise
+        uncancel = getattr(task, "uncancel", None)  # Python 3.11+: this cancellation is handled here
+        if uncancel is not None:
+            uncancel()
+        raise DeadlineExceeded("the call's deadline passed") from None
+    finally:
+        timer.cancel()
 
 
 def kind_of(exc: BaseException) -> Kind:

@@ -51,6 +51,10 @@ log = logging.getLogger("jachat.engine")
 
 SEND_PERIOD = 0.002  # seconds between the sender's looks at the decode threads' tokens while tokens come
 IDLE_POLLS = 2  # empty looks in a row after which the sender sleeps until a token wakes it (steps over 4 ms)
+# the longest the sender stays silent: an empty message then tells the server the engine lives (link.py reads a
+# silence as a stalled engine: a hung device call, a stopped or page-thrashing process)
+HEARTBEAT = 0.5
+SCORE_PIECE_TOKENS = 2048  # positions scored by one CTranslate2 call (its rows x its longest row; scoring.py)
 # a scored sequence: its tokens' log-probabilities after the first, and (when asked) the most likely token at each of
 # those places and its log-probability (else empty)
 ScoredRow = tuple[list[float], list[int], list[float]]
@@ -191,21 +195,27 @@ class Outbox:
     object for its whole batch (no attribute lookup per token). Finished batches are taken before tokens: a batch's
     end is recorded after its last token, so whenever the server reads an end, it has read that batch's tokens.
     With no batch running, or no token for IDLE_POLLS looks, the sender sleeps until a batch, its end or a token
-    wakes it (`asleep` tells the decode threads to), so an idle engine costs no CPU."""
+    wakes it (`asleep` tells the decode threads to), or for HEARTBEAT at most: a message every HEARTBEAT, empty if
+    need be, is the engine's sign of life (two wake-ups a second when idle).
+
+    Each message is (tokens, ended, pieces): tokens as (slot, token id, log-probability or None,
+    time.monotonic()); ended as (job number, the engine's traceback or None, a scoring job's rows or None); pieces:
+    the scoring pieces done since the last message (progress, where a job has no tokens)."""
 
     def __init__(self, events: Connection) -> None:
         self.events = events
         self.tokens: list[tuple[int, int, float | None, float]] = []  # (slot, token id, log-prob, time.monotonic)
-        # (batch or scoring job number, error or None, a scoring job's log-probabilities)
+        # (batch or scoring job number, error or None, a scoring job's rows)
         self.ended: list[tuple[int, str | None, list[ScoredRow] | None]] = []
-        self.running = 0  # batches running (changed under the GIL by the decode threads)
+        self.running = 0  # jobs running (changed under the GIL by the decode threads)
+        self.pieces = 0  # scoring pieces done since the last send
         self.wake = threading.Event()  # a batch started or ended, or a token came while the sender slept
         self.asleep = [False]  # a list, so that the callbacks read it without an attribute lookup
         self.closing = False  # set once no batch will start: send what is left, then return
 
     def run(self) -> None:
         tokens, ended, wake, asleep, send = self.tokens, self.ended, self.wake, self.asleep, self.events.send_bytes
-        idle = 0
+        idle, sent = 0, time.monotonic()
         while True:
             if self.running and idle < IDLE_POLLS:
                 time.sleep(SEND_PERIOD)
@@ -213,18 +223,20 @@ class Outbox:
                 wake.clear()
                 asleep[0] = True  # from here on a token wakes us: none can be missed
                 if not (tokens or ended or self.closing):  # each is set before the wake that tells of it
-                    wake.wait()
+                    wake.wait(max(0.0, sent + HEARTBEAT - time.monotonic()))
                 asleep[0] = False
             idle = 0 if tokens or ended else idle + 1
-            if tokens or ended:
+            if tokens or ended or self.pieces or time.monotonic() - sent >= HEARTBEAT:
                 done = ended[: len(ended)]
                 del ended[: len(done)]
                 batch = tokens[: len(tokens)]
                 del tokens[: len(batch)]
+                pieces, self.pieces = self.pieces, 0
                 try:
-                    send(pickle.dumps((batch, done), pickle.HIGHEST_PROTOCOL))
+                    send(pickle.dumps((batch, done, pieces), pickle.HIGHEST_PROTOCOL))
                 except OSError:  # the server is gone: the main thread ends the process
                     return
+                sent = time.monotonic()
             elif self.closing and not self.running:
                 return
 
@@ -242,13 +254,9 @@ class Outbox:
         self.asleep[0] = False
         self.wake.set()
 
-    def end(self, number: int, error: str | None) -> None:
-        self.ended.append((number, error, None))
+    def end(self, number: int, error: str | None, rows: list[ScoredRow] | None = None) -> None:
+        self.ended.append((number, error, rows))
         self.running -= 1
-        self.wake.set()
-
-    def scored(self, number: int, error: str | None, log_probs: list[ScoredRow] | None) -> None:
-        self.ended.append((number, error, log_probs))
         self.wake.set()
 
 
@@ -292,20 +300,49 @@ def run_batch(
     outbox.end(number, error)
 
 
-def run_scoring(generator: Any, vocabulary: Sequence[str], outbox: Outbox, command: tuple[Any, ...]) -> None:
-    """Each sequence's teacher-forced log-probabilities (of its tokens after the first): one score_batch call, or,
-    with `top`, one forward_batch per sequence that also gives the most likely token at each place (its full
-    distribution, 32,000 floats per token, is reduced here, one sequence at a time, so it never crosses the pipe)."""
-    _, number, sequences, top = command
+def pieces(lengths: Sequence[int], budget: int = SCORE_PIECE_TOKENS) -> list[range]:
+    """Consecutive runs of sequences, each scored in one call of at most `budget` padded positions (its rows times
+    its longest row); a sequence longer than the budget is a piece of its own."""
+    out: list[range] = []
+    start, longest = 0, 0
+    for i, length in enumerate(lengths):
+        if i > start and (i - start + 1) * max(longest, length) > budget:
+            out.append(range(start, i))
+            start, longest = i, 0
+        longest = max(longest, length)
+    if lengths:
+        out.append(range(start, len(lengths)))
+    return out
+
+
+def run_scoring(
+    generator: Any, vocabulary: Sequence[str], outbox: Outbox, flags: memoryview, command: tuple[Any, ...]
+) -> None:
+    """Each sequence's teacher-forced log-probabilities (of its tokens after the first), a piece of at most
+    SCORE_PIECE_TOKENS positions at a time: CTranslate2 materialises two float vectors of the vocabulary per
+    position it scores, so a job's memory is one piece's, whatever its size. A piece is one score_batch call, or,
+    with `top`, one forward_batch per sequence that also gives the most likely token at each place (its
+    distribution is reduced here, so it never crosses the pipe). The job's stop flag is read between pieces: its
+    caller gone, its deadline or the drain end it there."""
+    _, number, slot, sequences, top = command
+    rows: list[ScoredRow] = []
+    error = None
+    outbox.start()
     try:
-        if top:
-            rows = [_forward(generator, [vocabulary[i] for i in ids], ids) for ids in sequences]
-        else:
-            results = generator.score_batch([[vocabulary[i] for i in ids] for ids in sequences], max_input_length=0)
-            rows = [(list(result.log_probs), [], []) for result in results]
-        outbox.scored(number, None, rows)
+        for piece in pieces([len(ids) for ids in sequences]):
+            if flags[slot]:
+                break
+            batch = [sequences[i] for i in piece]
+            if top:
+                rows += [_forward(generator, [vocabulary[i] for i in ids], ids) for ids in batch]
+            else:
+                results = generator.score_batch([[vocabulary[i] for i in ids] for ids in batch], max_input_length=0)
+                rows += [(list(result.log_probs), [], []) for result in results]
+                del results
+            outbox.pieces += 1  # progress for the server's watch (a count lost to a race with the sender is harmless)
     except Exception:  # reported to the server, which fails the call
-        outbox.scored(number, traceback.format_exc(), None)
+        error = traceback.format_exc()
+    outbox.end(number, error, None if error is not None else rows)
 
 
 def _forward(generator: Any, tokens: list[str], ids: list[int]) -> ScoredRow:
@@ -359,9 +396,8 @@ def serve(commands: Connection, events: Connection, flags: memoryview) -> None:
     outbox = Outbox(events)
     sender = threading.Thread(target=outbox.run, name="jachat-outbox", daemon=True)
     sender.start()
+    # one thread per replica: the server's scheduler gives each job (a batch or a scoring job) a free replica
     pool = ThreadPoolExecutor(max_workers=loaded.all_replicas, thread_name_prefix="jachat-decode")
-    # scoring jobs wait here for a free replica (CTranslate2 queues them), never in a decode thread's place
-    scorers = ThreadPoolExecutor(max_workers=loaded.all_replicas, thread_name_prefix="jachat-score")
     while True:
         try:
             command = commands.recv()
@@ -370,11 +406,10 @@ def serve(commands: Connection, events: Connection, flags: memoryview) -> None:
         if command[0] == "run":
             pool.submit(run_batch, generator, vocabulary, options.eos_id, outbox, flags, command)
         elif command[0] == "score":
-            scorers.submit(run_scoring, generator, vocabulary, outbox, command)
+            pool.submit(run_scoring, generator, vocabulary, outbox, flags, command)
         else:
             break
-    pool.shutdown(wait=True)  # the server stopped every row: these end at their next token
-    scorers.shutdown(wait=True)
+    pool.shutdown(wait=True)  # the server stopped every row and job: these end at their next token or piece
     outbox.close()
     sender.join()  # the server hears of every batch's end before the pipe closes
     generator.unload_model()

@@ -1,8 +1,8 @@
 """The engine: rinna's tokenizer and the scheduler here, CTranslate2 in the engine process, replies into asyncio.
 
 It speaks dataclasses only (no protobuf), and it is the only door to the scheduler: front ends call
-`check_capacity`, `prepare` (or `tokenize`), then `stream()`, which yields `Delta`s (text and tokens) and ends with a
-`Completion`; the drain calls `abandon`.
+`check_capacity`, `prepare` (or `prepare_text`, `tokenize`), then `stream()`, which yields `Delta`s (text and tokens)
+and ends with a `Completion`, or `score` / `score_prompt`, which queue a scoring job; the drain calls `abandon`.
 Requests go through the batching scheduler (scheduler.py), which runs each batch in the engine process (core.py,
 through link.py: CTranslate2 never shares a GIL with the edge). The tokens it generates come back in batches; a
 receiver thread decodes each, assembles the reply (<NL>, stop strings) and hands the deltas to the caller's event
@@ -15,7 +15,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -34,11 +33,12 @@ from jachat.service.domain.results import (
     Scored,
 )
 from jachat.service.domain.sampling import SamplingOptions
-from jachat.service.engine.core import CoreOptions, rss_bytes
+from jachat.service.engine.core import CoreOptions, ScoredRow, rss_bytes
 from jachat.service.engine.link import EngineProcess
 from jachat.service.engine.options import EngineOptions
 from jachat.service.engine.preparation import PreparedRequest, Preparer, Prompt
 from jachat.service.engine.scheduler import Scheduler, SchedulerObserver
+from jachat.service.engine.scoring import Scoring
 from jachat.service.engine.sequence import Generation, Item
 from jachat.service.text.prompt import TURN_MARKERS, Turn
 from jachat.service.text.reply import ReplyAssembler
@@ -92,7 +92,7 @@ class Engine:
         on_lost: Callable[[str], None] | None = None,
     ) -> None:
         """Check the model folder and tokenizer here, then start the engine process, which loads the weights (once:
-        this process never does). `on_lost` hears, from the receiver thread, that the engine process died."""
+        this process never does). `on_lost` hears, from an engine thread, that the engine process died."""
         model_dir = Path(options.model_dir)
         self.manifest: Manifest = read_manifest(model_dir)
         if options.verify_checksums:
@@ -181,13 +181,18 @@ class Engine:
         """The conversation's prompt as the model would see it (on the preparation pool)."""
         return await self.preparer.tokenize(turns)
 
-    async def score(self, request: ScoreRequest) -> Scored:
-        """Each candidate reply's tokens and teacher-forced log-probabilities after the conversation, as one
-        score_batch call in the engine process (scoring waits for a free replica there, never in the queue of
-        generations). Raises InvalidRequest, Overloaded, EngineLost or EngineFailure."""
+    async def score(
+        self,
+        request: ScoreRequest,
+        deadline: float | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+        tenant: str = "default",
+    ) -> Scored:
+        """Each candidate reply's tokens and teacher-forced log-probabilities after the conversation: one scoring job,
+        queued as model work (scoring.py). Raises InvalidRequest, Overloaded, DeadlineExceeded, EngineLost or
+        EngineFailure."""
         prompt, candidates = await self.preparer.prepare_score(request)
-        sequences = [prompt.ids + ids for ids in candidates]
-        rows = await asyncio.wrap_future(self.core.score(sequences))
+        rows = await self._scored([prompt.ids + ids for ids in candidates], False, deadline, priority, tenant)
         start = len(prompt.ids) - 1  # log-probability i is that of sequence[i + 1]
         return Scored(
             len(prompt.ids),
@@ -197,16 +202,34 @@ class Engine:
             ),
         )
 
-    async def score_prompt(self, ids: list[int], top: bool = False) -> PromptScores:
-        """The prompt's tokens after the first with their log-probabilities given the tokens before (the same
-        score_batch as `score`), and with `top` each place's most likely token (a forward pass instead)."""
+    async def score_prompt(
+        self,
+        ids: list[int],
+        top: bool = False,
+        deadline: float | None = None,
+        priority: Priority = Priority.INTERACTIVE,
+        tenant: str = "default",
+    ) -> PromptScores:
+        """The prompt's tokens after the first with their log-probabilities given the tokens before (a scoring job
+        as `score`'s), and with `top` each place's most likely token."""
         if len(ids) < 2:
             return PromptScores(())
-        [(scores, best, best_scores)] = await asyncio.wrap_future(self.core.score([ids], top))
+        [(scores, best, best_scores)] = await self._scored([ids], top, deadline, priority, tenant)
         return PromptScores(
             tuple(GeneratedToken(i, p) for i, p in zip(ids[1:], scores, strict=True)),
             tuple(GeneratedToken(i, p) for i, p in zip(best, best_scores, strict=True)),
         )
+
+    async def _scored(
+        self, sequences: list[list[int]], top: bool, deadline: float | None, priority: Priority, tenant: str
+    ) -> list[ScoredRow]:
+        job = Scoring(sequences, top, deadline, asyncio.get_running_loop(), priority, tenant)
+        self.scheduler.submit(job)
+        try:
+            return await job.result()
+        finally:
+            if job.finish_reason is None:  # the caller left first: the job leaves the queue or stops
+                self.scheduler.withdraw(job)
 
     async def offload(self, work: Callable[[], T]) -> T:
         """Run other CPU work of a request (building a large reply) on the preparation pool, off the event loop."""
@@ -221,7 +244,7 @@ class Engine:
         prompt_ids: list[int],
         options: SamplingOptions,
         max_new_tokens: int | None = None,
-        timeout: float | None = None,
+        deadline: float | None = None,
         include_stop: bool = False,
         priority: Priority = Priority.INTERACTIVE,
         tenant: str = "default",
@@ -235,8 +258,8 @@ class Engine:
         end (the caller wants the whole reply: its loop is not woken per token). A `raw` reply is the model's text as
         it wrote it (a completion: `<NL>` stays, and only the caller's stop strings and </s> end it).
 
-        Raises Overloaded when the queue is full, DeadlineExceeded when `timeout` seconds pass first."""
-        deadline = None if timeout is None else time.monotonic() + timeout
+        Raises Overloaded when the queue is full, DeadlineExceeded when the `deadline` (time.monotonic()) passes
+        first."""
         max_new = options.max_new_tokens if max_new_tokens is None else max_new_tokens
         gen = Generation(
             prompt_ids,

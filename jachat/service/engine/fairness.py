@@ -22,7 +22,7 @@ from collections import deque
 from collections.abc import Iterable, Sequence
 
 from jachat.service.domain.results import Priority
-from jachat.service.engine.sequence import Generation
+from jachat.service.engine.work import Work
 
 MAX_REMEMBERED = 1024
 
@@ -32,11 +32,11 @@ class FairOrder:
         self.served: dict[str, float] = {}
         self.promote_after = promote_after  # seconds a batch call waits before it competes as interactive
 
-    def order(self, waiting: Sequence[Generation], now: float) -> list[Generation]:
+    def order(self, waiting: Sequence[Work], now: float) -> list[Work]:
         """The waiting sequences in the order they get places (`now`: time.monotonic(), for the aging)."""
-        ordered: list[Generation] = []
+        ordered: list[Work] = []
         for priority in (Priority.INTERACTIVE, Priority.BATCH):
-            queues: dict[str, deque[Generation]] = {}
+            queues: dict[str, deque[Work]] = {}
             for gen in waiting:  # arrival order
                 if self.competes_as(gen, now) is priority:
                     queues.setdefault(gen.tenant, deque()).append(gen)
@@ -52,12 +52,12 @@ class FairOrder:
                     heapq.heappush(heap, (served + gen.cost, queues[tenant][0].arrived, tenant))
         return ordered
 
-    def competes_as(self, gen: Generation, now: float) -> Priority:
+    def competes_as(self, gen: Work, now: float) -> Priority:
         if gen.priority is Priority.BATCH and now - gen.arrived >= self.promote_after:
             return Priority.INTERACTIVE
         return gen.priority
 
-    def arrived(self, gen: Generation, active: Iterable[str]) -> None:
+    def arrived(self, gen: Work, active: Iterable[str]) -> None:
         """A request arrived; `active`: the tenants with requests queued or running before it."""
         active = set(active)
         if gen.tenant not in active and active:
@@ -66,6 +66,6 @@ class FairOrder:
         if len(self.served) > MAX_REMEMBERED:
             self.served = {t: n for t, n in self.served.items() if t in active or t == gen.tenant}
 
-    def started(self, batch: Iterable[Generation]) -> None:
+    def started(self, batch: Iterable[Work]) -> None:
         for gen in batch:
             self.served[gen.tenant] = self.served.get(gen.tenant, 0.0) + gen.cost

@@ -1,16 +1,24 @@
-"""The server's side of the engine process (core.py): start it, run batches on it, stop rows, hear of its death.
+"""The server's side of the engine process (core.py): start it, run jobs on it, stop rows, watch that it lives.
 
 Three channels cross the boundary, each batched or free of round trips:
-- commands (a pipe, server to engine): one message per batch (prompt ids, the rows' slots and budgets, options);
+- commands (a pipe, server to engine): one message per job (a batch's prompt ids, its rows' slots and budgets and
+  options; or a scoring job's sequences), written by a thread of their own: a stalled engine whose pipe is full
+  blocks that thread, never a caller (the event loop, a scheduler thread);
 - events (a pipe, engine to server): whatever tokens the decode threads recorded since the last message, and the
-  batches that ended; a receiver thread here reads them and calls each row's `on_token` (decode, assemble, stop
-  strings: engine/sequence.py);
+  jobs that ended, and at least every core.HEARTBEAT an empty message; a receiver thread here reads them and calls
+  each row's `on_token` (decode, assemble, stop strings: engine/sequence.py);
 - stop flags (a byte per slot in shared memory): a row that must end (its stop string, its caller gone, its
-  deadline, the drain) sets its byte, and the decode thread reads it at the row's next token.
+  deadline, the drain) sets its byte, and the decode thread reads it at the row's next token (a scoring job's, at
+  its next piece).
 
-A slot belongs to one row from the batch's dispatch until the engine reports the batch's end, so a late stop can
-never reach the next row in the same slot. When the engine process dies (a segfault, a CUDA error, the OOM killer),
-its events pipe closes: every batch in flight fails at once with EngineLost, and `on_lost` tells the server.
+A slot belongs to one row from the job's dispatch until the engine reports the job's end, so a late stop can never
+reach the next row in the same slot. The receiver survives any one call's fate: a row whose handling fails ends
+alone (INTERNAL, logged), and each job's waiter is woken by an event that only this module sets. When the engine
+process dies (a segfault, a CUDA error, the OOM killer), its events pipe closes: every job in flight fails at once
+with EngineLost, and `on_lost` tells the server; if the receiver itself ever fails, the engine is killed, with the
+same outcome. `liveness()` says how long the engine has been silent, and how long it has made no progress while
+work is in flight: the server's watch (server.py) turns health NOT_SERVING on a silence and ends the process on a
+long one.
 """
 
 from __future__ import annotations
@@ -22,13 +30,15 @@ import logging
 import mmap
 import os
 import pickle
+import queue
 import signal
 import struct
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future
+from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
@@ -53,34 +63,40 @@ class Row(Protocol):
     halt: Callable[[], None]  # set here while the row runs: ends it at its next token
 
     def on_token(self, token_id: int, log_prob: float, at: float) -> bool: ...
+    def fail(self, error: BaseException) -> None: ...
 
 
-class _Batch:
-    """A batch in flight: its rows by slot, and its end (with the engine's traceback if it failed)."""
+class Job(Protocol):
+    """A scoring job as the engine process runs it (engine/scoring.py's Scoring)."""
+
+    sequences: list[list[int]]
+    top: bool
+    halt: Callable[[], None]  # set here while it runs: ends it at its next piece
+
+
+@dataclass(frozen=True)
+class Liveness:
+    """What the server knows of the engine's life: seconds since it last said anything (a heartbeat comes every
+    core.HEARTBEAT), seconds since work in flight last progressed (a token or a job's end; 0 with none in flight),
+    and whether the receiver still reads."""
+
+    silent: float
+    stuck: float
+    receiving: bool
+
+
+class _Job:
+    """A job in flight: its rows' slots, and its end (the error, or a scoring job's rows)."""
 
     def __init__(self, slots: list[int]) -> None:
         self.slots = slots
         self.ended = threading.Event()
         self.error: Exception | None = None
+        self.rows: list[ScoredRow] | None = None
 
-    def end(self, error: Exception | None, log_probs: list[ScoredRow] | None = None) -> None:
-        self.error = error
+    def end(self, error: Exception | None, rows: list[ScoredRow] | None = None) -> None:
+        self.error, self.rows = error, rows
         self.ended.set()
-
-
-class _Scoring(_Batch):
-    """A scoring job in flight: no rows, its log-probabilities as a future."""
-
-    def __init__(self) -> None:
-        super().__init__([])
-        self.future: Future[list[ScoredRow]] = Future()
-
-    def end(self, error: Exception | None, log_probs: list[ScoredRow] | None = None) -> None:
-        if error is not None:
-            self.future.set_exception(error)
-        else:
-            self.future.set_result(log_probs or [])
-        super().end(error)
 
 
 def _nothing() -> None:
@@ -99,7 +115,8 @@ def describe_exit(code: int | None) -> str:
 
 
 class EngineProcess:
-    """The engine process, as the scheduler sees it: `run(rows, max_length, options)` blocks until the batch ends."""
+    """The engine process, as the scheduler sees it: `run(rows, max_length, options)` and `score(job)` block until the
+    job ends (on the scheduler's threads, one per replica)."""
 
     def __init__(self, options: CoreOptions, slots: int, on_lost: Callable[[str], None] | None = None) -> None:
         self.on_lost = on_lost
@@ -121,16 +138,22 @@ class EngineProcess:
             fcntl.fcntl(events_read, _F_SETPIPE_SZ, PIPE_BYTES)
         self._commands = Connection(commands_write, readable=False)
         self._events = Connection(events_read, writable=False)
-        self._send_lock = threading.Lock()
-        self._lock = threading.Lock()  # slots, rows and batches
+        self._outgoing: queue.SimpleQueue[tuple[int, tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # slots, rows and jobs
         self._free = list(range(slots))[::-1]
-        self._rows: list[Row | None] = [None] * slots
-        self._batches: dict[int, _Batch] = {}
+        self._rows: list[Row | None] = [None] * slots  # the row each slot's tokens go to
+        self._owners: list[Row | Job | None] = [None] * slots  # whose stop flag each slot is
+        self._jobs: dict[int, _Job] = {}
         self._numbers = itertools.count()
         self._closing = False
+        self._killed: str | None = None  # why the server killed the engine, if it did
         self.lost: str | None = None
+        self.heard = self.progressed = time.monotonic()
         self._commands.send(options)
         self.loaded = self._await_loaded()
+        self.heard = self.progressed = time.monotonic()
+        self._writer = threading.Thread(target=self._write, name="jachat-commands", daemon=True)
+        self._writer.start()
         self._receiver = threading.Thread(target=self._receive, name="jachat-receiver", daemon=True)
         self._receiver.start()
 
@@ -159,63 +182,85 @@ class EngineProcess:
         loaded: Loaded = reply[1]
         return loaded
 
+    def liveness(self) -> Liveness:
+        now = time.monotonic()
+        with self._lock:
+            working = bool(self._jobs)
+        return Liveness(now - self.heard, now - self.progressed if working else 0.0, self._receiver.is_alive())
+
+    def _dispatch(self, rows: Sequence[Row | None], owners: Sequence[Row | Job]) -> tuple[int, _Job, list[int]]:
+        """Slots for a job's rows (a scoring job takes one, for its flag, with no row), each owner given its
+        `halt`; the job's number."""
+        with self._lock:
+            if self.lost is not None:
+                raise EngineLost(self.lost)
+            if not self._jobs:  # the progress clock counts from the first job in flight
+                self.progressed = time.monotonic()
+            slots = [self._free.pop() for _ in rows]
+            for slot, row, owner in zip(slots, rows, owners, strict=True):
+                self.flags[slot] = 0
+                self._rows[slot], self._owners[slot] = row, owner
+                owner.halt = lambda slot=slot, owner=owner: self._halt(slot, owner)  # type: ignore[misc]
+            number = next(self._numbers)
+            job = self._jobs[number] = _Job(slots)
+        return number, job, slots
+
     def run(self, rows: Sequence[Row], max_length: int, options: dict[str, Any]) -> None:
         """Run rows as one generate_batch call on a free replica; returns when the engine reports its end.
         Raises EngineLost if the engine process is gone, EngineFailure if CTranslate2 failed the batch."""
-        with self._lock:
-            if self.lost is not None:
-                raise EngineLost(self.lost)
-            slots = [self._free.pop() for _ in rows]
-            for slot, row in zip(slots, rows, strict=True):
-                self.flags[slot] = 0
-                self._rows[slot] = row
-                row.halt = lambda slot=slot, row=row: self._halt(slot, row)  # type: ignore[misc]
-            number = next(self._numbers)
-            batch = self._batches[number] = _Batch(slots)
+        number, job, slots = self._dispatch(rows, rows)
         prompts, limits = [row.prompt_ids for row in rows], [row.max_new_tokens for row in rows]
         self._post(number, ("run", number, prompts, slots, limits, max_length, options))
-        batch.ended.wait()
-        if batch.error is not None:
-            raise batch.error
+        self._wait(job)
 
-    def score(self, sequences: list[list[int]], top: bool = False) -> Future[list[ScoredRow]]:
+    def score(self, work: Job) -> list[ScoredRow]:
         """Each sequence's teacher-forced log-probabilities (of its tokens after the first), and with `top` each
-        place's most likely token, on the next free replica (core.run_scoring). The future fails with EngineLost or
-        EngineFailure as `run` does."""
-        with self._lock:
-            if self.lost is not None:
-                raise EngineLost(self.lost)
-            number = next(self._numbers)
-            job = _Scoring()
-            self._batches[number] = job
-        self._post(number, ("score", number, sequences, top))
-        return job.future
+        place's most likely token, on a free replica (core.run_scoring); the rows scored before its stop flag was
+        set if it was (fewer than its sequences). Raises as `run` does."""
+        number, job, [slot] = self._dispatch([None], [work])
+        self._post(number, ("score", number, slot, work.sequences, work.top))
+        self._wait(job)
+        return job.rows or []
+
+    def _wait(self, job: _Job) -> None:
+        job.ended.wait()
+        if job.error is not None:
+            raise job.error
 
     def _post(self, number: int, command: tuple[Any, ...]) -> None:
-        """Send a job's command; if the engine's pipe is already closed, the job fails as a lost engine's do."""
-        try:
-            with self._send_lock:
-                self._commands.send(command)
-        except OSError:
+        self._outgoing.put((number, command))
+
+    def _write(self) -> None:
+        """The commands thread: every command, in order; once the pipe is closed, each job fails as a lost engine's
+        do."""
+        broken = False
+        while (item := self._outgoing.get()) is not None:
+            number, command = item
+            if not broken:
+                try:
+                    self._commands.send(command)
+                    continue
+                except OSError:
+                    broken = True
             self._ended(number, EngineLost(self.lost or "the engine process is gone"))
 
-    def _halt(self, slot: int, row: Row) -> None:
+    def _halt(self, slot: int, owner: object) -> None:
         with self._lock:
-            if self._rows[slot] is row:
+            if self._owners[slot] is owner:
                 self.flags[slot] = 1
 
-    def _ended(self, number: int, error: Exception | None, log_probs: list[ScoredRow] | None = None) -> None:
+    def _ended(self, number: int, error: Exception | None, rows: list[ScoredRow] | None = None) -> None:
         with self._lock:
-            batch = self._batches.pop(number, None)
-            if batch is None:
+            job = self._jobs.pop(number, None)
+            if job is None:
                 return
-            for slot in batch.slots:
-                row = self._rows[slot]
-                if row is not None:
-                    row.halt = _nothing
-                self._rows[slot] = None
+            for slot in job.slots:
+                owner = self._owners[slot]
+                if owner is not None:
+                    owner.halt = _nothing
+                self._rows[slot] = self._owners[slot] = None
                 self._free.append(slot)
-        batch.end(error, log_probs)
+        job.end(error, rows)
 
     def _messages(self) -> Iterator[list[Any]]:
         """The engine's messages, as many per read as the pipe holds: each read (a system call) lets another
@@ -229,6 +274,7 @@ class EngineProcess:
                 return
             if not chunk:
                 return
+            self.heard = time.monotonic()
             buffer += chunk
             start, messages = 0, []
             while len(buffer) - start >= _HEADER.size:
@@ -242,32 +288,60 @@ class EngineProcess:
             yield messages
 
     def _receive(self) -> None:
-        """The receiver thread: every token to its row, every batch's end to its waiter; then the engine's death."""
+        """The receiver thread: every token to its row, every job's end to its waiter; then the engine's death.
+        Nothing one call does can end it: a row whose `on_token` fails ends alone."""
+        try:
+            self._read()
+        except BaseException:  # a bug of the receiver's own: no token could reach anyone again
+            log.exception("the engine's receiver failed: killing the engine process")
+            self.kill("the engine's receiver failed")
+        self._lose()
+
+    def _read(self) -> None:
         rows, flags = self._rows, self.flags
         for messages in self._messages():
-            for tokens, ended in messages:
+            for tokens, ended, pieces in messages:
+                if tokens or ended or pieces:
+                    self.progressed = time.monotonic()
                 for slot, token_id, log_prob, at in tokens:
                     row = rows[slot]
-                    if row is not None and row.on_token(token_id, log_prob, at):
+                    if row is None:
+                        continue
+                    try:
+                        stop = row.on_token(token_id, log_prob, at)
+                    except Exception:
+                        stop = True
+                        log.exception("a row failed on its token: its call ends INTERNAL")
+                        with contextlib.suppress(Exception):
+                            row.fail(EngineFailure("generation failed"))
+                    if stop:
                         flags[slot] = 1
-                for number, error, log_probs in ended:
+                for number, error, result in ended:
                     if error is not None:
-                        log.error("the engine failed a batch:\n%s", error.rstrip())
-                    self._ended(number, None if error is None else EngineFailure("generation failed"), log_probs)
-        self._lose()
+                        log.error("the engine failed a job:\n%s", error.rstrip())
+                    self._ended(number, None if error is None else EngineFailure("generation failed"), result)
+
+    def kill(self, reason: str) -> None:
+        """End the engine process now (the watchdog's last resort, or a receiver that failed): its pipe closes, and
+        every job in flight fails with EngineLost, `reason` said."""
+        self._killed = reason
+        with contextlib.suppress(OSError):
+            self.process.kill()
 
     def _lose(self) -> None:
         """The engine's events pipe closed: tell the server (unless it closed the engine itself), then fail every
-        batch in flight now."""
+        job in flight now."""
         try:
             code = self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:  # it closed its pipe but lives on: it is no engine any more
             self.process.kill()
             code = self.process.wait()
         reason = f"the engine process (pid {self.process.pid}) {describe_exit(code)}"
+        if self._killed is not None:
+            reason = f"{self._killed}; {reason}"
         with self._lock:
             self.lost = reason
-            numbers = list(self._batches)
+            numbers = list(self._jobs)
         if not self._closing:
             log.error("%s: every call in flight ends UNAVAILABLE", reason)
             if self.on_lost is not None:
@@ -279,11 +353,8 @@ class EngineProcess:
         """Stop every row, let the engine finish and exit (killed after `timeout` seconds)."""
         self._closing = True
         self.flags[:] = b"\x01" * len(self.flags)
-        try:
-            with self._send_lock:
-                self._commands.send(("stop",))
-        except OSError:
-            pass
+        self._post(-1, ("stop",))
+        self._outgoing.put(None)
         try:
             self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -291,6 +362,7 @@ class EngineProcess:
             self.process.kill()
             self.process.wait()
         self._receiver.join(timeout)
+        self._writer.join(1.0)
         self._release()
 
     def _release(self) -> None:

@@ -78,7 +78,7 @@ class Metrics:
         )
         self.queue_duration = Histogram(
             "jachat_queue_duration_seconds",
-            "Time from a request's arrival to the start of its batch, by priority.",
+            "Time from a request's arrival to the start of its batch (or scoring job), by priority.",
             ["priority"],
             buckets=QUEUE_BUCKETS,
             registry=r,
@@ -111,9 +111,16 @@ class Metrics:
         )
         self._tenants: set[str] = set()
         self.running = Gauge(
-            "jachat_running_requests", "Generation RPCs in progress (queued or generating).", registry=r
+            "jachat_running_requests",
+            "Calls with model work in progress (generation or scoring; queued or running).",
+            registry=r,
         )
-        self.queue_size = Gauge("jachat_queue_size", "Requests waiting for a batch.", registry=r)
+        self.queue_size = Gauge(
+            "jachat_queue_size", "Model work waiting for a replica (generations and scoring jobs).", registry=r
+        )
+        self.scored_tokens = Counter(
+            "jachat_scored_tokens", "Positions scored teacher-forced (Score, completions echo).", registry=r
+        )
         # the Inference Gateway's model-server protocol: queued (jachat_queue_size), running, and KV-cache use
         self.batch_sequences = Gauge(
             "jachat_batch_sequences",
@@ -179,10 +186,15 @@ class Metrics:
         self.batch_sequences.set(sequences)
         self.kv_cache_usage.set(busy / replicas if replicas else 0.0)
 
-    def batch_started(self, size: int, queued: Sequence[tuple[float, Priority]]) -> None:
-        self.batch_size.observe(size)
+    def work_started(self, queued: Sequence[tuple[float, Priority]]) -> None:
         for seconds, priority in queued:
             self.queue_duration.labels(priority.value).observe(seconds)
+
+    def batch_started(self, size: int) -> None:
+        self.batch_size.observe(size)
+
+    def scored(self, tokens: int) -> None:
+        self.scored_tokens.inc(tokens)
 
     def first_token(self, seconds: float) -> None:
         self.time_to_first_token.observe(seconds)

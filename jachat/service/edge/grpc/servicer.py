@@ -4,14 +4,14 @@ failure (a status, edge/grpc/status.py); requests are converted at the edge (pro
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from importlib import import_module
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 
 from jachat.service.domain.request import ChatRequest, ScoreRequest, check_candidates, check_turn_count
-from jachat.service.domain.results import Completion, Delta
+from jachat.service.domain.results import Completion
 from jachat.service.domain.sampling import SamplingOptions
 from jachat.service.edge.calls import Call, Calls, Opening, messages, write_within
 from jachat.service.edge.grpc.protocol import (
@@ -90,20 +90,11 @@ class ChatServicer:
         options, explicit_max = sampling_from_pb(request.sampling, info.context_length, info.vocab_size)
         return await self.calls.prepare(call, ChatRequest(turns, options, explicit_max, request.drop_oldest_turns))
 
-    def _generate(
-        self, request: PreparedRequest, context: Context, options: chat_pb2.ResponseOptions, call: Call
-    ) -> AsyncGenerator[Delta | Completion, None]:
-        return self.calls.generate(
-            call, request, context.time_remaining(), options.include_stop_sequence, options.token_logprobs
-        )
-
     async def Generate(self, request: chat_pb2.GenerateRequest, context: Context) -> chat_pb2.GenerateResponse:
         async def work(call: Call) -> chat_pb2.GenerateResponse:
             prepared = await self._prepare(request, call)
             options = request.response
-            reply = await self.calls.reply(
-                call, prepared, context.time_remaining(), options.include_stop_sequence, options.token_logprobs
-            )
+            reply = await self.calls.reply(call, prepared, options.include_stop_sequence, options.token_logprobs)
             return chat_pb2.GenerateResponse(
                 text=reply.text,
                 finish_reason=FINISH_REASONS[reply.completion.finish_reason],
@@ -119,7 +110,7 @@ class ChatServicer:
         async def work(call: Call) -> None:
             prepared = await self._prepare(request, call)
             options = request.response
-            items = self._generate(prepared, context, options, call)
+            items = self.calls.generate(call, prepared, options.include_stop_sequence, options.token_logprobs)
             try:
                 async for item, own in messages(items):
                     tokens = tokens_to_pb(own, call.pieces, options.token_logprobs)

@@ -80,8 +80,8 @@ class Parsed(Protocol):
 
 
 P = TypeVar("P", bound=Parsed)
-# a route's answer once its body is in and it holds a call slot: (api, request, call, body, timeout) -> response
-Answer = Callable[["HttpApi", web.Request, Call, bytes, float], Awaitable[web.StreamResponse]]
+# a route's answer once its body is in and it holds a call slot: (api, request, call, body) -> response
+Answer = Callable[["HttpApi", web.Request, Call, bytes], Awaitable[web.StreamResponse]]
 PARSE_OFF_LOOP_BYTES = 64 * 1024  # larger bodies are parsed and converted on the preparation pool, not the loop
 
 
@@ -246,8 +246,9 @@ class HttpApi:
     # ---- routes ----
 
     async def health(self, request: web.Request) -> web.Response:
-        """Not a call: no auth, no metrics; 200 once the model serves, 503 while it loads or drains."""
-        serving = self.calls.engine_ is not None and not self.calls.draining
+        """Not a call: no auth, no metrics; 200 once the model serves, 503 while it loads, drains or its engine is
+        stalled."""
+        serving = self.calls.serving
         return json_response({"status": "SERVING" if serving else "NOT_SERVING"}, 200 if serving else 503)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
@@ -282,11 +283,11 @@ class HttpApi:
 
     async def _complete(self, request: web.Request, call: Call, answer: Answer) -> web.StreamResponse:
         """Either completion route: its body read within the limits, then `answer` in one of the call slots."""
-        timeout = self._timeout(request)
+        self._timeout(request)  # a bad x-jachat-timeout is refused (the frame took the server's limit meanwhile)
         engine = self.calls.engine()
         data = await read_body(request, engine.offload)
         with self._slot(call):
-            return await answer(self, request, call, data, timeout)
+            return await answer(self, request, call, data)
 
     async def parse(self, call: Call, data: bytes, parser: Callable[[object, ModelInfo], P]) -> P:
         """A route's body, parsed and converted by `parser`, for the model served; the call learns its priority and
@@ -307,13 +308,12 @@ class HttpApi:
             call.tenant = tenant_from_user(parsed.user)
         return parsed
 
-    async def _answer(self, request: web.Request, call: Call, data: bytes, timeout: float) -> web.StreamResponse:
+    async def _answer(self, request: web.Request, call: Call, data: bytes) -> web.StreamResponse:
         parsed = await self.parse(call, data, parse_request)
         prepared = await self.calls.prepare(call, parsed.chat)
-        remaining = timeout - (time.monotonic() - call.received)
         if parsed.stream:
             cid, model, usage = completion_id(), parsed.model, parsed.include_usage
-            replies = self.calls.generate(call, prepared, remaining, parsed.include_stop, parsed.logprobs)
+            replies = self.calls.generate(call, prepared, parsed.include_stop, parsed.logprobs)
 
             def opening() -> list[dict[str, Any]]:  # the role chunk
                 return [chunk_body(cid, model, {"role": "assistant", "content": ""}, with_usage=usage)]
@@ -327,7 +327,7 @@ class HttpApi:
                 return [*chunks, usage_chunk(cid, model, item)] if usage else chunks
 
             return await self.stream(request, call, replies, opening, render)
-        reply = await self.calls.reply(call, prepared, remaining, parsed.include_stop, parsed.logprobs)
+        reply = await self.calls.reply(call, prepared, parsed.include_stop, parsed.logprobs)
         logprobs = logprobs_content(reply.tokens, call.token_bytes) if parsed.logprobs else None
         return json_response(completion_body(completion_id(), parsed.model, reply.text, reply.completion, logprobs))
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncGenerator
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +39,7 @@ if TYPE_CHECKING:
     from jachat.service.edge.http.api import HttpApi
 
 
-async def answer(api: HttpApi, request: web.Request, call: Call, data: bytes, timeout: float) -> web.StreamResponse:
+async def answer(api: HttpApi, request: web.Request, call: Call, data: bytes) -> web.StreamResponse:
     parsed = await api.parse(call, data, parse_completion)
     prepared = [
         await api.calls.prepare_text(call, text, ("prompt", i) if parsed.listed else ("prompt",))
@@ -50,10 +49,9 @@ async def answer(api: HttpApi, request: web.Request, call: Call, data: bytes, ti
     scores: list[PromptScores | None] = [None] * len(prepared)
     if parsed.echo and parsed.logprobs is not None:
         scores = list(await asyncio.gather(*(api.calls.score_prompt(call, p.prompt.ids, top) for p in prepared)))
-    remaining = timeout - (time.monotonic() - call.received)
     if parsed.common.stream:
-        return await _stream(api, request, call, parsed, prepared[0], scores[0], remaining)
-    replies = await _replies(api, call, parsed, prepared, remaining)
+        return await _stream(api, request, call, parsed, prepared[0], scores[0])
+    replies = await _replies(api, call, parsed, prepared)
     choices, completion_tokens = [], 0
     for index, (p, score, reply) in enumerate(zip(prepared, scores, replies, strict=True)):
         entries = prompt_entries(p.prompt.ids, score) if score is not None else []
@@ -71,13 +69,13 @@ async def answer(api: HttpApi, request: web.Request, call: Call, data: bytes, ti
 
 
 async def _replies(
-    api: HttpApi, call: Call, parsed: TextCompletionRequest, prepared: list[PreparedRequest], timeout: float
+    api: HttpApi, call: Call, parsed: TextCompletionRequest, prepared: list[PreparedRequest]
 ) -> list[Reply | None]:
     """Every prompt's whole reply, generated side by side (None: nothing to generate)."""
     if not parsed.prompts[0].generate:
         return [None] * len(prepared)
     logprobs, stop = parsed.logprobs is not None, parsed.common.include_stop
-    tasks = [asyncio.ensure_future(api.calls.reply(call, p, timeout, stop, logprobs, raw=True)) for p in prepared]
+    tasks = [asyncio.ensure_future(api.calls.reply(call, p, stop, logprobs, raw=True)) for p in prepared]
     try:
         return list(await asyncio.gather(*tasks))
     finally:  # one failure (or the caller leaving) ends the others: the call fails as a whole
@@ -92,7 +90,6 @@ async def _stream(
     parsed: TextCompletionRequest,
     prepared: PreparedRequest,
     score: PromptScores | None,
-    timeout: float,
 ) -> web.StreamResponse:
     """One prompt's completion as server-sent events: the echoed prompt first (with `echo`), a chunk per delta, the
     finish chunk, the usage chunk if asked."""
@@ -122,9 +119,7 @@ async def _stream(
             return opening() + _ending(cid, model, "length", None, usage, len(prepared.prompt.ids), 0)
 
         return await api.stream(request, call, _nothing(), echoed, render)
-    replies = api.calls.generate(
-        call, prepared, timeout, parsed.common.include_stop, parsed.logprobs is not None, raw=True
-    )
+    replies = api.calls.generate(call, prepared, parsed.common.include_stop, parsed.logprobs is not None, raw=True)
     return await api.stream(request, call, replies, opening, render)
 
 
