@@ -37,7 +37,7 @@ def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
     """import-linter over the `jachat` package found in `root`, with the repository's contracts."""
     env = {**os.environ, "PYTHONPATH": str(root)}
     return subprocess.run(
-        [str(LINT_IMPORTS), "--config", str(REPO / "pyproject.toml"), "--no-cache"],
+        [str(LINT_IMPORTS), str(REPO / "pyproject.toml"), "--no-cache"],
         capture_output=True,
         text=True,
         cwd=root,
@@ -76,6 +76,54 @@ def test_the_layers_contract_fails_on_a_violation(tmp_path: Path) -> None:
         "jachat.service.engine.sequence -> ctranslate2",
     ):
         assert violation in result.stdout, result.stdout
+
+
+def dotted_name(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def test_every_module_is_held_to_the_contracts(tmp_path: Path) -> None:
+    """No module escapes a contract by being new or unlisted: a copy of the package where every module of the
+    service but engine.core imports CTranslate2, every module below the edges imports grpc, and every module
+    outside the engine package imports the scheduler breaks the three contracts at every one of those modules."""
+    copy = tmp_path / "jachat"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    below_edges = (
+        *("service/engine/", "service/observability/", "service/domain/", "service/text/"),
+        *("service/edge/calls.py", "service/edge/identity.py"),
+    )
+    expected = []
+    for path in sorted(p for p in copy.rglob("*.py") if p.name != "__init__.py" and "v1" not in p.parts):
+        module, relative = dotted_name(path, tmp_path), path.relative_to(copy).as_posix()
+        lines = []
+        if relative.startswith("service/") and module != "jachat.service.engine.core":
+            lines.append("import ctranslate2")
+            expected.append(f"{module} -> ctranslate2")
+        if relative.startswith(below_edges):
+            lines.append("import grpc")
+            expected.append(f"{module} -> grpc")
+        if not relative.startswith("service/engine/"):
+            lines.append("import jachat.service.engine.scheduler")
+            expected.append(f"{module} -> jachat.service.engine.scheduler")
+        text = path.read_text(encoding="utf-8")
+        path.write_text(
+            text + "".join(f"\n{line}  # a deliberate violation" for line in lines) + "\n", encoding="utf-8"
+        )
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0
+    report = " ".join(result.stdout.split())  # (it wraps long lines)
+    missed = [violation for violation in expected if violation not in report]
+    assert not missed, f"{len(missed)} violations kept their contracts: {missed[:10]}"
+
+
+def test_a_new_module_outside_every_layer_breaks_the_layers_contract(tmp_path: Path) -> None:
+    """The layers contract is exhaustive: a module of the service that no layer names is a broken contract."""
+    copy = tmp_path / "jachat"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "service" / "stray.py").write_text('"""A module no layer names."""\n', encoding="utf-8")
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0 and "stray" in result.stdout, result.stdout
 
 
 def test_everything_is_imported_through_the_jachat_namespace() -> None:
