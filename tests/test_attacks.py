@@ -266,10 +266,9 @@ def test_the_drain_with_scoring_in_flight_keeps_its_grace(model_f32: Path) -> No
             server.process.terminate()
             code = server.process.wait(timeout=60)
             took = time.monotonic() - began
-            for call in calls:
-                with pytest.raises(grpc.RpcError) as ended:
-                    call.result()
-                assert ended.value.code() == grpc.StatusCode.UNAVAILABLE
+            ended = [call.exception() for call in calls]  # a job that finished within the grace is answered
+            assert all(isinstance(e, grpc.RpcError) and e.code() == grpc.StatusCode.UNAVAILABLE for e in ended if e)
+            assert sum(e is not None for e in ended) >= 8, "the queued Score calls were not ended by the drain"
         assert code == 0
         assert took < 1 + 8, f"the drain took {took:.1f} s with a grace of 1 s"
         log = "".join(server.log)
