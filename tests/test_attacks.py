@@ -152,6 +152,33 @@ def test_scoring_the_longest_candidates_of_unequal_lengths_stays_within_a_gib_of
     assert peak - idle < 2**30, f"the engine grew by {(peak - idle) / 2**20:.0f} MiB while scoring"
 
 
+def test_a_big_echo_answer_is_built_off_the_event_loop(
+    one_replica: InProcessServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Defect 3: 16 echoed contexts with log-probabilities are a 2 MiB answer; building and serialising it on the
+    event loop stalled health checks and every stream for hundreds of milliseconds. Whole and streamed, a big echo's
+    log-probabilities are built on a worker thread, never on the loop's."""
+    from jachat.service.edge.http.completions_response import logprobs_body as build
+
+    threads: list[str] = []
+
+    def recorded(*args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return build(*args, **kwargs)
+
+    monkeypatch.setattr("jachat.service.edge.http.completions.logprobs_body", recorded)
+    model = model_id(one_replica)
+    echo = {"model": model, "prompt": [TEXT[:1000]] * 4, "max_tokens": 0, "echo": True, "logprobs": 1}
+    status, body = post(one_replica, "/v1/completions", echo)
+    assert status == 200, body
+    assert len(json.loads(body)["choices"]) == 4 and len(threads) == 4
+    status, body = post(one_replica, "/v1/completions", {**echo, "prompt": TEXT[:1000], "stream": True})
+    assert status == 200 and body.rstrip().endswith(b"data: [DONE]"), body[-200:]
+    assert len(threads) == 5
+    loop = one_replica._thread.name
+    assert loop not in threads, f"built on the event loop's thread: {threads}"
+
+
 def test_http_deadlines_are_kept_while_the_call_waits_in_the_queue(one_replica: InProcessServer) -> None:
     """Defect 5: with the one replica busy on a long reply, chat calls (whole and streamed) and an echo call with
     x-jachat-timeout: 1 end 504 at their deadline, while that reply still runs, not when it ends."""

@@ -38,6 +38,8 @@ from jachat.service.text.tokenizer import decode
 if TYPE_CHECKING:
     from jachat.service.edge.http.api import HttpApi
 
+BUILD_OFF_LOOP_TOKENS = 512  # an answer with more tokens than this is built and serialised off the event loop
+
 
 async def answer(api: HttpApi, request: web.Request, call: Call, data: bytes) -> web.StreamResponse:
     parsed = await api.parse(call, data, parse_completion)
@@ -52,20 +54,29 @@ async def answer(api: HttpApi, request: web.Request, call: Call, data: bytes) ->
     if parsed.common.stream:
         return await _stream(api, request, call, parsed, prepared[0], scores[0])
     replies = await _replies(api, call, parsed, prepared)
-    choices, completion_tokens = [], 0
-    for index, (p, score, reply) in enumerate(zip(prepared, scores, replies, strict=True)):
-        entries = prompt_entries(p.prompt.ids, score) if score is not None else []
-        text = _echo(call, p) if parsed.echo else ""
-        finish = "length"
-        if reply is not None:
-            entries += generated_entries(reply.tokens, top)
-            text += reply.text
-            finish = FINISH_REASONS.get(reply.completion.finish_reason, "stop")
-            completion_tokens += reply.completion.completion_tokens
-        logprobs = _logprobs(call, parsed, entries)
-        choices.append(choice(index, text, logprobs, finish))
-    usage = usage_body(sum(len(p.prompt.ids) for p in prepared), completion_tokens)
-    return web.json_response(completion_body(completion_id(), parsed.model, choices, usage), dumps=_dumps)
+
+    def body() -> bytes:
+        choices, completion_tokens = [], 0
+        for index, (p, score, reply) in enumerate(zip(prepared, scores, replies, strict=True)):
+            entries = prompt_entries(p.prompt.ids, score) if score is not None else []
+            text = _echo(call, p) if parsed.echo else ""
+            finish = "length"
+            if reply is not None:
+                entries += generated_entries(reply.tokens, top)
+                text += reply.text
+                finish = FINISH_REASONS.get(reply.completion.finish_reason, "stop")
+                completion_tokens += reply.completion.completion_tokens
+            logprobs = _logprobs(call, parsed, entries)
+            choices.append(choice(index, text, logprobs, finish))
+        usage = usage_body(sum(len(p.prompt.ids) for p in prepared), completion_tokens)
+        return _dumps(completion_body(completion_id(), parsed.model, choices, usage)).encode()
+
+    # an answer of many tokens (16 echoed contexts with log-probabilities: 2 MiB of JSON, hundreds of milliseconds)
+    # is built and serialised on the preparation pool: the event loop serves everyone
+    tokens = sum(len(p.prompt.ids) for p in prepared) if parsed.echo else 0
+    tokens += sum(len(r.tokens) for r in replies if r is not None)
+    data = await api.calls.engine().offload(body) if tokens > BUILD_OFF_LOOP_TOKENS else body()
+    return web.Response(body=data, content_type="application/json", charset="utf-8")
 
 
 async def _replies(
@@ -100,11 +111,18 @@ async def _stream(
     def logprobs(entries: list[Entry]) -> dict[str, Any] | None:
         return _logprobs(call, parsed, entries, offsets)
 
-    def opening() -> list[dict[str, Any]]:
-        if not parsed.echo:
-            return []
+    def echoed_prompt() -> list[dict[str, Any]]:
         entries = prompt_entries(prepared.prompt.ids, score) if score is not None else []
         return [chunk_body(cid, model, [choice(0, _echo(call, prepared), logprobs(entries), None)], usage)]
+
+    # the echoed prompt's event (a context's log-probabilities: hundreds of KiB) is built off the event loop, now
+    first: list[dict[str, Any]] = []
+    if parsed.echo:
+        many = len(prepared.prompt.ids) > BUILD_OFF_LOOP_TOKENS
+        first = await api.calls.engine().offload(echoed_prompt) if many else echoed_prompt()
+
+    def opening() -> list[dict[str, Any]]:
+        return first
 
     def render(item: Delta | Completion, tokens: list[GeneratedToken]) -> list[dict[str, Any]]:
         entries = generated_entries(tokens, top)
