@@ -115,6 +115,10 @@ class InProcessServer(LoopbackServer):
         self._logger.removeHandler(self._handler)
 
 
+# Tests read the metrics right after what they count: every scrape renders afresh (a test's own flag wins).
+FRESH = ("--metrics-cache-seconds", "0")
+
+
 @overload
 def start(model: Path, *flags: str, process: Literal[True]) -> ServerProcess: ...
 @overload
@@ -124,6 +128,7 @@ def start(model: Path, *flags: str, process: Literal[False] = False) -> InProces
 def start(model: Path, *flags: str, process: bool = False) -> Server:
     """The factory: a running, SERVING server on the model with these jachat-serve flags, on the CPU (in this
     process, or as a child process with process=True). The caller stops it; `serving` does that for you."""
+    flags = (*FRESH, *flags)
     return spawn(model, "--device", "cpu", *flags) if process else InProcessServer(model, *flags)
 
 
@@ -135,6 +140,7 @@ def serving(model: Path, *flags: str, process: Literal[False] = False) -> Abstra
 
 def serving(model: Path, *flags: str, process: bool = False) -> AbstractContextManager[Server]:
     """`start`, stopped on exit."""
+    flags = (*FRESH, *flags)
     return _serving(spawn(model, "--device", "cpu", *flags) if process else InProcessServer(model, *flags))
 
 

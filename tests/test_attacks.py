@@ -349,3 +349,62 @@ def test_a_lone_surrogate_in_any_text_field_is_a_400_naming_it(one_replica: InPr
         assert json.loads(text)["error"]["param"] == field
     good = f'{{"model": "{model}", "prompt": "\\ud83d\\ude00", "max_tokens": 1}}'  # a pair is one character
     assert request(one_replica, "POST", "/v1/completions", good.encode())[0] == 200
+
+
+def slow_body(port: int, source: str) -> socket.socket:
+    """A connection from `source` that sends a request's head and one byte of its 1,000-byte body, then nothing."""
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30, source_address=(source, 0))
+    head = "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000"
+    connection.sendall(head.encode() + b"\r\n\r\n{")
+    return connection
+
+
+def test_slow_bodies_from_a_few_addresses_cannot_lock_http_out(model_f32: Path) -> None:
+    """Defect 8: connections that send a head and one byte of body, from 8 addresses (each under its peer's
+    share), filled the cap, and every other client, the readiness probe's GET /health included, was reset. Now a
+    newcomer takes the place of the slowest of them, and is served."""
+    flags = ("--max-http-connections", "64", *http_flags())
+    with serving(model_f32, *flags) as server:
+        assert server.http_port is not None and server.service.http is not None
+        admission = server.service.http.admission
+        slow = [slow_body(server.http_port, f"127.0.0.{2 + i % 8}") for i in range(64)]
+        try:
+            wait_until(lambda: len(admission.open) == 64, "the cap filled with slow bodies")
+            assert request(server, "GET", "/health")[0] == 200
+            chat = {"model": model_id(server), "messages": [{"role": "user", "content": "こんにちは"}], "max_tokens": 4}
+            status, body = post(server, "/v1/chat/completions", chat)
+            assert status == 200, body
+            assert admission.displaced >= 2
+        finally:
+            for connection in slow:
+                connection.close()
+
+
+def test_when_every_connection_is_answered_health_is_still_answered(model_f32: Path) -> None:
+    """Beyond a cap whose every place is being answered (two long streams), a newcomer may still ask for /health
+    (the readiness probe must see a busy pod, not a dead one); anything else is a 503 in OpenAI's shape."""
+    flags = ("--max-http-connections", "2", "--max-http-connections-per-peer", "2")
+    with serving(model_f32, *flags, *http_flags()) as server:
+        assert server.http_port is not None and server.service.http is not None
+        body = json.dumps(
+            {
+                "model": model_id(server),
+                "messages": [{"role": "user", "content": "長く"}],
+                "stream": True,
+                "max_tokens": 1500,
+                "min_tokens": 1500,
+            }
+        ).encode()
+        head = f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n\r\n".encode()
+        streams: list[socket.socket] = []
+        try:
+            for _ in range(2):
+                streams.append(socket.create_connection(("127.0.0.1", server.http_port), timeout=30))
+                streams[-1].sendall(head + body)
+                assert streams[-1].recv(64).startswith(b"HTTP/1.1 200")  # begun: it is being answered
+            assert request(server, "GET", "/health")[0] == 200
+            code, _, text = request(server, "GET", "/v1/models")
+            assert code == 503 and json.loads(text)["error"]["message"].startswith("every HTTP connection"), text
+        finally:
+            for stream in streams:
+                stream.close()

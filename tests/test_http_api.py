@@ -611,25 +611,19 @@ def test_a_body_no_route_reads_is_never_read_after_the_reply(server: Server) -> 
         wait_until(lambda: _closed_by_server(connection), "the server hung up on the unread body", timeout=5)
 
 
-def test_connections_beyond_the_cap_are_closed_at_once_and_the_rest_are_served(model_f32: Path) -> None:
+def test_a_connection_beyond_the_cap_takes_the_place_of_an_idle_one(model_f32: Path) -> None:
+    """At the cap, a newcomer displaces the connection that has sent the fewest bytes a second (here one of eight
+    idle ones) and is served; the other seven are kept."""
     with serving(
         model_f32, "--max-http-connections", "8", "--max-http-connections-per-peer", "8", *http_flags()
     ) as capped:
         assert capped.http_port is not None
         idle = [socket.create_connection(("127.0.0.1", capped.http_port), timeout=30) for _ in range(8)]
         try:
-            extra = socket.create_connection(("127.0.0.1", capped.http_port), timeout=30)
-            wait_until(lambda: _closed_by_server(extra), "the ninth connection closed")
-            assert not any(_closed_by_server(c) for c in idle)  # the first eight are kept
-            idle.pop().close()
-
-            def served() -> bool:
-                try:
-                    return request(capped, "GET", "/health")[0] == 200
-                except OSError:  # still at the cap a moment: closed at once
-                    return False
-
-            wait_until(served, "a free place serves again")
+            wait_until(lambda: capped.service.http is not None and len(capped.service.http.admission.open) == 8, "8")
+            assert request(capped, "GET", "/health")[0] == 200
+            wait_until(lambda: sum(_closed_by_server(c) for c in idle) >= 1, "an idle connection displaced")
+            assert sum(_closed_by_server(c) for c in idle) == 1
         finally:
             for connection in idle:
                 connection.close()
@@ -687,17 +681,23 @@ def test_slow_bodies_hold_no_call_slot(model_f32: Path) -> None:
 
 
 def test_one_peer_holds_at_most_its_share_of_the_connections(model_f32: Path) -> None:
-    """One address cannot take every place (--max-http-connections-per-peer; a quarter of the cap by default)."""
+    """One address cannot take every place (--max-http-connections-per-peer; a quarter of the cap by default): its
+    newcomer displaces its own idle connection, never another peer's."""
     flags = ("--max-http-connections", "32", "--max-http-connections-per-peer", "6")
     with serving(model_f32, *flags, *http_flags()) as server:
-        assert server.http_port is not None
+        assert server.http_port is not None and server.service.http is not None
+        admission = server.service.http.admission
+        other = socket.create_connection(("127.0.0.1", server.http_port), source_address=("127.0.0.2", 0))
         held = [socket.create_connection(("127.0.0.1", server.http_port)) for _ in range(6)]
-        extra = socket.create_connection(("127.0.0.1", server.http_port))
         try:
-            wait_until(lambda: _closed_by_server(extra), "the connection beyond the peer's share closed")
-            assert not any(_closed_by_server(c) for c in held)
+            wait_until(lambda: admission.by_peer.get("127.0.0.1") == 6, "six connections of the peer")
+            extra = socket.create_connection(("127.0.0.1", server.http_port))
+            held.append(extra)
+            wait_until(lambda: admission.displaced == 1, "the peer's own idle connection displaced")
+            assert admission.by_peer == {"127.0.0.1": 6, "127.0.0.2": 1}
+            assert not _closed_by_server(other) and not _closed_by_server(extra)
         finally:
-            for connection in (*held, extra):
+            for connection in (*held, other):
                 connection.close()
 
 

@@ -16,7 +16,7 @@ import pytest
 import yaml
 
 from jachat.service.observability.metrics import Metrics
-from jachat.service.settings import env_names
+from jachat.service.settings import Settings, env_names
 from tests.helpers import REPO
 from tests.servers import Server
 
@@ -354,6 +354,9 @@ def test_the_pool_routes_to_the_servers_http_port_through_the_endpoint_picker() 
     [backend] = [b for rule in route["rules"] for b in rule["backendRefs"]]
     assert backend == {"group": "inference.networking.k8s.io", "kind": "InferencePool", "name": "jachat"}
     assert {m["path"]["value"] for rule in route["rules"] for m in rule["matches"]} == {"/v1/"}
+    # the gateway's few Envoy addresses are the peers: each may hold every connection the pod accepts
+    cap = int(env(container).get("JACHAT_MAX_HTTP_CONNECTIONS", Settings.max_http_connections))
+    assert int(env(container)["JACHAT_MAX_HTTP_CONNECTIONS_PER_PEER"]) == cap
 
 
 def test_the_endpoint_picker_reads_the_three_gauges_jachat_exports() -> None:

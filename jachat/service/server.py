@@ -184,7 +184,7 @@ class Service:
             interceptors,
             settings.max_concurrent_rpcs,
         )
-        endpoint = MetricsEndpoint(metrics.registry)
+        endpoint = MetricsEndpoint(metrics.registry, cache_seconds=settings.metrics_cache_seconds)
         metrics_port = (
             None if settings.metrics_port < 0 else await endpoint.start(settings.metrics_host, settings.metrics_port)
         )

@@ -40,6 +40,10 @@ class Settings:
     port: int = field(default=50051, metadata=_opt("gRPC port (0 picks a free one)"))
     metrics_host: str = field(default="0.0.0.0", metadata=_opt("address for the Prometheus /metrics endpoint"))
     metrics_port: int = field(default=9090, metadata=_opt("port for /metrics (0 picks a free one, -1 disables)"))
+    metrics_cache_seconds: float = field(
+        default=1.0,
+        metadata=_opt("a /metrics render is reused this long, so a storm of scrapes costs one render (0: never)"),
+    )
     device: str = field(default="auto", metadata=_opt("where to run the model", choices=("auto", "cpu", "cuda")))
     compute_type: str = field(
         default="default",
@@ -158,8 +162,9 @@ class Settings:
     max_http_connections: int = field(
         default=1024,
         metadata=_opt(
-            "HTTP connections open at once; one more is closed as soon as it is accepted (the soft open-file limit "
-            "is raised to the hard one at start-up, so this cap decides, not the limit)"
+            "HTTP connections open at once; one more takes the place of the slowest that is not being answered, "
+            "else only GET /health is answered on it (the soft open-file limit is raised to the hard one at "
+            "start-up, so this cap decides, not the limit)"
         ),
     )
     max_http_connections_per_peer: int = field(

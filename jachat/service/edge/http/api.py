@@ -45,6 +45,7 @@ from jachat.service.edge.http.body import MAX_BODY_BYTES, read_body, too_large
 from jachat.service.edge.http.connections import (
     KEEPALIVE_SECONDS,
     Admission,
+    connection_of,
     delivered,
     json_errors,
 )
@@ -116,7 +117,7 @@ class HttpApi:
         self.active = 0
         self.by_tenant: dict[str, int] = {}  # HTTP call slots held per tenant
         self.started = int(time.time())
-        self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors])
+        self.app = web.Application(client_max_size=MAX_BODY_BYTES, middlewares=[_json_errors, _probes_see_health])
         self.app.add_routes(
             [
                 web.post("/v1/chat/completions", self.chat_completions, expect_handler=self._expect),
@@ -191,10 +192,11 @@ class HttpApi:
         return await self.calls.serve(opening, run, render)
 
     @contextlib.contextmanager
-    def _slot(self, call: Call) -> Iterator[None]:
+    def _slot(self, call: Call, request: web.Request) -> Iterator[None]:
         """One of the --max-concurrent-rpcs HTTP call slots, taken once the call's body is in: a client that
         trickles its body holds one connection (capped per peer), never a slot the other callers need. With bearer
-        tokens, a tenant (a token) holds at most half of the slots, so one valid token cannot shut the others out."""
+        tokens, a tenant (a token) holds at most half of the slots, so one valid token cannot shut the others out.
+        While it holds one, its connection is being answered: a newcomer never displaces it (connections.py)."""
         if self.active >= self.max_calls:
             raise Overloaded(f"{self.max_calls} HTTP calls are in progress; retry shortly", 1.0)
         share = max(1, self.max_calls // 2)
@@ -204,9 +206,14 @@ class HttpApi:
             raise Overloaded(f"this tenant already has {held} HTTP calls in progress (its share); retry shortly", 1.0)
         self.active += 1
         self.by_tenant[tenant] = held + 1
+        connection = connection_of(request)
+        if connection is not None:
+            connection.answering += 1
         try:
             yield
         finally:
+            if connection is not None:
+                connection.answering -= 1
             self.active -= 1
             left = self.by_tenant.pop(tenant) - 1
             if left:
@@ -253,14 +260,14 @@ class HttpApi:
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         async def work(call: Call) -> web.StreamResponse:
-            with self._slot(call):
+            with self._slot(call, request):
                 return json_response(models_body(self.calls.engine().info, self.started))
 
         return await self._frame(request, "/v1/models", work)
 
     async def model(self, request: web.Request) -> web.StreamResponse:
         async def work(call: Call) -> web.StreamResponse:
-            with self._slot(call):
+            with self._slot(call, request):
                 info = self.calls.engine().info
                 if request.match_info["model"] != info.model_name:
                     raise unknown_model(request.match_info["model"], info.model_name)
@@ -286,7 +293,7 @@ class HttpApi:
         self._timeout(request)  # a bad x-jachat-timeout is refused (the frame took the server's limit meanwhile)
         engine = self.calls.engine()
         data = await read_body(request, engine.offload)
-        with self._slot(call):
+        with self._slot(call, request):
             return await answer(self, request, call, data)
 
     async def parse(self, call: Call, data: bytes, parser: Callable[[object, ModelInfo], P]) -> P:
@@ -399,6 +406,21 @@ class HttpApi:
 
     async def _write(self, response: web.StreamResponse, data: bytes) -> None:
         await write_within(response.write(data), self.stream_write_timeout)
+
+
+@web.middleware
+async def _probes_see_health(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """A connection let in beyond the cap (every place is being answered) may ask for /health alone: the
+    readiness probe learns the truth, nobody else gets a place that does not exist."""
+    connection = connection_of(request)
+    if connection is not None and connection.probe and request.path != "/health":
+        refusal = HttpError(503, Kind.UNAVAILABLE, "every HTTP connection is in use; retry shortly")
+        response = error_response(refusal, {"Retry-After": "1"})
+        response.force_close()
+        return response
+    return await handler(request)
 
 
 @web.middleware
