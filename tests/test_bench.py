@@ -109,7 +109,14 @@ def test_bench_abuse_reports_every_figure_and_the_expected_outcomes(model_f32: P
     answers = abuse["http_answers"]
     assert set(answers["gzip_bomb"]) == {"413"} and set(answers["gzip_to_health"]) == {"200"}, answers
     assert set(answers["unread_stream"]) <= {"200", "closed"}, answers  # a stream began (and was reset, unread)
-    assert [c["what"] for c in document["checks"]][:7] == [
+    # the Score/echo phase: the heaviest calls were answered (or refused while the small queue was full), and the
+    # engine's memory was sampled throughout
+    scoring = abuse["scoring_outcomes"]
+    assert set(scoring["score_16"]) <= {"OK", "RESOURCE_EXHAUSTED"} and set(scoring["echo_16"]) <= {"200", "429"}
+    assert "OK" in scoring["score_16"] or "200" in scoring["echo_16"], scoring
+    assert abuse["scoring_health_checks"] > 10 and not abuse["scoring_health_failures"]
+    assert abuse["scoring_engine_rss_peak_mib"] >= abuse["scoring_engine_rss_idle_mib"] > 0
+    assert [c["what"] for c in document["checks"]][:9] == [
         "health check p99",
         "health check max",
         "normal stream's worst gap",
@@ -117,6 +124,8 @@ def test_bench_abuse_reports_every_figure_and_the_expected_outcomes(model_f32: P
         "HTTP abuse: health check max",
         "HTTP abuse: stream's worst gap",
         "full server refuses (max)",
+        "Score/echo: health check p99",
+        "Score/echo: engine RSS above idle (MiB)",
     ]
 
 

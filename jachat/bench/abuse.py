@@ -16,6 +16,12 @@ client uploads gzip bodies that inflate past the limit (to the chat route, and t
 body), another opens streams it never reads. The same prober, normal stream and loop
 lag are reported, and what each abuse was answered.
 
+Phase scoring (`duration` seconds): the heaviest Score and echo calls the limits allow, in a loop: Score with 16
+candidates of nearly a context each (1 to 16 candidates, each with the prompt within 2048 tokens) over gRPC, and
+/v1/completions with 16 prompts of nearly a context each, `echo`, `logprobs: 1` (each place's most likely token
+too) and no generation over HTTP (a 2 MiB answer). The same prober, normal stream and loop lag are reported, and the
+engine process's resident memory, sampled every 20 ms, against its size before the phase.
+
 Phase 2: the queue is kept full with long generations (the server runs with a small --max-queued-requests, and
 refused fillers try again), then the heavy generation requests are sent one at a time, each once the server's own
 gauge shows the queue full: each must be refused (RESOURCE_EXHAUSTED); reported is how long the refusal took,
@@ -37,6 +43,7 @@ import grpc
 from grpc_health.v1 import health_pb2
 
 from jachat.bench.launcher import ServerProcess, health_stub, spawn
+from jachat.bench.processes import children, rss_bytes
 from jachat.bench.reports import write_report
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 
@@ -56,6 +63,8 @@ TARGETS = (
     ("HTTP abuse: health check max", "http_health_max_ms", 250.0),
     ("HTTP abuse: stream's worst gap", "http_stream_worst_gap_ms", 250.0),
     ("full server refuses (max)", "refusal_max_ms", 50.0),
+    ("Score/echo: health check p99", "scoring_health_p99_ms", 50.0),
+    ("Score/echo: engine RSS above idle (MiB)", "scoring_engine_rss_growth_mib", 1024.0),
 )
 _TEXT = "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。"
 
@@ -186,11 +195,16 @@ async def _stream_normally(target: str, stop_at: float, gaps_ms: list[float]) ->
         stub = chat_pb2_grpc.ChatServiceStub(channel)
         while time.monotonic() < stop_at:
             last = None
-            async for _ in stub.GenerateStream(request, timeout=60):
-                now = time.perf_counter()
-                if last is not None:
-                    gaps_ms.append(1000 * (now - last))
-                last = now
+            try:
+                async for _ in stub.GenerateStream(request, timeout=60):
+                    now = time.perf_counter()
+                    if last is not None:
+                        gaps_ms.append(1000 * (now - last))
+                    last = now
+            except grpc.aio.AioRpcError as error:  # refused while the abusers fill the queue: try again soon
+                if error.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                await asyncio.sleep(0.05)
 
 
 async def phase_one(target: str, duration: float, clients: int) -> dict[str, Any]:
@@ -349,6 +363,76 @@ async def phase_http(target: str, http_port: int, duration: float, model: str) -
     }
 
 
+async def _longest(fits: Any, text: str) -> str:
+    """The longest prefix of `text` (in 2% steps) that `fits` (an async check) accepts: the context, not the
+    character limit, bounds Score's candidates and completions' prompts."""
+    length = len(text)
+    while length > 16 and not await fits(text[:length]):
+        length = int(length * 0.98)
+    return text[:length]
+
+
+async def phase_scoring(server: ServerProcess, duration: float, clients: int) -> dict[str, Any]:
+    import aiohttp
+
+    assert server.http_port is not None
+    url = f"http://127.0.0.1:{server.http_port}/v1/completions"
+    model = served_model(server.http_port)
+    turns = [chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text="こんにちは")]
+    [engine] = children(server.process.pid)
+    outcomes: dict[str, dict[str, int]] = {"score_16": {}, "echo_16": {}}
+    async with grpc.aio.insecure_channel(server.target) as channel, aiohttp.ClientSession() as http:
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+
+        async def scored(text: str) -> bool:
+            request = chat_pb2.ScoreRequest(turns=turns, candidates=[text])
+            return await _call(stub, "Score", request, 120) != "INVALID_ARGUMENT"
+
+        async def echoed(text: str) -> bool:
+            body = {"model": model, "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0}
+            async with http.post(url, json=body) as response:
+                return response.status != 400
+
+        text = _TEXT * 100
+        candidate, prompt = await _longest(scored, text[:2040]), await _longest(echoed, text[:2040])
+        score = chat_pb2.ScoreRequest(turns=turns, candidates=[candidate] * 16)
+        echo = {"model": model, "prompt": [prompt] * 16, "max_tokens": 0, "echo": True, "logprobs": 1}
+        idle = rss_bytes(engine)
+        peak = [idle]
+        stop_at = time.monotonic() + duration
+        watch = _Watch()
+
+        def tally(kind: str, code: str) -> None:
+            outcomes[kind][code] = outcomes[kind].get(code, 0) + 1
+
+        async def scorer() -> None:
+            while time.monotonic() < stop_at:
+                tally("score_16", await _call(stub, "Score", score, 120))
+
+        async def echoer() -> None:
+            while time.monotonic() < stop_at:
+                async with http.post(url, json=echo, timeout=aiohttp.ClientTimeout(total=120)) as response:
+                    await response.read()
+                    tally("echo_16", str(response.status))
+
+        async def sample() -> None:
+            while time.monotonic() < stop_at:
+                peak[0] = max(peak[0], rss_bytes(engine))
+                await asyncio.sleep(0.02)
+
+        abusers = [scorer() if i % 2 == 0 else echoer() for i in range(max(2, clients))]
+        await asyncio.gather(*watch.watchers(server.target, stop_at), sample(), *abusers)
+    return {
+        **watch.figures("scoring_"),
+        "scoring_outcomes": outcomes,
+        "scoring_candidate_characters": len(candidate),
+        "scoring_echo_prompt_characters": len(prompt),
+        "scoring_engine_rss_idle_mib": idle / 2**20,
+        "scoring_engine_rss_peak_mib": peak[0] / 2**20,
+        "scoring_engine_rss_growth_mib": (peak[0] - idle) / 2**20,
+    }
+
+
 def run_abuse(
     model: Path, duration: float, clients: int, serve_args: Sequence[str] = (), attempts: int = 10
 ) -> dict[str, Any]:
@@ -364,6 +448,10 @@ def run_abuse(
         over_http = asyncio.run(phase_http(server.target, server.http_port, duration, served_model(server.http_port)))
         over_http["http_event_loop_lag"] = _lag_summary(before, _lag_histogram(server))
         first.update(over_http)
+        before = _lag_histogram(server)
+        scoring = asyncio.run(phase_scoring(server, duration, clients))
+        scoring["scoring_event_loop_lag"] = _lag_summary(before, _lag_histogram(server))
+        first.update(scoring)
         second = asyncio.run(phase_two(server, attempts))
     finally:
         exit_code = server.stop()
@@ -384,12 +472,20 @@ def abuse_main(
     print(f"heavy requests: {json.dumps(result['abuse_outcomes'])}")
     print(f"refusals when full: {json.dumps(result['refusal_codes'])}")
     print(f"HTTP abuse answers: {json.dumps(result['http_answers'])} ({result['http_connections_held']} held open)")
+    print(
+        f"Score/echo answers: {json.dumps(result['scoring_outcomes'])}; engine RSS "
+        f"{result['scoring_engine_rss_idle_mib']:.0f} MiB idle, {result['scoring_engine_rss_peak_mib']:.0f} MiB at "
+        f"most (16 candidates of {result['scoring_candidate_characters']} characters, 16 echoed prompts of "
+        f"{result['scoring_echo_prompt_characters']})"
+    )
     checks = [(what, result[key], limit, result[key] < limit) for what, key, limit in TARGETS]
     checks.append(("health checks failed", len(result["health_failures"]), 0, not result["health_failures"]))
     failed = len(result["http_health_failures"])
     checks.append(("HTTP abuse: health checks failed", failed, 0, not failed))
+    failed = len(result["scoring_health_failures"])
+    checks.append(("Score/echo: health checks failed", failed, 0, not failed))
     for what, value, limit, met in checks:
-        print(f"{what:<30} {value:10.1f}  target < {limit:<6g} {'met' if met else 'NOT MET'}")
+        print(f"{what:<40} {value:10.1f}  target < {limit:<6g} {'met' if met else 'NOT MET'}")
     if output is not None:
         document = {
             "abuse": result,

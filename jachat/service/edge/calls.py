@@ -218,13 +218,13 @@ class Calls:
             span.set_attribute("gen_ai.usage.input_tokens", len(prepared.prompt.ids))
         return prepared
 
-    async def score_prompt(self, call: Call, ids: list[int], top: bool) -> PromptScores:
-        """A prepared prompt's own log-probabilities (a completion's echo): a scoring job through the door
+    async def score_prompts(self, call: Call, prompts: list[list[int]], top: bool) -> list[PromptScores]:
+        """Prepared prompts' own log-probabilities (a completion's echo): one scoring job through the door
         (`admit`), in a span."""
         engine = self.admit(call)
         with self.tracing.child(call.span, "jachat.score") as span, self._running():
-            scores = await engine.score_prompt(ids, top, call.deadline, call.priority, call.tenant)
-            span.set_attribute("gen_ai.usage.input_tokens", len(ids))
+            scores = await engine.score_prompts(prompts, top, call.deadline, call.priority, call.tenant)
+            span.set_attribute("gen_ai.usage.input_tokens", sum(map(len, prompts)))
         return scores
 
     async def score(self, call: Call, request: ScoreRequest) -> Scored:

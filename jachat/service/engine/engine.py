@@ -2,7 +2,7 @@
 
 It speaks dataclasses only (no protobuf), and it is the only door to the scheduler: front ends call
 `check_capacity`, `prepare` (or `prepare_text`, `tokenize`), then `stream()`, which yields `Delta`s (text and tokens)
-and ends with a `Completion`, or `score` / `score_prompt`, which queue a scoring job; the drain calls `abandon`.
+and ends with a `Completion`, or `score` / `score_prompts`, which queue a scoring job; the drain calls `abandon`.
 Requests go through the batching scheduler (scheduler.py), which runs each batch in the engine process (core.py,
 through link.py: CTranslate2 never shares a GIL with the edge). The tokens it generates come back in batches; a
 receiver thread decodes each, assembles the reply (<NL>, stop strings) and hands the deltas to the caller's event
@@ -202,23 +202,31 @@ class Engine:
             ),
         )
 
-    async def score_prompt(
+    async def score_prompts(
         self,
-        ids: list[int],
+        prompts: list[list[int]],
         top: bool = False,
         deadline: float | None = None,
         priority: Priority = Priority.INTERACTIVE,
         tenant: str = "default",
-    ) -> PromptScores:
-        """The prompt's tokens after the first with their log-probabilities given the tokens before (a scoring job
-        as `score`'s), and with `top` each place's most likely token."""
-        if len(ids) < 2:
-            return PromptScores(())
-        [(scores, best, best_scores)] = await self._scored([ids], top, deadline, priority, tenant)
-        return PromptScores(
-            tuple(GeneratedToken(i, p) for i, p in zip(ids[1:], scores, strict=True)),
-            tuple(GeneratedToken(i, p) for i, p in zip(best, best_scores, strict=True)),
-        )
+    ) -> list[PromptScores]:
+        """Each prompt's tokens after the first with their log-probabilities given the tokens before, and with `top`
+        each place's most likely token: one scoring job for them all (one queue place, as a Score call's)."""
+        scored = [ids for ids in prompts if len(ids) >= 2]  # a lone token has nothing before it
+        rows = iter(await self._scored(scored, top, deadline, priority, tenant) if scored else [])
+        out = []
+        for ids in prompts:
+            if len(ids) < 2:
+                out.append(PromptScores(()))
+                continue
+            scores, best, best_scores = next(rows)
+            out.append(
+                PromptScores(
+                    tuple(GeneratedToken(i, p) for i, p in zip(ids[1:], scores, strict=True)),
+                    tuple(GeneratedToken(i, p) for i, p in zip(best, best_scores, strict=True)),
+                )
+            )
+        return out
 
     async def _scored(
         self, sequences: list[list[int]], top: bool, deadline: float | None, priority: Priority, tenant: str

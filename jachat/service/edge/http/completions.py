@@ -2,9 +2,9 @@
 scoring callers and the Inference Gateway's model-server protocol.
 
 Each prompt is prepared as written (completions_request.py), generated as a sequence of its own (several prompts of
-one call batch like separate calls), and, with `echo`, scored by the engine (Engine.score_prompt: score_batch, or a
-forward pass when the most likely tokens are asked for). The call frame, limits, tokens, tenants, priorities,
-metrics and traces are the chat route's (api.py).
+one call batch like separate calls), and, with `echo`, scored by the engine, every prompt in one scoring job
+(Engine.score_prompts: score_batch, or a forward pass when the most likely tokens are asked for). The call frame,
+limits, tokens, tenants, priorities, metrics and traces are the chat route's (api.py).
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ async def answer(api: HttpApi, request: web.Request, call: Call, data: bytes) ->
     top = parsed.logprobs == 1
     scores: list[PromptScores | None] = [None] * len(prepared)
     if parsed.echo and parsed.logprobs is not None:
-        scores = list(await asyncio.gather(*(api.calls.score_prompt(call, p.prompt.ids, top) for p in prepared)))
+        scores = list(await api.calls.score_prompts(call, [p.prompt.ids for p in prepared], top))
     if parsed.common.stream:
         return await _stream(api, request, call, parsed, prepared[0], scores[0])
     replies = await _replies(api, call, parsed, prepared)
