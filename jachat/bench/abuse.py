@@ -372,16 +372,27 @@ async def _longest(fits: Any, text: str) -> str:
     return text[:length]
 
 
-async def phase_scoring(server: ServerProcess, duration: float, clients: int) -> dict[str, Any]:
-    import aiohttp
+def _post(port: int, path: str, body: object) -> tuple[int, bytes]:
+    """One JSON POST to the HTTP port (on a worker thread: the benchmark's loop keeps probing)."""
+    import http.client
 
-    assert server.http_port is not None
-    url = f"http://127.0.0.1:{server.http_port}/v1/completions"
-    model = served_model(server.http_port)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    try:
+        connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
+        response = connection.getresponse()
+        return response.status, response.read()
+    finally:
+        connection.close()
+
+
+async def phase_scoring(server: ServerProcess, duration: float, clients: int) -> dict[str, Any]:
+    port = server.http_port
+    assert port is not None
+    model = served_model(port)
     turns = [chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text="こんにちは")]
     [engine] = children(server.process.pid)
     outcomes: dict[str, dict[str, int]] = {"score_16": {}, "echo_16": {}}
-    async with grpc.aio.insecure_channel(server.target) as channel, aiohttp.ClientSession() as http:
+    async with grpc.aio.insecure_channel(server.target) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
 
         async def scored(text: str) -> bool:
@@ -390,8 +401,8 @@ async def phase_scoring(server: ServerProcess, duration: float, clients: int) ->
 
         async def echoed(text: str) -> bool:
             body = {"model": model, "prompt": text, "max_tokens": 0, "echo": True, "logprobs": 0}
-            async with http.post(url, json=body) as response:
-                return response.status != 400
+            status, _ = await asyncio.to_thread(_post, port, "/v1/completions", body)
+            return status != 400
 
         text = _TEXT * 100
         candidate, prompt = await _longest(scored, text[:2040]), await _longest(echoed, text[:2040])
@@ -411,9 +422,8 @@ async def phase_scoring(server: ServerProcess, duration: float, clients: int) ->
 
         async def echoer() -> None:
             while time.monotonic() < stop_at:
-                async with http.post(url, json=echo, timeout=aiohttp.ClientTimeout(total=120)) as response:
-                    await response.read()
-                    tally("echo_16", str(response.status))
+                status, _ = await asyncio.to_thread(_post, port, "/v1/completions", echo)
+                tally("echo_16", str(status))
 
         async def sample() -> None:
             while time.monotonic() < stop_at:
