@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from jachat.service.domain.errors import FieldViolation, InvalidRequest
+from jachat.service.domain.errors import FieldPath, FieldViolation, InvalidRequest
 from jachat.service.domain.sampling import SamplingOptions
 from jachat.service.text.prompt import Speaker, Turn
 
@@ -67,6 +67,39 @@ def check_candidates(candidates: Sequence[str]) -> None:
     ]
     if violations:
         raise InvalidRequest(violations)
+
+
+def check_prompts(prompts: Sequence[str | Sequence[int]], listed: bool) -> None:
+    """A completions call's raw prompts, before any is encoded: 1 to MAX_PROMPTS of them, each text 1 to
+    MAX_REQUEST_CHARACTERS characters, and MAX_REQUEST_CHARACTERS in all (a chat request's budget: 16 prompts of
+    the most each would be 16 times the encoding work of any other call)."""
+    if not 0 < len(prompts) <= MAX_PROMPTS:
+        raise InvalidRequest([FieldViolation(("prompt",), f"{len(prompts)} prompts; 1 to {MAX_PROMPTS}")])
+    texts = [(("prompt", i) if listed else ("prompt",), p) for i, p in enumerate(prompts) if isinstance(p, str)]
+    violations = [v for where, p in texts if (v := prompt_text_violation(p, where)) is not None]
+    total = sum(len(p) for _, p in texts)
+    if not violations and total > MAX_REQUEST_CHARACTERS:
+        violations.append(FieldViolation(("prompt",), f"{total} characters in all; at most {MAX_REQUEST_CHARACTERS}"))
+    if violations:
+        raise InvalidRequest(violations)
+
+
+def prompt_text_violation(text: str, where: FieldPath) -> FieldViolation | None:
+    """A raw prompt's text: 1 to MAX_REQUEST_CHARACTERS characters."""
+    if 0 < len(text) <= MAX_REQUEST_CHARACTERS:
+        return None
+    return FieldViolation(where, f"{len(text)} characters; 1 to {MAX_REQUEST_CHARACTERS}")
+
+
+def check_prompt_ids(ids: Sequence[int], vocab_size: int, context_length: int, where: FieldPath) -> None:
+    """A prompt given as token ids: 1 to a context of them, each in the vocabulary."""
+    if not 0 < len(ids) <= context_length:
+        raise InvalidRequest([FieldViolation(where, f"{len(ids)} token ids; 1 to {context_length}")])
+    bad = [i for i, t in enumerate(ids) if not 0 <= t < vocab_size]
+    if bad:
+        raise InvalidRequest(
+            [FieldViolation((*where, i), f"token id {ids[i]}; must be 0 to {vocab_size - 1}") for i in bad[:4]]
+        )
 
 
 def check_turn_count(count: int) -> None:

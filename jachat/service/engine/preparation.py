@@ -22,13 +22,14 @@ from typing import TypeVar
 
 from jachat.service.domain.errors import FieldPath, FieldViolation, InvalidRequest, Overloaded
 from jachat.service.domain.request import (
-    MAX_REQUEST_CHARACTERS,
     MAX_REQUEST_TOKENS,
     ChatRequest,
     ScoreRequest,
     TextRequest,
     check_candidates,
+    check_prompt_ids,
     check_turns,
+    prompt_text_violation,
 )
 from jachat.service.domain.sampling import SamplingOptions
 from jachat.service.engine.injection import RenderedTurn, TurnGuard
@@ -116,13 +117,13 @@ class Preparer:
         Violations name `where` (the prompt's place in the call)."""
         prompt = request.prompt
         if isinstance(prompt, str):
-            if not 0 < len(prompt) <= MAX_REQUEST_CHARACTERS:
-                raise InvalidRequest(
-                    [FieldViolation(where, f"{len(prompt)} characters; 1 to {MAX_REQUEST_CHARACTERS}")]
-                )
+            violation = prompt_text_violation(prompt, where)  # an engine caller that is no edge: the same rule
+            if violation is not None:
+                raise InvalidRequest([violation])
             ids = await self.run(lambda: self.tokenizer.encode(prompt))
         else:
-            ids = self._checked_ids(prompt, where)
+            check_prompt_ids(prompt, self.tokenizer.vocab_size, self.context_length, where)
+            ids = list(prompt)
         if not ids:
             raise InvalidRequest([FieldViolation(where, "encodes to no tokens")])
         if not request.generate:  # scored only: the prompt must fit the context
@@ -134,17 +135,6 @@ class Preparer:
         else:
             max_new = self._max_new_tokens(len(ids), request.options, request.explicit_max_new_tokens, where, "")
         return PreparedRequest(Prompt(prompt if isinstance(prompt, str) else "", ids), request.options, max_new)
-
-    def _checked_ids(self, ids: Sequence[int], where: FieldPath) -> list[int]:
-        if not 0 < len(ids) <= self.context_length:
-            raise InvalidRequest([FieldViolation(where, f"{len(ids)} token ids; 1 to {self.context_length}")])
-        vocab = self.tokenizer.vocab_size
-        bad = [i for i, t in enumerate(ids) if not 0 <= t < vocab]
-        if bad:
-            raise InvalidRequest(
-                [FieldViolation((*where, i), f"token id {ids[i]}; must be 0 to {vocab - 1}") for i in bad[:4]]
-            )
-        return list(ids)
 
     def prepare_now(self, request: ChatRequest) -> PreparedRequest:
         """Render, encode and fit one generation request (on a worker thread)."""
