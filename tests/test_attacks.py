@@ -158,7 +158,7 @@ def test_a_big_echo_answer_is_built_off_the_event_loop(
     """Defect 3: 16 echoed contexts with log-probabilities are a 2 MiB answer; building and serialising it on the
     event loop stalled health checks and every stream for hundreds of milliseconds. Whole and streamed, a big echo's
     log-probabilities are built on a worker thread, never on the loop's."""
-    from jachat.service.edge.http.completions_response import logprobs_body as build
+    from jachat.service.edge.http.response import logprobs_body as build
 
     threads: list[str] = []
 

@@ -532,16 +532,15 @@ def test_a_large_body_is_parsed_and_converted_off_the_event_loop(
     converted on the preparation pool; a small one, cheaper than the hand-off, stays on the loop."""
     import threading
 
-    from jachat.service.edge.http import api as http_api
+    from jachat.service.edge.http.chat_request import parse_chat as convert
 
     threads: list[str] = []
-    convert = http_api.parse_request  # type: ignore[attr-defined]
 
     def recording(body: object, info: Any) -> Any:
         threads.append(threading.current_thread().name)
         return convert(body, info)
 
-    monkeypatch.setattr(http_api, "parse_request", recording)
+    monkeypatch.setattr("jachat.service.edge.http.chat.parse_chat", recording)
     parts = [{"type": "text", "text": ""}] * 4000  # about 120 KB of JSON (4000 newlines: too long a turn, a 400)
     for content, expected in ((parts, 400), ("hi", 200)):
         body = {"model": model_id(server), "messages": [{"role": "user", "content": content}], "max_tokens": 1}

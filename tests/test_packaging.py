@@ -50,7 +50,7 @@ def test_the_release_build_installs_and_runs_from_a_fresh_venv(tmp_path: Path) -
         "jachat/v1/chat_pb2_grpc.py",
         "jachat/v1/chat_pb2.pyi",
         "jachat/service/server.py",
-        "jachat/service/edge/http/api.py",
+        "jachat/service/edge/http/app.py",
         "jachat/service/engine/scheduler.py",
         "jachat/converter/convert.py",
         "jachat/bench/cli.py",

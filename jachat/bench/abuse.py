@@ -16,11 +16,12 @@ client uploads gzip bodies that inflate past the limit (to the chat route, and t
 body), another opens streams it never reads. The same prober, normal stream and loop
 lag are reported, and what each abuse was answered.
 
-Phase scoring (`duration` seconds): the heaviest Score and echo calls the limits allow, in a loop: Score with 16
-candidates of nearly a context each (1 to 16 candidates, each with the prompt within 2048 tokens) over gRPC, and
-/v1/completions with 16 prompts of nearly a context each, `echo`, `logprobs: 1` (each place's most likely token
-too) and no generation over HTTP (a 2 MiB answer). The same prober, normal stream and loop lag are reported, and the
-engine process's resident memory, sampled every 20 ms, against its size before the phase.
+Phase scoring (`duration` seconds, and the calls then in flight): the heaviest Score and echo calls the limits
+allow, one caller of each in a loop: Score with 16 candidates of nearly a context each (1 to 16 candidates, each
+with the prompt within 2048 tokens) over gRPC, and /v1/completions with 16 prompts of nearly a context each, `echo`,
+`logprobs: 1` (each place's most likely token too) and no generation over HTTP (a 2 MiB answer). The same prober,
+normal stream and loop lag are reported, and the engine process's resident memory, sampled every 20 ms, against its
+size before the phase.
 
 Phase 2: the queue is kept full with long generations (the server runs with a small --max-queued-requests, and
 refused fillers try again), then the heavy generation requests are sent one at a time, each once the server's own
@@ -376,7 +377,7 @@ def _post(port: int, path: str, body: object) -> tuple[int, bytes]:
     """One JSON POST to the HTTP port (on a worker thread: the benchmark's loop keeps probing)."""
     import http.client
 
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
     try:
         connection.request("POST", path, json.dumps(body), {"Content-Type": "application/json"})
         response = connection.getresponse()
@@ -385,7 +386,7 @@ def _post(port: int, path: str, body: object) -> tuple[int, bytes]:
         connection.close()
 
 
-async def phase_scoring(server: ServerProcess, duration: float, clients: int) -> dict[str, Any]:
+async def phase_scoring(server: ServerProcess, duration: float) -> dict[str, Any]:
     port = server.http_port
     assert port is not None
     model = served_model(port)
@@ -418,7 +419,7 @@ async def phase_scoring(server: ServerProcess, duration: float, clients: int) ->
 
         async def scorer() -> None:
             while time.monotonic() < stop_at:
-                tally("score_16", await _call(stub, "Score", score, 120))
+                tally("score_16", await _call(stub, "Score", score, 600))
 
         async def echoer() -> None:
             while time.monotonic() < stop_at:
@@ -430,8 +431,8 @@ async def phase_scoring(server: ServerProcess, duration: float, clients: int) ->
                 peak[0] = max(peak[0], rss_bytes(engine))
                 await asyncio.sleep(0.02)
 
-        abusers = [scorer() if i % 2 == 0 else echoer() for i in range(max(2, clients))]
-        await asyncio.gather(*watch.watchers(server.target, stop_at), sample(), *abusers)
+        # one of each: the engine scores one job at a time, so more callers only wait longer in the queue
+        await asyncio.gather(*watch.watchers(server.target, stop_at), sample(), scorer(), echoer())
     return {
         **watch.figures("scoring_"),
         "scoring_outcomes": outcomes,
@@ -459,7 +460,7 @@ def run_abuse(
         over_http["http_event_loop_lag"] = _lag_summary(before, _lag_histogram(server))
         first.update(over_http)
         before = _lag_histogram(server)
-        scoring = asyncio.run(phase_scoring(server, duration, clients))
+        scoring = asyncio.run(phase_scoring(server, duration))
         scoring["scoring_event_loop_lag"] = _lag_summary(before, _lag_histogram(server))
         first.update(scoring)
         second = asyncio.run(phase_two(server, attempts))

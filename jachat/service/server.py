@@ -31,7 +31,7 @@ from jachat.service.settings import Settings
 from jachat.service.watch import EngineWatch
 
 if TYPE_CHECKING:
-    from jachat.service.edge.http.api import HttpApi
+    from jachat.service.edge.http.app import HttpApi
 
 log = logging.getLogger("jachat.server")
 
@@ -105,7 +105,7 @@ def http_api(settings: Settings, calls: Calls) -> HttpApi:
     """The HTTP API (the http extra: aiohttp), sharing the calls, limits, tokens and TLS files of gRPC: encrypted
     whenever gRPC is, unless --http-plaintext says something in front terminates TLS."""
     try:
-        from jachat.service.edge.http.api import HttpApi
+        from jachat.service.edge.http.app import HttpApi
         from jachat.service.edge.http.tls import ReloadingTLS
     except ImportError as exc:
         raise ValueError(f"--http-port needs the http extra: pip install 'jachat[http]' ({exc})") from None

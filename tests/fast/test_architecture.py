@@ -153,11 +153,11 @@ def test_each_optional_library_has_one_door() -> None:
     service never depends on an optional extra, and swapping one touches one module. The benchmark's client of
     OpenAI-compatible servers (the bench extra) is its own one door to aiohttp."""
     aiohttp = importers_of("aiohttp")
-    assert "jachat/service/edge/http/api.py" in aiohttp
+    assert "jachat/service/edge/http/app.py" in aiohttp
     assert {m for m in aiohttp if not m.startswith("jachat/service/edge/http/")} == {"jachat/bench/clients.py"}
     assert importers_of("opentelemetry") == {"jachat/service/observability/tracing.py"}
     # the server reaches the HTTP API only through a deferred import, so a gRPC-only install never loads aiohttp
-    assert "jachat/service/server.py" in importers_of("jachat.service.edge.http.api")
+    assert "jachat/service/server.py" in importers_of("jachat.service.edge.http.app")
     probe = "import sys, jachat.service.server; print(sorted(m for m in sys.modules if m.startswith('aiohttp')))"
     assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"
 

@@ -4,7 +4,7 @@ scoring callers and the Inference Gateway's model-server protocol.
 Each prompt is prepared as written (completions_request.py), generated as a sequence of its own (several prompts of
 one call batch like separate calls), and, with `echo`, scored by the engine, every prompt in one scoring job
 (Engine.score_prompts: score_batch, or a forward pass when the most likely tokens are asked for). The call frame,
-limits, tokens, tenants, priorities, metrics and traces are the chat route's (api.py).
+limits, tokens, tenants, priorities, metrics and traces are every route's (frame.py).
 """
 
 from __future__ import annotations
@@ -12,48 +12,46 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncGenerator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from aiohttp import web
 
 from jachat.service.domain.results import Completion, Delta, GeneratedToken, PromptScores
 from jachat.service.edge.calls import Call, Reply
 from jachat.service.edge.http.completions_request import TextCompletionRequest, parse_completion
-from jachat.service.edge.http.completions_response import (
+from jachat.service.edge.http.frame import HttpFrame
+from jachat.service.edge.http.response import (
+    FINISH_REASONS,
     Entry,
     Offsets,
     choice,
-    chunk_body,
-    completion_body,
-    completion_id,
     generated_entries,
     logprobs_body,
     prompt_entries,
+    text_chunk_body,
+    text_completion_body,
+    text_completion_id,
     usage_body,
 )
-from jachat.service.edge.http.openai_response import FINISH_REASONS
 from jachat.service.engine.preparation import PreparedRequest
 from jachat.service.text.tokenizer import decode
-
-if TYPE_CHECKING:
-    from jachat.service.edge.http.api import HttpApi
 
 BUILD_OFF_LOOP_TOKENS = 512  # an answer with more tokens than this is built and serialised off the event loop
 
 
-async def answer(api: HttpApi, request: web.Request, call: Call, data: bytes) -> web.StreamResponse:
-    parsed = await api.parse(call, data, parse_completion)
+async def answer(frame: HttpFrame, request: web.Request, call: Call, data: bytes) -> web.StreamResponse:
+    parsed = await frame.parse(call, data, parse_completion)
     prepared = [
-        await api.calls.prepare_text(call, text, ("prompt", i) if parsed.listed else ("prompt",))
+        await frame.calls.prepare_text(call, text, ("prompt", i) if parsed.listed else ("prompt",))
         for i, text in enumerate(parsed.prompts)
     ]
     top = parsed.logprobs == 1
     scores: list[PromptScores | None] = [None] * len(prepared)
     if parsed.echo and parsed.logprobs is not None:
-        scores = list(await api.calls.score_prompts(call, [p.prompt.ids for p in prepared], top))
+        scores = list(await frame.calls.score_prompts(call, [p.prompt.ids for p in prepared], top))
     if parsed.common.stream:
-        return await _stream(api, request, call, parsed, prepared[0], scores[0])
-    replies = await _replies(api, call, parsed, prepared)
+        return await _stream(frame, request, call, parsed, prepared[0], scores[0])
+    replies = await _replies(frame, call, parsed, prepared)
 
     def body() -> bytes:
         choices, completion_tokens = [], 0
@@ -69,24 +67,24 @@ async def answer(api: HttpApi, request: web.Request, call: Call, data: bytes) ->
             logprobs = _logprobs(call, parsed, entries)
             choices.append(choice(index, text, logprobs, finish))
         usage = usage_body(sum(len(p.prompt.ids) for p in prepared), completion_tokens)
-        return _dumps(completion_body(completion_id(), parsed.model, choices, usage)).encode()
+        return _dumps(text_completion_body(text_completion_id(), parsed.model, choices, usage)).encode()
 
     # an answer of many tokens (16 echoed contexts with log-probabilities: 2 MiB of JSON, hundreds of milliseconds)
     # is built and serialised on the preparation pool: the event loop serves everyone
     tokens = sum(len(p.prompt.ids) for p in prepared) if parsed.echo else 0
     tokens += sum(len(r.tokens) for r in replies if r is not None)
-    data = await api.calls.engine().offload(body) if tokens > BUILD_OFF_LOOP_TOKENS else body()
+    data = await frame.calls.engine().offload(body) if tokens > BUILD_OFF_LOOP_TOKENS else body()
     return web.Response(body=data, content_type="application/json", charset="utf-8")
 
 
 async def _replies(
-    api: HttpApi, call: Call, parsed: TextCompletionRequest, prepared: list[PreparedRequest]
+    frame: HttpFrame, call: Call, parsed: TextCompletionRequest, prepared: list[PreparedRequest]
 ) -> list[Reply | None]:
     """Every prompt's whole reply, generated side by side (None: nothing to generate)."""
     if not parsed.prompts[0].generate:
         return [None] * len(prepared)
     logprobs, stop = parsed.logprobs is not None, parsed.common.include_stop
-    tasks = [asyncio.ensure_future(api.calls.reply(call, p, stop, logprobs, raw=True)) for p in prepared]
+    tasks = [asyncio.ensure_future(frame.calls.reply(call, p, stop, logprobs, raw=True)) for p in prepared]
     try:
         return list(await asyncio.gather(*tasks))
     finally:  # one failure (or the caller leaving) ends the others: the call fails as a whole
@@ -95,7 +93,7 @@ async def _replies(
 
 
 async def _stream(
-    api: HttpApi,
+    frame: HttpFrame,
     request: web.Request,
     call: Call,
     parsed: TextCompletionRequest,
@@ -104,7 +102,7 @@ async def _stream(
 ) -> web.StreamResponse:
     """One prompt's completion as server-sent events: the echoed prompt first (with `echo`), a chunk per delta, the
     finish chunk, the usage chunk if asked."""
-    cid, model, usage = completion_id(), parsed.model, parsed.common.include_usage
+    cid, model, usage = text_completion_id(), parsed.model, parsed.common.include_usage
     top = parsed.logprobs == 1
     offsets = Offsets(call.token_bytes)
 
@@ -113,13 +111,13 @@ async def _stream(
 
     def echoed_prompt() -> list[dict[str, Any]]:
         entries = prompt_entries(prepared.prompt.ids, score) if score is not None else []
-        return [chunk_body(cid, model, [choice(0, _echo(call, prepared), logprobs(entries), None)], usage)]
+        return [text_chunk_body(cid, model, [choice(0, _echo(call, prepared), logprobs(entries), None)], usage)]
 
     # the echoed prompt's event (a context's log-probabilities: hundreds of KiB) is built off the event loop, now
     first: list[dict[str, Any]] = []
     if parsed.echo:
         many = len(prepared.prompt.ids) > BUILD_OFF_LOOP_TOKENS
-        first = await api.calls.engine().offload(echoed_prompt) if many else echoed_prompt()
+        first = await frame.calls.engine().offload(echoed_prompt) if many else echoed_prompt()
 
     def opening() -> list[dict[str, Any]]:
         return first
@@ -127,7 +125,7 @@ async def _stream(
     def render(item: Delta | Completion, tokens: list[GeneratedToken]) -> list[dict[str, Any]]:
         entries = generated_entries(tokens, top)
         if isinstance(item, Delta):
-            return [chunk_body(cid, model, [choice(0, item.text, logprobs(entries), None)], usage)]
+            return [text_chunk_body(cid, model, [choice(0, item.text, logprobs(entries), None)], usage)]
         finish = FINISH_REASONS.get(item.finish_reason, "stop")
         return _ending(cid, model, finish, logprobs(entries), usage, item.prompt_tokens, item.completion_tokens)
 
@@ -136,9 +134,9 @@ async def _stream(
         def echoed() -> list[dict[str, Any]]:
             return opening() + _ending(cid, model, "length", None, usage, len(prepared.prompt.ids), 0)
 
-        return await api.stream(request, call, _nothing(), echoed, render)
-    replies = api.calls.generate(call, prepared, parsed.common.include_stop, parsed.logprobs is not None, raw=True)
-    return await api.stream(request, call, replies, opening, render)
+        return await frame.events.stream(request, call, _nothing(), echoed, render)
+    replies = frame.calls.generate(call, prepared, parsed.common.include_stop, parsed.logprobs is not None, raw=True)
+    return await frame.events.stream(request, call, replies, opening, render)
 
 
 async def _nothing() -> AsyncGenerator[Delta | Completion, None]:
@@ -156,9 +154,9 @@ def _ending(
     completion_tokens: int,
 ) -> list[dict[str, Any]]:
     """A stream's last chunks: the finish chunk, and the usage chunk if asked."""
-    chunks = [chunk_body(cid, model, [choice(0, "", logprobs, finish)], usage)]
+    chunks = [text_chunk_body(cid, model, [choice(0, "", logprobs, finish)], usage)]
     if usage:
-        chunks.append(chunk_body(cid, model, [], usage, usage_body(prompt_tokens, completion_tokens)))
+        chunks.append(text_chunk_body(cid, model, [], usage, usage_body(prompt_tokens, completion_tokens)))
     return chunks
 
 

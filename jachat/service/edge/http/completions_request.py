@@ -1,6 +1,6 @@
 """OpenAI's (legacy) completions requests at the edge: /v1/completions bodies to the engine's dataclasses
-(completions_response.py writes the replies). The rules and names are the chat API's (openai_request.py) wherever
-the two APIs share a field.
+(response.py writes the replies). What both routes share is request.py's: its rules and names are the chat API's
+wherever the two APIs share a field.
 
 The prompt is the model's raw input, used as written: no chat format and so no turn defence (the caller writes every
 turn, and a literal `<NL>` is the model's newline). Deployments that rely on turn integrity turn the route off
@@ -16,42 +16,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from jachat.service.domain.errors import FieldViolation, InvalidRequest
-from jachat.service.domain.request import MAX_PROMPTS, TextRequest
+from jachat.service.domain.errors import InvalidRequest
+from jachat.service.domain.request import MAX_PROMPTS, TextRequest, check_prompts
 from jachat.service.domain.results import ModelInfo, Priority
-from jachat.service.domain.sampling import FIELDS, SamplingOptions
-from jachat.service.edge.http.openai_request import Body, Common, check_seed, sampling
+from jachat.service.domain.sampling import SamplingOptions
+from jachat.service.edge.http.request import Body, Common, body_of, check_seed, sampling
 
 # OpenAI's defaults for completions (the raw model), where the chat API has the model card's
 DEFAULTS = SamplingOptions(max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
 MAX_LOGPROBS = 1
 
-_OFF_ONLY = {
-    "suffix": "is not supported (insertion needs a model trained for it)",
-    "logit_bias": "logit_bias is not supported",
-    "presence_penalty": "is not supported (0 only); use repetition_penalty",
-    "frequency_penalty": "is not supported (0 only); use repetition_penalty",
-}
-_KNOWN = frozenset(
-    {
-        "model",
-        "prompt",
-        "stream",
-        "stream_options",
-        "stop",
-        "logprobs",
-        "echo",
-        "n",
-        "best_of",
-        "seed",
-        "user",
-        # jachat's own, as extra body fields
-        "priority",
-        "include_stop_str_in_output",
-    }
-    | {f.openai for f in FIELDS}
-    | set(_OFF_ONLY)
-)
+_OFF_ONLY = {"suffix": "is not supported (insertion needs a model trained for it)"}
+_KNOWN = frozenset({"prompt", "echo", "best_of"} | set(_OFF_ONLY))
 
 
 @dataclass(frozen=True)
@@ -76,16 +52,14 @@ class TextCompletionRequest:
 
 def parse_completion(body: object, info: ModelInfo) -> TextCompletionRequest:
     """Check and convert a /v1/completions body; every violation names its field."""
-    if not isinstance(body, dict):
-        raise InvalidRequest([FieldViolation(("body",), "must be a JSON object")])
-    b = Body(body)
-    b.refuse(_KNOWN, _OFF_ONLY)
+    b = body_of(body, _KNOWN, _OFF_ONLY)
+    fields = b.body
     model = b.model(info)
-    prompts, listed = _prompts(b, body.get("prompt"))
+    prompts, listed = _prompts(b, fields.get("prompt"))
     echo = b.get("echo", bool, "true or false") or False
     generate = True
-    if body.get("max_tokens") == 0 and not isinstance(body.get("max_tokens"), bool):
-        generate, b.body = False, {k: v for k, v in body.items() if k != "max_tokens"}  # read the rest without it
+    if fields.get("max_tokens") == 0 and not isinstance(fields.get("max_tokens"), bool):
+        generate, b.body = False, {k: v for k, v in fields.items() if k != "max_tokens"}  # read the rest without it
         if not echo:
             b.bad("max_tokens", "0 only with echo: true (the prompt's log-probabilities, nothing generated)")
     options, explicit_max = sampling(b, info, DEFAULTS)
@@ -111,6 +85,7 @@ def parse_completion(body: object, info: ModelInfo) -> TextCompletionRequest:
         b.bad("prompt", "stream: true takes one prompt (send a request per prompt; they are batched)")
     if b.violations:
         raise InvalidRequest(b.violations)
+    check_prompts(prompts, listed)  # the texts' characters, in all too, before any is encoded
     assert model is not None
     requests = tuple(TextRequest(p, options, explicit_max, generate) for p in prompts)
     return TextCompletionRequest(requests, listed, model, common, echo, logprobs)
