@@ -70,11 +70,9 @@ def check_candidates(candidates: Sequence[str]) -> None:
 
 
 def check_prompts(prompts: Sequence[str | Sequence[int]], listed: bool) -> None:
-    """A completions call's raw prompts, before any is encoded: 1 to MAX_PROMPTS of them, each text 1 to
-    MAX_REQUEST_CHARACTERS characters, and MAX_REQUEST_CHARACTERS in all (a chat request's budget: 16 prompts of
-    the most each would be 16 times the encoding work of any other call)."""
-    if not 0 < len(prompts) <= MAX_PROMPTS:
-        raise InvalidRequest([FieldViolation(("prompt",), f"{len(prompts)} prompts; 1 to {MAX_PROMPTS}")])
+    """A completions call's raw prompts (1 to MAX_PROMPTS of them: the parser counts them before it reads one),
+    before any is encoded: each text 1 to MAX_REQUEST_CHARACTERS characters, and MAX_REQUEST_CHARACTERS in all (a
+    chat request's budget: 16 prompts of the most each would be 16 times the encoding work of any other call)."""
     texts = [(("prompt", i) if listed else ("prompt",), p) for i, p in enumerate(prompts) if isinstance(p, str)]
     violations = [v for where, p in texts if (v := prompt_text_violation(p, where)) is not None]
     total = sum(len(p) for _, p in texts)
