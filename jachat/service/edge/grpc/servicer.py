@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from importlib import import_module
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
@@ -36,8 +35,9 @@ from jachat.v1 import chat_pb2
 if TYPE_CHECKING:  # generic in grpc's type stubs only
     Context = grpc.aio.ServicerContext[Any, Any]
 R = TypeVar("R")
-# What grpc.aio raises when a message is written to a call that is already over (no public name exists for it).
-_CALL_OVER: type[Exception] = getattr(import_module("grpc._cython.cygrpc"), "ExecuteBatchError", RuntimeError)
+# What grpc.aio raises when a message is written to a call that is already over: its ExecuteBatchError, which has
+# no public name; grpc.aio.InternalError, its public base, is what native code raises when an operation fails.
+_CALL_OVER = grpc.aio.InternalError
 
 
 class ChatServicer:

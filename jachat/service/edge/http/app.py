@@ -31,7 +31,7 @@ from jachat.service.domain.errors import Kind, NotFound
 from jachat.service.edge.calls import Call, Calls
 from jachat.service.edge.http import chat, completions
 from jachat.service.edge.http.body import MAX_BODY_BYTES
-from jachat.service.edge.http.connections import KEEPALIVE_SECONDS, Admission, connection_of, json_errors
+from jachat.service.edge.http.connections import CONNECTION_SETTINGS, Admission, connection_of, json_errors
 from jachat.service.edge.http.frame import HttpFrame
 from jachat.service.edge.http.request import unknown_model
 from jachat.service.edge.http.response import error_response, json_response, model_body, models_body
@@ -68,18 +68,9 @@ class HttpApi:
             ]
         )
         # A client that disconnects cancels its handler, so its sequence stops at once (calls are drained before the
-        # runner stops, so its own wait for handlers is short). aiohttp's own trust in the client is turned off: no
-        # inflating on the loop (body.py does it, bounded, off the loop), no lingering read of a body nobody asked
-        # for, and idle keep-alive connections closed after KEEPALIVE_SECONDS rather than an hour.
-        self.runner = web.AppRunner(
-            self.app,
-            handler_cancellation=True,
-            access_log=None,
-            shutdown_timeout=2.0,
-            auto_decompress=False,
-            lingering_time=0.0,
-            keepalive_timeout=KEEPALIVE_SECONDS,
-        )
+        # runner stops, so its own wait for handlers is short). aiohttp's own trust in the client is turned off by
+        # CONNECTION_SETTINGS (connections.py).
+        self.runner = web.AppRunner(self.app, handler_cancellation=True, shutdown_timeout=2.0, **CONNECTION_SETTINGS)
         self.admission = Admission(max_connections, max_connections_per_peer)
         self.listener: asyncio.Server | None = None
 
@@ -88,7 +79,7 @@ class HttpApi:
         assert self.runner.server is not None
         loop = asyncio.get_running_loop()
         self.listener = await loop.create_server(
-            self.admission.protocol(json_errors(self.runner.server)),
+            self.admission.protocol(json_errors(self.runner.server, CONNECTION_SETTINGS)),
             host,
             port,
             reuse_address=True,

@@ -63,10 +63,21 @@ class JsonErrorHandler(RequestHandler):
         return response
 
 
-def json_errors(server: web.Server) -> Callable[[], RequestHandler]:
-    """The per-connection protocol factory of `server`, with JsonErrorHandler (the handler aiohttp would make, with
-    the same settings)."""
-    return lambda: JsonErrorHandler(server, loop=asyncio.get_running_loop(), **server._kwargs)
+# What each connection's handler is told (the runner's, and so aiohttp's own handler's; JsonErrorHandler's too):
+# no access log; no inflating on the loop (body.py does it, bounded, off the loop); no lingering read of a body
+# nobody asked for; an idle keep-alive connection closed after KEEPALIVE_SECONDS rather than an hour.
+CONNECTION_SETTINGS: dict[str, Any] = {
+    "access_log": None,
+    "auto_decompress": False,
+    "lingering_time": 0.0,
+    "keepalive_timeout": KEEPALIVE_SECONDS,
+}
+
+
+def json_errors(server: web.Server, settings: dict[str, Any]) -> Callable[[], RequestHandler]:
+    """The per-connection protocol factory of `server`: JsonErrorHandler with the `settings` the server was made
+    with (CONNECTION_SETTINGS), as aiohttp's own factory would make its handler."""
+    return lambda: JsonErrorHandler(server, loop=asyncio.get_running_loop(), **settings)
 
 
 YOUNG_SECONDS = 1.0  # a connection this young is displaced only when no older one can be

@@ -139,7 +139,7 @@ class HttpFrame:
         except JachatError as exc:
             return error_response(to_http(exc, spell))
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        request.writer.output_size = 0  # the reply proper has not begun (as aiohttp's own handler does)
+        request.writer.output_size = 0  # the reply has not begun (an aiohttp.abc attribute; aiohttp does so too)
         return None
 
     async def complete(self, request: web.Request, call: Call, answer: Answer) -> web.StreamResponse:
