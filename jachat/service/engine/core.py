@@ -2,9 +2,10 @@
 
 CTranslate2 calls back into Python for every token of every row, on its decode thread, and a callback must take the
 GIL. In the server's process that GIL is also the event loop's, so a busy edge (gRPC, HTTP, metrics) made the decode
-thread wait, and on a GPU the accelerator idled (measured on a model whose steps take a millisecond: a trivial
-callback and one busy Python thread in the same process cut CTranslate2 from 15,000 to 1,000-1,400 tokens/s; with
-CTranslate2 in a child process, the busy thread costs nothing). So the server spawns this module
+thread wait, and on a GPU the accelerator idled (measured on a model whose steps take a millisecond, `jachat-bench
+gil`, docs/benchmarks/2026-11-30-gil.json: with a trivial callback, one busy Python thread in the same process cut
+CTranslate2 from 9,976 to 979 tokens/s; with CTranslate2 in a child process it ran at 10,728 alone and 10,161 beside
+the busy thread). So the server spawns this module
 (`python -m jachat.service.engine.core`), and here the GIL belongs to the decode threads.
 
 Per token a decode thread only records (row's slot, token id, log-probability, time), counts the row's budget

@@ -2,7 +2,8 @@
 
 It speaks dataclasses only (no protobuf), and it is the only door to the scheduler: front ends call
 `check_capacity`, `prepare` (or `prepare_text`, `tokenize`), then `stream()`, which yields `Delta`s (text and tokens)
-and ends with a `Completion`, or `score` / `score_prompts`, which queue a scoring job; the drain calls `abandon`.
+and ends with a `Completion`, or `score` / `score_prompts`, which queue a scoring job; `offload` runs a big
+answer's building on the preparation pool; the drain calls `abandon`.
 Requests go through the batching scheduler (scheduler.py), which runs each batch in the engine process (core.py,
 through link.py: CTranslate2 never shares a GIL with the edge). The tokens it generates come back in batches; a
 receiver thread decodes each, assembles the reply (<NL>, stop strings) and hands the deltas to the caller's event

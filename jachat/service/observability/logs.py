@@ -3,8 +3,8 @@
 The id comes from the caller's `x-request-id` metadata (at most 128 characters of letters, digits and `-_.:/+=@~`,
 so it cannot forge text in a log line) or is generated;
 the service sends it back with the reply (edge/identity.py). It lives in a context variable, so every log line
-written in the request's task carries it; a sequence keeps a copy of its caller's context, and what a generation
-thread logs for one call (a failed batch) is logged in it, so that line carries the id too.
+written in the request's task carries it; a queued work keeps a copy of its caller's context, and what the scheduler's
+thread logs for one call (a failed batch) is logged in it, so that line carries the id too (scheduler.py).
 """
 
 from __future__ import annotations

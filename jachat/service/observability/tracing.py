@@ -8,7 +8,8 @@ the SDK reads them: `OTEL_SERVICE_NAME`, `OTEL_RESOURCE_ATTRIBUTES`, `OTEL_TRACE
 
 One span per call (SERVER kind), a child of the caller's W3C `traceparent` (gRPC metadata or HTTP header), with
 children `jachat.prepare` (request preparation), `jachat.queue` (waiting for a batch) and `jachat.generate` (the
-batch's start to the reply's end). Queue and generation happen on generation threads, so their spans are written
+batch's start to the reply's end); a scoring job (Score, a completion's echo) is one `jachat.score` child, its
+wait in the queue included. Queue and generation happen on generation threads, so their spans are written
 when the reply ends, from the times the engine recorded. The API (opentelemetry-api, small) is a dependency; the
 SDK and exporter are the `tracing` extra.
 """
