@@ -27,6 +27,12 @@ Phase 2: the queue is kept full with long generations (the server runs with a sm
 refused fillers try again), then the heavy generation requests are sent one at a time, each once the server's own
 gauge shows the queue full: each must be refused (RESOURCE_EXHAUSTED); reported is how long the refusal took,
 request transfer included.
+
+Phase burst, on the same full queue: BURST GenerateStream calls opened at once on one new connection (the server
+lets 128 of them in at a time; the others wait in the client for a place, or are reset with REFUSED_STREAM, which
+gRPC reports as UNAVAILABLE). Reported is how long each refusal took, and the same burst against a bare grpc.aio
+server that refuses every call (`floor_server`, a child process) while jachat's fillers still load the machine: the
+floor is what any Python gRPC server pays on this machine at that moment, so the two are a ratio, not two absolutes.
 """
 
 from __future__ import annotations
@@ -34,6 +40,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import subprocess
+import sys
 import time
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
@@ -66,7 +74,9 @@ TARGETS = (
     ("full server refuses (max)", "refusal_max_ms", 50.0),
     ("Score/echo: health check p99", "scoring_health_p99_ms", 50.0),
     ("Score/echo: engine RSS above idle (MiB)", "scoring_engine_rss_growth_mib", 1024.0),
+    ("burst: refusal max / bare grpc.aio's", "burst_refusal_max_ratio", 2.0),
 )
+BURST = 400  # streams opened at once on one connection
 _TEXT = "吾輩は猫である。名前はまだ無い。どこで生れたかとんと見当がつかぬ。"
 
 
@@ -233,7 +243,8 @@ async def phase_one(target: str, duration: float, clients: int) -> dict[str, Any
     }
 
 
-async def phase_two(server: ServerProcess, attempts: int) -> dict[str, Any]:
+async def phase_two(server: ServerProcess, attempts: int, bursts: int = 3) -> dict[str, Any]:
+    """Phase 2, then the burst phase, on the queue the same fillers keep full."""
     heavy = heavy_requests()
     long = chat_pb2.GenerateRequest(
         turns=[chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text="やあ")],
@@ -245,6 +256,13 @@ async def phase_two(server: ServerProcess, attempts: int) -> dict[str, Any]:
 
     def queue_full() -> bool:
         return server.scrape().get("jachat_queue_size", 0) >= QUEUE
+
+    async def full() -> None:
+        deadline = time.monotonic() + 30
+        while not queue_full():  # measured only against a full queue
+            if time.monotonic() > deadline:
+                raise RuntimeError("the queue did not fill")
+            await asyncio.sleep(0.02)
 
     async with grpc.aio.insecure_channel(server.target) as channel:
         stub = chat_pb2_grpc.ChatServiceStub(channel)
@@ -261,28 +279,102 @@ async def phase_two(server: ServerProcess, attempts: int) -> dict[str, Any]:
             for name in ("generate_4mb", "generate_4mb_drop", "generate_256_turns_drop", "generate_budget_drop"):
                 method, request = heavy[name]
                 for _ in range(attempts):
-                    deadline = time.monotonic() + 30
-                    while not queue_full():  # measured only against a full queue
-                        if time.monotonic() > deadline:
-                            raise RuntimeError("the queue did not fill")
-                        await asyncio.sleep(0.02)
+                    await full()
                     started = time.perf_counter()
                     code = await _call(stub, method, request, timeout=30)
                     refusals.setdefault(name, []).append(1000 * (time.perf_counter() - started))
                     seen = codes.setdefault(name, {})
                     seen[code] = seen.get(code, 0) + 1
+            burst: dict[str, list[float]] = {}
+            floor: dict[str, list[float]] = {}
+            with floor_server() as floor_target:
+                for _ in range(bursts):  # jachat's burst and the floor's, in turn, under the same load
+                    await full()
+                    _merge(burst, await _burst(server.target))
+                    _merge(floor, await _burst(floor_target))
         finally:
             done.set()
             for task in fillers:
                 task.cancel()
             await asyncio.gather(*fillers, return_exceptions=True)
     everything = [ms for values in refusals.values() for ms in values]
+    refused, bare = burst.get("RESOURCE_EXHAUSTED", []), floor.get("RESOURCE_EXHAUSTED", [])
     return {
         "refusal_codes": codes,
         "refusal_p50_ms": percentile(everything, 0.5),
         "refusal_max_ms": max(everything),
         "refusal_ms_by_request": {k: {"p50": percentile(v, 0.5), "max": max(v)} for k, v in refusals.items()},
+        "burst_codes": {code: len(v) for code, v in burst.items()},
+        "burst_refusal_p50_ms": percentile(refused, 0.5),
+        "burst_refusal_max_ms": max(refused, default=float("nan")),
+        "burst_floor_codes": {code: len(v) for code, v in floor.items()},
+        "burst_floor_p50_ms": percentile(bare, 0.5),
+        "burst_floor_max_ms": max(bare, default=float("nan")),
+        "burst_refusal_max_ratio": max(refused, default=float("nan")) / max(bare, default=float("nan")),
     }
+
+
+def _merge(into: dict[str, list[float]], more: dict[str, list[float]]) -> None:
+    for code, values in more.items():
+        into.setdefault(code, []).extend(values)
+
+
+async def _burst(target: str, calls: int = BURST) -> dict[str, list[float]]:
+    """`calls` one-token GenerateStream calls opened at once on one new (connected) channel: each one's outcome and
+    how long it took, in ms."""
+    request = chat_pb2.GenerateStreamRequest(
+        turns=[chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text="やあ")],
+        sampling=chat_pb2.SamplingParams(max_new_tokens=1),
+    )
+    async with grpc.aio.insecure_channel(target) as channel:
+        await channel.channel_ready()
+        stub = chat_pb2_grpc.ChatServiceStub(channel)
+
+        async def one() -> tuple[str, float]:
+            started = time.perf_counter()
+            try:
+                async for _ in stub.GenerateStream(request, timeout=60):
+                    pass
+                code = "OK"
+            except grpc.aio.AioRpcError as error:
+                code = str(error.code().name)
+            return code, 1000 * (time.perf_counter() - started)
+
+        outcomes: dict[str, list[float]] = {}
+        for code, ms in await asyncio.gather(*(one() for _ in range(calls))):
+            outcomes.setdefault(code, []).append(ms)
+        return outcomes
+
+
+@contextlib.contextmanager
+def floor_server() -> Any:
+    """A bare grpc.aio server in a child process, with jachat's stream cap, that refuses every GenerateStream
+    (RESOURCE_EXHAUSTED) and does nothing else: its target."""
+    code = "import asyncio, jachat.bench.abuse as a; asyncio.run(a.serve_floor())"
+    process = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        yield f"127.0.0.1:{int(process.stdout.readline())}"
+    finally:
+        process.kill()
+        process.wait()
+
+
+async def serve_floor() -> None:
+    async def refuse(request: Any, context: Any) -> None:
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, "the queue is full")
+
+    handler: grpc.RpcMethodHandler[Any, Any] = grpc.unary_stream_rpc_method_handler(
+        refuse, request_deserializer=chat_pb2.GenerateStreamRequest.FromString
+    )
+    server = grpc.aio.server(options=[("grpc.max_concurrent_streams", 128)])
+    server.add_generic_rpc_handlers(
+        (grpc.method_handlers_generic_handler("jachat.v1.ChatService", {"GenerateStream": handler}),)
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print(port, flush=True)
+    await server.wait_for_termination()
 
 
 def served_model(http_port: int) -> str:
@@ -482,6 +574,12 @@ def abuse_main(
     )
     print(f"heavy requests: {json.dumps(result['abuse_outcomes'])}")
     print(f"refusals when full: {json.dumps(result['refusal_codes'])}")
+    print(
+        f"burst of {BURST} streams on one connection: {json.dumps(result['burst_codes'])}, refused in p50 "
+        f"{result['burst_refusal_p50_ms']:.0f} / max {result['burst_refusal_max_ms']:.0f} ms; a bare grpc.aio server "
+        f"beside it: {json.dumps(result['burst_floor_codes'])}, p50 {result['burst_floor_p50_ms']:.0f} / max "
+        f"{result['burst_floor_max_ms']:.0f} ms"
+    )
     print(f"HTTP abuse answers: {json.dumps(result['http_answers'])} ({result['http_connections_held']} held open)")
     print(
         f"Score/echo answers: {json.dumps(result['scoring_outcomes'])}; engine RSS "
