@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from jachat.converter.convert import ConvertOptions, convert
-from jachat.converter.demo import DemoShape, build_demo_checkpoint
+from jachat.converter.demo import DemoShape, build_demo_checkpoint, train_tokenizer
 from jachat.service.text.prompt import Speaker, Turn, render_prompt
 from jachat.service.text.tokenizer import Tokenizer
 from jachat.v1 import chat_pb2_grpc
@@ -15,9 +15,20 @@ from tests.servers import InProcessServer, serving
 
 
 @pytest.fixture(scope="session")
-def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
+    """The demo checkpoint's tokenizer (32000 pieces, <NL> a single piece), trained without the checkpoint or a
+    model (a fraction of a second), so the fast tier has it too. The training is deterministic: it is byte for byte
+    the demo checkpoint's spiece.model, which demo_checkpoint checks."""
+    return Tokenizer(train_tokenizer(tmp_path_factory.mktemp("spm"), 32000, newline_piece=True))
+
+
+@pytest.fixture(scope="session")
+def demo_checkpoint(tmp_path_factory: pytest.TempPathFactory, tokenizer: Tokenizer) -> Path:
     """The offline rinna-shaped demo checkpoint (float32, vocabulary 32000, <NL> a single piece)."""
-    return build_demo_checkpoint(tmp_path_factory.mktemp("hf") / "demo", DemoShape())
+    checkpoint = build_demo_checkpoint(tmp_path_factory.mktemp("hf") / "demo", DemoShape())
+    spiece = (checkpoint / "spiece.model").read_bytes()
+    assert spiece == tokenizer.path.read_bytes(), "the demo checkpoint's spiece.model is not the tokenizer fixture's"
+    return checkpoint
 
 
 @pytest.fixture(scope="session")
@@ -38,11 +49,6 @@ def model_f32(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -
 @pytest.fixture(scope="session")
 def model_int8(demo_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return _convert(demo_checkpoint, tmp_path_factory.mktemp("ct2") / "int8", "int8")
-
-
-@pytest.fixture(scope="session")
-def tokenizer(demo_checkpoint: Path) -> Tokenizer:
-    return Tokenizer(demo_checkpoint / "spiece.model")
 
 
 # What the scripted checkpoints write, token by token: "あ" split over three byte pieces, a stray 0xFF, <NL>,

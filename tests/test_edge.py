@@ -42,9 +42,11 @@ def test_twenty_streams_cancelled_between_messages_are_released_and_sigterm_exit
                 call = stub.GenerateStream(chat_pb2.GenerateStreamRequest(turns=[user(f"やあ{i}")], sampling=LONG))
                 next(call), next(call)  # two messages read, then the client goes away between messages
                 call.cancel()
-        deadline = time.monotonic() + 10
-        while server.scrape().get("jachat_running_requests", 1) > 0 and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_until(
+            lambda: server.scrape().get("jachat_running_requests", 1) <= 0,
+            "the twenty cancelled streams released (jachat_running_requests 0)",
+            timeout=10,
+        )
         started = time.monotonic()
         assert server.stop(timeout=30) == 0
         took = time.monotonic() - started
@@ -86,9 +88,9 @@ def test_a_storm_of_cancellations_and_deadlines_is_recorded_as_each_caller_saw_i
     def moved(name: str) -> float:
         return edge_server.scrape().get(name, 0.0) - before.get(name, 0.0)
 
-    deadline = time.monotonic() + 10
-    while moved("jachat_running_requests") != 0 and time.monotonic() < deadline:
-        time.sleep(0.05)
+    wait_until(
+        lambda: moved("jachat_running_requests") == 0, "the storm's streams released (jachat_running_requests back)", 10
+    )
     for code, n in seen.items():
         assert moved(f'jachat_requests_total{{api="grpc",code="{code.name}",rpc="GenerateStream"}}') == n, code
     assert moved('jachat_finished_total{reason="deadline"}') == seen[grpc.StatusCode.DEADLINE_EXCEEDED]
@@ -105,15 +107,8 @@ def test_a_stream_whose_client_reads_nothing_is_ended_and_stops_counting_as_runn
             call = server.stub(channel).GenerateStream(
                 chat_pb2.GenerateStreamRequest(turns=[user("やあ")], sampling=LONG)
             )
-            deadline = time.monotonic() + 30
-            while (
-                server.scrape().get(
-                    'jachat_requests_total{api="grpc",code="DEADLINE_EXCEEDED",rpc="GenerateStream"}', 0
-                )
-                < 1
-            ):
-                assert time.monotonic() < deadline, "the stream was never ended"
-                time.sleep(0.1)
+            ended = 'jachat_requests_total{api="grpc",code="DEADLINE_EXCEEDED",rpc="GenerateStream"}'
+            wait_until(lambda: server.scrape().get(ended, 0) >= 1, "the unread stream ended DEADLINE_EXCEEDED", 30)
             assert server.scrape()["jachat_running_requests"] == 0
             with pytest.raises(grpc.RpcError) as info:
                 for _ in call:
@@ -134,14 +129,16 @@ def test_health_watchers_are_capped_and_check_still_answers(edge_server: ServerP
         assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert health.Check(health_pb2.HealthCheckRequest(), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
         watches[0].cancel()
-        deadline = time.monotonic() + 10
-        while True:  # the freed place is reused
+
+        def a_new_watch_is_admitted() -> bool:
             try:
-                assert next(health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)).status == 1
-                break
+                first = next(health.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5))
             except grpc.RpcError:
-                assert time.monotonic() < deadline
-                time.sleep(0.1)
+                return False
+            assert first.status == health_pb2.HealthCheckResponse.SERVING, first
+            return True
+
+        wait_until(a_new_watch_is_admitted, "the freed health watcher place reused", timeout=10)
         for watch in watches:
             watch.cancel()
         with pytest.raises(grpc.RpcError) as info:

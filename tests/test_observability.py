@@ -8,7 +8,6 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -214,9 +213,8 @@ def test_request_id_is_returned_and_on_every_log_line(json_server: Server) -> No
     def read_records() -> list[dict[str, Any]]:
         return [json.loads(line) for line in list(json_server.log) if line.startswith("{")]
 
-    deadline = time.monotonic() + 5  # the server's stderr reaches us through a pipe and a reader thread
-    while time.monotonic() < deadline and not any(r.get("request_id") == "bad-1" for r in read_records()):
-        time.sleep(0.05)
+    # the server's stderr reaches us through a pipe and a reader thread
+    wait_until(lambda: any(r.get("request_id") == "bad-1" for r in read_records()), "bad-1's log line", timeout=5)
     records = read_records()
     assert records and all({"time", "level", "logger", "message"} <= set(r) for r in records)
     ours = [r for r in records if r.get("request_id") == "req-42"]

@@ -111,17 +111,15 @@ def _unix(stamp: str) -> float:
 
 
 def wait_ready(port: int, process: subprocess.Popen[str]) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
+    def ready() -> bool:
         assert process.poll() is None, process.stderr.read() if process.stderr else "prometheus exited"
         try:
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/-/ready", timeout=2) as response:
-                if response.status == 200:
-                    return
+                return bool(response.status == 200)
         except OSError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError("prometheus never became ready")
+            return False
+
+    wait_until(ready, "prometheus ready (/-/ready answering 200)", timeout=60)
 
 
 def traffic(server: Server, seconds: float) -> None:

@@ -196,10 +196,11 @@ def test_max_connection_age_closes_connections_and_calls_in_flight_finish(model_
             took = time.monotonic() - started
             assert replies and replies[0].usage.completion_tokens == 1900
             assert took > age + 0.1, f"the call took {took:.2f} s: too short to outlive the {age} s max age"
-            deadline = time.monotonic() + 10
-            while grpc.ChannelConnectivity.IDLE not in states[1:] and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert grpc.ChannelConnectivity.IDLE in states[1:], states  # the server closed the connection
+            wait_until(
+                lambda: grpc.ChannelConnectivity.IDLE in states[1:],
+                "the server closed the connection at its max age (the channel IDLE again)",
+                timeout=10,
+            )
             again = stub.Generate(chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(2)), timeout=30)
             assert again.usage.completion_tokens == 2  # and the client simply reconnected
     finally:

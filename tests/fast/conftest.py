@@ -1,4 +1,5 @@
-"""The fast tier: no model, no server process, no sleeps. Tokenizers are trained here in a fraction of a second."""
+"""The fast tier: no model, no server process, no sleeps. Tokenizers are trained in a fraction of a second: the
+`tokenizer` fixture is tests/conftest.py's (the one every tier uses), the others are here."""
 
 from __future__ import annotations
 
@@ -11,14 +12,8 @@ from jachat.service.text.tokenizer import Tokenizer
 
 
 @pytest.fixture(scope="session")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    """The demo checkpoint's tokenizer (32000 pieces, <NL> a single piece), without the checkpoint."""
-    return Tokenizer(train_tokenizer(tmp_path_factory.mktemp("spm"), 32000, newline_piece=True))
-
-
-@pytest.fixture(scope="session")
 def split_nl_tokenizer(tmp_path_factory: pytest.TempPathFactory) -> Tokenizer:
-    """Like tokenizer, but <NL> is spelled with several pieces."""
+    """Like tokenizer (tests/conftest.py), but <NL> is spelled with several pieces."""
     return Tokenizer(train_tokenizer(tmp_path_factory.mktemp("spm-split"), 32000, newline_piece=False))
 
 

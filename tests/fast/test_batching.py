@@ -26,6 +26,7 @@ from jachat.service.engine.sequence import Generation
 from jachat.service.text.prompt import TURN_MARKERS
 from jachat.service.text.reply import ReplyAssembler
 from jachat.service.text.tokenizer import Tokenizer
+from tests.helpers import until
 
 GREEDY = SamplingOptions(temperature=0.0, repetition_penalty=1.0)
 
@@ -114,12 +115,11 @@ async def finished(gen: Generation) -> FinishReason | None:
 
 
 async def batches_started(fake: FakeGenerator, count: int) -> None:
-    for _ in range(500):
-        if len(fake.batches) >= count:
-            return
-        await asyncio.sleep(0.01)
-    fake.release.set()
-    raise AssertionError(f"{len(fake.batches)} batches started, not {count}: {fake.batches}")
+    try:
+        await until(lambda: len(fake.batches) >= count, f"{count} batches started", timeout=5)
+    except AssertionError as never:
+        fake.release.set()  # a held batch ends, so the scheduler can stop
+        raise AssertionError(f"{never}: only {len(fake.batches)}: {fake.batches}") from None
 
 
 def names(tokenizer: Tokenizer, *ids: int) -> list[int]:
