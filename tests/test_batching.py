@@ -1,4 +1,5 @@
-"""Batching, cancellation, deadlines and backpressure against real server processes (float32 demo model)."""
+"""Batching as callers see it: cancellation, deadlines, backpressure, tenants and health against real server processes
+(float32 demo model). The scheduler's own unit tests, against a fake engine, are tests/fast/test_scheduler.py."""
 
 from __future__ import annotations
 
