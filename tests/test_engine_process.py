@@ -22,8 +22,8 @@ from grpc_health.v1 import health_pb2
 from jachat.bench.processes import children
 from jachat.manifest import read_manifest
 from jachat.service.domain.errors import EngineFailure, EngineLost
-from jachat.service.engine.core import CoreOptions
 from jachat.service.engine.link import EngineProcess
+from jachat.service.engine.wire import CoreOptions
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 from tests.helpers import greedy, health_stub, user, wait_until
 from tests.servers import InProcessServer, serving

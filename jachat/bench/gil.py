@@ -87,8 +87,8 @@ def in_process(model: Path, prompts: list[list[int]], workload: Workload, rounds
 
 def engine_process(model: Path, prompts: list[list[int]], workload: Workload, rounds: int, busy: bool) -> float:
     from jachat.manifest import read_manifest
-    from jachat.service.engine.core import CoreOptions
     from jachat.service.engine.link import EngineProcess
+    from jachat.service.engine.wire import CoreOptions
 
     manifest = read_manifest(model)
     options = CoreOptions(

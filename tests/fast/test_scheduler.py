@@ -18,11 +18,11 @@ import pytest
 from jachat.service.domain.errors import Overloaded
 from jachat.service.domain.results import FinishReason, Priority
 from jachat.service.domain.sampling import SamplingOptions
-from jachat.service.engine.core import ScoredRow
 from jachat.service.engine.options import SchedulerOptions
 from jachat.service.engine.scheduler import SPARE_LIGHT, STAGGER_CALLS, Scheduler
 from jachat.service.engine.scoring import Scoring
 from jachat.service.engine.sequence import Generation
+from jachat.service.engine.wire import ScoredRow
 from jachat.service.text.prompt import TURN_MARKERS
 from jachat.service.text.reply import ReplyAssembler
 from jachat.service.text.tokenizer import Tokenizer

@@ -33,20 +33,19 @@ import json
 import logging
 import mmap
 import os
-import pickle
 import signal
 import sys
 import threading
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
-from jachat.service.engine import gpu
-from jachat.service.engine.warmup import WarmUp, shapes, warm_up
+from jachat.service.engine import gpu, wire
+from jachat.service.engine.warmup import shapes, warm_up
+from jachat.service.engine.wire import CoreOptions, Ended, Loaded, RunBatch, ScoredRow, ScoreJob, Token
 
 log = logging.getLogger("jachat.engine")
 
@@ -56,9 +55,6 @@ IDLE_POLLS = 2  # empty looks in a row after which the sender sleeps until a tok
 # silence as a stalled engine: a hung device call, a stopped or page-thrashing process)
 HEARTBEAT = 0.5
 SCORE_PIECE_TOKENS = 2048  # positions scored by one CTranslate2 call (its rows x its longest row; scoring.py)
-# a scored sequence: its tokens' log-probabilities after the first, and (when asked) the most likely token at each of
-# those places and its log-probability (else empty)
-ScoredRow = tuple[list[float], list[int], list[float]]
 
 # What to run when the device cannot run a compute type (first supported entry wins).
 _FALLBACKS = {
@@ -71,41 +67,6 @@ _FALLBACKS = {
     "int16": ("int8", "float32"),
     "float32": (),
 }
-
-
-@dataclasses.dataclass(frozen=True)
-class CoreOptions:
-    """What the engine process needs to load the model (sent to it as its first command)."""
-
-    model_dir: Path
-    quantization: str  # the converted weight type (the manifest's)
-    context_length: int
-    eos_id: int
-    device: str = "auto"
-    compute_type: str = "default"
-    device_index: int = 0
-    replicas: int = 0  # 0: auto
-    intra_threads: int = 0  # 0: auto
-    max_batch_size: int = 16
-    warm_up: bool = True
-    spare_replicas: int = 0  # replicas beyond `replicas`, which the scheduler uses only while the load is light
-
-
-@dataclasses.dataclass(frozen=True)
-class Loaded:
-    """What the engine process reports once the model is loaded (and warm)."""
-
-    device: str
-    compute_type: str
-    replicas: int  # the replicas the threads were shared out for
-    intra_threads: int
-    warm: WarmUp | None
-    notes: tuple[tuple[int, str], ...] = ()  # (level, message) logged while loading, for the server to log
-    spare_replicas: int = 0
-
-    @property
-    def all_replicas(self) -> int:
-        return self.replicas + self.spare_replicas
 
 
 def resolve_device(device: str) -> str:
@@ -199,15 +160,12 @@ class Outbox:
     wakes it (`asleep` tells the decode threads to), or for HEARTBEAT at most: a message every HEARTBEAT, empty if
     need be, is the engine's sign of life (two wake-ups a second when idle).
 
-    Each message is (tokens, ended, pieces): tokens as (slot, token id, log-probability or None,
-    time.monotonic()); ended as (job number, the engine's traceback or None, a scoring job's rows or None); pieces:
-    the scoring pieces done since the last message (progress, where a job has no tokens)."""
+    Each message is a wire.Progress."""
 
-    def __init__(self, events: Connection) -> None:
-        self.events = events
-        self.tokens: list[tuple[int, int, float | None, float]] = []  # (slot, token id, log-prob, time.monotonic)
-        # (batch or scoring job number, error or None, a scoring job's rows)
-        self.ended: list[tuple[int, str | None, list[ScoredRow] | None]] = []
+    def __init__(self, events: int) -> None:
+        self.events = events  # the events pipe's file descriptor
+        self.tokens: list[Token] = []
+        self.ended: list[Ended] = []
         self.running = 0  # jobs running (changed under the GIL by the decode threads)
         self.pieces = 0  # scoring pieces done since the last send
         self.wake = threading.Event()  # a batch started or ended, or a token came while the sender slept
@@ -215,7 +173,7 @@ class Outbox:
         self.closing = False  # set once no batch will start: send what is left, then return
 
     def run(self) -> None:
-        tokens, ended, wake, asleep, send = self.tokens, self.ended, self.wake, self.asleep, self.events.send_bytes
+        tokens, ended, wake, asleep, events = self.tokens, self.ended, self.wake, self.asleep, self.events
         idle, sent = 0, time.monotonic()
         while True:
             if self.running and idle < IDLE_POLLS:
@@ -234,7 +192,7 @@ class Outbox:
                 del tokens[: len(batch)]
                 pieces, self.pieces = self.pieces, 0
                 try:
-                    send(pickle.dumps((batch, done, pieces), pickle.HIGHEST_PROTOCOL))
+                    wire.send(events, wire.Progress(batch, done, pieces))
                 except OSError:  # the server is gone: the main thread ends the process
                     return
                 sent = time.monotonic()
@@ -267,12 +225,11 @@ def run_batch(
     eos_id: int,
     outbox: Outbox,
     flags: memoryview,
-    command: tuple[Any, ...],
+    command: RunBatch,
 ) -> None:
     """One generate_batch call on a free replica (a thread of the pool), its end reported after its tokens."""
-    _, number, prompts, slots, limits, max_length, options = command
-    left: list[int] = list(limits)
-    row_slots: list[int] = slots
+    left: list[int] = list(command.limits)
+    row_slots: list[int] = command.slots
     tokens, asleep, woken, now = outbox.tokens, outbox.asleep, outbox.woken, time.monotonic
 
     def callback(step: Any) -> bool:
@@ -289,16 +246,16 @@ def run_batch(
     outbox.start()
     try:
         generator.generate_batch(
-            [[vocabulary[i] for i in ids] for ids in prompts],
-            max_length=max_length,
+            [[vocabulary[i] for i in ids] for ids in command.prompts],
+            max_length=command.max_length,
             include_prompt_in_result=False,
             end_token=[eos_id],
             callback=callback,
-            **options,  # return_scores among them: each step's log-probability (a log-softmax), when asked for
+            **command.options,  # return_scores among them: each step's log-probability (a log-softmax), when asked for
         )
     except Exception:  # reported to the server, which ends the batch's calls
         error = traceback.format_exc()
-    outbox.end(number, error)
+    outbox.end(command.number, error)
 
 
 def pieces(lengths: Sequence[int], budget: int = SCORE_PIECE_TOKENS) -> list[range]:
@@ -317,7 +274,7 @@ def pieces(lengths: Sequence[int], budget: int = SCORE_PIECE_TOKENS) -> list[ran
 
 
 def run_scoring(
-    generator: Any, vocabulary: Sequence[str], outbox: Outbox, flags: memoryview, command: tuple[Any, ...]
+    generator: Any, vocabulary: Sequence[str], outbox: Outbox, flags: memoryview, command: ScoreJob
 ) -> None:
     """Each sequence's teacher-forced log-probabilities (of its tokens after the first), a piece of at most
     SCORE_PIECE_TOKENS positions at a time: CTranslate2 materialises two float vectors of the vocabulary per
@@ -325,7 +282,7 @@ def run_scoring(
     with `top`, one forward_batch per sequence that also gives the most likely token at each place (its
     distribution is reduced here, so it never crosses the pipe). The job's stop flag is read between pieces: its
     caller gone, its deadline or the drain end it there."""
-    _, number, slot, sequences, top = command
+    slot, sequences, top = command.slot, command.sequences, command.top
     rows: list[ScoredRow] = []
     error = None
     outbox.start()
@@ -343,7 +300,7 @@ def run_scoring(
             outbox.pieces += 1  # progress for the server's watch (a count lost to a race with the sender is harmless)
     except Exception:  # reported to the server, which fails the call
         error = traceback.format_exc()
-    outbox.end(number, error, None if error is not None else rows)
+    outbox.end(command.number, error, None if error is not None else rows)
 
 
 def _forward(generator: Any, tokens: list[str], ids: list[int]) -> ScoredRow:
@@ -381,19 +338,27 @@ class _Notes(logging.Handler):
         self.records.append((record.levelno, record.getMessage()))
 
 
-def serve(commands: Connection, events: Connection, flags: memoryview) -> None:
-    """Load as the first command says, report, then run batches until told to stop or the server is gone."""
-    options: CoreOptions = commands.recv()
+Loader = Callable[[CoreOptions], tuple[Any, Loaded, list[str]]]
+
+
+def serve(commands: int, events: int, flags: memoryview, loader: Loader = load) -> None:
+    """Load as the first command says (with `loader`: the fast tier's is a fake model), report, then run jobs until
+    told to stop or the server is gone. `commands` and `events` are the pipes' file descriptors."""
+    first = wire.receive(commands)
     notes = _Notes()
     logging.getLogger("jachat").addHandler(notes)
     try:
-        generator, loaded, vocabulary = load(options)
+        if not isinstance(first, wire.Load) or first.protocol != wire.PROTOCOL:
+            spoken = first.protocol if isinstance(first, wire.Load) else type(first).__name__
+            raise ProtocolMismatch(f"the server speaks wire protocol {spoken}; this engine speaks {wire.PROTOCOL}")
+        options = first.options
+        generator, loaded, vocabulary = loader(options)
     except Exception as exc:  # one line for the operator, as the server would have said it
-        events.send(("failed", type(exc).__name__, str(exc), tuple(notes.records)))
+        wire.send(events, wire.LoadFailed(type(exc).__name__, str(exc), tuple(notes.records)))
         return
     finally:
         logging.getLogger("jachat").removeHandler(notes)
-    events.send(("ready", dataclasses.replace(loaded, notes=tuple(notes.records))))
+    wire.send(events, wire.Ready(wire.PROTOCOL, dataclasses.replace(loaded, notes=tuple(notes.records))))
     outbox = Outbox(events)
     sender = threading.Thread(target=outbox.run, name="jachat-outbox", daemon=True)
     sender.start()
@@ -401,12 +366,12 @@ def serve(commands: Connection, events: Connection, flags: memoryview) -> None:
     pool = ThreadPoolExecutor(max_workers=loaded.all_replicas, thread_name_prefix="jachat-decode")
     while True:
         try:
-            command = commands.recv()
+            command = wire.receive(commands)
         except (EOFError, OSError):  # the server is gone: nobody wants these rows; no finalization mid-batch
             os._exit(0)
-        if command[0] == "run":
+        if isinstance(command, wire.RunBatch):
             pool.submit(run_batch, generator, vocabulary, options.eos_id, outbox, flags, command)
-        elif command[0] == "score":
+        elif isinstance(command, wire.ScoreJob):
             pool.submit(run_scoring, generator, vocabulary, outbox, flags, command)
         else:
             break
@@ -415,6 +380,10 @@ def serve(commands: Connection, events: Connection, flags: memoryview) -> None:
     sender.join()  # the server hears of every batch's end before the pipe closes
     generator.unload_model()
     del generator  # the C++ replicas' threads are joined here, while Python is fully alive
+
+
+class ProtocolMismatch(Exception):
+    """The server and this engine speak different versions of the wire (wire.PROTOCOL)."""
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -429,11 +398,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     logging.getLogger("jachat").setLevel(logging.INFO)
     logging.getLogger("jachat").propagate = False  # the server logs what this process says (_Notes)
     shared = mmap.mmap(flags_fd, slots)
-    commands, events = Connection(commands_fd, writable=False), Connection(events_fd, readable=False)
-    serve(commands, events, memoryview(shared))  # its generator is destroyed: a plain exit is safe
+    serve(commands_fd, events_fd, memoryview(shared))  # its generator is destroyed: a plain exit is safe
 
 
 if __name__ == "__main__":
-    from jachat.service.engine import core  # what is pickled for the server must be core's, not __main__'s
+    from jachat.service.engine import core  # one copy of this module: core's, not a second one as __main__
 
     core.main()

@@ -34,13 +34,14 @@ from jachat.service.domain.results import (
     Scored,
 )
 from jachat.service.domain.sampling import SamplingOptions
-from jachat.service.engine.core import CoreOptions, ScoredRow, rss_bytes
+from jachat.service.engine.core import rss_bytes
 from jachat.service.engine.link import EngineProcess
 from jachat.service.engine.options import EngineOptions
 from jachat.service.engine.preparation import PreparedRequest, Preparer, Prompt
 from jachat.service.engine.scheduler import Scheduler, SchedulerObserver
 from jachat.service.engine.scoring import Scoring
 from jachat.service.engine.sequence import Generation, Item
+from jachat.service.engine.wire import CoreOptions, ScoredRow
 from jachat.service.text.prompt import TURN_MARKERS, Turn
 from jachat.service.text.reply import ReplyAssembler
 from jachat.service.text.tokenizer import Tokenizer

@@ -1,6 +1,6 @@
 """The server's side of the engine process (core.py): start it, run jobs on it, stop rows, watch that it lives.
 
-Three channels cross the boundary, each batched or free of round trips:
+Three channels cross the boundary, each batched or free of round trips (the messages: wire.py):
 - commands (a pipe, server to engine): one message per job (a batch's prompt ids, its rows' slots and budgets and
   options; or a scoring job's sequences), written by a thread of their own: a stalled engine whose pipe is full
   blocks that thread, never a caller (the event loop, a scheduler thread);
@@ -29,28 +29,26 @@ import itertools
 import logging
 import mmap
 import os
-import pickle
 import queue
 import signal
-import struct
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from multiprocessing.connection import Connection
 from typing import Any, Protocol
 
 from jachat.service.domain.errors import EngineFailure, EngineLost
-from jachat.service.engine.core import CoreOptions, Loaded, ScoredRow, rss_bytes
+from jachat.service.engine import wire
+from jachat.service.engine.core import rss_bytes
 from jachat.service.engine.gpu import GpuError
+from jachat.service.engine.wire import CoreOptions, Loaded, ScoredRow
 
 log = logging.getLogger("jachat.engine")
 
 PIPE_BYTES = 1 << 20  # the events pipe's buffer: the engine's sender never waits for a slow receiver
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux; named in the fcntl module from Python 3.10 on some builds only)
-_HEADER = struct.Struct("!i")  # multiprocessing.connection's frame header: the payload's length
 
 _ERRORS: dict[str, type[Exception]] = {"GpuError": GpuError, "ValueError": ValueError, "OSError": OSError}
 
@@ -62,7 +60,7 @@ class Row(Protocol):
     max_new_tokens: int
     halt: Callable[[], None]  # set here while the row runs: ends it at its next token
 
-    def on_token(self, token_id: int, log_prob: float, at: float) -> bool: ...
+    def on_token(self, token_id: int, log_prob: float | None, at: float) -> bool: ...
     def fail(self, error: BaseException) -> None: ...
 
 
@@ -136,9 +134,8 @@ class EngineProcess:
         os.close(events_write)  # the engine holds the only writer: its death closes the pipe
         with contextlib.suppress(OSError):  # above /proc/sys/fs/pipe-max-size: the default buffer does
             fcntl.fcntl(events_read, _F_SETPIPE_SZ, PIPE_BYTES)
-        self._commands = Connection(commands_write, readable=False)
-        self._events = Connection(events_read, writable=False)
-        self._outgoing: queue.SimpleQueue[tuple[int, tuple[Any, ...]] | None] = queue.SimpleQueue()
+        self._commands, self._events = commands_write, events_read
+        self._outgoing: queue.SimpleQueue[tuple[int, wire.Command] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()  # slots, rows and jobs
         self._free = list(range(slots))[::-1]
         self._rows: list[Row | None] = [None] * slots  # the row each slot's tokens go to
@@ -149,8 +146,7 @@ class EngineProcess:
         self._killed: str | None = None  # why the server killed the engine, if it did
         self.lost: str | None = None
         self.heard = self.progressed = time.monotonic()
-        self._commands.send(options)
-        self.loaded = self._await_loaded()
+        self.loaded = self._load(options)
         self.heard = self.progressed = time.monotonic()
         self._writer = threading.Thread(target=self._write, name="jachat-commands", daemon=True)
         self._writer.start()
@@ -165,22 +161,30 @@ class EngineProcess:
         """The engine process's resident set size in bytes (0 once it is gone)."""
         return rss_bytes(self.process.pid) if self.process.poll() is None else 0
 
-    def _await_loaded(self) -> Loaded:
+    def _load(self, options: CoreOptions) -> Loaded:
+        """The handshake: `Load` out, `Ready` (or `LoadFailed`) back, each side checking the other's protocol."""
         try:
-            reply = self._events.recv()
+            wire.send(self._commands, wire.Load(wire.PROTOCOL, options))
+            reply = wire.receive(self._events)
         except (EOFError, OSError):
             code = self.process.wait()
             self._release()
             raise RuntimeError(f"the engine process {describe_exit(code)} while loading the model") from None
-        notes = reply[-1].notes if reply[0] == "ready" else reply[3]
-        for level, message in notes:
-            log.log(level, "%s", message)
-        if reply[0] == "failed":
+        if isinstance(reply, wire.Ready) and reply.protocol == wire.PROTOCOL:
+            for level, message in reply.loaded.notes:
+                log.log(level, "%s", message)
+            return reply.loaded
+        if isinstance(reply, wire.LoadFailed):  # the engine returns once it has said so
+            for level, message in reply.notes:
+                log.log(level, "%s", message)
             self.process.wait()
             self._release()
-            raise _ERRORS.get(reply[1], RuntimeError)(reply[2])
-        loaded: Loaded = reply[1]
-        return loaded
+            raise _ERRORS.get(reply.error, RuntimeError)(reply.message)
+        self.process.kill()
+        self.process.wait()
+        self._release()
+        spoken = reply.protocol if isinstance(reply, wire.Ready) else type(reply).__name__
+        raise RuntimeError(f"the engine process speaks wire protocol {spoken}; this server speaks {wire.PROTOCOL}")
 
     def liveness(self) -> Liveness:
         now = time.monotonic()
@@ -210,7 +214,7 @@ class EngineProcess:
         Raises EngineLost if the engine process is gone, EngineFailure if CTranslate2 failed the batch."""
         number, job, slots = self._dispatch(rows, rows)
         prompts, limits = [row.prompt_ids for row in rows], [row.max_new_tokens for row in rows]
-        self._post(number, ("run", number, prompts, slots, limits, max_length, options))
+        self._post(number, wire.RunBatch(number, prompts, slots, limits, max_length, options))
         self._wait(job)
 
     def score(self, work: Job) -> list[ScoredRow]:
@@ -218,7 +222,7 @@ class EngineProcess:
         place's most likely token, on a free replica (core.run_scoring); the rows scored before its stop flag was
         set if it was (fewer than its sequences). Raises as `run` does."""
         number, job, [slot] = self._dispatch([None], [work])
-        self._post(number, ("score", number, slot, work.sequences, work.top))
+        self._post(number, wire.ScoreJob(number, slot, work.sequences, work.top))
         self._wait(job)
         return job.rows or []
 
@@ -227,7 +231,7 @@ class EngineProcess:
         if job.error is not None:
             raise job.error
 
-    def _post(self, number: int, command: tuple[Any, ...]) -> None:
+    def _post(self, number: int, command: wire.Command) -> None:
         self._outgoing.put((number, command))
 
     def _write(self) -> None:
@@ -238,7 +242,7 @@ class EngineProcess:
             number, command = item
             if not broken:
                 try:
-                    self._commands.send(command)
+                    wire.send(self._commands, command)
                     continue
                 except OSError:
                     broken = True
@@ -262,31 +266,6 @@ class EngineProcess:
                 self._free.append(slot)
         job.end(error, rows)
 
-    def _messages(self) -> Iterator[list[Any]]:
-        """The engine's messages, as many per read as the pipe holds: each read (a system call) lets another
-        thread take the GIL, and a busy event loop keeps it up to the switch interval (5 ms), so reading one
-        message per read would fall behind an engine that sends one per millisecond."""
-        fd, buffer = self._events.fileno(), bytearray()
-        while True:
-            try:
-                chunk = os.read(fd, PIPE_BYTES)
-            except OSError:
-                return
-            if not chunk:
-                return
-            self.heard = time.monotonic()
-            buffer += chunk
-            start, messages = 0, []
-            while len(buffer) - start >= _HEADER.size:
-                (size,) = _HEADER.unpack_from(buffer, start)
-                if len(buffer) - start - _HEADER.size < size:
-                    break
-                begin = start + _HEADER.size
-                messages.append(pickle.loads(memoryview(buffer)[begin : begin + size]))
-                start = begin + size
-            del buffer[:start]
-            yield messages
-
     def _receive(self) -> None:
         """The receiver thread: every token to its row, every job's end to its waiter; then the engine's death.
         Nothing one call does can end it: a row whose `on_token` fails ends alone."""
@@ -299,8 +278,11 @@ class EngineProcess:
 
     def _read(self) -> None:
         rows, flags = self._rows, self.flags
-        for messages in self._messages():
-            for tokens, ended, pieces in messages:
+        for messages in wire.messages(self._events):
+            self.heard = time.monotonic()
+            for message in messages:
+                assert isinstance(message, wire.Progress), message
+                tokens, ended, pieces = message.tokens, message.ended, message.pieces
                 if tokens or ended or pieces:
                     self.progressed = time.monotonic()
                 for slot, token_id, log_prob, at in tokens:
@@ -353,7 +335,7 @@ class EngineProcess:
         """Stop every row, let the engine finish and exit (killed after `timeout` seconds)."""
         self._closing = True
         self.flags[:] = b"\x01" * len(self.flags)
-        self._post(-1, ("stop",))
+        self._post(-1, wire.Stop())
         self._outgoing.put(None)
         try:
             self.process.wait(timeout)
@@ -366,8 +348,9 @@ class EngineProcess:
         self._release()
 
     def _release(self) -> None:
-        self._commands.close()
-        self._events.close()
+        for fd in (self._commands, self._events):
+            with contextlib.suppress(OSError):
+                os.close(fd)
         self.flags.release()
         self._shared.close()
         os.close(self._flags_fd)

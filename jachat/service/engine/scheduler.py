@@ -44,11 +44,11 @@ from typing import Any, Protocol
 
 from jachat.service.domain.errors import EngineFailure, JachatError, Overloaded
 from jachat.service.domain.results import FinishedGeneration, FinishReason, Priority
-from jachat.service.engine.core import ScoredRow
 from jachat.service.engine.fairness import FairOrder
 from jachat.service.engine.options import SchedulerOptions
 from jachat.service.engine.scoring import Scoring
 from jachat.service.engine.sequence import Generation, TokenObserver
+from jachat.service.engine.wire import ScoredRow
 from jachat.service.engine.work import Work
 
 log = logging.getLogger("jachat.scheduler")

@@ -16,7 +16,7 @@ import asyncio
 
 from jachat.service.domain.errors import DeadlineExceeded
 from jachat.service.domain.results import FinishReason, Priority
-from jachat.service.engine.core import ScoredRow
+from jachat.service.engine.wire import ScoredRow
 from jachat.service.engine.work import Work
 
 
