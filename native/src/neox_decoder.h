@@ -1,0 +1,149 @@
+// GPT-NeoX decoder with a per-row KV cache, built on CTranslate2's own layers and ops.
+//
+// Compiled against CTranslate2's public headers and linked to the pip wheel's library of the same
+// version (pyproject.toml pins it exactly): the layers/ops API is outside CTranslate2's
+// compatibility promise, so jachat checks this decoder against stock CTranslate2 at start-up
+// (jachat/service/engine/native.py) and serves with static batches when they disagree.
+#pragma once
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <ctranslate2/layers/attention.h>
+#include <ctranslate2/layers/transformer.h>
+#include <ctranslate2/models/model.h>
+
+namespace neox {
+
+  using ctranslate2::DataType;
+  using ctranslate2::Device;
+  using ctranslate2::StorageView;
+  using ctranslate2::dim_t;
+
+  struct Row {
+    int64_t id;
+    dim_t length;  // tokens already in the cache for this row (= position of its next token)
+  };
+
+  // K and V of every layer for a set of rows, dense [B, H, T, D]; rows right-aligned: row b's
+  // valid columns are [T - length_b, T).
+  struct Cache {
+    std::vector<StorageView> keys;
+    std::vector<StorageView> values;
+    std::vector<Row> rows;
+    dim_t time = 0;
+  };
+
+  struct Scored {
+    std::vector<float> chosen;
+    std::vector<int32_t> best;
+    std::vector<float> best_scores;
+  };
+
+  struct LayerWeights;  // defined in the .cc
+
+  class NeoXDecoder {
+  public:
+    NeoXDecoder(const std::string& model_dir,
+                const std::string& device = "cpu",
+                const std::string& compute_type = "default",
+                int device_index = 0,
+                int intra_threads = 1);
+    ~NeoXDecoder();
+
+    // Prefills one row alone and joins it to the running batch. As stock CTranslate2 does, the
+    // prompt but its last token is one causal forward pass and the last token is a decode step,
+    // so a row alone computes what stock computes. Returns that step's logits, float32 [vocab].
+    std::vector<float> add(int64_t row_id, const std::vector<int32_t>& prompt_ids);
+
+    // One decode step for every running row. tokens[i] is the token of rows()[i].
+    // Returns float32 logits [num_rows, vocab] (row-major), in rows() order.
+    std::vector<float> step(const std::vector<int32_t>& tokens);
+
+    // Teacher-forced scores of a whole sequence, alone and without touching the running rows: for
+    // each position i < L - 1, the log-probability of ids[i + 1] after ids[0..i], and the most
+    // likely token there with its log-probability (log-softmax on the device, in float32).
+    Scored score(const std::vector<int32_t>& ids);
+
+    // Removes rows and trims cache columns that no remaining row needs.
+    void drop(const std::vector<int64_t>& row_ids);
+
+    const std::vector<Row>& rows() const { return _batch.rows; }
+    dim_t cache_columns() const { return _batch.time; }
+    dim_t vocab_size() const { return _vocab_size; }
+    dim_t num_layers() const { return static_cast<dim_t>(_layers.size()); }
+    dim_t num_heads() const { return _num_heads; }
+    dim_t head_dim() const { return _d_head; }
+    dim_t hidden_size() const { return _d_model; }
+    dim_t rotary_dim() const { return _rotary_dim; }
+    bool parallel_residual() const { return _parallel_residual; }
+    std::string compute_type() const;
+    std::string device() const;
+    int intra_threads() const { return _intra_threads; }
+
+  private:
+    void prepare_thread() const;
+    void embed(const StorageView& ids, StorageView& out) const;
+    Cache empty_cache() const;
+    void check_ids(const std::vector<int32_t>& ids) const;
+    StorageView prefill(const std::vector<int32_t>& ids, Cache& cache);
+    StorageView forward_step(Cache& cache, const std::vector<int32_t>& tokens);
+    void merge(Cache& row);
+    void layer_forward(const LayerWeights& l, size_t index, const StorageView& x, StorageView& out,
+                       const StorageView* prefill_mask, const StorageView* step_bias,
+                       const StorageView* step_sin, const StorageView* step_cos, Cache& cache);
+    void self_attention(const LayerWeights& l, size_t index, const StorageView& x, StorageView& out,
+                        const StorageView* prefill_mask, const StorageView* step_bias,
+                        const StorageView* step_sin, const StorageView* step_cos, Cache& cache);
+    void ensure_rotary_table(dim_t num_positions);
+    std::vector<float> logits_to_host(StorageView& logits) const;
+    StorageView zeros(const ctranslate2::Shape& shape) const;
+
+    std::shared_ptr<const ctranslate2::models::Model> _model;
+    Device _device;
+    int _device_index;
+    int _intra_threads;
+    DataType _dtype;
+
+    std::unique_ptr<ctranslate2::layers::Embeddings> _embeddings;
+    std::unique_ptr<StorageView> _embeddings_scale;
+    std::vector<std::unique_ptr<LayerWeights>> _layers;
+    std::unique_ptr<ctranslate2::layers::LayerNorm> _output_norm;
+    std::unique_ptr<ctranslate2::layers::Dense> _projection;
+
+    dim_t _num_heads = 0;
+    dim_t _d_model = 0;
+    dim_t _d_head = 0;
+    dim_t _vocab_size = 0;
+    float _queries_scale = 1;
+    bool _parallel_residual = false;
+
+    // Rotary: a stock RotaryEmbeddings (used as is for the causal prefill, offset 0) and the
+    // sin/cos tables read back from it (used with each row's own position in a step).
+    dim_t _rotary_dim = 0;  // as stored (0 = whole head)
+    dim_t _rotary_table_dim = 0;
+    bool _rotary_interleave = false;
+    std::unique_ptr<ctranslate2::layers::RotaryEmbeddings> _rotary;
+    std::unique_ptr<ctranslate2::ops::Rotary> _rotary_op;
+    StorageView _sin_table;
+    StorageView _cos_table;
+    dim_t _table_positions = 0;
+    // Arguments of the stock RotaryEmbeddings, kept to rebuild a larger table.
+    struct RotaryArgs {
+      ctranslate2::layers::RotaryScalingType scaling_type;
+      float scaling_factor;
+      float base;
+      const StorageView* long_factor;
+      const StorageView* short_factor;
+      float low_freq_factor;
+      float high_freq_factor;
+      dim_t original_max_position_embeddings;
+      dim_t max_position_embeddings;
+    } _rotary_args;
+
+    Cache _batch;  // the running rows
+  };
+
+}
