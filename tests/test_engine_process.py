@@ -44,6 +44,10 @@ class Row:
         self.stopped_at: float | None = None  # once its stop flag is set (time.monotonic, the engine's clock too)
         self.failed: BaseException | None = None  # what the receiver ended it with, if its on_token failed
 
+    @property
+    def seed(self) -> int | None:
+        return None
+
     def on_token(self, token_id: int, log_prob: float | None, at: float) -> bool:
         self.times.append(at)
         if self.stop_at is not None and len(self.times) == self.stop_at and self.stopped_at is None:

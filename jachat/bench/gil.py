@@ -52,6 +52,10 @@ class _Row:
         self.tokens = 0
         self.halt: Callable[[], None] = lambda: None
 
+    @property
+    def seed(self) -> int | None:
+        return None
+
     def on_token(self, token_id: int, log_prob: float | None, at: float) -> bool:
         self.tokens += 1
         return False

@@ -224,6 +224,7 @@ class Service:
             device=self.settings.device,
             compute_type=self.settings.compute_type,
             device_index=self.settings.device_index,
+            decode_loop=self.settings.decode_loop,
             intra_threads=self.settings.intra_threads,
             verify_checksums=self.settings.verify_checksums,
             warm_up=self.settings.warm_up,

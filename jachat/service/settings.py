@@ -53,6 +53,15 @@ class Settings:
         ),
     )
     device_index: int = field(default=0, metadata=_opt("GPU index"))
+    decode_loop: str = field(
+        default="static",
+        metadata=_opt(
+            "static: CTranslate2's generate_batch, fixed batches; native: jachat's decode loop on the native decoder "
+            "(scripts/build-native), calls joining one running batch at any step, the start fails if it cannot run; "
+            "auto: native where it is built and passes its start-up self-test, else static, said in one line",
+            choices=("static", "native", "auto"),
+        ),
+    )
     intra_threads: int = field(
         default=0, metadata=_opt("CPU threads per replica (0: auto, the CPU cores shared out among the replicas)")
     )

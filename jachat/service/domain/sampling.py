@@ -39,6 +39,8 @@ class SamplingOptions:
     repetition_penalty: float = 1.1  # applies to tokens generated in this reply, not to the prompt
     no_repeat_ngram_size: int = 0
     stop: tuple[str, ...] = field(default=())
+    # the row's own random generator's seed (the decode loop only: static batches share CTranslate2's one seed)
+    seed: int | None = None
 
     @property
     def greedy(self) -> bool:
@@ -62,6 +64,8 @@ class SamplingOptions:
                 problems.append(((f.name,), why))
         if self.min_new_tokens > self.max_new_tokens:
             problems.append((("min_new_tokens",), f"must not exceed max_new_tokens ({self.max_new_tokens})"))
+        if self.seed is not None and not 0 <= self.seed < 2**64:
+            problems.append((("seed",), "must be 0 to 18446744073709551615"))
         if len(self.stop) > MAX_STOP_STRINGS:
             problems.append((("stop",), f"at most {MAX_STOP_STRINGS} stop strings"))
         for i, s in enumerate(self.stop):

@@ -38,7 +38,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -117,7 +117,8 @@ def resolve_compute_type(requested: str, quantization: str, device: str) -> str:
 
 
 def load(options: CoreOptions) -> tuple[Any, Loaded, list[str]]:
-    """The generator (GPU checked first, its errors as one line each), warm; its report; the vocabulary."""
+    """The model (GPU checked first, its errors as one line each), warm: the native decoder for the decode loop
+    when asked for and it passes its self-test, else CTranslate2's generator; its report; the vocabulary."""
     import ctranslate2
 
     device = resolve_device(options.device)
@@ -131,6 +132,10 @@ def load(options: CoreOptions) -> tuple[Any, Loaded, list[str]]:
     explained = gpu.explain(options.device_index, weights) if device == "cuda" else contextlib.nullcontext()
     vocabulary: list[str] = json.loads((model_dir / "vocabulary.json").read_text(encoding="utf-8"))
     with explained:
+        if options.decode_loop != "static":
+            loop = _load_native(options, vocabulary, device, compute_type)
+            if loop is not None:
+                return loop[0], loop[1], vocabulary
         generator = ctranslate2.Generator(
             str(model_dir),
             device=device,
@@ -148,6 +153,33 @@ def load(options: CoreOptions) -> tuple[Any, Loaded, list[str]]:
         Loaded(device, generator.compute_type, replicas, intra_threads, warm, spare_replicas=spare),
         vocabulary,
     )
+
+
+def _load_native(
+    options: CoreOptions, vocabulary: list[str], device: str, compute_type: str
+) -> tuple[Any, Loaded] | None:
+    """The native decoder and its report, once stock CTranslate2 on the same weights agrees with it (native.py); or
+    None, said in one line, where it is not built or disagrees (`decode_loop` native makes that an error). Stock's
+    weights are freed before the decoder loads its own: one copy in memory at a time."""
+    import ctranslate2
+
+    from jachat.service.engine import native
+
+    threads = options.intra_threads or (cpu_cores() if device == "cpu" else 1)  # one decode thread takes every core
+    model_dir = str(options.model_dir)
+    stock = ctranslate2.Generator(
+        model_dir, device=device, device_index=options.device_index, compute_type=compute_type, intra_threads=threads
+    )
+    expected = native.expect(stock, vocabulary)
+    del stock
+    decoder, line = native.start(model_dir, device, options.device_index, compute_type, threads, expected)
+    if decoder is None:
+        if options.decode_loop == "native":
+            raise RuntimeError(f"the native decoder (--decode-loop native): {line}")
+        log.warning("native decoder: %s; serving with static batches", line)
+        return None
+    log.info("native decoder: %s; calls join one running batch", line)
+    return decoder, Loaded(device, decoder.compute_type, options.max_batch_size, threads, None, loop=True)
 
 
 class Outbox:
@@ -273,15 +305,14 @@ def pieces(lengths: Sequence[int], budget: int = SCORE_PIECE_TOKENS) -> list[ran
     return out
 
 
-def run_scoring(
-    generator: Any, vocabulary: Sequence[str], outbox: Outbox, flags: memoryview, command: ScoreJob
-) -> None:
+Scorer = Callable[[list[list[int]], bool], list[ScoredRow]]
+
+
+def run_scoring(score: Scorer, outbox: Outbox, flags: memoryview, command: ScoreJob) -> None:
     """Each sequence's teacher-forced log-probabilities (of its tokens after the first), a piece of at most
     SCORE_PIECE_TOKENS positions at a time: CTranslate2 materialises two float vectors of the vocabulary per
-    position it scores, so a job's memory is one piece's, whatever its size. A piece is one score_batch call, or,
-    with `top`, one forward_batch per sequence that also gives the most likely token at each place (its
-    distribution is reduced here, so it never crosses the pipe). The job's stop flag is read between pieces: its
-    caller gone, its deadline or the drain end it there."""
+    position it scores, so a job's memory is one piece's, whatever its size. The job's stop flag is read between
+    pieces: its caller gone, its deadline or the drain end it there."""
     slot, sequences, top = command.slot, command.sequences, command.top
     rows: list[ScoredRow] = []
     error = None
@@ -290,17 +321,37 @@ def run_scoring(
         for piece in pieces([len(ids) for ids in sequences]):
             if flags[slot]:
                 break
-            batch = [sequences[i] for i in piece]
-            if top:
-                rows += [_forward(generator, [vocabulary[i] for i in ids], ids) for ids in batch]
-            else:
-                results = generator.score_batch([[vocabulary[i] for i in ids] for ids in batch], max_input_length=0)
-                rows += [(list(result.log_probs), [], []) for result in results]
-                del results
+            rows += score([sequences[i] for i in piece], top)
             outbox.pieces += 1  # progress for the server's watch (a count lost to a race with the sender is harmless)
     except Exception:  # reported to the server, which fails the call
         error = traceback.format_exc()
     outbox.end(command.number, error, None if error is not None else rows)
+
+
+def stock_scorer(generator: Any, vocabulary: Sequence[str]) -> Scorer:
+    """A piece is one score_batch call, or, with `top`, one forward_batch per sequence that also gives the most
+    likely token at each place (its distribution is reduced here, so it never crosses the pipe)."""
+
+    def score(batch: list[list[int]], top: bool) -> list[ScoredRow]:
+        if top:
+            return [_forward(generator, [vocabulary[i] for i in ids], ids) for ids in batch]
+        results = generator.score_batch([[vocabulary[i] for i in ids] for ids in batch], max_input_length=0)
+        return [(list(result.log_probs), [], []) for result in results]
+
+    return score
+
+
+def native_scorer(decoder: Any) -> Scorer:
+    """Each sequence scored alone by the native decoder, its distributions reduced on the device (native/)."""
+
+    def score(batch: list[list[int]], top: bool) -> list[ScoredRow]:
+        rows: list[ScoredRow] = []
+        for ids in batch:
+            chosen, best, best_scores = decoder.score(ids)
+            rows.append((chosen, best, best_scores) if top else (chosen, [], []))
+        return rows
+
+    return score
 
 
 def _forward(generator: Any, tokens: list[str], ids: list[int]) -> ScoredRow:
@@ -362,24 +413,65 @@ def serve(commands: int, events: int, flags: memoryview, loader: Loader = load) 
     outbox = Outbox(events)
     sender = threading.Thread(target=outbox.run, name="jachat-outbox", daemon=True)
     sender.start()
-    # one thread per replica: the server's scheduler gives each job (a batch or a scoring job) a free replica
-    pool = ThreadPoolExecutor(max_workers=loaded.all_replicas, thread_name_prefix="jachat-decode")
+    if loaded.loop:
+        _serve_loop(commands, generator, options.eos_id, len(vocabulary), outbox, flags, loaded.replicas)
+    else:
+        _serve_static(commands, generator, vocabulary, options.eos_id, outbox, flags, loaded.all_replicas)
+    outbox.close()
+    sender.join()  # the server hears of every batch's end before the pipe closes
+    if not loaded.loop:
+        generator.unload_model()
+    del generator  # the C++ replicas' threads are joined here, while Python is fully alive
+
+
+def _commands(commands: int) -> Iterator[wire.RunBatch | wire.ScoreJob]:
+    """Commands until Stop; the process ends here if the server is gone (nobody wants these rows; no finalization
+    mid-batch)."""
     while True:
         try:
             command = wire.receive(commands)
-        except (EOFError, OSError):  # the server is gone: nobody wants these rows; no finalization mid-batch
+        except (EOFError, OSError):
             os._exit(0)
+        if isinstance(command, wire.Stop):
+            return
+        if isinstance(command, wire.RunBatch | wire.ScoreJob):
+            yield command
+
+
+def _serve_static(
+    commands: int, generator: Any, vocabulary: list[str], eos_id: int, outbox: Outbox, flags: memoryview, jobs: int
+) -> None:
+    """One thread per replica: the server's scheduler gives each job (a batch or a scoring job) a free replica."""
+    pool = ThreadPoolExecutor(max_workers=jobs, thread_name_prefix="jachat-decode")
+    scorer = stock_scorer(generator, vocabulary)
+    for command in _commands(commands):
         if isinstance(command, wire.RunBatch):
-            pool.submit(run_batch, generator, vocabulary, options.eos_id, outbox, flags, command)
+            pool.submit(run_batch, generator, vocabulary, eos_id, outbox, flags, command)
         elif isinstance(command, wire.ScoreJob):
-            pool.submit(run_scoring, generator, vocabulary, outbox, flags, command)
-        else:
-            break
+            pool.submit(run_scoring, scorer, outbox, flags, command)
     pool.shutdown(wait=True)  # the server stopped every row and job: these end at their next token or piece
-    outbox.close()
-    sender.join()  # the server hears of every batch's end before the pipe closes
-    generator.unload_model()
-    del generator  # the C++ replicas' threads are joined here, while Python is fully alive
+
+
+def _serve_loop(
+    commands: int, decoder: Any, eos_id: int, vocab_size: int, outbox: Outbox, flags: memoryview, rows: int
+) -> None:
+    """The decode loop on its thread, every RunBatch's rows joining its running batch; scoring jobs one at a time
+    beside it (the decoder takes one of them at a time: a scoring piece and a step do not overlap)."""
+    from jachat.service.engine.loop import Loop
+
+    loop = Loop(decoder, eos_id, outbox, flags, rows, vocab_size)
+    thread = threading.Thread(target=loop.run, name="jachat-decode", daemon=True)
+    thread.start()
+    scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jachat-score")
+    scorer = native_scorer(decoder)
+    for command in _commands(commands):
+        if isinstance(command, wire.RunBatch):
+            loop.submit(command)
+        elif isinstance(command, wire.ScoreJob):
+            scoring.submit(run_scoring, scorer, outbox, flags, command)
+    loop.close()
+    thread.join()
+    scoring.shutdown(wait=True)
 
 
 class ProtocolMismatch(Exception):

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from jachat.manifest import TOKENIZER_FILE, Manifest, read_manifest, verify_manifest
-from jachat.service.domain.errors import DeadlineExceeded, FieldPath
+from jachat.service.domain.errors import DeadlineExceeded, FieldPath, FieldViolation, InvalidRequest
 from jachat.service.domain.request import ChatRequest, ScoreRequest, TextRequest
 from jachat.service.domain.results import (
     Completion,
@@ -36,7 +36,7 @@ from jachat.service.domain.results import (
 from jachat.service.domain.sampling import SamplingOptions
 from jachat.service.engine.core import rss_bytes
 from jachat.service.engine.link import EngineProcess
-from jachat.service.engine.options import EngineOptions
+from jachat.service.engine.options import EngineOptions, SchedulerOptions
 from jachat.service.engine.preparation import PreparedRequest, Preparer, Prompt
 from jachat.service.engine.scheduler import Scheduler, SchedulerObserver
 from jachat.service.engine.scoring import Scoring
@@ -71,7 +71,11 @@ def mib(size: int) -> str:
     return f"{size / 2**20:.0f} MiB"
 
 
-AUTO_REPLICAS = 4  # the most replicas the engine process picks by itself (core.resolve_threads)
+AUTO_REPLICAS = 4
+SEED_NEEDS_THE_LOOP = (
+    "a seed is honoured by the decode loop only (--decode-loop native or auto): static batches share CTranslate2's "
+    "one process-wide random state"
+)  # the most replicas the engine process picks by itself (core.resolve_threads)
 
 
 def coalesced(items: Sequence[Item]) -> list[Item]:
@@ -84,6 +88,15 @@ def coalesced(items: Sequence[Item]) -> list[Item]:
         else:
             out.append(item)
     return out
+
+
+def loop_admission(options: SchedulerOptions, rows: int) -> SchedulerOptions:
+    """The scheduler as the decode loop's admission: a place per row (`rows` calls at once), every call a job of its
+    own, started the moment a place is free (no waiting for a batch to fill, no staggering: a call that joins a
+    running batch delays no one). The fairness order and priorities still decide who takes a freed place."""
+    return dataclasses.replace(
+        options, replicas=rows, spare_replicas=0, max_batch_size=1, max_batch_wait=0.0, batch_idle=0.0, stagger=False
+    )
 
 
 class Engine:
@@ -109,6 +122,7 @@ class Engine:
             device=options.device,
             compute_type=options.compute_type,
             device_index=options.device_index,
+            decode_loop=options.decode_loop,
             replicas=options.scheduler.replicas,
             intra_threads=options.intra_threads,
             max_batch_size=options.scheduler.max_batch_size,
@@ -116,7 +130,7 @@ class Engine:
             spare_replicas=options.scheduler.spare_replicas,
         )
         replicas = (options.scheduler.replicas or AUTO_REPLICAS) + options.scheduler.spare_replicas
-        slots = replicas * options.scheduler.max_batch_size
+        slots = replicas * options.scheduler.max_batch_size  # the decode loop's rows (max_batch_size) fit too
         self.core = EngineProcess(core_options, slots, on_lost)
         loaded = self.core.loaded
         self.info = ModelInfo(
@@ -128,6 +142,7 @@ class Engine:
             context_length=self.manifest.shape.context_length,
         )
         self.warm = loaded.warm
+        self.loop = loaded.loop  # the decode loop runs (each row its own options and seed), not static batches
         if self.warm is not None:
             plan = self.warm.shapes
             log.info(
@@ -141,18 +156,31 @@ class Engine:
         scheduler_options = dataclasses.replace(
             options.scheduler, replicas=loaded.replicas, spare_replicas=loaded.spare_replicas
         )
+        if loaded.loop:  # admission, not batch assembly: each call joins the running batch as soon as it has room
+            scheduler_options = loop_admission(scheduler_options, loaded.replicas)
         self.scheduler = Scheduler(self.core, scheduler_options, observer)
         self.preparer = Preparer(self.tokenizer, self.info.context_length)
-        log.info(
-            "loaded %s (%s) on %s as %s, %d replicas x %d threads (+%d spare, for light load)",
-            self.info.model_name,
-            self.info.quantization,
-            self.info.device,
-            self.info.compute_type,
-            loaded.replicas,
-            loaded.intra_threads,
-            loaded.spare_replicas,
-        )
+        if loaded.loop:
+            log.info(
+                "loaded %s (%s) on %s as %s, the decode loop: up to %d calls in one running batch, %d threads",
+                self.info.model_name,
+                self.info.quantization,
+                self.info.device,
+                self.info.compute_type,
+                loaded.replicas,
+                loaded.intra_threads,
+            )
+        else:
+            log.info(
+                "loaded %s (%s) on %s as %s, %d replicas x %d threads (+%d spare, for light load)",
+                self.info.model_name,
+                self.info.quantization,
+                self.info.device,
+                self.info.compute_type,
+                loaded.replicas,
+                loaded.intra_threads,
+                loaded.spare_replicas,
+            )
         log.info(
             "engine process pid %d: RSS %s (CTranslate2, the weights); this process: RSS %s",
             self.core.pid,
@@ -270,6 +298,8 @@ class Engine:
 
         Raises Overloaded when the queue is full, DeadlineExceeded when the `deadline` (time.monotonic()) passes
         first."""
+        if options.seed is not None and not options.greedy and not self.loop:
+            raise InvalidRequest([FieldViolation(("sampling", "seed"), SEED_NEEDS_THE_LOOP)])
         max_new = options.max_new_tokens if max_new_tokens is None else max_new_tokens
         gen = Generation(
             prompt_ids,

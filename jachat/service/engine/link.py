@@ -60,6 +60,9 @@ class Row(Protocol):
     max_new_tokens: int
     halt: Callable[[], None]  # set here while the row runs: ends it at its next token
 
+    @property
+    def seed(self) -> int | None: ...
+
     def on_token(self, token_id: int, log_prob: float | None, at: float) -> bool: ...
     def fail(self, error: BaseException) -> None: ...
 
@@ -214,7 +217,9 @@ class EngineProcess:
         Raises EngineLost if the engine process is gone, EngineFailure if CTranslate2 failed the batch."""
         number, job, slots = self._dispatch(rows, rows)
         prompts, limits = [row.prompt_ids for row in rows], [row.max_new_tokens for row in rows]
-        self._post(number, wire.RunBatch(number, prompts, slots, limits, max_length, options))
+        seeds = [row.seed for row in rows]
+        given = any(seed is not None for seed in seeds)
+        self._post(number, wire.RunBatch(number, prompts, slots, limits, max_length, options, seeds if given else None))
         self._wait(job)
 
     def score(self, work: Job) -> list[ScoredRow]:

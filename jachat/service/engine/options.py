@@ -31,6 +31,7 @@ class EngineOptions:
     device: str = "auto"  # auto, cpu or cuda
     compute_type: str = "default"  # default keeps the converted type
     device_index: int = 0
+    decode_loop: str = "static"  # static, native or auto (wire.CoreOptions)
     intra_threads: int = 0
     verify_checksums: bool = True
     warm_up: bool = True  # each replica generates a little before the engine is ready (warmup.py)

@@ -87,6 +87,10 @@ class Generation(Work):
         return self._key
 
     @property
+    def seed(self) -> int | None:
+        return self.options.seed
+
+    @property
     def length(self) -> int:
         return len(self.prompt_ids)
 

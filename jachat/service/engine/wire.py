@@ -22,7 +22,7 @@ from typing import Any
 
 from jachat.service.engine.warmup import WarmUp
 
-PROTOCOL = 1
+PROTOCOL = 2
 _HEADER = struct.Struct("!I")  # a frame's length
 READ_BYTES = 1 << 20  # the most one read takes: every frame it holds is decoded at once
 
@@ -51,6 +51,9 @@ class CoreOptions:
     max_batch_size: int = 16
     warm_up: bool = True
     spare_replicas: int = 0  # replicas beyond `replicas`, which the scheduler uses only while the load is light
+    # static: CTranslate2's generate_batch, one fixed batch per call of the replicas; native: the decode loop
+    # (loop.py) on the native decoder; auto: native where it is built and passes its self-test, else static
+    decode_loop: str = "static"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,6 +67,8 @@ class Loaded:
     warm: WarmUp | None
     notes: tuple[tuple[int, str], ...] = ()  # (level, message) logged while loading, for the server to log
     spare_replicas: int = 0
+    # with the decode loop, `replicas` is its row limit: the most calls (jobs) it runs at once
+    loop: bool = False
 
     @property
     def all_replicas(self) -> int:
@@ -83,8 +88,9 @@ class Load:
 
 @dataclasses.dataclass(frozen=True)
 class RunBatch:
-    """One generate_batch call on a free replica: each row's prompt ids, the slot its tokens and stop flag go by,
-    and its budget of new tokens; CTranslate2's max_length and decoding options for the whole batch."""
+    """One generate_batch call on a free replica (with the decode loop: rows that join the running batch): each
+    row's prompt ids, the slot its tokens and stop flag go by, and its budget of new tokens; CTranslate2's
+    max_length and decoding options for the whole batch; each row's seed (the loop only)."""
 
     number: int
     prompts: list[list[int]]
@@ -92,6 +98,7 @@ class RunBatch:
     limits: list[int]
     max_length: int
     options: dict[str, Any]
+    seeds: list[int | None] | None = None
 
 
 @dataclasses.dataclass(frozen=True)

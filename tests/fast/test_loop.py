@@ -1,0 +1,200 @@
+"""The decode loop (engine/loop.py) on a fake decoder: rows join the running batch between steps, each ends at its
+budget, `</s>` or its stop flag, a job ends after its last row's tokens, the row limit and the prefill budget hold,
+and a decoder failure fails the jobs it held without stopping the loop."""
+
+from __future__ import annotations
+
+import itertools
+import mmap
+import threading
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import pytest
+
+from jachat.service.engine.loop import Loop
+from jachat.service.engine.wire import RunBatch
+from tests.helpers import wait_until
+
+VOCAB = 32
+EOS = 3
+GREEDY = {"sampling_topk": 1}
+
+
+class FakeDecoder:
+    """The native decoder's contract as the loop uses it: each row's next token is its last token + 1, and 4 after
+    the vocabulary's last (so only a row at 0, 1 or 2 reaches EOS). It records what it was asked, in order; `fail`
+    makes its next step raise."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.calls: list[tuple[str, Any]] = []
+        self.fail = False
+
+    def _logits(self, last: int) -> np.ndarray:
+        values = np.zeros(VOCAB, dtype=np.float32)
+        values[last + 1 if last + 1 < VOCAB else 4] = 1.0
+        return values
+
+    def add(self, row: int, prompt: list[int]) -> np.ndarray:
+        assert row not in self.rows
+        self.rows.append(row)
+        self.calls.append(("add", len(prompt)))
+        return self._logits(prompt[-1])
+
+    def step_array(self, tokens: list[int]) -> np.ndarray:
+        assert len(tokens) == len(self.rows)
+        self.calls.append(("step", len(tokens)))
+        if self.fail:
+            self.fail = False
+            raise RuntimeError("the device failed the step")
+        return np.stack([self._logits(t) for t in tokens])
+
+    def drop(self, rows: list[int]) -> None:
+        self.rows = [r for r in self.rows if r not in rows]
+        self.calls.append(("drop", len(rows)))
+
+
+class FakeOutbox:
+    def __init__(self) -> None:
+        self.tokens: list[tuple[int, int, float | None, float]] = []
+        self.ended: dict[int, str | None] = {}
+        self.tokens_at_end: dict[int, int] = {}
+        self.asleep = [False]
+        self.running = 0
+
+    def woken(self) -> None:
+        pass
+
+    def start(self) -> None:
+        self.running += 1
+
+    def end(self, number: int, error: str | None) -> None:
+        self.tokens_at_end[number] = len(self.tokens)
+        self.ended[number] = error
+        self.running -= 1
+
+    def of(self, slot: int) -> list[int]:
+        return [token for s, token, _, _ in self.tokens if s == slot]
+
+
+class Running:
+    def __init__(self, max_rows: int = 16) -> None:
+        self.decoder, self.outbox = FakeDecoder(), FakeOutbox()
+        self.shared = mmap.mmap(-1, 64)
+        self.flags = memoryview(self.shared)
+        self.loop = Loop(self.decoder, EOS, self.outbox, self.flags, max_rows, VOCAB)  # type: ignore[arg-type]
+        self.thread = threading.Thread(target=self.loop.run)
+        self.thread.start()
+        self.number = 0
+
+    def submit(self, prompts: list[list[int]], slots: list[int], limits: list[int]) -> int:
+        self.number += 1
+        self.loop.submit(RunBatch(self.number, prompts, slots, limits, max(limits), GREEDY))
+        return self.number
+
+    def wait_ended(self, *numbers: int) -> None:
+        wait_until(lambda: all(n in self.outbox.ended for n in numbers), f"jobs {numbers} ended")
+
+
+@pytest.fixture
+def running() -> Iterator[Running]:
+    r = Running()
+    yield r
+    r.loop.close()
+    r.thread.join(timeout=10)
+    assert not r.thread.is_alive()
+
+
+def test_rows_get_exact_budgets_and_a_job_ends_after_its_last_rows_tokens(running: Running) -> None:
+    job = running.submit([[10], [20, 21]], [0, 1], [4, 2])
+    running.wait_ended(job)
+    assert running.outbox.of(0) == [11, 12, 13, 14] and running.outbox.of(1) == [22, 23]
+    assert running.outbox.ended[job] is None and running.outbox.tokens_at_end[job] == 6
+    assert running.decoder.rows == [] and running.outbox.running == 0
+
+
+def test_a_row_ends_at_eos_with_eos_recorded_and_its_batch_mates_go_on(running: Running) -> None:
+    job = running.submit([[0], [10]], [0, 1], [8, 5])
+    running.wait_ended(job)
+    assert running.outbox.of(0) == [1, 2, 3]  # EOS ends the row; the server strips it
+    assert running.outbox.of(1) == [11, 12, 13, 14, 15]
+
+
+def test_a_job_that_arrives_mid_reply_joins_the_running_batch_at_the_next_step(running: Running) -> None:
+    first = running.submit([[4]], [0], [100_000])
+    wait_until(lambda: len(running.outbox.of(0)) >= 3, "the first reply under way")
+    second = running.submit([[10]], [1], [3])
+    running.wait_ended(second)
+    assert first not in running.outbox.ended  # it joined a reply that runs on
+    running.flags[0] = 1
+    running.wait_ended(first)
+    calls = running.decoder.calls
+    joined = calls.index(("add", 1), 1)
+    assert calls[joined + 1] == ("step", 2)  # both rows stepped together from the next step
+    assert running.outbox.of(1) == [11, 12, 13]
+    reply = running.outbox.of(0)
+    assert reply[:4] == [5, 6, 7, 8] and all(b == (a + 1 if a + 1 < VOCAB else 4) for a, b in itertools.pairwise(reply))
+
+
+def test_a_stop_flag_ends_a_running_row_before_its_next_step_and_a_waiting_one_with_no_token() -> None:
+    r = Running(max_rows=1)
+    try:
+        first = r.submit([[4]], [0], [10_000])
+        second = r.submit([[10]], [1], [5])
+        wait_until(lambda: len(r.outbox.of(0)) >= 2, "the first reply under way")
+        r.flags[1] = 1  # the waiting call is cancelled
+        r.flags[0] = 1
+        r.wait_ended(first, second)
+        assert r.outbox.of(1) == [] and len(r.outbox.of(0)) < 10_000
+    finally:
+        r.loop.close()
+        r.thread.join(timeout=10)
+
+
+def test_the_row_limit_holds_and_a_freed_place_admits_the_next_waiting_row() -> None:
+    r = Running(max_rows=2)
+    try:
+        jobs = [r.submit([[10 * i + 4]], [i], [3 + i]) for i in range(3)]
+        r.wait_ended(*jobs)
+        assert max(n for op, n in r.decoder.calls if op == "step") == 2
+        assert [op for op, _ in r.decoder.calls].count("add") == 3
+    finally:
+        r.loop.close()
+        r.thread.join(timeout=10)
+
+
+def test_the_prefill_budget_spreads_long_prompts_over_steps(running: Running) -> None:
+    first = running.submit([[4]], [0], [100_000])
+    wait_until(lambda: len(running.outbox.of(0)) >= 2, "the first reply under way")
+    long_prompt = [5] * 400
+    both = running.submit([long_prompt, long_prompt], [1, 2], [2, 2])  # waiting together
+    running.wait_ended(both)
+    running.flags[0] = 1
+    running.wait_ended(first)
+    calls = running.decoder.calls
+    adds = [i for i, call in enumerate(calls) if call == ("add", 400)]
+    assert len(adds) == 2 and any(op == "step" for op, _ in calls[adds[0] : adds[1]])  # 800 > 512: a step between
+
+
+def test_a_decoder_failure_fails_the_jobs_it_held_and_the_loop_serves_on(running: Running) -> None:
+    first = running.submit([[4], [8]], [0, 1], [100_000, 100_000])
+    wait_until(lambda: len(running.outbox.of(0)) >= 2, "the reply under way")
+    running.decoder.fail = True
+    running.wait_ended(first)
+    assert "the device failed the step" in (running.outbox.ended[first] or "")
+    assert running.decoder.rows == []
+    again = running.submit([[10]], [2], [2])
+    running.wait_ended(again)
+    assert running.outbox.ended[again] is None and running.outbox.of(2) == [11, 12]
+
+
+def test_options_it_cannot_take_fail_their_job_and_nothing_else(running: Running) -> None:
+    running.number += 1
+    bad = RunBatch(running.number, [[4]], [0], [2], 2, {"sampling_topk": "many"})
+    running.loop.submit(bad)
+    assert "many" in (running.outbox.ended[bad.number] or "")
+    good = running.submit([[10]], [1], [1])
+    running.wait_ended(good)
+    assert running.outbox.of(1) == [11]
