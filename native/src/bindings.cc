@@ -18,7 +18,6 @@ using namespace nb::literals;
 
 namespace {
 
-  using Array1 = nb::ndarray<nb::numpy, float, nb::ndim<1>>;
   using Array2 = nb::ndarray<nb::numpy, float, nb::ndim<2>>;
 
   // Moves a std::vector into a numpy array without copying.
@@ -45,16 +44,11 @@ namespace {
                                                   device_index, intra_threads);
     }
 
-    Array1 add(int64_t row_id, nb::handle prompt_ids) {
+    void join(int64_t row_id, nb::handle prompt_ids) {
       std::vector<int32_t> ids = to_ids(prompt_ids);
-      std::vector<float> logits;
-      {
-        nb::gil_scoped_release release;
-        std::lock_guard<std::mutex> lock(_mutex);
-        logits = _impl->add(row_id, ids);
-      }
-      const size_t v = logits.size();
-      return to_numpy<Array1>(std::move(logits), {v});
+      nb::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(_mutex);
+      _impl->join(row_id, ids);
     }
 
     // tokens: {row_id: token_id} with exactly the running rows. Returns {row_id: logits}.
@@ -171,9 +165,9 @@ NB_MODULE(_native, m) {
     .def(nb::init<const std::string&, const std::string&, const std::string&, int, int>(),
          "model_dir"_a, "device"_a = "cpu", "compute_type"_a = "default",
          "device_index"_a = 0, "intra_threads"_a = 1)
-    .def("add", &Decoder::add, "row_id"_a, "prompt_ids"_a,
-         "Prefill one row alone into the shared cache; returns float32 logits [vocab] of the last "
-         "prompt position.")
+    .def("join", &Decoder::join, "row_id"_a, "prompt_ids"_a,
+         "Prefill one row's prompt but its last token alone and join the running batch; the last "
+         "prompt token is its input at the next step.")
     .def("step", &Decoder::step, "tokens"_a,
          "One decode step for all running rows: {row_id: token} -> {row_id: float32 logits "
          "[vocab]} (views into one [rows, vocab] array).")

@@ -503,7 +503,8 @@ namespace neox {
     return logits;
   }
 
-  // Joins a one-row cache to the running batch: whichever is shorter is left-padded with zeros.
+  // Joins a one-row cache to the running batch: whichever is shorter is left-padded with zeros
+  // (an empty cache, a one-token prompt's, is all padding).
   void NeoXDecoder::merge(Cache& row) {
     const dim_t batch = _batch.rows.size();
     const dim_t length = row.time;
@@ -511,47 +512,56 @@ namespace neox {
       _batch = std::move(row);
       return;
     }
-    for (size_t i = 0; i < _layers.size(); ++i) {
-      StorageView* row_kv[2] = {&row.keys[i], &row.values[i]};
-      StorageView* batch_kv[2] = {&_batch.keys[i], &_batch.values[i]};
-      for (int j = 0; j < 2; ++j) {
-        StorageView& r = *row_kv[j];
-        StorageView& b = *batch_kv[j];
-        StorageView tmp(_dtype, _device);
-        if (length < _batch.time) {
-          StorageView pad = zeros({1, _num_heads, _batch.time - length, _d_head});
-          ct2::ops::Concat(2)({&pad, &r}, tmp);
-          r = std::move(tmp);
-        } else if (length > _batch.time) {
-          StorageView pad = zeros({batch, _num_heads, length - _batch.time, _d_head});
-          ct2::ops::Concat(2)({&pad, &b}, tmp);
+    const dim_t time = std::max(_batch.time, length);
+    if (time > 0) {
+      for (size_t i = 0; i < _layers.size(); ++i) {
+        StorageView* row_kv[2] = {&row.keys[i], &row.values[i]};
+        StorageView* batch_kv[2] = {&_batch.keys[i], &_batch.values[i]};
+        for (int j = 0; j < 2; ++j) {
+          StorageView& r = *row_kv[j];
+          StorageView& b = *batch_kv[j];
+          r = left_padded(std::move(r), 1, length, time);
+          b = left_padded(std::move(b), batch, _batch.time, time);
+          StorageView tmp(_dtype, _device);
+          ct2::ops::Concat(0)({&b, &r}, tmp);
           b = std::move(tmp);
         }
-        tmp = std::move(b);
-        ct2::ops::Concat(0)({&tmp, &r}, b);
       }
     }
-    _batch.time = std::max(_batch.time, length);
+    _batch.time = time;
     _batch.rows.push_back(row.rows.front());
   }
 
-  std::vector<float> NeoXDecoder::add(int64_t row_id, const std::vector<int32_t>& prompt_ids) {
+  // K or V of `rows` rows and `time` columns, left-padded with zeros to `columns`.
+  StorageView NeoXDecoder::left_padded(StorageView kv, dim_t rows, dim_t time, dim_t columns) const {
+    if (time == columns)
+      return kv;
+    StorageView pad = zeros({rows, _num_heads, columns - time, _d_head});
+    if (time == 0)
+      return pad;
+    StorageView out(_dtype, _device);
+    ct2::ops::Concat(2)({&pad, &kv}, out);
+    return out;
+  }
+
+  void NeoXDecoder::check_new_row(int64_t row_id, const std::vector<int32_t>& prompt_ids) const {
     for (const auto& r : _batch.rows)
       if (r.id == row_id)
         throw std::invalid_argument("row " + std::to_string(row_id) + " is already running");
     if (prompt_ids.empty())
       throw std::invalid_argument("empty prompt");
     check_ids(prompt_ids);
+  }
 
+  void NeoXDecoder::join(int64_t row_id, const std::vector<int32_t>& prompt_ids) {
+    check_new_row(row_id, prompt_ids);
     prepare_thread();
     const auto scoped_device_setter = _model->get_scoped_device_setter();
     Cache row = empty_cache();
     row.rows.push_back(Row{row_id, 0});
     if (prompt_ids.size() > 1)
       prefill(std::vector<int32_t>(prompt_ids.begin(), prompt_ids.end() - 1), row);
-    StorageView logits = forward_step(row, {prompt_ids.back()});
     merge(row);
-    return logits_to_host(logits);
   }
 
   std::vector<float> NeoXDecoder::step(const std::vector<int32_t>& tokens) {

@@ -53,10 +53,11 @@ namespace neox {
                 int intra_threads = 1);
     ~NeoXDecoder();
 
-    // Prefills one row alone and joins it to the running batch. As stock CTranslate2 does, the
-    // prompt but its last token is one causal forward pass and the last token is a decode step,
-    // so a row alone computes what stock computes. Returns that step's logits, float32 [vocab].
-    std::vector<float> add(int64_t row_id, const std::vector<int32_t>& prompt_ids);
+    // Prefills the prompt but its last token for one row alone and joins it to the running batch;
+    // its last prompt token is its input at the next step, whose logits give its first token. As
+    // stock CTranslate2 runs a prompt (one causal pass, then its last token as a step), so a row
+    // alone computes what stock computes.
+    void join(int64_t row_id, const std::vector<int32_t>& prompt_ids);
 
     // One decode step for every running row. tokens[i] is the token of rows()[i].
     // Returns float32 logits [num_rows, vocab] (row-major), in rows() order.
@@ -91,6 +92,8 @@ namespace neox {
     StorageView prefill(const std::vector<int32_t>& ids, Cache& cache);
     StorageView forward_step(Cache& cache, const std::vector<int32_t>& tokens);
     void merge(Cache& row);
+    StorageView left_padded(StorageView kv, dim_t rows, dim_t time, dim_t columns) const;
+    void check_new_row(int64_t row_id, const std::vector<int32_t>& prompt_ids) const;
     void layer_forward(const LayerWeights& l, size_t index, const StorageView& x, StorageView& out,
                        const StorageView* prefill_mask, const StorageView* step_bias,
                        const StorageView* step_sin, const StorageView* step_cos, Cache& cache);

@@ -37,11 +37,10 @@ class FakeDecoder:
         values[last + 1 if last + 1 < VOCAB else 4] = 1.0
         return values
 
-    def add(self, row: int, prompt: list[int]) -> np.ndarray:
+    def join(self, row: int, prompt: list[int]) -> None:
         assert row not in self.rows
         self.rows.append(row)
-        self.calls.append(("add", len(prompt)))
-        return self._logits(prompt[-1])
+        self.calls.append(("join", len(prompt)))
 
     def step_array(self, tokens: list[int]) -> np.ndarray:
         assert len(tokens) == len(self.rows)
@@ -131,7 +130,7 @@ def test_a_job_that_arrives_mid_reply_joins_the_running_batch_at_the_next_step(r
     running.flags[0] = 1
     running.wait_ended(first)
     calls = running.decoder.calls
-    joined = calls.index(("add", 1), 1)
+    joined = calls.index(("join", 1), 1)
     assert calls[joined + 1] == ("step", 2)  # both rows stepped together from the next step
     assert running.outbox.of(1) == [11, 12, 13]
     reply = running.outbox.of(0)
@@ -159,7 +158,7 @@ def test_the_row_limit_holds_and_a_freed_place_admits_the_next_waiting_row() -> 
         jobs = [r.submit([[10 * i + 4]], [i], [3 + i]) for i in range(3)]
         r.wait_ended(*jobs)
         assert max(n for op, n in r.decoder.calls if op == "step") == 2
-        assert [op for op, _ in r.decoder.calls].count("add") == 3
+        assert [op for op, _ in r.decoder.calls].count("join") == 3
     finally:
         r.loop.close()
         r.thread.join(timeout=10)
@@ -174,7 +173,7 @@ def test_the_prefill_budget_spreads_long_prompts_over_steps(running: Running) ->
     running.flags[0] = 1
     running.wait_ended(first)
     calls = running.decoder.calls
-    adds = [i for i, call in enumerate(calls) if call == ("add", 400)]
+    adds = [i for i, call in enumerate(calls) if call == ("join", 400)]
     assert len(adds) == 2 and any(op == "step" for op, _ in calls[adds[0] : adds[1]])  # 800 > 512: a step between
 
 

@@ -1,14 +1,15 @@
 """The decode loop: one thread, one running batch on the native decoder (native.py), rows joining and leaving at
 any step, each with its own options.
 
-Between two steps the loop admits waiting rows, each prefilled alone and joined to the running batch, as many as
-the row limit allows and the prefill budget (prompt tokens per step) lets through, so a burst of long prompts does
-not stall the running rows for all its prefills at once (one row is always admitted when there is room, however
-long its prompt). Then one step computes every row's next logits; each row picks its token with its own options
-(token.py), its token goes to the outbox as a static batch's would (core.Outbox: the server cannot tell the two
-apart), and rows that end leave the batch: `</s>`, their budget, or their stop flag (a stop string, a cancel, a
-deadline, the drain), read before each step so a stopped row costs no more compute. A job (core's RunBatch: one
-call's rows, or several) ends when its last row does.
+Between two steps the loop admits waiting rows: each is prefilled alone, its prompt but the last token, and joined
+to the running batch; its last prompt token is its input at the next step, so its first token comes from the step
+every row shares. It admits as many as the row limit allows and the prefill budget (prompt tokens per step) lets
+through, so a burst of long prompts does not stall the running rows for all its prefills at once (one row is
+always admitted when there is room, however long its prompt). Then one step computes every row's next logits, and
+each row picks its token with its own options (token.py). Its token goes to the outbox as a static batch's would
+(core.Outbox: the server cannot tell the two apart). Rows that end leave the batch: `</s>`, their budget, or their
+stop flag (a stop string, a cancel, a deadline, the drain), which is read before each step, so a stopped row costs
+no more compute. A job (core's RunBatch: one call's rows, or several) ends when its last row does.
 
 The decoder releases the GIL while it computes, so the sender thread runs during steps; this thread holds it for
 the per-row choices only (numpy over one row's logits each).
@@ -121,10 +122,9 @@ class Loop:
                 self._ended(row)
                 continue
             spent += len(row.prompt)
-            logits = self.decoder.add(row.id, row.prompt)
+            self.decoder.join(row.id, row.prompt)  # its first token comes from the next step, with every row's
+            row.next = row.prompt[-1]
             running.append(row)
-            if self._record(row, logits):
-                self._drop([row], running)
 
     def _step(self, running: list[_Row]) -> None:
         logits = self.decoder.step_array([row.next for row in running])

@@ -76,9 +76,8 @@ def check(decoder: Any, expected: Expectation, limit: float) -> str | None:
 
     row = -1  # no call's row id is negative
     try:
-        ours = [decoder.add(row, list(expected.prompt))]
-        for token in expected.tokens[:-1]:
-            ours.append(decoder.step_array([token])[0])
+        decoder.join(row, list(expected.prompt))
+        ours = [decoder.step_array([token])[0] for token in (expected.prompt[-1], *expected.tokens[:-1])]
     finally:
         decoder.drop([row])
     got = np.stack(ours)
