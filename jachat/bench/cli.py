@@ -5,6 +5,7 @@
   this machine allows (threads, replicas, parallel batches: probed, then measured).
 - `hf`: the model card's Transformers code path on the Hugging Face checkpoint (float32, CPU), one at a time.
 - `all`: starts jachat-serve on the model and runs the three, then prints the ratios side by side.
+- `loop`: the decode loop against static batches and raw CTranslate2, with a workload of mixed options (decodeloop.py).
 - `soak`: a fresh server under load for a long time: errors, health and memory (soak.py).
 - `abuse`: a fresh server under worst-case requests: health, stream gaps, loop lag, refusals (abuse.py).
 - `sweep`: a fresh server under open-loop Poisson arrivals at rising rates until it saturates: latency curves and
@@ -36,7 +37,11 @@ from jachat.bench.workload import Report, Workload
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jachat-bench", description=__doc__.split("\n\n")[0])
     parser.add_argument(
-        "mode", choices=("grpc", "ct2", "hf", "all", "soak", "abuse", "fairness", "sweep", "warmstart", "regime", "gil")
+        "mode",
+        choices=(
+            *("grpc", "ct2", "hf", "all", "loop", "soak", "abuse", "fairness", "sweep", "warmstart", "regime"),
+            "gil",
+        ),
     )
     parser.add_argument("--target", default="localhost:50051", help="grpc: HOST:PORT of a running service")
     parser.add_argument("--model", type=Path, help="ct2/all: converted model folder")
@@ -91,6 +96,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "ct2": ["model"],
         "hf": ["checkpoint"],
         "all": ["model", "checkpoint"],
+        "loop": ["model"],
         "soak": ["model", "duration"],
         "abuse": ["model"],
         "fairness": ["model"],
@@ -112,6 +118,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from jachat.bench.regime import regime_main
 
         return regime_main(args.model, n, args.requests or 8, args.tokens, args.serve_arg, args.output)
+    if args.mode == "loop":
+        from jachat.bench.decodeloop import loop_main
+
+        return loop_main(args.model, workload, n, requests, args.serve_arg, args.output, meta)
     if args.mode == "gil":
         from jachat.bench.gil import gil_main
 

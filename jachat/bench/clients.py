@@ -33,7 +33,7 @@ async def _grpc_request(
 ) -> Record:
     """One GenerateStream call; with cancel_after, the client cancels it after that many messages."""
     turns = [chat_pb2.Turn(speaker=chat_pb2.SPEAKER_USER, text=workload.prompts[i % len(workload.prompts)])]
-    request = chat_pb2.GenerateStreamRequest(turns=turns, sampling=workload.sampling_pb())
+    request = chat_pb2.GenerateStreamRequest(turns=turns, sampling=workload.sampling_pb(i))
     started = time.perf_counter()
     first: float | None = None
     tokens = 0

@@ -13,7 +13,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from jachat.service.domain.sampling import SamplingOptions
 from jachat.service.edge.grpc.protocol import sampling_to_pb
@@ -44,10 +44,11 @@ class Workload:
     def prompt(self, i: int) -> str:
         return render_prompt([Turn(Speaker.USER, self.prompts[i % len(self.prompts)])])
 
-    def sampling_pb(self) -> chat_pb2.SamplingParams:
-        return sampling_to_pb(self.options())
+    def sampling_pb(self, i: int = 0) -> chat_pb2.SamplingParams:
+        return sampling_to_pb(self.options(i))
 
-    def options(self) -> SamplingOptions:
+    def options(self, i: int = 0) -> SamplingOptions:
+        """Request i's options (the same for every request here)."""
         return SamplingOptions(
             max_new_tokens=self.tokens,
             min_new_tokens=self.tokens,
@@ -56,6 +57,23 @@ class Workload:
             top_p=self.top_p,
             repetition_penalty=self.repetition_penalty,
         )
+
+
+@dataclass(frozen=True)
+class MixedWorkload(Workload):
+    """The same prompts and lengths, with four kinds of sampling options in turn (request i takes kind i mod 4): the
+    workload's own, greedy, nucleus sampling, and a cold top-k with a stronger penalty. Static batches never put two
+    kinds in one batch; the decode loop runs them all in one."""
+
+    def options(self, i: int = 0) -> SamplingOptions:
+        own = super().options(i)
+        kinds = (
+            own,
+            replace(own, temperature=0.0, repetition_penalty=1.0),
+            replace(own, temperature=1.0, top_k=0, top_p=0.9),
+            replace(own, temperature=0.5, top_k=10, repetition_penalty=1.2),
+        )
+        return kinds[i % len(kinds)]
 
 
 @dataclass
