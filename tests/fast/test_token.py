@@ -124,3 +124,18 @@ def test_a_jobs_options_become_each_rows_decoding() -> None:
     assert rows[0] == Decoding(50, 0.9, 0.7, 1.1, 3, 2, True, 7)
     assert rows[1].seed is None and rows[1].top_k == 50
     assert Decoding.from_options({}, 3) == [Decoding()] * 3
+
+
+@pytest.mark.parametrize("spread", [0.3, 3.0, 30.0])
+def test_the_nucleus_is_the_smallest_set_that_reaches_top_p_flat_or_peaked(spread: float) -> None:
+    """Over a vocabulary of 32,000: a flat distribution (the nucleus beyond the first few hundred, found by one
+    sort of the probabilities) and peaked ones (inside them)."""
+    values = np.random.default_rng(8).normal(0, spread, 32_000).astype(np.float32)
+    probs = np.exp(values - values.max())
+    probs /= probs.sum()
+    order = np.argsort(-probs, kind="stable")
+    cumulative = np.cumsum(probs[order])
+    expected = set(order[: int(np.count_nonzero(cumulative - probs[order] < 0.9))].tolist())
+    candidates, kept = Chooser._nucleus(np.arange(values.size), values, probs, 0.9)
+    assert set(candidates.tolist()) == expected
+    np.testing.assert_allclose(kept, probs[candidates])
