@@ -269,3 +269,19 @@ def test_native_without_the_decoder_refuses_to_start_and_says_why(
     monkeypatch.setenv("JACHAT_NATIVE", "off")
     with pytest.raises(RuntimeError, match=r"--decode-loop native.*not built"):
         Engine(EngineOptions(model_f32, device="cpu", decode_loop="native"))
+
+
+def test_one_token_prompts_join_leave_and_reset_cleanly(model_f32: Path) -> None:
+    """Rows that joined with one token hold no cache column until their first step: dropping one of them, or
+    resetting the decoder, leaves a decoder that steps on."""
+    ours = decoder_module().Decoder(str(model_f32), "cpu", "float32", 0, 1)
+    ours.join(1, [100])
+    ours.join(2, [200])
+    ours.drop([1])
+    assert ours.rows == [2] and ours.cache_columns == 0
+    assert ours.step_array([200]).shape == (1, ours.vocab_size)
+    ours.join(3, [5, 6, 7])
+    ours.reset()
+    assert ours.rows == [] and ours.cache_columns == 0
+    ours.join(4, [8])
+    assert ours.step_array([8]).shape == (1, ours.vocab_size)

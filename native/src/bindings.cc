@@ -126,6 +126,12 @@ namespace {
       _impl->drop(ids);
     }
 
+    void reset() {
+      nb::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(_mutex);
+      _impl->reset();
+    }
+
     std::vector<int64_t> rows() {
       nb::gil_scoped_release release;
       std::lock_guard<std::mutex> lock(_mutex);
@@ -178,6 +184,7 @@ NB_MODULE(_native, m) {
          "token at each of those places, its log-probability).")
     .def("drop", &Decoder::drop, "row_ids"_a,
          "Remove rows (an id or an iterable of ids) and trim cache columns no row needs.")
+    .def("reset", &Decoder::reset, "Remove every row.")
     .def_prop_ro("rows", &Decoder::rows, "Running row ids, in batch order.")
     .def_prop_ro("lengths", &Decoder::lengths, "Tokens in the cache per running row (rows order).")
     .def_prop_ro("cache_columns", &Decoder::cache_columns, "T of the [B, H, T, D] caches.")

@@ -614,6 +614,10 @@ namespace neox {
     return out;
   }
 
+  void NeoXDecoder::reset() {
+    _batch = empty_cache();
+  }
+
   void NeoXDecoder::drop(const std::vector<int64_t>& row_ids) {
     const std::unordered_set<int64_t> to_drop(row_ids.begin(), row_ids.end());
     std::vector<int32_t> keep;
@@ -629,14 +633,14 @@ namespace neox {
 
     prepare_thread();
     const auto scoped_device_setter = _model->get_scoped_device_setter();
-    if (kept_rows.empty()) {
-      _batch = empty_cache();
-      return;
-    }
-
     dim_t new_time = 0;
     for (const auto& r : kept_rows)
       new_time = std::max(new_time, r.length);
+    if (new_time == 0) {  // no row left, or only rows that joined with one token and hold no column yet
+      _batch = empty_cache();
+      _batch.rows = std::move(kept_rows);
+      return;
+    }
 
     const StorageView index = StorageView({dim_t(keep.size())}, keep).to(_device);
     const ct2::ops::Gather gather_op;

@@ -68,6 +68,9 @@ namespace neox {
     // likely token there with its log-probability (log-softmax on the device, in float32).
     Scored score(const std::vector<int32_t>& ids);
 
+    // Removes every row, whatever state a failed call left the cache in.
+    void reset();
+
     // Removes rows and trims cache columns that no remaining row needs.
     void drop(const std::vector<int64_t>& row_ids);
 

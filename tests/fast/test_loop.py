@@ -38,6 +38,8 @@ class FakeDecoder:
         return values
 
     def join(self, row: int, prompt: list[int]) -> None:
+        if prompt[0] == 0:
+            raise ValueError("this prompt cannot join")
         assert row not in self.rows
         self.rows.append(row)
         self.calls.append(("join", len(prompt)))
@@ -49,6 +51,10 @@ class FakeDecoder:
             self.fail = False
             raise RuntimeError("the device failed the step")
         return np.stack([self._logits(t) for t in tokens])
+
+    def reset(self) -> None:
+        self.rows = []
+        self.calls.append(("reset", 0))
 
     def drop(self, rows: list[int]) -> None:
         self.rows = [r for r in self.rows if r not in rows]
@@ -115,7 +121,7 @@ def test_rows_get_exact_budgets_and_a_job_ends_after_its_last_rows_tokens(runnin
 
 
 def test_a_row_ends_at_eos_with_eos_recorded_and_its_batch_mates_go_on(running: Running) -> None:
-    job = running.submit([[0], [10]], [0, 1], [8, 5])
+    job = running.submit([[2, 0], [10]], [0, 1], [8, 5])
     running.wait_ended(job)
     assert running.outbox.of(0) == [1, 2, 3]  # EOS ends the row; the server strips it
     assert running.outbox.of(1) == [11, 12, 13, 14, 15]
@@ -197,3 +203,15 @@ def test_options_it_cannot_take_fail_their_job_and_nothing_else(running: Running
     good = running.submit([[10]], [1], [1])
     running.wait_ended(good)
     assert running.outbox.of(1) == [11]
+
+
+def test_a_row_that_cannot_join_fails_its_job_alone_and_the_batch_runs_on(running: Running) -> None:
+    first = running.submit([[4]], [0], [100_000])
+    wait_until(lambda: len(running.outbox.of(0)) >= 2, "the first reply under way")
+    bad = running.submit([[0, 5]], [1], [3])
+    running.wait_ended(bad)
+    assert "this prompt cannot join" in (running.outbox.ended[bad] or "") and running.outbox.of(1) == []
+    assert first not in running.outbox.ended
+    running.flags[0] = 1
+    running.wait_ended(first)
+    assert running.outbox.ended[first] is None and running.outbox.running == 0

@@ -36,7 +36,7 @@ class SamplingOptions:
     temperature: float = 0.7  # 0 means greedy decoding
     top_k: int = 50  # 0 means no limit
     top_p: float = 1.0
-    repetition_penalty: float = 1.1  # applies to tokens generated in this reply, not to the prompt
+    repetition_penalty: float = 1.1  # static batches: the reply's tokens only; the decode loop: prompt and reply
     no_repeat_ngram_size: int = 0
     stop: tuple[str, ...] = field(default=())
     # the row's own random generator's seed (the decode loop only: static batches share CTranslate2's one seed)

@@ -18,7 +18,6 @@ the per-row choices only (numpy over one row's logits each).
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import threading
 import time
@@ -122,7 +121,11 @@ class Loop:
                 self._ended(row)
                 continue
             spent += len(row.prompt)
-            self.decoder.join(row.id, row.prompt)  # its first token comes from the next step, with every row's
+            try:
+                self.decoder.join(row.id, row.prompt)  # its first token comes from the next step, with every row's
+            except Exception:  # this row's own failure (its prompt, the device's memory): it fails alone
+                self._ended(row, traceback.format_exc())
+                continue
             row.next = row.prompt[-1]
             running.append(row)
 
@@ -164,8 +167,7 @@ class Loop:
             rows = running + list(self._waiting)
             self._waiting.clear()
         running.clear()
-        with contextlib.suppress(Exception):  # nothing more to lose: the jobs fail either way
-            self.decoder.drop([row.id for row in rows])
+        self.decoder.reset()  # no row left in it, whatever state the failure left it in
         for number in {row.job for row in rows}:
             del self._jobs[number]
             self.outbox.end(number, error)

@@ -15,7 +15,7 @@ import dataclasses
 import importlib
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 log = logging.getLogger("jachat.engine")
@@ -52,8 +52,11 @@ def module() -> Any:
     return importlib.import_module(MODULE)
 
 
-def expect(generator: Any, vocabulary: Sequence[str], steps: int = SELF_TEST_STEPS) -> Expectation:
-    """Stock CTranslate2's greedy decode of the self-test prompt, with its raw logits (return_logits_vocab)."""
+def expect(
+    generator: Any, vocabulary: Sequence[str], on_host: Callable[[Any], Any] = lambda v: v, steps: int = SELF_TEST_STEPS
+) -> Expectation:
+    """Stock CTranslate2's greedy decode of the self-test prompt, with its raw logits (return_logits_vocab), which
+    `on_host` brings to the CPU."""
     import numpy as np
 
     prompt = tuple(i % len(vocabulary) for i in SELF_TEST_PROMPT)
@@ -65,7 +68,7 @@ def expect(generator: Any, vocabulary: Sequence[str], steps: int = SELF_TEST_STE
         include_prompt_in_result=False,
         end_token=[],
     )[0]
-    logits = np.asarray(result.logits[0], dtype=np.float32)
+    logits = np.stack([np.asarray(on_host(step), dtype=np.float32) for step in result.logits[0]])  # one per step
     return Expectation(prompt, tuple(result.sequences_ids[0]), logits)
 
 
