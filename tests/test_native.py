@@ -17,14 +17,16 @@ import numpy as np
 import pytest
 
 from jachat.service.domain.errors import InvalidRequest
-from jachat.service.domain.results import Completion, Delta, GeneratedToken
+from jachat.service.domain.results import Completion, Delta
 from jachat.service.domain.sampling import SamplingOptions
 from jachat.service.engine import native
 from jachat.service.engine.engine import Engine
 from jachat.service.engine.options import EngineOptions
 from jachat.service.text.prompt import render_prompt
-from tests.helpers import hf_generate, hf_model
-from tests.test_parity import PROMPTS
+from tests.helpers import hf_generate
+from tests.test_parity import GREEDY as PARITY_GREEDY
+from tests.test_parity import PROMPTS, scores_equal_hugging_faces, streamed_logprobs_equal_hugging_faces
+from tests.test_parity import run as parity_run
 
 REPO = Path(__file__).resolve().parent.parent
 FLOAT32 = 4e-6  # stock's logits against ours, every row, every step (float32)
@@ -127,14 +129,8 @@ def test_a_build_without_the_headers_leaves_no_module_and_says_so_in_one_line(tm
     assert not stale.exists()
 
 
-def run(engine: Engine, prompt_ids: list[int], options: SamplingOptions, **kwargs: Any) -> Completion:
-    async def collect() -> Completion:
-        async for item in engine.stream(prompt_ids, options, **kwargs):
-            if isinstance(item, Completion):
-                return item
-        raise AssertionError("no completion")
-
-    return asyncio.run(collect())
+def run(engine: Engine, prompt_ids: list[int], options: SamplingOptions) -> Completion:
+    return parity_run(engine, prompt_ids, options)[1]
 
 
 async def staggered(engine: Engine, calls: list[tuple[list[int], SamplingOptions]], gap: int = 3) -> list[Completion]:
@@ -195,24 +191,9 @@ def test_the_repetition_penalty_is_hugging_faces_over_prompt_and_reply_beside_ot
 
 
 def test_token_logprobs_equal_hugging_faces_log_softmax(loop_f32: Engine, demo_checkpoint: Path) -> None:
-    import torch
-
-    async def tokens(prompt_ids: list[int]) -> list[GeneratedToken]:
-        found: list[GeneratedToken] = []
-        async for item in loop_f32.stream(prompt_ids, GREEDY, logprobs=True):
-            if isinstance(item, Delta):
-                found.extend(item.tokens)
-        return found
-
-    model = hf_model(demo_checkpoint)
     prompt_ids = loop_f32.tokenizer.encode(render_prompt(PROMPTS[1]))
-    generated = asyncio.run(tokens(prompt_ids))
-    with torch.no_grad():
-        logits = model(torch.tensor([prompt_ids + [t.id for t in generated]])).logits[0]
-    expected = torch.log_softmax(logits.float(), dim=-1)
-    assert len(generated) == GREEDY.max_new_tokens
-    for step, token in enumerate(generated):
-        assert abs(token.logprob - float(expected[len(prompt_ids) - 1 + step, token.id])) < 1e-3, (step, token)
+    [generated] = streamed_logprobs_equal_hugging_faces(loop_f32, demo_checkpoint, [prompt_ids])
+    assert len(generated) == PARITY_GREEDY.max_new_tokens  # the helper streams test_parity's greedy options
 
 
 def test_a_seed_gives_the_same_sampled_reply_alone_and_beside_other_traffic(loop_f32: Engine) -> None:
@@ -227,20 +208,8 @@ def test_a_seed_gives_the_same_sampled_reply_alone_and_beside_other_traffic(loop
 
 
 def test_scoring_on_the_loop_equals_hugging_faces_teacher_forced(loop_f32: Engine, demo_checkpoint: Path) -> None:
-    import torch
-
-    from jachat.service.domain.request import ScoreRequest
-
-    turns = PROMPTS[1]
-    prompt_ids = loop_f32.tokenizer.encode(render_prompt(turns))
-    scored = asyncio.run(loop_f32.score(ScoreRequest(turns, ["東京です。", "吾輩は猫である。"])))
-    model = hf_model(demo_checkpoint)
-    for tokens in scored.candidates:
-        ids = prompt_ids + [t.id for t in tokens]
-        with torch.no_grad():
-            expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
-        for step, token in enumerate(tokens):
-            assert abs(token.logprob - float(expected[len(prompt_ids) - 1 + step, token.id])) < 1e-3
+    scored = scores_equal_hugging_faces(loop_f32, demo_checkpoint, PROMPTS[1], ["東京です。", "吾輩は猫である。"])
+    assert len(scored.candidates) == 2
 
 
 def test_without_the_decoder_auto_serves_static_batches_and_says_so_in_one_line(

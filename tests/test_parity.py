@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jachat.service.domain.results import Completion, FinishReason
+from jachat.service.domain.results import Completion, Delta, FinishReason, GeneratedToken, Scored
 from jachat.service.domain.sampling import SamplingOptions
 from jachat.service.engine.engine import Engine
 from jachat.service.engine.options import EngineOptions
@@ -136,26 +136,26 @@ def test_engine_ends_at_eos_and_strips_it(scripted_model: Path, scripted_checkpo
         engine.close()
 
 
-def test_token_logprobs_equal_hugging_face_log_softmax(engine_f32: Engine, demo_checkpoint: Path) -> None:
-    """Greedy, repetition penalty 1.0, float32: each generated token's logprob is Hugging Face's log_softmax of the
-    logits at that step (teacher-forced over the same ids), within 1e-3."""
+def streamed_logprobs_equal_hugging_faces(
+    engine: Engine, checkpoint: Path, prompts: list[list[int]]
+) -> list[list[GeneratedToken]]:
+    """Each prompt's greedy reply streamed with log-probabilities, each within 1e-3 of Hugging Face's log_softmax of
+    the logits at that step (teacher-forced over the same ids, float32); the replies' tokens."""
     import torch
 
-    from jachat.service.domain.results import Delta, GeneratedToken
     from tests.helpers import hf_model
 
     async def tokens(prompt_ids: list[int]) -> list[GeneratedToken]:
         found: list[GeneratedToken] = []
-        async for item in engine_f32.stream(prompt_ids, GREEDY, logprobs=True):
+        async for item in engine.stream(prompt_ids, GREEDY, logprobs=True):
             if isinstance(item, Delta):
                 found.extend(item.tokens)
         return found
 
-    model = hf_model(demo_checkpoint)
-    for turns in PROMPTS[:3]:
-        prompt_ids = engine_f32.tokenizer.encode(render_prompt(turns))
+    model = hf_model(checkpoint)
+    replies = []
+    for prompt_ids in prompts:
         generated = asyncio.run(tokens(prompt_ids))
-        assert len(generated) > 5
         ids = prompt_ids + [t.id for t in generated]
         with torch.no_grad():
             logits = model(torch.tensor([ids])).logits[0]
@@ -163,29 +163,48 @@ def test_token_logprobs_equal_hugging_face_log_softmax(engine_f32: Engine, demo_
         for step, token in enumerate(generated):
             reference = float(expected[len(prompt_ids) - 1 + step, token.id])
             assert abs(token.logprob - reference) < 1e-3, (step, token, reference)
+        replies.append(generated)
+    return replies
+
+
+def test_token_logprobs_equal_hugging_face_log_softmax(engine_f32: Engine, demo_checkpoint: Path) -> None:
+    """Greedy, repetition penalty 1.0, float32: each generated token's logprob is Hugging Face's log_softmax of the
+    logits at that step (teacher-forced over the same ids), within 1e-3."""
+    prompts = [engine_f32.tokenizer.encode(render_prompt(turns)) for turns in PROMPTS[:3]]
+    for generated in streamed_logprobs_equal_hugging_faces(engine_f32, demo_checkpoint, prompts):
+        assert len(generated) > 5
+
+
+def scores_equal_hugging_faces(engine: Engine, checkpoint: Path, turns: list[Turn], candidates: list[str]) -> Scored:
+    """Scoring the candidate replies after the conversation gives each reply token Hugging Face's teacher-forced
+    log_softmax (float32, within 1e-3); the scores."""
+    import torch
+
+    from jachat.service.domain.request import ScoreRequest
+    from tests.helpers import hf_model
+
+    prompt_ids = engine.tokenizer.encode(render_prompt(turns))
+    scored = asyncio.run(engine.score(ScoreRequest(turns, candidates)))
+    model = hf_model(checkpoint)
+    for tokens in scored.candidates:
+        ids = prompt_ids + [t.id for t in tokens]
+        with torch.no_grad():
+            expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
+        for step, token in enumerate(tokens):
+            assert abs(token.logprob - float(expected[len(prompt_ids) - 1 + step, token.id])) < 1e-3, (step, token)
+    return scored
 
 
 def test_scored_replies_equal_hugging_face_teacher_forced(engine_f32: Engine, demo_checkpoint: Path) -> None:
     """Scoring candidate replies gives each reply token Hugging Face's teacher-forced log_softmax after the
     conversation (float32, within 1e-3), one batch for all candidates of different lengths; a newline in a reply is
     the model's <NL>."""
-    import torch
-
-    from jachat.service.domain.request import ScoreRequest
-    from tests.helpers import hf_model
-
     turns = PROMPTS[1]
     prompt_ids = engine_f32.tokenizer.encode(render_prompt(turns))
     candidates = ["東京です。", "大阪です。\n京都も近い。", "吾輩は猫である。名前はまだ無い。"]
-    scored = asyncio.run(engine_f32.score(ScoreRequest(turns, candidates)))
+    scored = scores_equal_hugging_faces(engine_f32, demo_checkpoint, turns, candidates)
     assert scored.prompt_tokens == len(prompt_ids) and len(scored.candidates) == 3
-    model = hf_model(demo_checkpoint)
     for text, tokens in zip(candidates, scored.candidates, strict=True):
         assert engine_f32.tokenizer.decode([t.id for t in tokens]).replace("<NL>", "\n") == text
-        ids = prompt_ids + [t.id for t in tokens]
-        with torch.no_grad():
-            expected = torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), dim=-1)
-        for step, token in enumerate(tokens):
-            assert abs(token.logprob - float(expected[len(prompt_ids) - 1 + step, token.id])) < 1e-3, (step, token)
     newline = engine_f32.tokenizer.encode("<NL>")
     assert len(newline) == 1 and newline[0] in [t.id for t in scored.candidates[1]]

@@ -161,26 +161,22 @@ class Engine:
         self.scheduler = Scheduler(self.core, scheduler_options, observer)
         self.preparer = Preparer(self.tokenizer, self.info.context_length)
         if loaded.loop:
-            log.info(
-                "loaded %s (%s) on %s as %s, the decode loop: up to %d calls in one running batch, %d threads",
-                self.info.model_name,
-                self.info.quantization,
-                self.info.device,
-                self.info.compute_type,
-                loaded.replicas,
-                loaded.intra_threads,
+            runs = (
+                f"the decode loop: up to {loaded.replicas} calls in one running batch, {loaded.intra_threads} threads"
             )
         else:
-            log.info(
-                "loaded %s (%s) on %s as %s, %d replicas x %d threads (+%d spare, for light load)",
-                self.info.model_name,
-                self.info.quantization,
-                self.info.device,
-                self.info.compute_type,
-                loaded.replicas,
-                loaded.intra_threads,
-                loaded.spare_replicas,
+            runs = (
+                f"{loaded.replicas} replicas x {loaded.intra_threads} threads "
+                f"(+{loaded.spare_replicas} spare, for light load)"
             )
+        log.info(
+            "loaded %s (%s) on %s as %s, %s",
+            self.info.model_name,
+            self.info.quantization,
+            self.info.device,
+            self.info.compute_type,
+            runs,
+        )
         log.info(
             "engine process pid %d: RSS %s (CTranslate2, the weights); this process: RSS %s",
             self.core.pid,

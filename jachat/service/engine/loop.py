@@ -44,11 +44,6 @@ class _Row:
     next: int = -1  # the token it feeds the next step
 
 
-@dataclasses.dataclass
-class _Job:
-    left: int  # rows still running or waiting
-
-
 class Loop:
     """The running batch and its decode thread (run); submit and close come from the engine's command thread."""
 
@@ -63,7 +58,7 @@ class Loop:
         self._wake = threading.Event()
         self._closing = False
         self._running: list[_Row] = []
-        self._jobs: dict[int, _Job] = {}
+        self._jobs: dict[int, int] = {}  # a job's number: its rows still running or waiting
         self._ids = 0
 
     def submit(self, command: RunBatch) -> None:
@@ -82,7 +77,7 @@ class Loop:
             self.outbox.end(command.number, traceback.format_exc())
             return
         with self._lock:
-            self._jobs[command.number] = _Job(len(rows))
+            self._jobs[command.number] = len(rows)
             self._waiting.extend(rows)
         self._wake.set()
 
@@ -155,9 +150,8 @@ class Loop:
             self._ended(row)
 
     def _ended(self, row: _Row, error: str | None = None) -> None:
-        job = self._jobs[row.job]
-        job.left -= 1
-        if job.left == 0:
+        self._jobs[row.job] -= 1
+        if self._jobs[row.job] == 0:
             del self._jobs[row.job]
             self.outbox.end(row.job, error)
 

@@ -13,12 +13,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
-import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
-
-log = logging.getLogger("jachat.engine")
 
 MODULE = "jachat.service.engine._native"
 # A prompt of ordinary token ids (inside any vocabulary the converter writes), long enough to cross every layer's
