@@ -225,6 +225,7 @@ class Service:
             compute_type=self.settings.compute_type,
             device_index=self.settings.device_index,
             decode_loop=self.settings.decode_loop,
+            kv_cache_tokens=self.settings.kv_cache_tokens,
             intra_threads=self.settings.intra_threads,
             verify_checksums=self.settings.verify_checksums,
             warm_up=self.settings.warm_up,

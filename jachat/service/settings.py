@@ -56,20 +56,33 @@ class Settings:
     decode_loop: str = field(
         default="static",
         metadata=_opt(
-            "static: CTranslate2's generate_batch, fixed batches; native: jachat's decode loop on the native decoder "
-            "(scripts/build-native), calls joining one running batch at any step, the start fails if it cannot run; "
-            "auto: native where it is built and passes its start-up self-test, else static, said in one line",
+            "auto: jachat's decode loop on the native decoder (scripts/build-native), calls joining one running "
+            "batch at any step, where it is built and passes its start-up self-test, else static, said in one line; "
+            "native: the loop, or the start fails; static: CTranslate2's generate_batch, fixed batches",
             choices=("static", "native", "auto"),
+        ),
+    )
+    kv_cache_tokens: int = field(
+        default=0,
+        metadata=_opt(
+            "the decode loop's KV cache, in positions (rows x the longest row: the cache is dense); a call that "
+            "cannot fit alone is refused, rows that do not fit beside the running ones wait; 0: half the memory "
+            "free once the model is loaded, at most rows x context"
         ),
     )
     intra_threads: int = field(
         default=0, metadata=_opt("CPU threads per replica (0: auto, the CPU cores shared out among the replicas)")
     )
-    max_batch_size: int = field(default=16, metadata=_opt("most requests in one generate_batch call"))
-    max_batch_wait_ms: float = field(
-        default=50.0, metadata=_opt("the longest a batch waits for more requests, from its oldest request's arrival")
+    max_batch_size: int = field(
+        default=16, metadata=_opt("most calls in one batch: the decode loop's row limit, or a static batch's size")
     )
-    batch_idle_ms: float = field(default=2.0, metadata=_opt("a batch starts once no request has arrived for this long"))
+    max_batch_wait_ms: float = field(
+        default=50.0,
+        metadata=_opt("static batches: the longest a batch waits for more requests, from its oldest request's arrival"),
+    )
+    batch_idle_ms: float = field(
+        default=2.0, metadata=_opt("static batches: a batch starts once no request has arrived for this long")
+    )
     max_queued_requests: int = field(
         default=256, metadata=_opt("requests that may wait for a batch; more are refused with RESOURCE_EXHAUSTED")
     )
@@ -91,8 +104,8 @@ class Settings:
     stagger_batches: bool = field(
         default=True,
         metadata=_opt(
-            "under load (a running batch of 2 or more calls), start a batch half a batch after the last one, so the "
-            "replicas free in turn rather than together"
+            "static batches: under load (a running batch of 2 or more calls), start a batch half a batch after the "
+            "last one, so the replicas free in turn rather than together"
         ),
     )
     batch_promotion_seconds: float = field(
@@ -210,8 +223,9 @@ class Settings:
     warm_up: bool = field(
         default=True,
         metadata=_opt(
-            "before health turns SERVING, each replica generates a few tokens at the shapes that bring the kernels in "
-            "(on a GPU the wheel's kernels are JIT-compiled at first use), so the first caller does not pay"
+            "static batches: before health turns SERVING, each replica generates a few tokens at the shapes that "
+            "bring the kernels in (on a GPU the wheel's kernels are JIT-compiled at first use), so the first caller "
+            "does not pay (the decode loop's start-up self-test runs its decoder instead)"
         ),
     )
     grace_seconds: float = field(default=10.0, metadata=_opt("on SIGTERM, how long in-flight calls may finish"))

@@ -1,12 +1,13 @@
 """The decode loop (engine/loop.py) on a fake decoder: rows join the running batch between steps, each ends at its
-budget, `</s>` or its stop flag, a job ends after its last row's tokens, the row limit and the prefill budget hold,
-and a decoder failure fails the jobs it held without stopping the loop."""
+budget, `</s>` or its stop flag, a job ends after its last row's tokens, the row limit, the KV-cache budget and the
+prefill budget hold, and a decoder failure fails the jobs it held without stopping the loop."""
 
 from __future__ import annotations
 
 import itertools
 import mmap
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -25,12 +26,19 @@ GREEDY = {"sampling_topk": 1}
 class FakeDecoder:
     """The native decoder's contract as the loop uses it: each row's next token is its last token + 1, and 4 after
     the vocabulary's last (so only a row at 0, 1 or 2 reaches EOS). It records what it was asked, in order; `fail`
-    makes its next step raise."""
+    makes its next step raise. It keeps each row's cache length as the native decoder does (a join holds the prompt
+    but its last token, a step adds one), and the most positions its dense cache held (rows x the longest)."""
 
     def __init__(self) -> None:
         self.rows: list[int] = []
+        self.lengths: dict[int, int] = {}
+        self.peak = 0
         self.calls: list[tuple[str, Any]] = []
         self.fail = False
+
+    def _held(self) -> None:
+        if self.rows:
+            self.peak = max(self.peak, len(self.rows) * max(self.lengths[r] for r in self.rows))
 
     def _logits(self, last: int) -> np.ndarray:
         values = np.zeros(VOCAB, dtype=np.float32)
@@ -42,6 +50,8 @@ class FakeDecoder:
             raise ValueError("this prompt cannot join")
         assert row not in self.rows
         self.rows.append(row)
+        self.lengths[row] = len(prompt) - 1
+        self._held()
         self.calls.append(("join", len(prompt)))
 
     def step_array(self, tokens: list[int]) -> np.ndarray:
@@ -50,6 +60,9 @@ class FakeDecoder:
         if self.fail:
             self.fail = False
             raise RuntimeError("the device failed the step")
+        for row in self.rows:
+            self.lengths[row] += 1
+        self._held()
         return np.stack([self._logits(t) for t in tokens])
 
     def reset(self) -> None:
@@ -85,11 +98,19 @@ class FakeOutbox:
 
 
 class Running:
-    def __init__(self, max_rows: int = 16) -> None:
+    def __init__(self, max_rows: int = 16, cache_budget: int = 10**9) -> None:
         self.decoder, self.outbox = FakeDecoder(), FakeOutbox()
         self.shared = mmap.mmap(-1, 64)
         self.flags = memoryview(self.shared)
-        self.loop = Loop(self.decoder, EOS, self.outbox, self.flags, max_rows, VOCAB)  # type: ignore[arg-type]
+        self.loop = Loop(
+            self.decoder,
+            EOS,
+            self.outbox,  # type: ignore[arg-type]
+            self.flags,
+            max_rows,
+            VOCAB,
+            cache_budget,
+        )
         self.thread = threading.Thread(target=self.loop.run)
         self.thread.start()
         self.number = 0
@@ -161,10 +182,55 @@ def test_a_stop_flag_ends_a_running_row_before_its_next_step_and_a_waiting_one_w
 def test_the_row_limit_holds_and_a_freed_place_admits_the_next_waiting_row() -> None:
     r = Running(max_rows=2)
     try:
-        jobs = [r.submit([[10 * i + 4]], [i], [3 + i]) for i in range(3)]
-        r.wait_ended(*jobs)
+        job = r.submit([[10 * i + 4] for i in range(3)], [0, 1, 2], [3, 4, 5])  # queued at once: no race
+        r.wait_ended(job)
         assert max(n for op, n in r.decoder.calls if op == "step") == 2
         assert [op for op, _ in r.decoder.calls].count("join") == 3
+    finally:
+        r.loop.close()
+        r.thread.join(timeout=10)
+
+
+def test_the_kv_cache_budget_holds_and_rows_that_do_not_fit_wait_their_turn() -> None:
+    r = Running(cache_budget=100)  # a row of 40 + 20 positions: one fits, two (2 x 60) do not
+    try:
+        jobs = [r.submit([[4] * 40], [i], [20]) for i in range(3)]
+        short = r.submit([[5] * 10, [6] * 10], [3, 4], [10, 10])  # 3 x 60 > 100: they wait for the long rows
+        r.wait_ended(*jobs, short)
+        assert all(r.outbox.ended[job] is None for job in (*jobs, short))
+        assert [len(r.outbox.of(i)) for i in range(5)] == [20, 20, 20, 10, 10]
+        assert 0 < r.decoder.peak <= 100
+        assert max(n for op, n in r.decoder.calls if op == "step") == 2  # the two short rows: 2 x 20 fit
+    finally:
+        r.loop.close()
+        r.thread.join(timeout=10)
+
+
+def test_a_row_waiting_for_the_cache_ends_at_once_when_it_is_stopped() -> None:
+    r = Running(cache_budget=100_000)
+    try:
+        first = r.submit([[4] * 40], [0], [100_000 - 40])  # its longest is the whole budget: nothing fits beside it
+        wait_until(lambda: len(r.outbox.of(0)) >= 2, "the first reply under way")
+        waiting = r.submit([[10] * 10], [1], [5])
+        r.flags[1] = 1
+        r.wait_ended(waiting)
+        assert first not in r.outbox.ended and r.outbox.of(1) == []
+        r.flags[0] = 1
+        r.wait_ended(first)
+    finally:
+        r.loop.close()
+        r.thread.join(timeout=10)
+
+
+def test_a_row_over_the_whole_budget_fails_alone_instead_of_waiting_forever() -> None:
+    r = Running(cache_budget=50)
+    try:
+        big = r.submit([[4] * 40], [0], [20])
+        r.wait_ended(big)
+        assert "exceeds the KV-cache budget" in (r.outbox.ended[big] or "")
+        small = r.submit([[4] * 20], [1], [5])
+        r.wait_ended(small)
+        assert r.outbox.ended[small] is None and len(r.outbox.of(1)) == 5
     finally:
         r.loop.close()
         r.thread.join(timeout=10)
@@ -215,3 +281,42 @@ def test_a_row_that_cannot_join_fails_its_job_alone_and_the_batch_runs_on(runnin
     running.flags[0] = 1
     running.wait_ended(first)
     assert running.outbox.ended[first] is None and running.outbox.running == 0
+
+
+def test_other_work_shares_the_decoder_with_the_running_rows_a_piece_at_a_time(running: Running) -> None:
+    """A scoring job's pieces go between steps, each followed by steps for as long as it took: the job is not held
+    until the rows end, and the rows are not held for the whole job."""
+    first = running.submit([[4]], [0], [100_000])
+    wait_until(lambda: len(running.outbox.of(0)) >= 2, "the first reply under way")
+    done = threading.Event()
+
+    def work() -> Iterator[None]:
+        for i in range(3):
+            running.decoder.calls.append(("piece", i))
+            time.sleep(0.005)  # the piece's compute: the rows are owed as long
+            yield
+        done.set()
+
+    running.loop.submit_work(work())
+    assert done.wait(10), "the work waited for the running row"
+    assert first not in running.outbox.ended
+    calls = running.decoder.calls
+    pieces = [i for i, call in enumerate(calls) if call[0] == "piece"]
+    assert len(pieces) == 3 and all(any(op == "step" for op, _ in calls[a:b]) for a, b in itertools.pairwise(pieces))
+    running.flags[0] = 1
+    running.wait_ended(first)
+
+
+def test_other_work_runs_back_to_back_when_no_row_runs(running: Running) -> None:
+    order: list[int] = []
+    done = threading.Event()
+
+    def work() -> Iterator[None]:
+        for i in range(3):
+            order.append(i)
+            yield
+        done.set()
+
+    running.loop.submit_work(work())
+    assert done.wait(10) and order == [0, 1, 2]
+    assert not any(op == "step" for op, _ in running.decoder.calls)

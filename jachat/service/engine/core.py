@@ -47,7 +47,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-from jachat.service.engine import gpu, wire
+from jachat.service.engine import cache, gpu, wire
 from jachat.service.engine.warmup import shapes, warm_up
 from jachat.service.engine.wire import CoreOptions, Ended, Loaded, RunBatch, ScoredRow, ScoreJob, Token
 
@@ -200,7 +200,13 @@ def _load_native(
         log.warning("native decoder: %s; serving with static batches", line)
         return None
     log.info("native decoder: %s; calls join one running batch", line)
-    return decoder, Loaded(device, decoder.compute_type, options.max_batch_size, threads, None, loop=True)
+    per_position = cache.bytes_per_position(decoder)
+    free = cache.free_bytes(device, options.device_index)  # the weights are loaded: what is left
+    positions = cache.budget(
+        options.kv_cache_tokens, options.max_batch_size, options.context_length, free, per_position
+    )
+    loaded = Loaded(device, decoder.compute_type, options.max_batch_size, threads, None, loop=True)
+    return decoder, dataclasses.replace(loaded, kv_cache_tokens=positions, kv_bytes_per_token=per_position)
 
 
 class Outbox:
@@ -330,10 +336,17 @@ Scorer = Callable[[list[list[int]], bool], list[ScoredRow]]
 
 
 def run_scoring(score: Scorer, outbox: Outbox, flags: memoryview, command: ScoreJob) -> None:
+    """A scoring job from start to end (static batches: on a replica's thread of its own)."""
+    for _ in scoring(score, outbox, flags, command):
+        pass
+
+
+def scoring(score: Scorer, outbox: Outbox, flags: memoryview, command: ScoreJob) -> Iterator[None]:
     """Each sequence's teacher-forced log-probabilities (of its tokens after the first), a piece of at most
-    SCORE_PIECE_TOKENS positions at a time: CTranslate2 materialises two float vectors of the vocabulary per
-    position it scores, so a job's memory is one piece's, whatever its size. The job's stop flag is read between
-    pieces: its caller gone, its deadline or the drain end it there."""
+    SCORE_PIECE_TOKENS positions at a time, yielding after each piece (the decode loop runs a step between two):
+    CTranslate2 materialises two float vectors of the vocabulary per position it scores, so a job's memory is one
+    piece's, whatever its size. The job's stop flag is read between pieces: its caller gone, its deadline or the
+    drain end it there."""
     slot, sequences, top = command.slot, command.sequences, command.top
     rows: list[ScoredRow] = []
     error = None
@@ -344,6 +357,7 @@ def run_scoring(score: Scorer, outbox: Outbox, flags: memoryview, command: Score
                 break
             rows += score([sequences[i] for i in piece], top)
             outbox.pieces += 1  # progress for the server's watch (a count lost to a race with the sender is harmless)
+            yield
     except Exception:  # reported to the server, which fails the call
         error = traceback.format_exc()
     outbox.end(command.number, error, None if error is not None else rows)
@@ -435,7 +449,7 @@ def serve(commands: int, events: int, flags: memoryview, loader: Loader = load) 
     sender = threading.Thread(target=outbox.run, name="jachat-outbox", daemon=True)
     sender.start()
     if loaded.loop:
-        _serve_loop(commands, generator, options.eos_id, len(vocabulary), outbox, flags, loaded.replicas)
+        _serve_loop(commands, generator, options.eos_id, len(vocabulary), outbox, flags, loaded)
     else:
         _serve_static(commands, generator, vocabulary, options.eos_id, outbox, flags, loaded.all_replicas)
     outbox.close()
@@ -474,15 +488,14 @@ def _serve_static(
 
 
 def _serve_loop(
-    commands: int, decoder: Any, eos_id: int, vocab_size: int, outbox: Outbox, flags: memoryview, rows: int
+    commands: int, decoder: Any, eos_id: int, vocab_size: int, outbox: Outbox, flags: memoryview, loaded: Loaded
 ) -> None:
     """The decode loop on this (the main) thread, every RunBatch's rows joining its running batch, commands read on
-    a thread of their own; scoring jobs one at a time beside it (the decoder takes one call at a time: a scoring
-    piece and a step do not overlap)."""
+    a thread of their own; scoring jobs through the loop too, a piece between two steps (the decoder computes one
+    thing at a time: neither a reply nor a scoring job waits for the other's whole length)."""
     from jachat.service.engine.loop import Loop
 
-    loop = Loop(decoder, eos_id, outbox, flags, rows, vocab_size)
-    scoring = ThreadPoolExecutor(max_workers=1, thread_name_prefix="jachat-score")
+    loop = Loop(decoder, eos_id, outbox, flags, loaded.replicas, vocab_size, loaded.kv_cache_tokens)
     scorer = native_scorer(decoder)
 
     def read() -> None:
@@ -490,7 +503,7 @@ def _serve_loop(
             if isinstance(command, wire.RunBatch):
                 loop.submit(command)
             else:
-                scoring.submit(run_scoring, scorer, outbox, flags, command)
+                loop.submit_work(scoring(scorer, outbox, flags, command))
         loop.close()
 
     reader = threading.Thread(target=read, name="jachat-commands", daemon=True)
@@ -499,7 +512,6 @@ def _serve_loop(
     # model from it in 24-31 ms, from another thread in 45 ms (2 threads; Intel Xeon 2-core, MKL; 2026-12-07).
     loop.run()
     reader.join()
-    scoring.shutdown(wait=True)
 
 
 class ProtocolMismatch(Exception):

@@ -71,11 +71,12 @@ def mib(size: int) -> str:
     return f"{size / 2**20:.0f} MiB"
 
 
-AUTO_REPLICAS = 4
+AUTO_REPLICAS = 4  # the most replicas the engine process picks by itself (core.resolve_threads)
 SEED_NEEDS_THE_LOOP = (
     "a seed is honoured by the decode loop only (--decode-loop native or auto): static batches share CTranslate2's "
     "one process-wide random state"
-)  # the most replicas the engine process picks by itself (core.resolve_threads)
+)
+KV_BUDGET = "KV-cache budget (--kv-cache-tokens)"  # what holds a call when it is less than the context
 
 
 def coalesced(items: Sequence[Item]) -> list[Item]:
@@ -123,6 +124,7 @@ class Engine:
             compute_type=options.compute_type,
             device_index=options.device_index,
             decode_loop=options.decode_loop,
+            kv_cache_tokens=options.kv_cache_tokens,
             replicas=options.scheduler.replicas,
             intra_threads=options.intra_threads,
             max_batch_size=options.scheduler.max_batch_size,
@@ -159,10 +161,15 @@ class Engine:
         if loaded.loop:  # admission, not batch assembly: each call joins the running batch as soon as it has room
             scheduler_options = loop_admission(scheduler_options, loaded.replicas)
         self.scheduler = Scheduler(self.core, scheduler_options, observer)
-        self.preparer = Preparer(self.tokenizer, self.info.context_length)
+        if loaded.loop and loaded.kv_cache_tokens < self.info.context_length:  # no call may outgrow the cache
+            self.preparer = Preparer(self.tokenizer, loaded.kv_cache_tokens, context_name=KV_BUDGET)
+        else:
+            self.preparer = Preparer(self.tokenizer, self.info.context_length)
         if loaded.loop:
             runs = (
-                f"the decode loop: up to {loaded.replicas} calls in one running batch, {loaded.intra_threads} threads"
+                f"the decode loop: up to {loaded.replicas} calls in one running batch, {loaded.intra_threads} threads, "
+                f"a KV cache of {loaded.kv_cache_tokens} positions "
+                f"({mib(loaded.kv_cache_tokens * loaded.kv_bytes_per_token)})"
             )
         else:
             runs = (

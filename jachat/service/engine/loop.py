@@ -3,9 +3,12 @@ any step, each with its own options.
 
 Between two steps the loop admits waiting rows: each is prefilled alone, its prompt but the last token, and joined
 to the running batch; its last prompt token is its input at the next step, so its first token comes from the step
-every row shares. It admits as many as the row limit allows and the prefill budget (prompt tokens per step) lets
-through, so a burst of long prompts does not stall the running rows for all its prefills at once (one row is
-always admitted when there is room, however long its prompt). Then one step computes every row's next logits, and
+every row shares. It admits as many as the row limit and the KV-cache budget allow (cache.py: a row joins only
+while every running row and it could reach their longest within the budget, so the cache never outgrows it) and
+the prefill budget (prompt tokens per step) lets through, so a burst of long prompts does not stall the running
+rows for all its prefills at once (one row is always admitted when there is room, however long its prompt). Rows
+wait in arrival order (the server's fairness order and priorities chose it); a waiting row that is stopped ends at
+once, with no token. Then one step computes every row's next logits, and
 each row picks its token with its own options (token.py). Its token goes to the outbox as a static batch's would
 (core.Outbox: the server cannot tell the two apart). Rows that end leave the batch: `</s>`, their budget, or their
 stop flag (a stop string, a cancel, a deadline, the drain), which is read before each step, so a stopped row costs
@@ -13,6 +16,11 @@ no more compute. A job (core's RunBatch: one call's rows, or several) ends when 
 
 The decoder releases the GIL while it computes, so the sender thread runs during steps; this thread holds it for
 the per-row choices only (numpy over one row's logits each).
+
+Other work on the decoder (a scoring job: core.scoring) comes as an iterator that does a piece per `next`, oldest
+job first. While rows run, they and that work share the decoder's time equally: after a piece, steps run until they
+have had as long as it took (a long piece is followed by many steps), so neither the running rows nor the job waits
+for the other's whole length. With no row running, pieces run back to back.
 """
 
 from __future__ import annotations
@@ -22,8 +30,10 @@ import dataclasses
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
+from jachat.service.engine import cache
 from jachat.service.engine.token import Chooser, Decoding
 
 if TYPE_CHECKING:
@@ -41,6 +51,7 @@ class _Row:
     prompt: list[int]
     left: int  # new tokens it may still take
     chooser: Chooser
+    longest: int  # the cache positions it may come to hold: its prompt and every token it may take
     next: int = -1  # the token it feeds the next step
 
 
@@ -48,16 +59,25 @@ class Loop:
     """The running batch and its decode thread (run); submit and close come from the engine's command thread."""
 
     def __init__(
-        self, decoder: Any, eos_id: int, outbox: Outbox, flags: memoryview, max_rows: int, vocab_size: int
+        self,
+        decoder: Any,
+        eos_id: int,
+        outbox: Outbox,
+        flags: memoryview,
+        max_rows: int,
+        vocab_size: int,
+        cache_budget: int,
     ) -> None:
         self.decoder, self.eos_id, self.outbox, self.flags = decoder, eos_id, outbox, flags
-        self.max_rows, self.vocab_size = max_rows, vocab_size
+        self.max_rows, self.vocab_size, self.cache_budget = max_rows, vocab_size, cache_budget
         self.prefill_budget = PREFILL_BUDGET
         self._waiting: collections.deque[_Row] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._closing = False
         self._running: list[_Row] = []
+        self._work: collections.deque[Iterator[None]] = collections.deque()  # other work, oldest first
+        self._owed = 0.0  # decoder time (s) the running rows are owed for the last piece of other work
         self._jobs: dict[int, int] = {}  # a job's number: its rows still running or waiting
         self._ids = 0
 
@@ -72,13 +92,19 @@ class Loop:
             ):
                 self._ids += 1
                 chooser = Chooser(decoding, prompt, self.eos_id, self.vocab_size)
-                rows.append(_Row(self._ids, command.number, slot, prompt, limit, chooser))
+                rows.append(_Row(self._ids, command.number, slot, prompt, limit, chooser, len(prompt) + limit))
         except Exception:  # reported to the server, which fails the job's calls; the loop runs on
             self.outbox.end(command.number, traceback.format_exc())
             return
         with self._lock:
             self._jobs[command.number] = len(rows)
             self._waiting.extend(rows)
+        self._wake.set()
+
+    def submit_work(self, work: Iterator[None]) -> None:
+        """Queue other work on the decoder, a piece per `next` (it reports its own end and errors)."""
+        with self._lock:
+            self._work.append(work)
         self._wake.set()
 
     def close(self) -> None:
@@ -90,7 +116,7 @@ class Loop:
         running = self._running
         while True:
             with self._lock:
-                idle = not running and not self._waiting
+                idle = not running and not self._waiting and not self._work
             if idle:
                 if self._closing:
                     return
@@ -102,19 +128,25 @@ class Loop:
                 self._admit(running)
                 if running:
                     self._step(running)
+                self._piece()
             except Exception:  # the decoder failed: every job it holds fails, as a static batch's would
                 self._fail(running, traceback.format_exc())
 
     def _admit(self, running: list[_Row]) -> None:
+        self._end_stopped()
         spent = 0
         while len(running) < self.max_rows:
             with self._lock:
                 if not self._waiting or (spent and spent + len(self._waiting[0].prompt) > self.prefill_budget):
                     return
-                row = self._waiting.popleft()
-            if self.flags[row.slot]:  # stopped while it waited: it ends with no token
-                self._ended(row)
-                continue
+                row = self._waiting[0]
+                if not cache.fits((r.longest for r in running), row.longest, self.cache_budget):
+                    if running:
+                        return  # it waits for rows to leave
+                    self._waiting.popleft()  # the server gives no call more than the budget: never seen
+                    self._ended(row, f"a row of {row.longest} positions exceeds the KV-cache budget")
+                    continue
+                self._waiting.popleft()
             spent += len(row.prompt)
             try:
                 self.decoder.join(row.id, row.prompt)  # its first token comes from the next step, with every row's
@@ -124,8 +156,38 @@ class Loop:
             row.next = row.prompt[-1]
             running.append(row)
 
+    def _piece(self) -> None:
+        """One piece of the oldest other work, once the running rows have had their share of the decoder."""
+        if self._owed > 0 and self._running:
+            return
+        with self._lock:
+            if not self._work:
+                return
+            work = self._work.popleft()
+        started = time.monotonic()
+        try:
+            next(work)
+        except StopIteration:
+            return
+        finally:
+            self._owed = time.monotonic() - started
+        with self._lock:
+            self._work.appendleft(work)
+
+    def _end_stopped(self) -> None:
+        """Waiting rows stopped (cancelled, past their deadline, drained) end now, with no token."""
+        with self._lock:
+            if not any(self.flags[row.slot] for row in self._waiting):
+                return
+            stopped = [row for row in self._waiting if self.flags[row.slot]]
+            self._waiting = collections.deque(row for row in self._waiting if not self.flags[row.slot])
+        for row in stopped:
+            self._ended(row)
+
     def _step(self, running: list[_Row]) -> None:
+        started = time.monotonic()
         logits = self.decoder.step_array([row.next for row in running])
+        self._owed -= time.monotonic() - started
         done = [row for row, values in zip(running, logits, strict=True) if self._record(row, values)]
         self._drop(done, running)
 

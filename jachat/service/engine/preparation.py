@@ -54,10 +54,20 @@ class PreparedRequest:
 
 
 class Preparer:
-    def __init__(self, tokenizer: Tokenizer, context_length: int, workers: int = 2, max_waiting: int = 64) -> None:
+    def __init__(
+        self,
+        tokenizer: Tokenizer,
+        context_length: int,
+        workers: int = 2,
+        max_waiting: int = 64,
+        context_name: str = "context",
+    ) -> None:
+        """`context_length` is the most tokens a call may hold, prompt and reply: the model's context, or less where
+        something else (`context_name`, in the errors: the decode loop's KV-cache budget) holds a call to less."""
         self.tokenizer = tokenizer
         self.guard = TurnGuard(tokenizer)
         self.context_length = context_length
+        self.context_name = context_name
         self.max_waiting = max_waiting
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="jachat-prepare")
         self._waiting = 0
@@ -103,7 +113,7 @@ class Preparer:
             FieldViolation(
                 ("candidates", i),
                 f"{len(prompt.ids)} prompt tokens and {len(ids)} of this reply exceed the {self.context_length}-token "
-                "context",
+                f"{self.context_name}",
             )
             for i, ids in enumerate(candidates)
             if len(prompt.ids) + len(ids) > self.context_length
@@ -129,7 +139,7 @@ class Preparer:
         if not request.generate:  # scored only: the prompt must fit the context
             if len(ids) > self.context_length:
                 raise InvalidRequest(
-                    [FieldViolation(where, f"{len(ids)} tokens; the context holds {self.context_length}")]
+                    [FieldViolation(where, f"{len(ids)} tokens; the {self.context_name} holds {self.context_length}")]
                 )
             max_new = 0
         else:
@@ -168,8 +178,9 @@ class Preparer:
         return rendered
 
     def _check_turn_lengths(self, rendered: Sequence[RenderedTurn], first: int) -> None:
+        most = f"one turn may have at most {self.context_length - 1} (the {self.context_name})"
         violations = [
-            FieldViolation(("turns", i, "text"), f"{n} tokens; one turn may have at most {self.context_length - 1}")
+            FieldViolation(("turns", i, "text"), f"{n} tokens; {most}")
             for i, n in enumerate((len(t.ids) for t in rendered), start=first)
             if n >= self.context_length
         ]
@@ -209,7 +220,11 @@ class Preparer:
         room = context - prompt_tokens
         if room < 1:
             raise InvalidRequest(
-                [FieldViolation(where, f"the prompt has {prompt_tokens} tokens; the context holds {context}{hint}")]
+                [
+                    FieldViolation(
+                        where, f"the prompt has {prompt_tokens} tokens; the {self.context_name} holds {context}{hint}"
+                    )
+                ]
             )
         if options.max_new_tokens > room and explicit:
             raise InvalidRequest(
@@ -217,7 +232,7 @@ class Preparer:
                     FieldViolation(
                         ("sampling", "max_new_tokens"),
                         f"prompt ({prompt_tokens} tokens) + max_new_tokens ({options.max_new_tokens}) exceeds the "
-                        f"context of {context} tokens; at most {room} fit",
+                        f"{self.context_name} of {context} tokens; at most {room} fit",
                     )
                 ]
             )
@@ -227,7 +242,7 @@ class Preparer:
                     FieldViolation(
                         ("sampling", "min_new_tokens"),
                         f"{options.min_new_tokens} tokens do not fit after the prompt ({prompt_tokens} tokens); at "
-                        f"most {room} fit in the context of {context}",
+                        f"most {room} fit in the {self.context_name} of {context}",
                     )
                 ]
             )

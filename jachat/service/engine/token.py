@@ -32,6 +32,14 @@ class Decoding:
     logprobs: bool = False
     seed: int | None = None  # None: drawn from the operating system's entropy
 
+    def check(self) -> None:
+        """Refuse what CTranslate2's generate_batch refuses (the server never sends it: its requests are validated;
+        a job that does fails alone, as a static batch's would)."""
+        if self.top_k < 0 or not 0 < self.top_p <= 1 or self.temperature < 0 or self.repetition_penalty <= 0:
+            raise ValueError(f"decoding options out of range: {self}")
+        if self.no_repeat_ngram_size < 0 or self.min_new_tokens < 0:
+            raise ValueError(f"decoding options out of range: {self}")
+
     @classmethod
     def from_options(
         cls, options: dict[str, Any], rows: int, seeds: Sequence[int | None] | None = None
@@ -47,6 +55,7 @@ class Decoding:
             min_new_tokens=int(options.get("min_length", 0)),
             logprobs=bool(options.get("return_scores", False)),
         )
+        common.check()
         return [dataclasses.replace(common, seed=seed) for seed in (seeds or [None] * rows)]
 
 

@@ -54,6 +54,7 @@ class CoreOptions:
     # static: CTranslate2's generate_batch, one fixed batch per call of the replicas; native: the decode loop
     # (loop.py) on the native decoder; auto: native where it is built and passes its self-test, else static
     decode_loop: str = "static"
+    kv_cache_tokens: int = 0  # the decode loop's KV-cache budget in positions; 0: from the free memory (cache.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +70,8 @@ class Loaded:
     spare_replicas: int = 0
     # with the decode loop, `replicas` is its row limit: the most calls (jobs) it runs at once
     loop: bool = False
+    kv_cache_tokens: int = 0  # the decode loop's KV-cache budget in positions (cache.py)
+    kv_bytes_per_token: int = 0  # what one position of the cache costs, every layer's keys and values
 
     @property
     def all_replicas(self) -> int:
