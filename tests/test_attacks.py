@@ -82,8 +82,10 @@ def model_health(server: Server, timeout: float = 5) -> int:
 
 @pytest.fixture(scope="module")
 def one_replica(model_f32: Path) -> Iterator[InProcessServer]:
-    """One replica: a scoring job or a long reply holds the whole engine, so whatever comes next waits for it."""
-    with serving(model_f32, "--replicas", "1", "--engine-stall-seconds", "1", *http_flags()) as running:
+    """One place (one replica of batches of one; the decode loop's one row): a scoring job or a long reply holds the
+    whole engine, so whatever comes next waits for it."""
+    flags = ("--replicas", "1", "--max-batch-size", "1", "--engine-stall-seconds", "1")
+    with serving(model_f32, *flags, *http_flags()) as running:
         yield running
 
 
@@ -180,8 +182,9 @@ def test_a_big_echo_answer_is_built_off_the_event_loop(
 
 
 def test_http_deadlines_are_kept_while_the_call_waits_in_the_queue(one_replica: InProcessServer) -> None:
-    """Defect 5: with the one replica busy on a long reply, chat calls (whole and streamed) and an echo call with
-    x-jachat-timeout: 1 end 504 at their deadline, while that reply still runs, not when it ends."""
+    """Defect 5: with the one place busy on a long reply, chat calls (whole and streamed) and an echo call with
+    x-jachat-timeout: 0.3 end 504 at their deadline, while that reply still runs, not when it ends (the decode loop
+    writes the 1,900 tokens in about 1.5 s here: the three deadlines fit in it)."""
     model = model_id(one_replica)
     long = chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(1900, min_new_tokens=1900))
     chat = {"model": model, "messages": [{"role": "user", "content": "こんにちは"}], "max_tokens": 4}
@@ -193,10 +196,10 @@ def test_http_deadlines_are_kept_while_the_call_waits_in_the_queue(one_replica: 
             lambda: one_replica.scrape()["jachat_kv_cache_usage_ratio"] == 1.0 or running.done(), "the long reply"
         )
         for path, body in (("/v1/chat/completions", chat), ("/v1/chat/completions", {**chat, "stream": True})):
-            status, text = post(one_replica, path, body, {"x-jachat-timeout": "1"})
+            status, text = post(one_replica, path, body, {"x-jachat-timeout": "0.3"})
             assert status == 504, text
             assert not running.done(), "answered only once the long reply ended"
-        status, text = post(one_replica, "/v1/completions", echo, {"x-jachat-timeout": "1"})
+        status, text = post(one_replica, "/v1/completions", echo, {"x-jachat-timeout": "0.3"})
         assert status == 504 and not running.done(), text
         running.cancel()
     name = 'jachat_requests_total{api="http",code="DEADLINE_EXCEEDED",rpc="/v1/chat/completions"}'

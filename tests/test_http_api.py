@@ -230,7 +230,7 @@ def test_stop_strings_end_the_reply_as_over_grpc(server: Server) -> None:
         ),
         ({"messages": []}, "messages", "non-empty"),
         ({"top_logprobs": 3, "logprobs": True}, "top_logprobs", "alternatives"),
-        ({"seed": 7}, "seed", "process-wide"),
+        ({"seed": -7}, "seed", "must be 0 to"),
         ({"n": 2}, "n", "only 1"),
         ({"temperature": -1}, "temperature", "must be 0 to"),
         ({"max_tokens": 0}, "max_tokens", "must be 1 to"),

@@ -80,10 +80,20 @@ class GeneratedOnlyRepetitionPenalty:
         return scores.scatter(1, generated, picked)
 
 
-def test_repetition_penalty_covers_generated_tokens_only(engine_f32: Engine, demo_checkpoint: Path) -> None:
-    """Decision (README, "Repetition penalty"): the penalty applies to the reply's own tokens, not the prompt's.
+@pytest.fixture(scope="module")
+def static_f32(model_f32: Path) -> Iterator[Engine]:
+    engine = Engine(EngineOptions(model_f32, device="cpu", decode_loop="static"))
+    assert not engine.loop
+    yield engine
+    engine.close()
 
-    Prompts that already contain the tokens the model goes on to write are where the two rules part."""
+
+def test_static_batches_penalise_the_replys_tokens_only(static_f32: Engine, demo_checkpoint: Path) -> None:
+    """The fallback's known difference (README, "Repetition penalty"): CTranslate2's generate_batch applies the
+    penalty to the reply's own tokens, not the prompt's, where the decode loop (the default) applies Hugging Face's
+    rule (tests/test_native.py). Prompts that already contain the tokens the model goes on to write are where the two
+    rules part."""
+    engine_f32 = static_f32
     options = SamplingOptions(temperature=0.0, repetition_penalty=1.1, max_new_tokens=32)
     differs_from_prompt_penalty = 0
     for turns in PROMPTS:

@@ -19,7 +19,14 @@ from tests.helpers import greedy, until, user
 def test_preparation_runs_off_the_event_loop_and_a_full_server_refuses_before_any(model_f32: Path) -> None:
     async def scenario() -> None:
         settings = Settings(
-            model=model_f32, host="127.0.0.1", port=0, metrics_port=-1, device="cpu", replicas=1, max_queued_requests=1
+            model=model_f32,
+            host="127.0.0.1",
+            port=0,
+            metrics_port=-1,
+            device="cpu",
+            replicas=1,
+            max_batch_size=1,
+            max_queued_requests=1,
         )
         service = await Service.start(settings, CollectorRegistry())
         try:

@@ -390,7 +390,7 @@ def test_asking_for_a_gpu_where_there_is_none_is_one_line(model_f32: Path) -> No
 def test_every_replica_warms_up_before_health_turns_serving(model_f32: Path) -> None:
     """The warm start runs inside the model load, before SERVING, on every replica, and says how long it took;
     --warm-up false skips it."""
-    with serving(model_f32, "--replicas", "2") as warm:
+    with serving(model_f32, "--replicas", "2", "--decode-loop", "static") as warm:
         lines = warm.log
         warmed = next(i for i, line in enumerate(lines) if "warm start:" in line)
         serving_at = next(i for i, line in enumerate(lines) if "serving " in line and " on port " in line)

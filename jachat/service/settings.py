@@ -54,7 +54,7 @@ class Settings:
     )
     device_index: int = field(default=0, metadata=_opt("GPU index"))
     decode_loop: str = field(
-        default="static",
+        default="auto",
         metadata=_opt(
             "auto: jachat's decode loop on the native decoder (scripts/build-native), calls joining one running "
             "batch at any step, where it is built and passes its start-up self-test, else static, said in one line; "

@@ -67,7 +67,9 @@ def test_a_chat_body_becomes_the_engines_request_with_the_model_cards_defaults()
         ({"frobnicate": 1}, "frobnicate", "unrecognized"),
         ({"max_tokens": 5, "max_completion_tokens": 6}, "max_tokens", "differs"),
         ({"stream_options": {"include_usage": True}}, "stream_options", "only allowed with stream"),
-        ({"seed": 1}, "seed", "cannot be honoured"),  # with the card's sampling
+        ({"seed": -1}, "seed", "must be 0 to 18446744073709551615"),
+        ({"seed": 2**64}, "seed", "must be 0 to"),
+        ({"seed": 1.5}, "seed", "an integer"),
         ({"n": 2}, "n", "only 1"),
         ({"priority": "urgent"}, "priority", "interactive"),
         ({"top_logprobs": 3}, "top_logprobs", "alternatives"),
@@ -86,8 +88,10 @@ def test_a_chat_violation_names_the_body_field(extra: dict[str, Any], field: str
     assert why in violations[field]
 
 
-def test_a_seed_is_accepted_with_greedy_decoding() -> None:
-    assert parse_chat({**CHAT, "seed": 7, "temperature": 0}, INFO).chat.options.greedy
+def test_a_seed_is_taken_at_any_temperature() -> None:
+    """The engine honours it with the decode loop and refuses a sampled one where static batches serve."""
+    assert parse_chat({**CHAT, "seed": 7, "temperature": 0}, INFO).chat.options.seed == 7
+    assert parse_chat({**CHAT, "seed": 2**64 - 1, "temperature": 1.3}, INFO).chat.options.seed == 2**64 - 1
 
 
 def test_a_completions_body_takes_every_prompt_form_with_openais_defaults() -> None:

@@ -21,9 +21,10 @@ slower (a CPU: tens of milliseconds), it stops looking after IDLE_POLLS empty lo
 wakes it (one wake per step, nothing next to such a step). Decoding, reply assembly, stop strings, deadlines,
 cancellation, metrics: all of that is the server's (engine/link.py, engine/sequence.py).
 
-That is static batching, CTranslate2's generate_batch (the default). With the decode loop (`--decode-loop`), this
-process holds the native decoder instead, and its main thread runs the loop (loop.py), which records each token in
-the same outbox; its commands are read on a thread of their own.
+That is static batching, CTranslate2's generate_batch (`--decode-loop static`, and the fallback). With the decode
+loop (the default where the native decoder is built and passes its self-test), this process holds the native
+decoder instead, and its main thread runs the loop (loop.py), which records each token in the same outbox and runs
+scoring jobs between steps; its commands are read on a thread of their own.
 
 The process ends when the server says so, or when the server is gone (its command pipe closes); it ignores SIGINT
 and SIGTERM, which a terminal or systemd sends to every process of the service while the server drains.

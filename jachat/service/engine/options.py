@@ -31,7 +31,7 @@ class EngineOptions:
     device: str = "auto"  # auto, cpu or cuda
     compute_type: str = "default"  # default keeps the converted type
     device_index: int = 0
-    decode_loop: str = "static"  # static, native or auto (wire.CoreOptions)
+    decode_loop: str = "auto"  # static, native or auto (wire.CoreOptions)
     kv_cache_tokens: int = 0  # the decode loop's KV-cache budget, in positions; 0: half the free memory (cache.py)
     intra_threads: int = 0
     verify_checksums: bool = True

@@ -53,7 +53,7 @@ class CoreOptions:
     spare_replicas: int = 0  # replicas beyond `replicas`, which the scheduler uses only while the load is light
     # static: CTranslate2's generate_batch, one fixed batch per call of the replicas; native: the decode loop
     # (loop.py) on the native decoder; auto: native where it is built and passes its self-test, else static
-    decode_loop: str = "static"
+    decode_loop: str = "auto"
     kv_cache_tokens: int = 0  # the decode loop's KV-cache budget in positions; 0: from the free memory (cache.py)
 
 

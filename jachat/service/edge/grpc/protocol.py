@@ -76,7 +76,8 @@ def sampling_from_pb(
 ) -> tuple[SamplingOptions, bool]:
     """Options with unset fields at their defaults, and whether max_new_tokens was set explicitly."""
     given = {f.name: getattr(params, f.proto) for f in FIELDS if params.HasField(f.proto)}  # type: ignore[arg-type]
-    options = dataclasses.replace(SamplingOptions(), **given, stop=tuple(params.stop))
+    seed = params.seed if params.HasField("seed") else None
+    options = dataclasses.replace(SamplingOptions(), **given, stop=tuple(params.stop), seed=seed)
     violations = options.violations(context_length, vocab_size)
     if violations:
         raise InvalidRequest(violations)
@@ -85,7 +86,7 @@ def sampling_from_pb(
 
 def sampling_to_pb(options: SamplingOptions) -> chat_pb2.SamplingParams:
     fields = {f.proto: getattr(options, f.name) for f in FIELDS}
-    return chat_pb2.SamplingParams(**fields, stop=list(options.stop))
+    return chat_pb2.SamplingParams(**fields, stop=list(options.stop), seed=options.seed)
 
 
 PRIORITIES = {

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from jachat.service.domain.errors import InvalidRequest
 from jachat.service.domain.request import ChatRequest, check_turn_count
 from jachat.service.domain.results import ModelInfo, Priority
-from jachat.service.edge.http.request import Body, Common, body_of, check_seed, sampling
+from jachat.service.edge.http.request import Body, Common, body_of, sampling
 from jachat.service.text.prompt import Speaker, Turn
 
 ROLES = {"user": Speaker.USER, "assistant": Speaker.SYSTEM}
@@ -69,7 +69,6 @@ def parse_chat(body: object, info: ModelInfo) -> ChatCompletionRequest:
     model = b.model(info)
     turns = _turns(b, fields.get("messages"))
     options, explicit_max = sampling(b, info)
-    check_seed(b, options)
     common = Common.read(b)
     logprobs = b.get("logprobs", bool, "true or false") or False
     if (b.get("top_logprobs", int, "an integer") or 0) != 0:

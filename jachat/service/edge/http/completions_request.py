@@ -20,7 +20,7 @@ from jachat.service.domain.errors import InvalidRequest
 from jachat.service.domain.request import MAX_PROMPTS, TextRequest, check_prompts
 from jachat.service.domain.results import ModelInfo, Priority
 from jachat.service.domain.sampling import SamplingOptions
-from jachat.service.edge.http.request import Body, Common, body_of, check_seed, sampling
+from jachat.service.edge.http.request import Body, Common, body_of, sampling
 
 # OpenAI's defaults for completions (the raw model), where the chat API has the model card's
 DEFAULTS = SamplingOptions(max_new_tokens=16, temperature=1.0, top_k=0, top_p=1.0, repetition_penalty=1.0)
@@ -63,7 +63,6 @@ def parse_completion(body: object, info: ModelInfo) -> TextCompletionRequest:
         if not echo:
             b.bad("max_tokens", "0 only with echo: true (the prompt's log-probabilities, nothing generated)")
     options, explicit_max = sampling(b, info, DEFAULTS)
-    check_seed(b, options)
     common = Common.read(b)
     logprobs = b.get("logprobs", int, "an integer")
     if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:

@@ -133,17 +133,6 @@ class Common:
         return cls(stream, include_usage, include_stop, priority or Priority.INTERACTIVE, user)
 
 
-def check_seed(b: Body, options: SamplingOptions) -> None:
-    """A seed is accepted where it changes nothing (greedy decoding is reproducible without one) and refused
-    otherwise: CTranslate2's random state is process-wide, and a sample depends on its batch-mates."""
-    if b.get("seed", int, "an integer") is not None and not options.greedy:
-        b.bad(
-            "seed",
-            "a per-call seed cannot be honoured: CTranslate2's random state is process-wide and a sample depends on "
-            "its batch-mates; use temperature 0 for reproducible replies (a seed is accepted with it)",
-        )
-
-
 def sampling(b: Body, info: ModelInfo, base: SamplingOptions | None = None) -> tuple[SamplingOptions, bool]:
     """The sampling fields of the body, by the one table (domain/sampling.py), over `base`'s defaults (the model
     card's unless given); a violation names the body's field (max_completion_tokens when the client sent that instead
@@ -166,7 +155,8 @@ def sampling(b: Body, info: ModelInfo, base: SamplingOptions | None = None) -> t
         stops = ()
         if stop is not None:
             b.bad("stop", "must be a string or a list of strings")
-    options = dataclasses.replace(base or SamplingOptions(), **given, stop=stops)
+    seed = b.get("seed", int, "an integer")  # the engine refuses a sampled one where static batches serve
+    options = dataclasses.replace(base or SamplingOptions(), **given, stop=stops, seed=seed)
     for v in options.violations(info.context_length, info.vocab_size):
         _, name, *rest = v.path  # ("sampling", field, ...): the body's own field
         b.bad((names.get(str(name), str(name)), *rest), v.description)
