@@ -17,7 +17,7 @@ class SchedulerOptions:
     replicas: int = 1  # resolved: the engine turns 0 (auto) into a count
     spare_replicas: int = 0  # more replicas, on top, that take a batch only while the load is light (scheduler.py)
     max_prompt_length_spread: int = 64
-    stagger: bool = False  # start batches half a batch apart under load (scheduler._staggered)
+    stagger: bool = True  # start batches half a batch apart under load (scheduler._staggered), as the server does
 
     @property
     def all_replicas(self) -> int:
@@ -33,6 +33,7 @@ class EngineOptions:
     device_index: int = 0
     decode_loop: str = "auto"  # static, native or auto (wire.CoreOptions)
     kv_cache_tokens: int = 0  # the decode loop's KV-cache budget, in positions; 0: half the free memory (cache.py)
+    prefill_tokens: int = 512  # the decode loop's prompt tokens prefilled between two steps, beyond the first row
     intra_threads: int = 0
     verify_checksums: bool = True
     warm_up: bool = True  # each replica generates a little before the engine is ready (warmup.py)
