@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jachat.service.engine.token import Chooser, Decoding
+from jachat.service.engine.token import Chooser, Decoding, top_indices
 
 VOCAB = 64
 EOS = 3
@@ -139,3 +139,18 @@ def test_the_nucleus_is_the_smallest_set_that_reaches_top_p_flat_or_peaked(sprea
     candidates, kept = Chooser._nucleus(np.arange(values.size), values, probs, 0.9)
     assert set(candidates.tolist()) == expected
     np.testing.assert_allclose(kept, probs[candidates])
+
+
+def test_top_indices_are_the_k_largest_whatever_the_values() -> None:
+    rng = np.random.default_rng(5)
+    cases = [
+        rng.standard_normal(32000).astype(np.float32),
+        np.sort(rng.standard_normal(32000).astype(np.float32)),  # the largest all at one end: missed by a subsample
+        np.where(rng.random(32000) < 0.99, -np.inf, rng.standard_normal(32000)).astype(np.float32),  # banned
+        np.repeat(rng.standard_normal(4000).astype(np.float32), 8),  # ties everywhere
+    ]
+    for values in cases:
+        for k in (1, 5, 50, 256):
+            got = top_indices(values, k)
+            assert got.size == k == np.unique(got).size
+            assert np.sort(values[got])[::-1].tolist() == np.sort(values)[::-1][:k].tolist()
