@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from jachat.bench.workload import Progress, Record, Report, Workload
+from jachat.bench.workload import Progress, Record, Report, Workload, percentile
 from jachat.v1 import chat_pb2, chat_pb2_grpc
 
 
@@ -184,6 +184,7 @@ async def run_load(
     name = label or (f"service, {concurrency} streams" if rate is None else f"service, {rate}/s")
     progress = Progress(name, requests, duration)
     records: list[Record] = []
+    numbered: list[tuple[int, Record]] = []  # each record with its launch number (1 is the first counted call)
     counter = iter(range(10**9))
     await call(0, None)  # warm-up, not counted
     started = time.perf_counter()
@@ -201,9 +202,11 @@ async def run_load(
     async def one() -> None:
         """One call, already counted in flight by whoever launched it (so `more` never overshoots)."""
         cancel_after = chance.randint(1, max(1, workload.tokens - 1)) if chance.random() < cancel_fraction else None
-        record = await call(next(counter), cancel_after)
+        n = next(counter)
+        record = await call(n, cancel_after)
         in_flight[0] -= 1
         records.append(record)
+        numbered.append((n, record))
         progress.advance()
 
     def launched() -> None:
@@ -241,4 +244,7 @@ async def run_load(
     report = Report.of(name, concurrency, records, seconds, most[0])
     if rate is not None:
         report.nominal_rate, report.offered_rate = rate, offered[0] / offered[1]
+    else:  # past the opening burst, where every client started at once
+        later = [r.ttft for n, r in numbered if n > concurrency and r.code == "OK"]
+        report.ttft_after_opening = {f"p{q}": percentile(later, q) for q in (50, 90, 99)}
     return report

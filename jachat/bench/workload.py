@@ -115,6 +115,9 @@ class Report:
     max_in_flight: int = 0  # the most calls in flight at once (open loop: bounded by the concurrency)
     nominal_rate: float | None = None  # open loop: the calls/s asked for
     offered_rate: float | None = None  # open loop: the calls/s actually sent (calls over the arrival window)
+    # closed loop: TTFT of the calls launched after the first `concurrency`, which all start at once (a burst no
+    # steady load has); empty for an open loop
+    ttft_after_opening: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def of(cls, name: str, concurrency: int, records: list[Record], seconds: float, max_in_flight: int = 0) -> Report:
