@@ -226,6 +226,7 @@ class Service:
             device_index=self.settings.device_index,
             decode_loop=self.settings.decode_loop,
             kv_cache_tokens=self.settings.kv_cache_tokens,
+            prefill_tokens=self.settings.prefill_tokens_per_step,
             intra_threads=self.settings.intra_threads,
             verify_checksums=self.settings.verify_checksums,
             warm_up=self.settings.warm_up,

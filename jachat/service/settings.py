@@ -62,6 +62,14 @@ class Settings:
             choices=("static", "native", "auto"),
         ),
     )
+    prefill_tokens_per_step: int = field(
+        default=64,
+        metadata=_opt(
+            "the decode loop's prompt tokens prefilled between two steps beyond the first waiting call's (which is "
+            "always admitted when there is room): fewer hold the running rows less per step and spread a burst of "
+            "arrivals over steps"
+        ),
+    )
     kv_cache_tokens: int = field(
         default=0,
         metadata=_opt(

@@ -110,6 +110,7 @@ class Running:
             max_rows,
             VOCAB,
             cache_budget,
+            prefill_budget=512,
         )
         self.thread = threading.Thread(target=self.loop.run)
         self.thread.start()

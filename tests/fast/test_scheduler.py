@@ -689,8 +689,10 @@ def test_the_engines_option_defaults_are_the_servers() -> None:
         served.kv_cache_tokens,
         served.warm_up,
     )
-    assert (core.decode_loop, core.kv_cache_tokens, core.max_batch_size) == (
+    assert (core.decode_loop, core.kv_cache_tokens, core.prefill_tokens, core.max_batch_size) == (
         served.decode_loop,
         served.kv_cache_tokens,
+        served.prefill_tokens_per_step,
         served.max_batch_size,
     )
+    assert engine.prefill_tokens == served.prefill_tokens_per_step

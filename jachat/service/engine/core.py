@@ -450,7 +450,7 @@ def serve(commands: int, events: int, flags: memoryview, loader: Loader = load) 
     sender = threading.Thread(target=outbox.run, name="jachat-outbox", daemon=True)
     sender.start()
     if loaded.loop:
-        _serve_loop(commands, generator, options.eos_id, len(vocabulary), outbox, flags, loaded)
+        _serve_loop(commands, generator, options, len(vocabulary), outbox, flags, loaded)
     else:
         _serve_static(commands, generator, vocabulary, options.eos_id, outbox, flags, loaded.all_replicas)
     outbox.close()
@@ -489,14 +489,21 @@ def _serve_static(
 
 
 def _serve_loop(
-    commands: int, decoder: Any, eos_id: int, vocab_size: int, outbox: Outbox, flags: memoryview, loaded: Loaded
+    commands: int,
+    decoder: Any,
+    options: CoreOptions,
+    vocab_size: int,
+    outbox: Outbox,
+    flags: memoryview,
+    loaded: Loaded,
 ) -> None:
     """The decode loop on this (the main) thread, every RunBatch's rows joining its running batch, commands read on
     a thread of their own; scoring jobs through the loop too, a piece between two steps (the decoder computes one
     thing at a time: neither a reply nor a scoring job waits for the other's whole length)."""
     from jachat.service.engine.loop import Loop
 
-    loop = Loop(decoder, eos_id, outbox, flags, loaded.replicas, vocab_size, loaded.kv_cache_tokens)
+    rows, budget = loaded.replicas, loaded.kv_cache_tokens
+    loop = Loop(decoder, options.eos_id, outbox, flags, rows, vocab_size, budget, options.prefill_tokens)
     scorer = native_scorer(decoder)
 
     def read() -> None:

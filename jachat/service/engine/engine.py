@@ -125,6 +125,7 @@ class Engine:
             device_index=options.device_index,
             decode_loop=options.decode_loop,
             kv_cache_tokens=options.kv_cache_tokens,
+            prefill_tokens=options.prefill_tokens,
             replicas=options.scheduler.replicas,
             intra_threads=options.intra_threads,
             max_batch_size=options.scheduler.max_batch_size,

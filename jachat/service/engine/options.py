@@ -33,7 +33,7 @@ class EngineOptions:
     device_index: int = 0
     decode_loop: str = "auto"  # static, native or auto (wire.CoreOptions)
     kv_cache_tokens: int = 0  # the decode loop's KV-cache budget, in positions; 0: half the free memory (cache.py)
-    prefill_tokens: int = 512  # the decode loop's prompt tokens prefilled between two steps, beyond the first row
+    prefill_tokens: int = 64  # the decode loop's prompt tokens prefilled between two steps, beyond the first row
     intra_threads: int = 0
     verify_checksums: bool = True
     warm_up: bool = True  # each replica generates a little before the engine is ready (warmup.py)

@@ -55,6 +55,7 @@ class CoreOptions:
     # (loop.py) on the native decoder; auto: native where it is built and passes its self-test, else static
     decode_loop: str = "auto"
     kv_cache_tokens: int = 0  # the decode loop's KV-cache budget in positions; 0: from the free memory (cache.py)
+    prefill_tokens: int = 64  # the decode loop's prompt tokens prefilled between two steps, beyond the first row
 
 
 @dataclasses.dataclass(frozen=True)
