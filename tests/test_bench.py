@@ -55,6 +55,27 @@ def test_bench_all_modes_write_a_report(model_f32: Path, demo_checkpoint: Path, 
     assert reports["ct2_n"]["name"].startswith("ctranslate2 best: ")
 
 
+@pytest.mark.slow
+def test_bench_loop_compares_both_engines_the_loop_alone_and_raw_ctranslate2_with_memory(
+    model_f32: Path, tmp_path: Path
+) -> None:
+    output = tmp_path / "loop.json"
+    command = ["jachat-bench", "loop", "--model", str(model_f32), "-c", "4", "-n", "8", "--tokens", "6"]
+    result = subprocess.run([*command, "-o", str(output)], capture_output=True, text=True, timeout=600)
+    assert result.returncode in (0, 1), result.stderr  # 1: a target was missed (printed, not an error)
+    report = json.loads(output.read_text())
+    reports = report["reports"]
+    assert set(reports) == {"static_1", "static_n", "loop_1", "loop_n", "loop_mixed_n", "alone_n", "ct2_1", "ct2_n"}
+    for key in ("static_n", "loop_n", "loop_mixed_n", "alone_n", "ct2_n"):
+        assert reports[key]["errors"] == {} and reports[key]["output_tokens"] == 6 * 8, key
+    assert reports["loop_n"]["ttft_after_opening"]["p99"] > 0  # the 4 calls after the opening burst of 4
+    memory = report["meta"]["memory"]
+    assert set(memory) == {"static", "loop", "flood"} and all(m["errors"] == 0 for m in memory.values())
+    assert all(m["peak_mib"] >= m["idle_mib"] > 0 for m in memory.values())
+    said = {t["what"] for t in report["targets"]} | {t["what"] for t in report["meta"]["memory_targets"]}
+    assert "loop alone, 4 rows / ctranslate2 best for 4" in said and "loop RSS peak at 4 rows x 512 / static's" in said
+
+
 def test_bench_counts_errors_by_status_code(server: InProcessServer, tmp_path: Path) -> None:
     output = tmp_path / "errors.json"
     # 4000 tokens do not fit the 2048-token context: every request is INVALID_ARGUMENT

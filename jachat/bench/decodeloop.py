@@ -5,7 +5,8 @@ The same closed-loop workload (`jachat-bench all`'s: 1 stream, then N) runs agai
 workload.MixedWorkload) follows it; then CTranslate2 alone in its best static configuration. Each server has the
 machine to itself while it is measured. The ratios are the decode-loop issue's targets (targets.py).
 
-Then memory (memory.py): each engine's resident set while N rows of LONG_ROW positions run at once (greedy, one
+Then the loop alone in this process (inprocess.py: no server, no client beside it, as raw CTranslate2 runs), and
+memory (memory.py): each engine's resident set while N rows of LONG_ROW positions run at once (greedy, one
 prompt, so static batches share one batch), and a flood of FLOOD_CALLS prompts of FLOOD_PROMPT tokens against a loop
 server whose KV budget holds 3 of them (`--kv-cache-tokens`): the rest must wait, none fail.
 """
@@ -21,6 +22,7 @@ from typing import Any
 from jachat.bench import memory
 from jachat.bench.baselines import run_ct2
 from jachat.bench.clients import run_grpc
+from jachat.bench.inprocess import run_loop_alone
 from jachat.bench.launcher import spawn
 from jachat.bench.reports import print_results
 from jachat.bench.workload import MixedWorkload, Report, Workload
@@ -69,6 +71,9 @@ def loop_main(
         memories["flood"] = memory.measure(flood, label, text, FLOOD_CALLS, workload.tokens, positions)
     finally:
         flood.stop()
+    from jachat.service.engine.core import cpu_cores
+
+    reports["alone_n"] = run_loop_alone(model, workload, n, requests, cpu_cores())
     reports["ct2_1"] = run_ct2(model, workload, 1, alone)
     reports["ct2_n"] = run_ct2(model, workload, n, max(2, requests // n))
     meta["serve_args"] = serve_args

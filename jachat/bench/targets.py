@@ -60,6 +60,7 @@ TARGETS = (
     Target("loop 1 stream / ctranslate2 best for 1", _ratio("loop_1", "ct2_1", _tokens_per_second), 0.95),
     Target("loop {n} streams / ctranslate2 best for {n}", _ratio("loop_n", "ct2_n", _tokens_per_second), 1.0),
     Target("loop {n} streams / static {n} streams", _ratio("loop_n", "static_n", _tokens_per_second), 1.0),
+    Target("loop alone, {n} rows / ctranslate2 best for {n}", _ratio("alone_n", "ct2_n", _tokens_per_second), 1.0),
     Target("loop TTFT p99 at {n} streams / one generation alone (e2e p50)", _loop_ttft_p99_over_alone, 0.25, False),
     Target(
         "loop TTFT p99 at {n} streams, past the opening burst / one generation alone",
