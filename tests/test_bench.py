@@ -290,9 +290,12 @@ def test_gpu_check_runs_end_to_end_in_dry_mode(tmp_path: Path) -> None:
     assert report["tests"]["passed"] is True and "passed" in report["tests"]["summary"]
     bench = report["runs"]["bench"]
     assert [row["concurrency"] for row in bench["closed_loops"]] == [1, 4, 8]
-    assert all(row["errors"] == {} and row["tokens_per_second"] > 0 for row in bench["closed_loops"])
-    assert [row["serve_args"] for row in bench["replicas"]] == [["--replicas", "1"], ["--replicas", "2"]]
+    assert [row["concurrency"] for row in bench["static_closed_loops"]] == [4, 8]
+    for row in bench["closed_loops"] + bench["static_closed_loops"]:
+        assert row["errors"] == {} and row["tokens_per_second"] > 0
+    assert all("self-test passed" in row["engine"] for row in bench["closed_loops"])  # the loop ran, checked
+    assert [row["serve_args"][-1] for row in bench["replicas"]] == ["1", "2"]
     assert bench["sweep"]["steps"] and bench["roofline"]["weights_bytes"] > 0
     fastest = max(bench["replicas"], key=lambda row: row["tokens_per_second"])
-    assert bench["recommended"]["replicas"] == int(fastest["serve_args"][-1])
+    assert bench["recommended"]["static_replicas"] == int(fastest["serve_args"][-1])
     assert f"written to {output}" in result.stdout
