@@ -13,7 +13,7 @@ import grpc
 import pytest
 
 from jachat.v1 import chat_pb2
-from tests.helpers import details, greedy, user
+from tests.helpers import details, greedy, user, wait_until
 from tests.servers import Server, serving
 from tests.test_native import decoder_module
 
@@ -54,3 +54,21 @@ def test_a_flood_that_fits_one_call_at_a_time_completes_with_the_excess_waiting(
     )
     for (_, before_total), (first_token, _) in itertools.pairwise(timings):
         assert first_token > before_total * 0.5, timings  # it waited for the one before to leave the cache
+
+
+def test_the_kv_gauge_is_the_share_of_the_budget_the_running_rows_hold(model_f32: Path) -> None:
+    """The Inference Gateway's KV-cache gauge, with the decode loop: rows x the longest a row may reach, over the
+    budget (here one row of its prompt and 1,000 new tokens in 4,000 positions), and 0 once the row has left."""
+    flags = ("--decode-loop", "native", "--kv-cache-tokens", "4000", "--metrics-cache-seconds", "0")
+    with serving(model_f32, *flags) as server, server.channel() as channel:
+        stub = server.stub(channel)
+        assert server.scrape()["jachat_kv_cache_usage_ratio"] == 0.0
+        prompt = stub.Tokenize(chat_pb2.TokenizeRequest(turns=[user("やあ")])).token_count
+        stream = stub.GenerateStream(
+            chat_pb2.GenerateStreamRequest(turns=[user("やあ")], sampling=greedy(1000, min_new_tokens=1000))
+        )
+        next(stream)  # it runs
+        held = server.scrape()["jachat_kv_cache_usage_ratio"]
+        stream.cancel()
+        wait_until(lambda: server.scrape()["jachat_kv_cache_usage_ratio"] == 0.0, "the row left the cache")
+    assert held == (prompt + 1000) / 4000

@@ -251,6 +251,9 @@ class Service:
         engine = await asyncio.to_thread(Engine, options, self.metrics, lost)
         self.calls.attach(engine)
         self.metrics.engine_memory.set_function(lambda: engine.core.rss())  # read at each scrape
+        if engine.loop:  # the share of the KV-cache budget the running rows hold, not of the replicas
+            budget = max(1, engine.kv_cache_tokens)
+            self.metrics.kv_cache_usage.set_function(lambda: min(1.0, engine.core.cache_used / budget))
         info = engine.info
         self.metrics.queue_capacity.set(self.settings.max_queued_requests)
         self.metrics.model_info.labels(info.model_name, info.quantization, info.compute_type, info.device).set(1)

@@ -81,6 +81,7 @@ class FakeOutbox:
         self.tokens_at_end: dict[int, int] = {}
         self.asleep = [False]
         self.running = 0
+        self.cache_used = 0
 
     def woken(self) -> None:
         pass
@@ -202,6 +203,7 @@ def test_the_kv_cache_budget_holds_and_rows_that_do_not_fit_wait_their_turn() ->
         assert [len(r.outbox.of(i)) for i in range(5)] == [20, 20, 20, 10, 10]
         assert 0 < r.decoder.peak <= 100
         assert max(n for op, n in r.decoder.calls if op == "step") == 2  # the two short rows: 2 x 20 fit
+        assert r.outbox.cache_used == 0  # what the loop reports held: nothing, once every row has left
     finally:
         r.loop.close()
         r.thread.join(timeout=10)
@@ -212,6 +214,7 @@ def test_a_row_waiting_for_the_cache_ends_at_once_when_it_is_stopped() -> None:
     try:
         first = r.submit([[4] * 40], [0], [100_000 - 40])  # its longest is the whole budget: nothing fits beside it
         wait_until(lambda: len(r.outbox.of(0)) >= 2, "the first reply under way")
+        assert r.outbox.cache_used == 100_000  # one row that may reach the whole budget
         waiting = r.submit([[10] * 10], [1], [5])
         r.flags[1] = 1
         r.wait_ended(waiting)

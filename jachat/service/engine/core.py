@@ -228,6 +228,7 @@ class Outbox:
         self.ended: list[Ended] = []
         self.running = 0  # jobs running (changed under the GIL by the decode threads)
         self.pieces = 0  # scoring pieces done since the last send
+        self.cache_used = 0  # the decode loop's KV-cache positions held (loop.Loop sets it; wire.Progress)
         self.wake = threading.Event()  # a batch started or ended, or a token came while the sender slept
         self.asleep = [False]  # a list, so that the callbacks read it without an attribute lookup
         self.closing = False  # set once no batch will start: send what is left, then return
@@ -252,7 +253,7 @@ class Outbox:
                 del tokens[: len(batch)]
                 pieces, self.pieces = self.pieces, 0
                 try:
-                    wire.send(events, wire.Progress(batch, done, pieces))
+                    wire.send(events, wire.Progress(batch, done, pieces, self.cache_used))
                 except OSError:  # the server is gone: the main thread ends the process
                     return
                 sent = time.monotonic()

@@ -146,6 +146,7 @@ class Engine:
         )
         self.warm = loaded.warm
         self.loop = loaded.loop  # the decode loop runs (each row its own options and seed), not static batches
+        self.kv_cache_tokens = loaded.kv_cache_tokens  # its KV-cache budget, in positions (0: static batches)
         if self.warm is not None:
             plan = self.warm.shapes
             log.info(

@@ -148,6 +148,7 @@ class EngineProcess:
         self._closing = False
         self._killed: str | None = None  # why the server killed the engine, if it did
         self.lost: str | None = None
+        self.cache_used = 0  # the decode loop's KV-cache positions held, as of the engine's last message
         self.heard = self.progressed = time.monotonic()
         self.loaded = self._load(options)
         self.heard = self.progressed = time.monotonic()
@@ -288,6 +289,7 @@ class EngineProcess:
             for message in messages:
                 assert isinstance(message, wire.Progress), message
                 tokens, ended, pieces = message.tokens, message.ended, message.pieces
+                self.cache_used = message.cache_used
                 if tokens or ended or pieces:
                     self.progressed = time.monotonic()
                 for slot, token_id, log_prob, at in tokens:

@@ -159,6 +159,7 @@ class Loop:
                 continue
             row.next = row.prompt[-1]
             running.append(row)
+            self._held(running)
 
     def _piece(self) -> None:
         """One piece of the oldest other work, once the running rows have had their share of the decoder."""
@@ -177,6 +178,10 @@ class Loop:
             self._owed = time.monotonic() - started
         with self._lock:
             self._work.appendleft(work)
+
+    def _held(self, running: list[_Row]) -> None:
+        """What the running rows hold of the KV-cache budget, for the server (its gauge, the gateway's)."""
+        self.outbox.cache_used = len(running) * max((row.longest for row in running), default=0)
 
     def _end_stopped(self) -> None:
         """Waiting rows stopped (cancelled, past their deadline, drained) end now, with no token."""
@@ -212,6 +217,7 @@ class Loop:
         self.decoder.drop([row.id for row in rows])
         gone = {row.id for row in rows}
         running[:] = [row for row in running if row.id not in gone]
+        self._held(running)  # before the ends: whoever reads an end reads what the cache holds without the rows
         for row in rows:
             self._ended(row)
 
@@ -227,6 +233,7 @@ class Loop:
             rows = running + list(self._waiting)
             self._waiting.clear()
         running.clear()
+        self._held(running)
         self.decoder.reset()  # no row left in it, whatever state the failure left it in
         for number in {row.job for row in rows}:
             del self._jobs[number]

@@ -22,7 +22,7 @@ from typing import Any
 
 from jachat.service.engine.warmup import WarmUp
 
-PROTOCOL = 2
+PROTOCOL = 3
 _HEADER = struct.Struct("!I")  # a frame's length
 READ_BYTES = 1 << 20  # the most one read takes: every frame it holds is decoded at once
 
@@ -154,6 +154,9 @@ class Progress:
     tokens: list[Token]
     ended: list[Ended]
     pieces: int
+    # the decode loop: the KV-cache positions its running rows hold by the fit rule (rows x the longest a row may
+    # reach, cache.fits), as of this message; 0 with static batches
+    cache_used: int = 0
 
 
 Event = Ready | LoadFailed | Progress

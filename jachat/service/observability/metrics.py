@@ -130,9 +130,10 @@ class Metrics:
         )
         self.kv_cache_usage = Gauge(
             "jachat_kv_cache_usage_ratio",
-            "Share of the engine's KV cache a new call cannot use: the replicas running a batch over all replicas "
-            "(a static batch admits no sequence once it runs, so a busy replica's cache is taken whatever its rows "
-            "hold). 1: a new call waits for a batch to end.",
+            "Share of the engine's KV cache in use. The decode loop: the positions its running rows hold of the "
+            "KV-cache budget (rows x the longest a row may reach). Static batches: the replicas running a batch over "
+            "all replicas (a static batch admits no sequence once it runs, so a busy replica's cache is taken "
+            "whatever its rows hold). 1: a new call waits.",
             registry=r,
         )
         self.queue_capacity = Gauge(
