@@ -183,24 +183,27 @@ def test_a_big_echo_answer_is_built_off_the_event_loop(
 
 def test_http_deadlines_are_kept_while_the_call_waits_in_the_queue(one_replica: InProcessServer) -> None:
     """Defect 5: with the one place busy on a long reply, chat calls (whole and streamed) and an echo call with
-    x-jachat-timeout: 0.3 end 504 at their deadline, while that reply still runs, not when it ends (the decode loop
-    writes the 1,900 tokens in about 1.5 s here: the three deadlines fit in it)."""
+    x-jachat-timeout: 1 end 504 at their deadline, while that reply still runs, not when it ends. The engine is
+    stopped (SIGSTOP) once the long reply runs, so that reply cannot end first however fast the model is."""
     model = model_id(one_replica)
     long = chat_pb2.GenerateRequest(turns=[user("やあ")], sampling=greedy(1900, min_new_tokens=1900))
     chat = {"model": model, "messages": [{"role": "user", "content": "こんにちは"}], "max_tokens": 4}
     echo = {"model": model, "prompt": "東京です。", "max_tokens": 0, "echo": True, "logprobs": 0}
     before = one_replica.scrape()
+    pid = engine_of(one_replica).core.pid
     with one_replica.channel() as channel, ThreadPoolExecutor(1) as pool:
         running = pool.submit(one_replica.stub(channel).Generate, long, timeout=120)
-        wait_until(
-            lambda: one_replica.scrape()["jachat_kv_cache_usage_ratio"] == 1.0 or running.done(), "the long reply"
-        )
-        for path, body in (("/v1/chat/completions", chat), ("/v1/chat/completions", {**chat, "stream": True})):
-            status, text = post(one_replica, path, body, {"x-jachat-timeout": "0.3"})
-            assert status == 504, text
-            assert not running.done(), "answered only once the long reply ended"
-        status, text = post(one_replica, "/v1/completions", echo, {"x-jachat-timeout": "0.3"})
-        assert status == 504 and not running.done(), text
+        wait_until(lambda: one_replica.scrape()["jachat_running_requests"] == 1 or running.done(), "the long reply")
+        os.kill(pid, signal.SIGSTOP)
+        try:
+            for path, body in (("/v1/chat/completions", chat), ("/v1/chat/completions", {**chat, "stream": True})):
+                status, text = post(one_replica, path, body, {"x-jachat-timeout": "1"})
+                assert status == 504, text
+                assert not running.done(), "answered only once the long reply ended"
+            status, text = post(one_replica, "/v1/completions", echo, {"x-jachat-timeout": "1"})
+            assert status == 504 and not running.done(), text
+        finally:
+            os.kill(pid, signal.SIGCONT)
         running.cancel()
     name = 'jachat_requests_total{api="http",code="DEADLINE_EXCEEDED",rpc="/v1/chat/completions"}'
     assert one_replica.scrape()[name] - before.get(name, 0.0) == 2
