@@ -6,9 +6,10 @@
    greedy, streaming, cancellation, deadlines, and prompt scoring both ways (score_batch, and the forward pass whose
    distributions are copied from the device).
 3. The benchmark on the bench model (rinna-shaped, 134M; with --full-size also rinna's own 3.6B shape, random
-   weights): closed loops of 1, 16 and 64 streams on the decode loop (the default: its start-up self-test against
-   stock CTranslate2 on the device is its parity check, and the report keeps its line) and the same on static
-   batches; replicas 1, 2 and 4 of static batches under 64 streams; an open-loop sweep on the decode loop.
+   weights): closed loops of 1, 16 and 64 streams on the default engine, the decode loop where the native decoder
+   is built and passes its start-up self-test against stock CTranslate2 on the device (its parity check: the
+   report keeps the line that says which engine ran, and why) and the same on static batches; replicas 1, 2 and 4
+   of static batches under 64 streams; an open-loop sweep on the default engine.
 4. One stream against the memory-bandwidth roofline (weights read once per token / the device's bandwidth), and
    the replicas and batch size that served best, as the recommended GPU defaults.
 
@@ -166,7 +167,7 @@ def check(args: argparse.Namespace) -> dict[str, Any]:
     runs: dict[str, Any] = {}
     for name, model in models.items():
         loops = [
-            closed_loop(model, device, workload, n, 2 * n if args.dry_run else 4 * n, "--decode-loop", "native")
+            closed_loop(model, device, workload, n, 2 * n if args.dry_run else 4 * n, "--decode-loop", "auto")
             for n in streams
         ]
         static = [
