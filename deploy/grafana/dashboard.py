@@ -169,14 +169,16 @@ def build() -> dashboard.Dashboard:
         ),
         (
             series(
-                "Busy replicas by pod (the Inference Gateway's KV-cache gauge)",
+                "KV cache in use by pod (the Inference Gateway's KV-cache gauge)",
                 "percentunit",
                 [
                     query(f"max by (pod) (jachat_kv_cache_usage_ratio{{{POD}}})", "{{pod}} busy", "A"),
                 ],
-                "Replicas running a batch over all replicas, per pod (jachat_kv_cache_usage_ratio, which the "
-                "endpoint picker reads as KV-cache use): a running static batch admits no one, so at 100% a new call "
-                "waits for a batch to end. Sequences in running batches: jachat_batch_sequences.",
+                "jachat_kv_cache_usage_ratio per pod, which the endpoint picker reads as KV-cache use. The decode "
+                "loop: the share of its KV-cache budget its running rows hold (rows x the longest a row may "
+                "reach); near 100% a new call waits for rows to leave. Static batches: replicas running a batch "
+                "over all replicas (a running static batch admits no one). Sequences running: "
+                "jachat_batch_sequences.",
             ),
             8,
         ),
@@ -193,7 +195,8 @@ def build() -> dashboard.Dashboard:
                     ),
                     *quantiles("jachat_batch_size")[2:],
                 ],
-                "Requests per generate_batch call.",
+                "Requests per generate_batch call (static batches; the decode loop runs each call as a job of its "
+                "own, so 1: its batch is jachat_batch_sequences).",
             ),
             8,
         ),
