@@ -21,8 +21,9 @@ from jachat.service.domain.results import Completion, Delta
 from jachat.service.domain.sampling import SamplingOptions
 from jachat.service.engine import native
 from jachat.service.engine.engine import Engine
+from jachat.service.engine.loop import CHUNK_TOKENS
 from jachat.service.engine.options import EngineOptions
-from jachat.service.text.prompt import render_prompt
+from jachat.service.text.prompt import Speaker, Turn, render_prompt
 from tests.helpers import hf_generate
 from tests.test_parity import GREEDY as PARITY_GREEDY
 from tests.test_parity import PROMPTS, scores_equal_hugging_faces, streamed_logprobs_equal_hugging_faces
@@ -83,6 +84,41 @@ def test_rows_joining_and_leaving_at_any_step_have_stock_logits(model_f32: Path)
             feed[row] = check(row, logits)
         assert ours.cache_columns == max(ours.lengths)  # trimmed to the longest running row
     assert compared == 47 and worst <= FLOAT32, worst  # 47: every row at every step of the schedule
+
+
+def test_a_prompt_prefilled_in_chunks_beside_running_rows_has_stock_logits(model_f32: Path) -> None:
+    """extend: a long prompt prefilled a chunk at a time, outside the running batch, between its steps; join then
+    prefills the rest and the row runs. Its logits are stock CTranslate2's on that row alone, and the rows already
+    running are untouched by it; a row dropped while pending leaves nothing behind."""
+    import ctranslate2
+
+    ours = decoder_module().Decoder(str(model_f32), "cpu", "float32", 0, 1)
+    stock = ctranslate2.Generator(str(model_f32), device="cpu", compute_type="float32", intra_threads=1)
+    words = vocabulary(model_f32)
+    rng = np.random.default_rng(11)
+    running = [int(i) for i in rng.integers(4, len(words), size=9)]
+    long = [int(i) for i in rng.integers(4, len(words), size=300)]
+
+    def reference(ids: list[int]) -> np.ndarray:
+        last: np.ndarray = np.asarray(stock.forward_batch([[words[i] for i in ids]]))[0, -1]
+        return last
+
+    ours.join(1, running)
+    feed = running[-1]
+    for start in range(0, 299, 128):  # 128, 128, then 43: the last prompt token is the row's input
+        out = ours.step_array([feed])
+        assert np.max(np.abs(out[0] - reference(running))) <= FLOAT32  # the running row, as if alone
+        running.append(feed := int(np.argmax(out[0])))
+        ours.extend(2, long[start : min(start + 128, 299)])
+        assert ours.pending(2) == min(start + 128, 299) and ours.rows == [1]
+    ours.join(2, long)
+    assert ours.pending(2) == 0 and ours.rows == [1, 2]
+    out = ours.step_array([feed, long[-1]])
+    assert np.max(np.abs(out[0] - reference(running))) <= FLOAT32
+    assert np.max(np.abs(out[1] - reference(long))) <= FLOAT32
+    ours.extend(3, long[:50])
+    ours.drop([3])
+    assert ours.pending(3) == 0 and ours.rows == [1, 2]
 
 
 def test_scores_equal_stock_forward_batch(model_f32: Path) -> None:
@@ -173,6 +209,18 @@ def test_greedy_replies_equal_hugging_faces_for_calls_that_join_a_running_batch(
         assert list(reply.token_ids) == hf_generate(demo_checkpoint, prompt_ids, GREEDY.max_new_tokens)
     alone = run(loop_f32, prompts[2], GREEDY)
     assert alone.token_ids == replies[2].token_ids  # the same alone and in a batch
+
+
+def test_a_long_prompt_prefilled_in_chunks_beside_running_calls_gives_hugging_faces_reply(
+    loop_f32: Engine, demo_checkpoint: Path
+) -> None:
+    """A prompt of 700-odd tokens (loop.CHUNK_TOKENS a gap) joins between the steps of two running calls."""
+    short = [loop_f32.tokenizer.encode(render_prompt(turns)) for turns in PROMPTS[:2]]
+    long = loop_f32.tokenizer.encode(render_prompt([Turn(Speaker.USER, "吾輩は猫である。名前はまだ無い。" * 40)]))
+    assert len(long) > 2 * CHUNK_TOKENS + 1
+    replies = asyncio.run(staggered(loop_f32, [(short[0], GREEDY), (long, GREEDY), (short[1], GREEDY)], gap=2))
+    for prompt_ids, reply in zip([short[0], long, short[1]], replies, strict=True):
+        assert list(reply.token_ids) == hf_generate(demo_checkpoint, prompt_ids, GREEDY.max_new_tokens)
 
 
 def test_the_repetition_penalty_is_hugging_faces_over_prompt_and_reply_beside_other_options(

@@ -51,6 +51,18 @@ namespace {
       _impl->join(row_id, ids);
     }
 
+    void extend(int64_t row_id, nb::handle ids_handle) {
+      std::vector<int32_t> ids = to_ids(ids_handle);
+      nb::gil_scoped_release release;
+      std::lock_guard<std::mutex> lock(_mutex);
+      _impl->extend(row_id, ids);
+    }
+
+    int64_t pending(int64_t row_id) {
+      std::lock_guard<std::mutex> lock(_mutex);
+      return _impl->pending(row_id);
+    }
+
     // tokens: {row_id: token_id} with exactly the running rows. Returns {row_id: logits}.
     nb::dict step(nb::dict tokens) {
       std::vector<std::pair<int64_t, int32_t>> given;
@@ -172,8 +184,13 @@ NB_MODULE(_native, m) {
          "model_dir"_a, "device"_a = "cpu", "compute_type"_a = "default",
          "device_index"_a = 0, "intra_threads"_a = 1)
     .def("join", &Decoder::join, "row_id"_a, "prompt_ids"_a,
-         "Prefill one row's prompt but its last token alone and join the running batch; the last "
-         "prompt token is its input at the next step.")
+         "Prefill one row's prompt but its last token alone (what extend has not) and join the "
+         "running batch; the last prompt token is its input at the next step.")
+    .def("extend", &Decoder::extend, "row_id"_a, "ids"_a,
+         "Prefill the next part of a row's prompt into a cache of its own, outside the batch (a "
+         "long prompt a chunk at a time); join with the whole prompt finishes it.")
+    .def("pending", &Decoder::pending, "row_id"_a,
+         "Prompt tokens of a row prefilled by extend so far (0: none).")
     .def("step", &Decoder::step, "tokens"_a,
          "One decode step for all running rows: {row_id: token} -> {row_id: float32 logits "
          "[vocab]} (views into one [rows, vocab] array).")

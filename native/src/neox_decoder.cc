@@ -318,15 +318,27 @@ namespace neox {
 
     StorageView context(dtype, device);
     if (prefill_mask) {
-      _rotary->apply(q, 0);
-      _rotary->apply(k, 0);
+      // A whole prompt (offset 0), or a chunk after `offset` cached positions (extend): its queries
+      // attend to the cached keys and to its own, causally (the mask's lengths say how many).
+      const dim_t offset = cache.time;
+      _rotary->apply(q, offset);
+      _rotary->apply(k, offset);
+      if (offset > 0) {
+        const ops::Concat concat_op(2);
+        StorageView past(dtype, device);
+        past = std::move(cache.keys[index]);
+        concat_op({&past, &k}, cache.keys[index]);    // [1, H, offset + L, D]
+        past = std::move(cache.values[index]);
+        concat_op({&past, &v}, cache.values[index]);
+      } else {
+        cache.keys[index] = std::move(k);
+        cache.values[index] = std::move(v);
+      }
       const ops::MatMul keys_matmul(false, true, _queries_scale);
       StorageView scores(dtype, device);
-      keys_matmul(q, k, scores);                 // [1, H, L, L]
+      keys_matmul(q, cache.keys[index], scores);     // [1, H, L, offset + L]
       ops::SoftMax()(scores, prefill_mask, scores);
-      ops::MatMul()(scores, v, context);         // [1, H, L, D]
-      cache.keys[index] = std::move(k);
-      cache.values[index] = std::move(v);
+      ops::MatMul()(scores, cache.values[index], context);  // [1, H, L, D]
     } else {
       // Each row's own position: view [B, H, 1, D] as [1, B*H, D] ("time" = row*head).
       const ct2::Shape shape = q.shape();
@@ -436,16 +448,27 @@ namespace neox {
     StorageView layer_out(_dtype, _device);
     embed(input, layer_in);
 
-    // Causal mask exactly as TransformerDecoder::decode builds it for a single row.
-    StorageView lengths = StorageView({1}, std::vector<int32_t>{int32_t(length)}).to(_device);
-    const StorageView mask = ct2::layers::MultiHeadAttention::prepare_length_mask(
-      lengths, _num_heads, length, /*mask_future=*/true, /*multi_query=*/false);
+    const dim_t offset = cache.time;  // positions already cached (a chunk after earlier ones)
+    StorageView mask(DataType::INT32, _device);
+    if (offset == 0) {
+      // Causal mask exactly as TransformerDecoder::decode builds it for a single row.
+      StorageView lengths = StorageView({1}, std::vector<int32_t>{int32_t(length)}).to(_device);
+      mask = ct2::layers::MultiHeadAttention::prepare_length_mask(
+        lengths, _num_heads, length, /*mask_future=*/true, /*multi_query=*/false);
+    } else {
+      // The same layout, [1, H, L]: query q of the chunk sees the offset cached keys and q + 1 of its own.
+      std::vector<int32_t> seen(_num_heads * length);
+      for (dim_t h = 0; h < _num_heads; ++h)
+        for (dim_t q = 0; q < length; ++q)
+          seen[h * length + q] = static_cast<int32_t>(offset + q + 1);
+      mask = StorageView({1, _num_heads, length}, seen).to(_device);
+    }
     for (size_t i = 0; i < _layers.size(); ++i) {
       layer_forward(*_layers[i], i, layer_in, layer_out, &mask, nullptr, nullptr, nullptr, cache);
       layer_in = std::move(layer_out);
     }
-    cache.time = length;
-    cache.rows.front().length = length;
+    cache.time = offset + length;
+    cache.rows.front().length = offset + length;
     return layer_in;
   }
 
@@ -559,9 +582,41 @@ namespace neox {
     const auto scoped_device_setter = _model->get_scoped_device_setter();
     Cache row = empty_cache();
     row.rows.push_back(Row{row_id, 0});
-    if (prompt_ids.size() > 1)
-      prefill(std::vector<int32_t>(prompt_ids.begin(), prompt_ids.end() - 1), row);
+    const auto found = _pending.find(row_id);
+    if (found != _pending.end()) {
+      row = std::move(found->second);
+      _pending.erase(found);
+    }
+    const dim_t done = row.time;
+    const dim_t wanted = static_cast<dim_t>(prompt_ids.size()) - 1;  // all but the last token
+    if (done > wanted)
+      throw std::invalid_argument("row " + std::to_string(row_id) + " has more prefilled than its prompt");
+    if (wanted > done)
+      prefill(std::vector<int32_t>(prompt_ids.begin() + done, prompt_ids.end() - 1), row);
     merge(row);
+  }
+
+  void NeoXDecoder::extend(int64_t row_id, const std::vector<int32_t>& ids) {
+    check_new_row(row_id, ids);
+    prepare_thread();
+    const auto scoped_device_setter = _model->get_scoped_device_setter();
+    auto found = _pending.find(row_id);
+    if (found == _pending.end()) {
+      Cache row = empty_cache();
+      row.rows.push_back(Row{row_id, 0});
+      found = _pending.emplace(row_id, std::move(row)).first;
+    }
+    try {
+      prefill(ids, found->second);
+    } catch (...) {
+      _pending.erase(found);  // half a chunk's layers: the row starts over, or fails, with nothing cached
+      throw;
+    }
+  }
+
+  dim_t NeoXDecoder::pending(int64_t row_id) const {
+    const auto found = _pending.find(row_id);
+    return found == _pending.end() ? 0 : found->second.time;
   }
 
   std::vector<float> NeoXDecoder::step(const std::vector<int32_t>& tokens) {
@@ -616,10 +671,13 @@ namespace neox {
 
   void NeoXDecoder::reset() {
     _batch = empty_cache();
+    _pending.clear();
   }
 
   void NeoXDecoder::drop(const std::vector<int64_t>& row_ids) {
     const std::unordered_set<int64_t> to_drop(row_ids.begin(), row_ids.end());
+    for (const int64_t id : row_ids)
+      _pending.erase(id);
     std::vector<int32_t> keep;
     std::vector<Row> kept_rows;
     for (size_t i = 0; i < _batch.rows.size(); ++i) {

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <string>
 #include <vector>
@@ -58,6 +59,16 @@ namespace neox {
     // stock CTranslate2 runs a prompt (one causal pass, then its last token as a step), so a row
     // alone computes what stock computes.
     void join(int64_t row_id, const std::vector<int32_t>& prompt_ids);
+
+    // Prefills the next part of a row's prompt (`ids` after the parts before) into a cache of its
+    // own, outside the running batch: a long prompt is prefilled a chunk between two steps, and
+    // `join` with the whole prompt then prefills what is left but its last token and joins the row.
+    // Each chunk attends to the parts before it, at its own positions, so the row's cache is the one
+    // a single prefill gives (within float rounding).
+    void extend(int64_t row_id, const std::vector<int32_t>& ids);
+
+    // Tokens of a row's prompt prefilled by `extend` so far (0 when it has none pending).
+    dim_t pending(int64_t row_id) const;
 
     // One decode step for every running row. tokens[i] is the token of rows()[i].
     // Returns float32 logits [num_rows, vocab] (row-major), in rows() order.
@@ -150,6 +161,7 @@ namespace neox {
     } _rotary_args;
 
     Cache _batch;  // the running rows
+    std::map<int64_t, Cache> _pending;  // rows whose prompt is being prefilled in chunks (extend)
   };
 
 }

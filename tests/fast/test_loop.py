@@ -32,6 +32,8 @@ class FakeDecoder:
     def __init__(self) -> None:
         self.rows: list[int] = []
         self.lengths: dict[int, int] = {}
+        self.pending: dict[int, int] = {}  # rows prefilled in chunks, outside the batch
+        self.chunks = threading.Semaphore(10**6)  # a test that takes them all holds extend
         self.peak = 0
         self.calls: list[tuple[str, Any]] = []
         self.fail = False
@@ -51,8 +53,15 @@ class FakeDecoder:
         assert row not in self.rows
         self.rows.append(row)
         self.lengths[row] = len(prompt) - 1
+        self.pending.pop(row, None)
         self._held()
         self.calls.append(("join", len(prompt)))
+
+    def extend(self, row: int, ids: list[int]) -> None:
+        self.chunks.acquire()
+        assert row not in self.rows
+        self.pending[row] = self.pending.get(row, 0) + len(ids)
+        self.calls.append(("extend", len(ids)))
 
     def step_array(self, tokens: list[int]) -> np.ndarray:
         assert len(tokens) == len(self.rows)
@@ -71,6 +80,8 @@ class FakeDecoder:
 
     def drop(self, rows: list[int]) -> None:
         self.rows = [r for r in self.rows if r not in rows]
+        for row in rows:
+            self.pending.pop(row, None)
         self.calls.append(("drop", len(rows)))
 
 
@@ -99,7 +110,7 @@ class FakeOutbox:
 
 
 class Running:
-    def __init__(self, max_rows: int = 16, cache_budget: int = 10**9) -> None:
+    def __init__(self, max_rows: int = 16, cache_budget: int = 10**9, prefill_budget: int = 512) -> None:
         self.decoder, self.outbox = FakeDecoder(), FakeOutbox()
         self.shared = mmap.mmap(-1, 64)
         self.flags = memoryview(self.shared)
@@ -111,7 +122,7 @@ class Running:
             max_rows,
             VOCAB,
             cache_budget,
-            prefill_budget=512,
+            prefill_budget,
         )
         self.thread = threading.Thread(target=self.loop.run)
         self.thread.start()
@@ -251,6 +262,49 @@ def test_the_prefill_budget_spreads_long_prompts_over_steps(running: Running) ->
     calls = running.decoder.calls
     adds = [i for i, call in enumerate(calls) if call == ("join", 400)]
     assert len(adds) == 2 and any(op == "step" for op, _ in calls[adds[0] : adds[1]])  # 800 > 512: a step between
+
+
+@pytest.fixture
+def chunked() -> Iterator[Running]:
+    r = Running(prefill_budget=64)  # chunks of CHUNK_TOKENS (256)
+    yield r
+    r.decoder.chunks.release(10**6)
+    r.loop.close()
+    r.thread.join(timeout=10)
+    assert not r.thread.is_alive()
+
+
+def test_a_long_prompt_is_prefilled_a_chunk_per_step_while_the_running_rows_go_on(chunked: Running) -> None:
+    running = chunked
+    first = running.submit([[4]], [0], [100_000])
+    wait_until(lambda: len(running.outbox.of(0)) >= 2, "the first reply under way")
+    long = running.submit([[5] * 1000], [1], [2])  # 999 to prefill: 256, 256, 256, then a join of the last 231
+    running.wait_ended(long)
+    assert running.outbox.ended[long] is None and running.outbox.of(1) == [6, 7]
+    running.flags[0] = 1
+    running.wait_ended(first)
+    calls = [call for call in running.decoder.calls if call[0] != "drop"]
+    start = calls.index(("extend", 256))
+    assert calls[start : start + 8] == [
+        ("extend", 256), ("step", 1), ("extend", 256), ("step", 1), ("extend", 256), ("step", 1), ("join", 1000),
+        ("step", 2),
+    ]  # fmt: skip
+
+
+def test_a_long_prompt_stopped_midway_ends_with_no_token_and_leaves_nothing_in_the_decoder(chunked: Running) -> None:
+    running = chunked
+    first = running.submit([[4]], [0], [100_000])
+    wait_until(lambda: len(running.outbox.of(0)) >= 2, "the first reply under way")
+    for _ in range(10**6 - 2):  # two chunks, then extend waits
+        running.decoder.chunks.acquire()
+    long = running.submit([[5] * 5000], [1], [2])
+    wait_until(lambda: running.decoder.pending.get(2, 0) == 512, "two chunks of the long prompt")
+    running.flags[1] = 1
+    running.decoder.chunks.release(10**6)
+    running.wait_ended(long)
+    assert running.outbox.of(1) == [] and 2 not in running.decoder.pending and 2 not in running.decoder.rows
+    running.flags[0] = 1
+    running.wait_ended(first)
 
 
 def test_a_decoder_failure_fails_the_jobs_it_held_and_the_loop_serves_on(running: Running) -> None:

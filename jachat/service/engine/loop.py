@@ -5,8 +5,10 @@ Between two steps the loop admits waiting rows: each is prefilled alone, its pro
 to the running batch; its last prompt token is its input at the next step, so its first token comes from the step
 every row shares. It admits as many as the row limit and the KV-cache budget allow (cache.py: a row joins only
 while every running row and it could reach their longest within the budget, so the cache never outgrows it) and
-the prefill budget (prompt tokens per step) lets through, so a burst of long prompts does not stall the running
-rows for all its prefills at once (one row is always admitted when there is room, however long its prompt). Rows
+the prefill budget (prompt tokens per step) lets through, so a burst of arrivals does not stall the running rows
+for all its prefills at once (one row is always admitted when there is room). A prompt longer than CHUNK_TOKENS is
+prefilled a chunk per gap into a cache of its own (decoder.extend), so the running rows wait for a chunk per step,
+not for the whole prompt; it joins at the gap where what is left fits in a chunk. Rows
 wait in arrival order (the server's fairness order and priorities chose it); a waiting row that is stopped ends at
 once, with no token. Then one step computes every row's next logits, and
 each row picks its token with its own options (token.py). Its token goes to the outbox as a static batch's would
@@ -36,6 +38,10 @@ from typing import TYPE_CHECKING, Any
 from jachat.service.engine import cache
 from jachat.service.engine.token import Chooser, Decoding
 
+# A prompt longer than this is prefilled in chunks of it, one a gap between two steps, outside the running batch
+# (decoder.extend): the running rows wait for a chunk per step, not for the whole prompt.
+CHUNK_TOKENS = 256
+
 if TYPE_CHECKING:
     from jachat.service.engine.core import Outbox
     from jachat.service.engine.wire import RunBatch
@@ -51,6 +57,7 @@ class _Row:
     chooser: Chooser
     longest: int  # the cache positions it may come to hold: its prompt and every token it may take
     next: int = -1  # the token it feeds the next step
+    prefilled: int = 0  # prompt tokens in its own cache so far (a long prompt, a chunk a gap: decoder.extend)
 
 
 class Loop:
@@ -75,6 +82,7 @@ class Loop:
         # over steps: TTFT p99 past the opening burst 0.58 s with 512, 0.23-0.25 s with 0 or 64, throughput within
         # the noise (Intel Xeon 2-core, MKL, the bench model, 64 tokens, the card's sampling; 2026-12-07).
         self.prefill_budget = prefill_budget
+        self.chunk_tokens = max(prefill_budget, CHUNK_TOKENS)
         self._waiting: collections.deque[_Row] = collections.deque()
         self._lock = threading.Lock()
         self._wake = threading.Event()
@@ -141,17 +149,24 @@ class Loop:
         spent = 0
         while len(running) < self.max_rows:
             with self._lock:
-                if not self._waiting or (spent and spent + len(self._waiting[0].prompt) > self.prefill_budget):
+                if not self._waiting:
                     return
                 row = self._waiting[0]
+                rest = len(row.prompt) - 1 - row.prefilled  # what its join still prefills
+                if spent and spent + rest > self.prefill_budget:
+                    return
                 if not cache.fits((r.longest for r in running), row.longest, self.cache_budget):
                     if running:
-                        return  # it waits for rows to leave
+                        return  # it waits for rows to leave (the rows already running can only leave)
                     self._waiting.popleft()  # the server gives no call more than the budget: never seen
                     self._ended(row, f"a row of {row.longest} positions exceeds the KV-cache budget")
                     continue
-                self._waiting.popleft()
-            spent += len(row.prompt)
+                if rest <= self.chunk_tokens:
+                    self._waiting.popleft()
+            if rest > self.chunk_tokens:  # a long prompt: one chunk now, outside the batch; the rest at later gaps
+                self._extend(row)
+                return
+            spent += rest
             try:
                 self.decoder.join(row.id, row.prompt)  # its first token comes from the next step, with every row's
             except Exception:  # this row's own failure (its prompt, the device's memory): it fails alone
@@ -160,6 +175,17 @@ class Loop:
             row.next = row.prompt[-1]
             running.append(row)
             self._held(running)
+
+    def _extend(self, row: _Row) -> None:
+        """The next chunk of a long prompt, into the row's own cache; it stays first in line meanwhile."""
+        try:
+            self.decoder.extend(row.id, row.prompt[row.prefilled : row.prefilled + self.chunk_tokens])
+        except Exception:  # its own failure: it fails alone, and the decoder keeps nothing of it
+            with self._lock:
+                self._waiting.remove(row)
+            self._ended(row, traceback.format_exc())
+            return
+        row.prefilled += self.chunk_tokens
 
     def _piece(self) -> None:
         """One piece of the oldest other work, once the running rows have had their share of the decoder."""
@@ -184,12 +210,16 @@ class Loop:
         self.outbox.cache_used = len(running) * max((row.longest for row in running), default=0)
 
     def _end_stopped(self) -> None:
-        """Waiting rows stopped (cancelled, past their deadline, drained) end now, with no token."""
+        """Waiting rows stopped (cancelled, past their deadline, drained) end now, with no token; a long prompt
+        stopped midway leaves nothing in the decoder."""
         with self._lock:
             if not any(self.flags[row.slot] for row in self._waiting):
                 return
             stopped = [row for row in self._waiting if self.flags[row.slot]]
             self._waiting = collections.deque(row for row in self._waiting if not self.flags[row.slot])
+        begun = [row.id for row in stopped if row.prefilled]
+        if begun:
+            self.decoder.drop(begun)
         for row in stopped:
             self._ended(row)
 
