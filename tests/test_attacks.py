@@ -219,8 +219,8 @@ def test_scoring_waits_in_the_queue_as_model_work_and_never_holds_every_replica(
     two_replicas: InProcessServer,
 ) -> None:
     """Defect 4: four batch-priority Score calls in flight are seen by the queue and running gauges (so the HPA and
-    the gateway see the load), and an interactive Generate is answered while all four still wait or run: scoring
-    holds at most one replica, and queued batch work goes after interactive calls."""
+    the gateway see the load), and an interactive Generate is answered while three of them at least still wait or
+    run: scoring holds at most one place, and queued batch work goes after interactive calls."""
     with two_replicas.channel() as channel, ThreadPoolExecutor(4) as pool:
         stub = two_replicas.stub(channel)
         request = score_request(LONG_CANDIDATE, priority=chat_pb2.PRIORITY_BATCH)
@@ -233,7 +233,9 @@ def test_scoring_waits_in_the_queue_as_model_work_and_never_holds_every_replica(
         wait_until(lambda: seen() or any(f.done() for f in scores), "the Score calls counted as running and queued")
         assert not any(f.done() for f in scores), "a Score call ended before the gauges saw them all"
         assert generate_ok(two_replicas).usage.completion_tokens > 0
-        assert not any(f.done() for f in scores), "the interactive call waited for scoring"
+        # the decode loop scores a piece between two steps (a piece: this job's one long candidate), then steps
+        # for as long as it took: the call waits for the piece under way at most, never for the queue behind it
+        assert sum(f.done() for f in scores) <= 1, "the interactive call waited for the scoring behind it"
         for future in scores:
             assert len(future.result().candidates) == 1
     metrics = two_replicas.scrape()
