@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 
 from jachat.bench.launcher import ServerProcess
-from jachat.bench.processes import children, rss_bytes
+from jachat.bench.processes import children, cmdline, rss_bytes
 from jachat.manifest import TOKENIZER_FILE
 from jachat.service.text.prompt import Speaker, Turn, render_prompt
 from jachat.service.text.tokenizer import Tokenizer
@@ -45,7 +45,7 @@ def long_text(model: Path, prompt_tokens: int) -> str:
 
 def measure(server: ServerProcess, name: str, text: str, rows: int, new_tokens: int, positions: int) -> MemoryRun:
     """`rows` greedy calls of `text` at once, each exactly `new_tokens` long; the engine's RSS sampled meanwhile."""
-    (engine,) = [pid for pid in children(server.process.pid) if b"engine.core" in _cmdline(pid)]
+    (engine,) = [pid for pid in children(server.process.pid) if b"engine.core" in cmdline(pid)]
     idle = rss_bytes(engine)
     peak = [idle]
     done = threading.Event()
@@ -76,10 +76,6 @@ def measure(server: ServerProcess, name: str, text: str, rows: int, new_tokens: 
     done.set()
     sampler.join()
     return MemoryRun(name, rows, positions, idle / MIB, max(peak[0], rss_bytes(engine)) / MIB, errors, seconds)
-
-
-def _cmdline(pid: int) -> bytes:
-    return Path(f"/proc/{pid}/cmdline").read_bytes()
 
 
 def targets(runs: dict[str, MemoryRun], budget_mib: float) -> list[tuple[str, float, float, bool, bool]]:

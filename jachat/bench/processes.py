@@ -24,6 +24,11 @@ def children(pid: int) -> list[int]:
     return found
 
 
+def cmdline(pid: int) -> bytes:
+    """A process's command line, its arguments NUL-separated."""
+    return Path(f"/proc/{pid}/cmdline").read_bytes()
+
+
 def tree_rss_bytes(pid: int) -> int:
     """Resident memory of a server: its own process and its children's (the engine process holds the weights)."""
     return rss_bytes(pid) + sum(rss_bytes(child) for child in children(pid))

@@ -133,6 +133,11 @@ class Running:
         self.loop.submit(RunBatch(self.number, prompts, slots, limits, max(limits), GREEDY))
         return self.number
 
+    def stop(self) -> None:
+        """No more jobs: the loop's thread returns once its rows have ended."""
+        self.loop.close()
+        self.thread.join(timeout=10)
+
     def wait_ended(self, *numbers: int) -> None:
         wait_until(lambda: all(n in self.outbox.ended for n in numbers), f"jobs {numbers} ended")
 
@@ -141,8 +146,7 @@ class Running:
 def running() -> Iterator[Running]:
     r = Running()
     yield r
-    r.loop.close()
-    r.thread.join(timeout=10)
+    r.stop()
     assert not r.thread.is_alive()
 
 
@@ -188,8 +192,7 @@ def test_a_stop_flag_ends_a_running_row_before_its_next_step_and_a_waiting_one_w
         r.wait_ended(first, second)
         assert r.outbox.of(1) == [] and len(r.outbox.of(0)) < 10_000
     finally:
-        r.loop.close()
-        r.thread.join(timeout=10)
+        r.stop()
 
 
 def test_the_row_limit_holds_and_a_freed_place_admits_the_next_waiting_row() -> None:
@@ -200,8 +203,7 @@ def test_the_row_limit_holds_and_a_freed_place_admits_the_next_waiting_row() -> 
         assert max(n for op, n in r.decoder.calls if op == "step") == 2
         assert [op for op, _ in r.decoder.calls].count("join") == 3
     finally:
-        r.loop.close()
-        r.thread.join(timeout=10)
+        r.stop()
 
 
 def test_the_kv_cache_budget_holds_and_rows_that_do_not_fit_wait_their_turn() -> None:
@@ -216,8 +218,7 @@ def test_the_kv_cache_budget_holds_and_rows_that_do_not_fit_wait_their_turn() ->
         assert max(n for op, n in r.decoder.calls if op == "step") == 2  # the two short rows: 2 x 20 fit
         assert r.outbox.cache_used == 0  # what the loop reports held: nothing, once every row has left
     finally:
-        r.loop.close()
-        r.thread.join(timeout=10)
+        r.stop()
 
 
 def test_a_row_waiting_for_the_cache_ends_at_once_when_it_is_stopped() -> None:
@@ -233,8 +234,7 @@ def test_a_row_waiting_for_the_cache_ends_at_once_when_it_is_stopped() -> None:
         r.flags[0] = 1
         r.wait_ended(first)
     finally:
-        r.loop.close()
-        r.thread.join(timeout=10)
+        r.stop()
 
 
 def test_a_row_over_the_whole_budget_fails_alone_instead_of_waiting_forever() -> None:
@@ -247,8 +247,7 @@ def test_a_row_over_the_whole_budget_fails_alone_instead_of_waiting_forever() ->
         r.wait_ended(small)
         assert r.outbox.ended[small] is None and len(r.outbox.of(1)) == 5
     finally:
-        r.loop.close()
-        r.thread.join(timeout=10)
+        r.stop()
 
 
 def test_the_prefill_budget_spreads_long_prompts_over_steps(running: Running) -> None:
@@ -269,8 +268,7 @@ def chunked() -> Iterator[Running]:
     r = Running(prefill_budget=64)  # chunks of CHUNK_TOKENS (256)
     yield r
     r.decoder.chunks.release(10**6)
-    r.loop.close()
-    r.thread.join(timeout=10)
+    r.stop()
     assert not r.thread.is_alive()
 
 
