@@ -155,12 +155,18 @@ def read_json(path: Path) -> dict[str, object]:
     return data
 
 
-def wait_until(condition: Callable[[], bool], what: str, timeout: float = 30.0) -> None:
+def wait_until(
+    condition: Callable[[], bool], what: str, timeout: float = 30.0, shown: Callable[[], object] | None = None
+) -> None:
     """Wait for a state (a metric, health, a log line), polling: never a fixed sleep standing in for it. The
-    timeout only bounds a broken run; a passing one waits exactly as long as the state takes."""
+    timeout only bounds a broken run; a passing one waits exactly as long as the state takes. `shown`: what a
+    failure prints of the state it saw last."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"{what}: never happened within {timeout:g} s"
+        if time.monotonic() >= deadline:
+            raise AssertionError(
+                f"{what}: never happened within {timeout:g} s" + (f"; last {shown()}" if shown else "")
+            )
         time.sleep(0.01)
 
 

@@ -155,26 +155,38 @@ def usage_to_pb(completion: Completion, dropped_turns: int = 0) -> chat_pb2.Usag
 
 
 def method_handlers(servicer: Any) -> grpc.GenericRpcHandler:
-    """ChatService's handlers, as the generated add_ChatServiceServicer_to_server makes them, but with request
-    parsers that turn unparseable bytes into INVALID_ARGUMENT instead of UNKNOWN."""
+    """ChatService's handlers. Each RPC's request is one message, but every method is registered as taking a stream
+    of them, so the handler runs from the call's start and reads its request itself (`read_request`), inside the
+    call's frame: gRPC's own unary handlers read the request before the application sees the call, and a call whose
+    caller goes away (its deadline, a cancel) before the request arrives never reaches the application, so it would
+    go uncounted. The parsers turn unparseable bytes into INVALID_ARGUMENT instead of UNKNOWN."""
     pb = chat_pb2
+    unary, stream = grpc.stream_unary_rpc_method_handler, grpc.stream_stream_rpc_method_handler
     handlers = {
-        "Generate": grpc.unary_unary_rpc_method_handler(
+        "Generate": unary(
             servicer.Generate, tolerant_parser(pb.GenerateRequest), pb.GenerateResponse.SerializeToString
         ),
-        "GenerateStream": grpc.unary_stream_rpc_method_handler(
+        "GenerateStream": stream(
             servicer.GenerateStream,
             tolerant_parser(pb.GenerateStreamRequest),
             pb.GenerateStreamResponse.SerializeToString,
         ),
-        "Tokenize": grpc.unary_unary_rpc_method_handler(
+        "Tokenize": unary(
             servicer.Tokenize, tolerant_parser(pb.TokenizeRequest), pb.TokenizeResponse.SerializeToString
         ),
-        "GetModelInfo": grpc.unary_unary_rpc_method_handler(
+        "GetModelInfo": unary(
             servicer.GetModelInfo, tolerant_parser(pb.GetModelInfoRequest), pb.GetModelInfoResponse.SerializeToString
         ),
-        "Score": grpc.unary_unary_rpc_method_handler(
-            servicer.Score, tolerant_parser(pb.ScoreRequest), pb.ScoreResponse.SerializeToString
-        ),
+        "Score": unary(servicer.Score, tolerant_parser(pb.ScoreRequest), pb.ScoreResponse.SerializeToString),
     }
     return grpc.method_handlers_generic_handler(CHAT_SERVICE, handlers)
+
+
+async def read_request(context: Any) -> Any:
+    """The call's one request message, parsed (any further message is left unread, as gRPC's unary handlers leave
+    it)."""
+    request = await context.read()
+    if request is grpc.aio.EOF:
+        raise InvalidRequest([FieldViolation(("request",), "the call ended without its request message")])
+    check_parsed(request)
+    return request

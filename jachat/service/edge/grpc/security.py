@@ -78,17 +78,20 @@ class TokenAuthInterceptor(grpc.aio.ServerInterceptor):
         return _denied(handler)
 
 
+_SHAPES = (
+    ("unary_unary", grpc.unary_unary_rpc_method_handler),
+    ("unary_stream", grpc.unary_stream_rpc_method_handler),
+    ("stream_unary", grpc.stream_unary_rpc_method_handler),
+    ("stream_stream", grpc.stream_stream_rpc_method_handler),
+)
+
+
 def _as(tenant: str, handler: Any) -> Any:
     """`handler` with its behaviour run under `authenticated_tenant` = tenant (None stays None: UNIMPLEMENTED)."""
     if handler is None:
         return None
-    if handler.unary_unary is not None:
-        kind, behaviour = grpc.unary_unary_rpc_method_handler, handler.unary_unary
-    elif handler.unary_stream is not None:
-        kind, behaviour = grpc.unary_stream_rpc_method_handler, handler.unary_stream
-    else:  # no streaming requests in jachat.v1: leave any other shape as it is
-        return handler
-    if inspect.isasyncgenfunction(behaviour):
+    kind, behaviour = next((kind, getattr(handler, name)) for name, kind in _SHAPES if getattr(handler, name))
+    if inspect.isasyncgenfunction(behaviour):  # jachat.v1's behaviours are coroutines: leave any other as it is
         return handler
 
     async def run(request: Any, context: Any) -> Any:

@@ -16,8 +16,8 @@ from jachat.service.edge.calls import Call, Calls, Opening, messages, write_with
 from jachat.service.edge.grpc.protocol import (
     CHAT_SERVICE,
     FINISH_REASONS,
-    check_parsed,
     priority_from_pb,
+    read_request,
     sampling_from_pb,
     sampling_to_pb,
     timing_to_pb,
@@ -51,9 +51,10 @@ class ChatServicer:
         self.max_response_bytes = max_response_bytes
         self.stream_write_timeout = stream_write_timeout
 
-    async def _rpc(self, name: str, context: Context, work: Callable[[Call], Awaitable[R]]) -> R:
-        """Run one RPC in the frame: its request id goes back first (x-request-id), and a failure becomes its
-        status. gRPC says a call is over with its own error when it is touched after it ended (a write, its
+    async def _rpc(self, name: str, context: Context, work: Callable[[Call, Any], Awaitable[R]]) -> R:
+        """Run one RPC in the frame: its request id goes back first (x-request-id), then its request is read (in
+        the frame, so a caller gone before it arrived is counted too: protocol.method_handlers), and a failure
+        becomes its status. gRPC says a call is over with its own error when it is touched after it ended (a write, its
         metadata), often before context.cancelled(): that is the caller gone."""
         opening = Opening(
             "grpc",
@@ -67,7 +68,7 @@ class ChatServicer:
 
         async def run(call: Call) -> R:
             await context.send_initial_metadata(((REQUEST_ID_HEADER, call.request_id),))
-            return await work(call)
+            return await work(call, await read_request(context))
 
         async def render(call: Call, exc: BaseException) -> R:
             status = to_status(exc)
@@ -83,15 +84,14 @@ class ChatServicer:
         self, request: chat_pb2.GenerateRequest | chat_pb2.GenerateStreamRequest, call: Call
     ) -> PreparedRequest:
         """The cheap checks on the event loop, the queue's room, then preparation on the worker pool."""
-        check_parsed(request)
         info = self.calls.engine().info
         call.priority = priority_from_pb(request.priority)
         turns = turns_from_pb(request.turns)
         options, explicit_max = sampling_from_pb(request.sampling, info.context_length, info.vocab_size)
         return await self.calls.prepare(call, ChatRequest(turns, options, explicit_max, request.drop_oldest_turns))
 
-    async def Generate(self, request: chat_pb2.GenerateRequest, context: Context) -> chat_pb2.GenerateResponse:
-        async def work(call: Call) -> chat_pb2.GenerateResponse:
+    async def Generate(self, requests: object, context: Context) -> chat_pb2.GenerateResponse:
+        async def work(call: Call, request: chat_pb2.GenerateRequest) -> chat_pb2.GenerateResponse:
             prepared = await self._prepare(request, call)
             options = request.response
             reply = await self.calls.reply(call, prepared, options.include_stop_sequence, options.token_logprobs)
@@ -106,8 +106,8 @@ class ChatServicer:
 
         return await self._rpc("Generate", context, work)
 
-    async def GenerateStream(self, request: chat_pb2.GenerateStreamRequest, context: Context) -> None:
-        async def work(call: Call) -> None:
+    async def GenerateStream(self, requests: object, context: Context) -> None:
+        async def work(call: Call, request: chat_pb2.GenerateStreamRequest) -> None:
             prepared = await self._prepare(request, call)
             options = request.response
             items = self.calls.generate(call, prepared, options.include_stop_sequence, options.token_logprobs)
@@ -130,9 +130,8 @@ class ChatServicer:
 
         await self._rpc("GenerateStream", context, work)
 
-    async def Tokenize(self, request: chat_pb2.TokenizeRequest, context: Context) -> chat_pb2.TokenizeResponse:
-        async def work(call: Call) -> chat_pb2.TokenizeResponse:
-            check_parsed(request)
+    async def Tokenize(self, requests: object, context: Context) -> chat_pb2.TokenizeResponse:
+        async def work(call: Call, request: chat_pb2.TokenizeRequest) -> chat_pb2.TokenizeResponse:
             engine = self.calls.engine()
             prompt = await self.calls.tokenize(call, turns_from_pb(request.turns))
             pieces, limit = engine.tokenizer.pieces, self.max_response_bytes
@@ -140,9 +139,8 @@ class ChatServicer:
 
         return await self._rpc("Tokenize", context, work)
 
-    async def Score(self, request: chat_pb2.ScoreRequest, context: Context) -> chat_pb2.ScoreResponse:
-        async def work(call: Call) -> chat_pb2.ScoreResponse:
-            check_parsed(request)
+    async def Score(self, requests: object, context: Context) -> chat_pb2.ScoreResponse:
+        async def work(call: Call, request: chat_pb2.ScoreRequest) -> chat_pb2.ScoreResponse:
             call.priority = priority_from_pb(request.priority)
             check_turn_count(len(request.turns))
             check_candidates(request.candidates)
@@ -159,11 +157,8 @@ class ChatServicer:
 
         return await self._rpc("Score", context, work)
 
-    async def GetModelInfo(
-        self, request: chat_pb2.GetModelInfoRequest, context: Context
-    ) -> chat_pb2.GetModelInfoResponse:
-        async def work(call: Call) -> chat_pb2.GetModelInfoResponse:
-            check_parsed(request)
+    async def GetModelInfo(self, requests: object, context: Context) -> chat_pb2.GetModelInfoResponse:
+        async def work(call: Call, request: chat_pb2.GetModelInfoRequest) -> chat_pb2.GetModelInfoResponse:
             info = self.calls.engine().info
             return chat_pb2.GetModelInfoResponse(
                 model_name=info.model_name,
