@@ -1,7 +1,8 @@
-"""The batching policy, pinned deterministically: the real scheduler and sequences against a fake engine process
-that keeps the real one's contract (no model, no process): `run(rows, max_length, options)` blocks until the batch
-ends, hands every token to its row's `on_token`, and ends a row at its own budget or at the token after its stop
-flag was set (`halt`). Who shares a batch, in what order, and what deadlines, cancellation and the queue limit do."""
+"""The scheduler, pinned deterministically: the real scheduler and sequences against a fake engine process that
+keeps the real one's contract (no model, no process): `run(rows, max_length, options)` blocks until the batch ends,
+hands every token to its row's `on_token`, and ends a row at its own budget or at the token after its stop flag was
+set (`halt`). Who shares a batch, in what order, and what deadlines, cancellation and the queue limit do. The
+policy's own decisions, as the pure function it is, are test_policy.py's."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ from jachat.service.domain.errors import Overloaded
 from jachat.service.domain.results import FinishReason, Priority
 from jachat.service.domain.sampling import SamplingOptions
 from jachat.service.engine.options import EngineOptions, SchedulerOptions
-from jachat.service.engine.scheduler import SPARE_LIGHT, STAGGER_CALLS, Scheduler
+from jachat.service.engine.scheduler import Scheduler
 from jachat.service.engine.scoring import Scoring
 from jachat.service.engine.sequence import Generation
 from jachat.service.engine.wire import CoreOptions, ScoredRow
@@ -202,41 +203,11 @@ def test_calls_that_arrive_together_are_spread_over_the_free_replicas(
     run(scenario)
 
 
-def test_a_replica_that_frees_first_takes_its_share_not_everyones(
-    tokenizer: Tokenizer, run: Callable[..., Any]
-) -> None:
-    """Closed loops: replies that end together come back together. When one replica frees while the other's batch
-    is a few tokens from its end, the free one takes its share of everything in flight (waiting, and about to come
-    back); when the other's batch is far from its end, the free one takes every waiting call."""
-
-    async def scenario(make: Callable[..., Scheduler]) -> None:
-        scheduler = make(SchedulerOptions(max_batch_size=16, replicas=2), FakeGenerator(token=700))
-        scheduler.pending = [sequence(tokenizer, 200 + i) for i in range(10)]
-        ending = [sequence(tokenizer, 100 + i, max_new_tokens=3) for i in range(6)]
-        scheduler._batches = [list(ending)]  # one replica busy with it
-        assert scheduler._share(10) == 8  # (10 waiting + 6 coming back) / 2 replicas
-        for gen in ending:
-            gen.steps = 1  # 2 tokens to go: still about to end
-        assert scheduler._share(10) == 8
-        long = [sequence(tokenizer, 100 + i, max_new_tokens=64) for i in range(6)]
-        scheduler._batches = [list(long)]
-        assert scheduler._share(10) == 10  # nobody waits behind a long batch
-        scheduler._batches = []
-        assert scheduler._share(10) == 5  # two idle replicas split the waiting calls
-        scheduler.pending = scheduler.pending[:2]
-        assert scheduler._share(2) == 2  # but not into slivers: one replica stays free for the next arrival
-        scheduler.pending = scheduler.pending + [sequence(tokenizer, 300 + i) for i in range(4)]
-        assert scheduler._share(6) == 4  # 4 + 2
-        scheduler.pending = []
-
-    run(scenario)
-
-
-def test_a_spare_replica_takes_an_arrival_only_while_the_load_is_light(
+def test_a_call_that_arrives_alone_while_every_replica_is_busy_starts_on_a_spare(
     tokenizer: Tokenizer, run: Callable[..., Any]
 ) -> None:
     """--spare-replicas: with every replica busy, a call that arrives alone starts at once on a spare instead of
-    waiting a whole reply; with more than SPARE_LIGHT calls waiting, or a running batch about to end, it waits."""
+    waiting a whole reply (when it waits instead: test_policy's spare test)."""
 
     async def scenario(make: Callable[..., Scheduler]) -> None:
         fake = FakeGenerator(token=700)
@@ -251,107 +222,6 @@ def test_a_spare_replica_takes_an_arrival_only_while_the_load_is_light(
         fake.release.set()
         assert [await finished(g) for g in (busy, alone)] == [FinishReason.LENGTH] * 2
         assert fake.batches == [names(tokenizer, 100), names(tokenizer, 200)]
-
-        long = [sequence(tokenizer, 300, max_new_tokens=50)]
-        scheduler._batches = [list(long)]  # the one replica busy, far from its end
-        scheduler.pending = [sequence(tokenizer, 400 + i) for i in range(SPARE_LIGHT)]
-        assert scheduler._spare_allowed()  # light: the spare may take them
-        scheduler.pending.append(sequence(tokenizer, 500))
-        assert not scheduler._spare_allowed()  # under load: they wait for the replica, in a larger batch
-        scheduler.pending = scheduler.pending[:1]
-        long[0].steps = 47  # 3 tokens to go: the replica is about to free
-        assert not scheduler._spare_allowed()
-        scheduler._batches = [list(long), [sequence(tokenizer, 600, max_new_tokens=50)]]
-        long[0].steps = 0
-        assert not scheduler._spare_allowed()  # the replica and the spare both busy
-        scheduler._batches, scheduler.pending = [], []
-
-    run(scenario)
-
-
-def test_staggered_batches_start_half_a_batch_after_a_loaded_one(tokenizer: Tokenizer, run: Callable[..., Any]) -> None:
-    """--stagger-batches: a batch on a free replica starts half a batch (the running estimate) after the last loaded
-    batch started, never later than half a batch after its head arrived; a batch of one call (light load) holds
-    nothing back, and neither does the scheduler without the option."""
-
-    async def scenario(make: Callable[..., Scheduler]) -> None:
-        scheduler = make(SchedulerOptions(replicas=2, stagger=True), FakeGenerator(token=700))
-        scheduler._batch_seconds, scheduler._step_seconds = 1.0, 0.01
-        now = time.monotonic()
-        head = sequence(tokenizer, 300, max_new_tokens=200)  # 2 s at the pace: longer than the batch estimate
-        head.arrived = now
-        loaded = [sequence(tokenizer, 100 + i) for i in range(STAGGER_CALLS)]
-        loaded[0].started_at = now - 0.1
-        scheduler._batches = [list(loaded)]
-        assert scheduler._staggered([head]) == pytest.approx(now + 0.4)  # 0.5 s after the loaded batch began
-        head.arrived = now - 0.3
-        assert scheduler._staggered([head]) == pytest.approx(now + 0.2)  # but at most half a batch after arriving
-        scheduler._batches = [list(loaded[:1])]
-        assert scheduler._staggered([head]) == 0.0  # light load: no hold
-        scheduler._batches = [list(loaded)]
-        plain = make(SchedulerOptions(replicas=2, stagger=False), FakeGenerator(token=700))
-        plain._batches = [list(loaded)]
-        assert plain._staggered([head]) == 0.0
-        scheduler._batches = plain._batches = []
-
-    run(scenario)
-
-
-def test_a_short_call_is_held_for_the_stagger_at_most_half_its_own_length(
-    tokenizer: Tokenizer, run: Callable[..., Any]
-) -> None:
-    """Long replies raise the estimate of a batch's length; a short call that arrives while a replica idles is still
-    held at most half its own expected length (its budget at the per-token pace), not half a long batch."""
-
-    async def scenario(make: Callable[..., Scheduler]) -> None:
-        fake = FakeGenerator(token=700)
-        scheduler = make(SchedulerOptions(max_batch_size=16, replicas=2, stagger=True), fake)
-        fake.release.clear()
-        long = [sequence(tokenizer, 100 + i, max_new_tokens=400) for i in range(STAGGER_CALLS)]
-        for gen in long:
-            scheduler.submit(gen)
-        await batches_started(fake, 1)
-        fake.release.set()
-        for gen in long:
-            await finished(gen)
-        assert scheduler._step_seconds > 0  # the pace, measured on the long batch
-        scheduler._batch_seconds = 1000 * scheduler._step_seconds * 400  # as if long batches had run for ages
-        fake.release.clear()
-        loaded = [sequence(tokenizer, 200 + i, max_new_tokens=400) for i in range(STAGGER_CALLS)]
-        for gen in loaded:
-            scheduler.submit(gen)
-        await batches_started(fake, 2)
-        short = sequence(tokenizer, 300, max_new_tokens=8)
-        pace = scheduler._step_seconds  # the running batches' tokens may move the estimate meanwhile: either bounds
-        held = scheduler._staggered([short]) - short.arrived  # (negative: not held at all)
-        assert held <= max(pace, scheduler._step_seconds) * 8 / 2 + 1e-9
-        fake.release.set()
-        for gen in loaded:
-            await finished(gen)
-
-    run(scenario)
-
-
-def test_a_freed_replica_waits_for_the_callers_its_batch_just_answered(
-    tokenizer: Tokenizer, run: Callable[..., Any]
-) -> None:
-    """A call that waited through a whole batch does not start alone the instant the replica frees: the freeing
-    counts as an arrival, so the callers that batch just answered (closed loops come back at once) share the next
-    batch with it, instead of waiting a whole batch behind a batch of one. Bounded as ever by max_batch_wait."""
-
-    async def scenario(make: Callable[..., Scheduler]) -> None:
-        options = SchedulerOptions(replicas=1, batch_idle=0.002, max_batch_wait=0.05)
-        scheduler = make(options, FakeGenerator(token=700))
-        waited = sequence(tokenizer, 101)
-        now = time.monotonic()
-        waited.arrived = scheduler._last_arrival = now - 10.0  # it waited through a long batch
-        assert scheduler._start_at(waited) < now  # nothing freed lately: it would start at once
-        scheduler._freed_at = now  # the replica frees
-        assert scheduler._start_at(waited) == pytest.approx(now + 0.002)  # it waits for the callers coming back
-        scheduler._last_arrival = now + 0.001  # one comes back: the idle gap counts from it
-        assert scheduler._start_at(waited) == pytest.approx(now + 0.003)
-        scheduler._last_arrival = now + 0.049  # they keep coming: never past max_batch_wait from the freeing
-        assert scheduler._start_at(waited) == pytest.approx(now + 0.05)
 
     run(scenario)
 

@@ -17,7 +17,7 @@ class SchedulerOptions:
     replicas: int = 1  # resolved: the engine turns 0 (auto) into a count
     spare_replicas: int = 0  # more replicas, on top, that take a batch only while the load is light (scheduler.py)
     max_prompt_length_spread: int = 64
-    stagger: bool = True  # start batches half a batch apart under load (scheduler._staggered), as the server does
+    stagger: bool = True  # start batches half a batch apart under load (policy.staggered), as the server does
 
     @property
     def all_replicas(self) -> int:

@@ -1,33 +1,22 @@
-"""The batching scheduler: concurrent requests become CTranslate2 `generate_batch` calls.
+"""The batching scheduler: concurrent requests become CTranslate2 `generate_batch` calls (or, on the decode loop,
+rows admitted to its running batch: engine.loop_admission).
 
-CTranslate2 has no continuous batching: one call is one static batch with one set of decoding options, and nothing
-joins it once it runs. So the scheduler decides what starts together:
+What starts together, and when, is the policy's decision (policy.py, a pure function of the time, the waiting work,
+the running batches and the estimates). The scheduler keeps the state it decides over and acts on the decision:
 
-- A batch starts when a replica (`inter_threads`) is free. Its head is the oldest waiting request; it takes the
-  other waiting requests that can share the call, in arrival order, up to `max_batch_size`, and no more than its
-  share when other replicas are free too: n compatible requests and k free replicas make k batches of about n/k
-  that run side by side, instead of one batch of n while the other replicas idle (on 2 one-thread CPU replicas, two
-  batches of 8 generate 1.6x the tokens/s of one batch of 16; a batch's step costs little more for more rows, but
-  one replica's thread does them all). While requests keep
-  arriving it waits for more: it starts when it is full, when none has arrived for `batch_idle` seconds, or
-  `max_batch_wait` after its head arrived, whichever comes first. A lone caller so waits only `batch_idle`, and
-  callers that arrive together (closed-loop clients whose replies ended together) start together. A replica that
-  frees counts as an arrival (and as the head's arrival, for `max_batch_wait`): the callers its batch just answered
-  come back together, and the calls that waited for the replica share it with them rather than start alone.
-- Requests share a call only with identical decoding options (temperature, top-k, top-p, repetition penalty,
-  n-gram blocking, min_new_tokens). Their prompts may differ in length by at most `max_prompt_length_spread`
-  tokens: CTranslate2 decodes a longer prompt's extra tokens one step at a time, which costs latency. With a
-  history-dependent penalty (repetition_penalty != 1 or no_repeat_ngram_size > 0) the prompts must be equally
-  long, because those extra prompt tokens would count as generated tokens for the penalty and the reply would
-  depend on its batch-mates.
+- It reads the clock, snapshots what runs (policy.Running), keeps the estimates (policy.Pace: a batch's duration,
+  a token's pace, the last arrival, the last freed replica), and wakes to decide again on an arrival, a freed
+  replica, or the decision's own time, whichever comes first.
 - Each sequence stops on its own (its row's stop flag in the engine process): at its own max_new_tokens, a stop
   string, </s>, cancellation by its caller, or its deadline. Its caller hears of the end at once, not when the
   batch ends.
-- At most `max_queued` requests wait; beyond that `submit` raises Overloaded at once.
+- At most `max_queued` requests wait; beyond that `submit` raises Overloaded at once (an interactive call takes the
+  newest batch call's place), and a tenant finds no room once `max_queued_per_tenant` of its calls wait.
 - Scoring jobs (scoring.py) are model work too: they wait in the same queue, by the same priorities and fair
-  shares, until their deadline, and each takes a replica of its own while it runs. At most SCORING_AT_ONCE runs at a
-  time: CTranslate2 holds two float vectors of the vocabulary per position it scores, so this bounds the engine's
-  memory for scoring, and with more replicas than that, generation always finds one that scoring does not hold.
+  shares, until their deadline, and each takes a replica of its own while it runs. At most
+  policy.SCORING_AT_ONCE runs at a time: CTranslate2 holds two float vectors of the vocabulary per position it
+  scores, so this bounds the engine's memory for scoring, and with more replicas than that, generation always finds
+  one that scoring does not hold.
 - Work that waits past its deadline ends then (DEADLINE_EXCEEDED), whether or not a replica frees meanwhile.
 """
 
@@ -35,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -44,6 +34,7 @@ from typing import Any, Protocol
 
 from jachat.service.domain.errors import EngineFailure, JachatError, Overloaded
 from jachat.service.domain.results import FinishedGeneration, FinishReason, Priority
+from jachat.service.engine import policy
 from jachat.service.engine.fairness import FairOrder
 from jachat.service.engine.options import SchedulerOptions
 from jachat.service.engine.scoring import Scoring
@@ -74,18 +65,17 @@ class Decoder(Protocol):
     def score(self, job: Scoring) -> list[ScoredRow]: ...
 
 
-SOON = 4  # a running batch with at most this many tokens to go is about to free its replica
-STAGGER_CALLS = 2  # a running batch this large means the load is not light (--stagger-batches)
-SPARE_RECHECK = 0.01  # seconds between looks at whether a held-back batch may take a spare replica
-SPARE_LIGHT = 2  # a spare replica takes a batch only while at most this many calls wait (the load is light)
-MIN_SHARE = 4  # calls are split over replicas only into batches of at least this many
-SCORING_AT_ONCE = 1  # scoring jobs running at once (their memory, and replicas left to generation)
-
-
-def _tokens_left(batch: list[Work]) -> tuple[int, int]:
-    """(unfinished sequences, most tokens any of them may still produce) of a running batch (or scoring job)."""
+def _snapshot(batch: list[Work]) -> policy.Running:
+    """A running batch (or scoring job) as the policy sees it."""
     left = [work.tokens_left() for work in batch if work.finish_reason is None]
-    return len(left) if isinstance(batch[0], Generation) else 0, max(left, default=0)
+    head = batch[0]
+    return policy.Running(
+        calls=len(batch),
+        unfinished=0 if head.scoring else len(left),
+        tokens_left=max(left, default=0),
+        started_at=head.started_at or 0.0,
+        scoring=head.scoring,
+    )
 
 
 class Scheduler:
@@ -102,11 +92,8 @@ class Scheduler:
         # the event loop when dispatched, removed by its engine thread when it ends; under _running_lock
         self._batches: list[list[Work]] = []
         self._running_lock = threading.Lock()
-        self._batch_seconds = 1.0  # running estimate of a batch's duration, for Retry-After
-        self._step_seconds = 0.0  # running estimate of a batch's time per token (0: none ran yet)
+        self.pace = policy.Pace()  # the estimates and recent events the policy counts from; under _running_lock
         self.fair = FairOrder(options.batch_promotion)
-        self._last_arrival = 0.0
-        self._freed_at = 0.0  # when a batch last ended (its replica freed)
 
     def _ensure_started(self) -> None:
         """Start the batching task on the running event loop (again, if an earlier loop has gone)."""
@@ -125,16 +112,16 @@ class Scheduler:
         if mine >= self.options.max_queued_per_tenant:
             raise Overloaded(
                 f"{mine} calls of this tenant already wait (at most {self.options.max_queued_per_tenant}); retry "
-                f"after {self._batch_seconds:.1f} s",
-                retry_after=self._batch_seconds,
+                f"after {self.pace.batch_seconds:.1f} s",
+                retry_after=self.pace.batch_seconds,
             )
         if len(self.pending) < self.options.max_queued:
             return
         if priority is Priority.INTERACTIVE and self._sheddable() is not None:
             return
         raise Overloaded(
-            f"the queue is full ({self.options.max_queued} requests wait); retry after {self._batch_seconds:.1f} s",
-            retry_after=self._batch_seconds,
+            f"the queue is full ({self.options.max_queued} requests wait); retry after {self.pace.batch_seconds:.1f} s",
+            retry_after=self.pace.batch_seconds,
         )
 
     def _sheddable(self) -> Work | None:
@@ -155,8 +142,8 @@ class Scheduler:
                 FinishReason.SHED,
                 Overloaded(
                     "an interactive call took this batch call's place in the full queue; retry after "
-                    f"{self._batch_seconds:.1f} s",
-                    retry_after=self._batch_seconds,
+                    f"{self.pace.batch_seconds:.1f} s",
+                    retry_after=self.pace.batch_seconds,
                 ),
             )
         active = {g.tenant for g in self.running}
@@ -164,10 +151,11 @@ class Scheduler:
         gen.on_finish = self._finished
         if isinstance(gen, Generation):
             gen.observer = self.observer
-        self._last_arrival = time.monotonic()
+        now = time.monotonic()
+        self._paced(last_arrival=now)
         self.pending.append(gen)
         if gen.deadline is not None:
-            gen.expiry = gen.loop.call_later(max(0.0, gen.deadline - self._last_arrival), self._expire, gen)
+            gen.expiry = gen.loop.call_later(max(0.0, gen.deadline - now), self._expire, gen)
         self._queue_changed()
         self._arrived.set()
 
@@ -236,58 +224,11 @@ class Scheduler:
         if self._arrived is not None:  # a batch held back for want of a replica may start now
             self._arrived.set()
 
-    def _staggered(self, batch: list[Work]) -> float:
-        """--stagger-batches: when the replica that started last runs a loaded batch (STAGGER_CALLS or more) that
-        began less than half a batch ago, a batch on a free replica starts half a batch after it (never later than
-        half a batch after its head's arrival). Replies of equal length end together, so replicas that start
-        together stay in phase, and a call that arrives just after they start waits a whole batch; staggered by half
-        a batch, a replica frees every half batch. But a batch is held at most half its own expected length (the
-        per-token pace times its longest budget): a short call is never held for a long batch's sake, and a call
-        that no running batch is like starts at once. Returns the monotonic time to start at (0: now)."""
-        head = batch[0]
-        if not self.options.stagger or not isinstance(head, Generation):
-            return 0.0
-        with self._running_lock:
-            started = [b[0].started_at for b in self._batches if len(b) >= STAGGER_CALLS and b[0].started_at]
-        if not started:
-            return 0.0
-        pace = self._step_seconds
-        own = pace * max(gen.tokens_left() for gen in batch) if pace else self._batch_seconds  # (no pace yet)
-        half = min(self._batch_seconds, own) / 2
-        return min(max(started) + half, head.arrived + half)
-
-    def _spare_allowed(self) -> bool:
-        """Whether a batch may start now. On one of the `replicas`, always. On a spare (all `replicas` busy) only
-        while the load is light: at most SPARE_LIGHT calls wait and no running batch is about to end. Then an
-        arrival starts at once instead of waiting a whole reply for a replica, at the price of sharing the cores
-        with the running batches for a while; under load, the spares stay idle, and the batches stay large."""
-        with self._running_lock:
-            busy = len(self._batches)
-            ending = any(_tokens_left(batch)[1] <= SOON for batch in self._batches)
-        if busy < self.options.replicas:
-            return True
-        return busy < self.options.all_replicas and len(self.pending) <= SPARE_LIGHT and not ending
-
     @property
     def running(self) -> set[Work]:
         """The sequences of the batches given to a replica and not yet over (a snapshot)."""
         with self._running_lock:
             return {gen for batch in self._batches for gen in batch}
-
-    def _share(self, compatible: int) -> int:
-        """How many of the compatible waiting calls this batch takes. The idle replicas split the waiting calls
-        evenly. A busy replica whose batch is about to end (at most SOON tokens to go) counts as one more replica,
-        and its unfinished calls as calls to share: callers whose replies end together (closed loops) come back
-        together, and a replica that frees a moment before another must take its own share, not everyone's (measured:
-        that alone left batches of 10 and 5 where 8 and 8 were due). A batch far from its end counts for nothing:
-        calls never wait behind a long reply while a replica idles."""
-        with self._running_lock:
-            free = max(1, self.options.replicas - len(self._batches))  # this replica and the others idle now
-            ending = [left for left in map(_tokens_left, self._batches) if left[1] <= SOON]
-        share = -(-(len(self.pending) + sum(n for n, _ in ending)) // (free + len(ending)))
-        # but never a split into slivers: a few calls share one batch (it costs them little), and the other replica
-        # stays free for the next arrival instead of making it wait a whole reply
-        return max(1, min(compatible, max(share, MIN_SHARE)))
 
     def _drop_expired(self) -> None:
         now = time.monotonic()
@@ -296,72 +237,32 @@ class Scheduler:
             gen.finish(FinishReason.DEADLINE)
         self._queue_changed()
 
-    def _waiting(self) -> list[Work]:
-        """Waiting work in the order it gets places: interactive first (and batch calls that have waited too long),
-        tenants' fair shares within each; scoring jobs only while fewer than SCORING_AT_ONCE run."""
-        waiting = self.fair.order(self.pending, time.monotonic())
+    def _paced(self, **changes: float) -> None:
         with self._running_lock:
-            scoring = sum(isinstance(b[0], Scoring) for b in self._batches)
-        if scoring >= SCORING_AT_ONCE:
-            waiting = [work for work in waiting if not isinstance(work, Scoring)]
-        return waiting
+            self.pace = dataclasses.replace(self.pace, **changes)
 
-    def _compatible(self, waiting: list[Work]) -> list[Work]:
-        """The batch `waiting[0]` heads: the waiting sequences after it, in order, that can share its call (a
-        scoring job shares with nothing)."""
-        head = waiting[0]
-        batch, low, high = [head], head.length, head.length
-        spread = 0 if head.exact_length else self.options.max_prompt_length_spread
-        for gen in waiting[1:]:
-            if len(batch) >= self.options.max_batch_size or isinstance(head, Scoring):
-                break
-            length = gen.length
-            if gen.key == head.key and max(high, length) - min(low, length) <= spread:
-                batch.append(gen)
-                low, high = min(low, length), max(high, length)
-        return batch
-
-    def _start_at(self, head: Work) -> float:
-        """When the batch `head` heads starts if it does not fill first: `batch_idle` after the last arrival, at most
-        `max_batch_wait` after the head's. A replica that has just freed counts as an arrival (and as the head's): the
-        callers of the batch that ended come back together (closed loops), and the calls that waited for the replica
-        share it with them rather than start alone the instant it frees."""
-        freed = self._freed_at
-        return min(
-            max(head.arrived, freed) + self.options.max_batch_wait,
-            max(self._last_arrival, freed) + self.options.batch_idle,
-        )
+    def decide(self, now: float) -> policy.Start[Work] | policy.Wait:
+        """The policy's decision at `now` over the waiting work (in fairness order) and the running batches."""
+        waiting = self.fair.order(self.pending, now)
+        with self._running_lock:
+            running, pace = [_snapshot(batch) for batch in self._batches], self.pace
+        return policy.decide(now, waiting, running, pace, self.options)
 
     async def _next_batch(self) -> list[Work]:
         assert self._arrived is not None
         while True:
             self._drop_expired()
-            waiting = self._waiting()
-            if not waiting:  # nothing, or only scoring jobs while one runs: wait for an arrival or a replica
-                self._arrived.clear()
-                await self._arrived.wait()
-                continue
-            batch = self._compatible(waiting)
             now = time.monotonic()
-            head = batch[0]
-            start_at = 0.0 if isinstance(head, Scoring) else self._start_at(head)
-            hold = self._staggered(batch) if len(batch) < self.options.max_batch_size else 0.0
-            if now < hold and now >= start_at:  # in phase with a loaded replica: start half a batch after it
-                self._arrived.clear()
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._arrived.wait(), hold - now)
-                continue
-            if (len(batch) >= self.options.max_batch_size or now >= start_at) and not self._spare_allowed():
-                self._arrived.clear()  # all replicas busy and the load not light: wait for one to free
-                with contextlib.suppress(asyncio.TimeoutError):  # (or for the load, or a batch's end, to change)
-                    await asyncio.wait_for(self._arrived.wait(), SPARE_RECHECK)
-                continue
-            if len(batch) >= self.options.max_batch_size or now >= start_at:
-                batch = batch[: self._share(len(batch))]
+            decision = self.decide(now)
+            if isinstance(decision, policy.Start):
                 break
-            self._arrived.clear()
-            with contextlib.suppress(asyncio.TimeoutError):  # not the builtin TimeoutError on Python 3.10
-                await asyncio.wait_for(self._arrived.wait(), start_at - now)
+            self._arrived.clear()  # wait for an arrival, a freed replica, or the decision's time
+            if decision.until is None:
+                await self._arrived.wait()
+            else:
+                with contextlib.suppress(asyncio.TimeoutError):  # not the builtin TimeoutError on Python 3.10
+                    await asyncio.wait_for(self._arrived.wait(), max(0.0, decision.until - now))
+        batch = decision.batch
         for gen in batch:
             self._leave(gen)
         self.fair.started(batch)
@@ -369,7 +270,7 @@ class Scheduler:
         if self.observer is not None:
             now = time.monotonic()
             self.observer.work_started([(now - s.arrived, s.priority) for s in batch])
-            if isinstance(head, Generation):
+            if not batch[0].scoring:
                 self.observer.batch_started(len(batch))
         return batch
 
@@ -411,7 +312,7 @@ class Scheduler:
         with self._running_lock:
             self._batches.remove(work)
         self._replicas_changed()
-        self._freed_at = time.monotonic()
+        self._paced(freed_at=time.monotonic())
 
     def _generate(self, work: list[Work]) -> None:
         batch = [gen for gen in work if isinstance(gen, Generation)]
@@ -429,11 +330,8 @@ class Scheduler:
                 gen.finish(gen.stop_reason() if gen.cancelled.is_set() else FinishReason.LENGTH)
             self._ran(work)
             seconds = time.monotonic() - started
-            self._batch_seconds = 0.8 * self._batch_seconds + 0.2 * seconds
-            steps = max(gen.steps for gen in batch)
-            if steps:  # the pace of a step, for the stagger's hold
-                pace = seconds / steps
-                self._step_seconds = pace if not self._step_seconds else 0.8 * self._step_seconds + 0.2 * pace
+            with self._running_lock:  # the pace of a step, for the stagger's hold
+                self.pace = self.pace.after_batch(seconds, max(gen.steps for gen in batch))
 
     def abandon(self, error: BaseException) -> None:
         """End all waiting and running work now, telling each caller `error` (the drain's grace is over)."""

@@ -4,7 +4,7 @@ completions prompt), queued and run as model work like a generation (work.py).
 The engine process scores a job a piece at a time (core.run_scoring): CTranslate2 materialises the vocabulary's
 logits and log-probabilities for every position it scores (two float vectors of the vocabulary per token: 250 KiB
 at 32,000 tokens), so a piece holds at most core.SCORE_PIECE_TOKENS positions, and a job's memory is one piece's
-whatever its size. The scheduler runs at most one job at a time (scheduler.SCORING_AT_ONCE), so the engine's memory
+whatever its size. The scheduler runs at most one job at a time (policy.SCORING_AT_ONCE), so the engine's memory
 for scoring is one piece's in all, and a stop (the caller gone, its deadline, the drain) takes effect at the next
 piece. A request's own rules bound its positions: 16 sequences of at most a context each (Score's candidates,
 completions' prompts).
@@ -38,6 +38,10 @@ class Scoring(Work):
 
     def tokens_left(self) -> int:
         return 0 if self.finish_reason is not None else self.cost
+
+    @property
+    def scoring(self) -> bool:
+        return True
 
     def resolve(self, rows: list[ScoredRow]) -> None:
         """The engine scored every sequence: the caller gets the rows (unless the job ended first)."""

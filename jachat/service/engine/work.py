@@ -112,6 +112,11 @@ class Work:
         """Whether its batch-mates' prompts must be exactly as long as its own."""
         return True
 
+    @property
+    def scoring(self) -> bool:
+        """A scoring job (scoring.py): it shares a replica with nothing."""
+        return False
+
     def tokens_left(self) -> int:
         """The most tokens it may still produce (0 once it has ended): how far it is from freeing its replica."""
         return 0
