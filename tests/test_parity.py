@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from jachat.service.domain.results import Completion, Delta, FinishReason, GeneratedToken, Scored
+from jachat.service.domain.results import Completion, FinishReason, GeneratedToken, Scored
 from jachat.service.domain.sampling import SamplingOptions
 from jachat.service.engine.engine import Engine
 from jachat.service.engine.options import EngineOptions
@@ -158,8 +158,7 @@ def streamed_logprobs_equal_hugging_faces(
     async def tokens(prompt_ids: list[int]) -> list[GeneratedToken]:
         found: list[GeneratedToken] = []
         async for item in engine.stream(prompt_ids, GREEDY, logprobs=True):
-            if isinstance(item, Delta):
-                found.extend(item.tokens)
+            found.extend(item.tokens)  # the deltas', then the Completion's tail (a final </s>)
         return found
 
     model = hf_model(checkpoint)

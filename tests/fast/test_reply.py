@@ -96,7 +96,7 @@ def test_a_stop_string_completed_at_the_final_flush_is_a_stop(tokenizer: Tokeniz
     """The model ends with half a character: the flush turns it into U+FFFD, which completes the stop string."""
     import asyncio
 
-    from jachat.service.domain.results import Delta, FinishReason
+    from jachat.service.domain.results import FinishReason
     from jachat.service.domain.sampling import SamplingOptions
     from jachat.service.engine.sequence import Generation
     from jachat.service.text.prompt import TURN_MARKERS
@@ -111,12 +111,9 @@ def test_a_stop_string_completed_at_the_final_flush_is_a_stop(tokenizer: Tokeniz
         for token in [*tokenizer.encode("猫"), lead, tokenizer.eos_id]:
             if gen.on_token(token, -1.0, 0.0):
                 break
-        texts = []
-        for item in await gen.take():
-            if item is not None:
-                assert isinstance(item, Delta)
-                texts.append(item.text)
-        return gen.finish_reason, "".join(texts)
+        assert None in await gen.take()  # it ended
+        delta = gen.unsent.take()
+        return gen.finish_reason, delta.text if delta is not None else ""
 
     reason, text = asyncio.run(run())
     assert (reason, text) == (FinishReason.STOP, "")

@@ -37,8 +37,8 @@ class GeneratedToken:
 
 @dataclass(frozen=True)
 class Delta:
-    """Text that became final, and the tokens generated since the previous delta (text may be empty: a token can
-    be half a character, or held back as the start of a stop string)."""
+    """Text that became final (never empty), and the tokens it was made of since the previous delta: a token can
+    be half a character, or held back as the start of a stop string, so it comes with the text it ends up in."""
 
     text: str
     tokens: tuple[GeneratedToken, ...]
@@ -50,6 +50,9 @@ class Completion:
     prompt_tokens: int
     completion_tokens: int  # tokens generated, including a final </s>
     token_ids: tuple[int, ...]  # generated ids, without a final </s>
+    # the tail: generated tokens that came in no Delta, since no text was made of them (a final </s>, tokens whose
+    # text a stop string dropped); so every Delta has text
+    tokens: tuple[GeneratedToken, ...] = ()
     stop_sequence: str = ""  # the caller's stop string that ended the reply
     # time.monotonic() of the batch's start, the first token and the end (None: never reached)
     started_at: float | None = None

@@ -372,26 +372,7 @@ async def whole(items: AsyncIterator[Delta | Completion]) -> Reply:
             tokens.extend(item.tokens)
     if completion is None:  # pragma: no cover - the engine always ends a stream with its Completion
         raise AssertionError("engine stream ended without a Completion")
-    return Reply("".join(parts), tokens, completion)
-
-
-async def messages(
-    items: AsyncIterator[Delta | Completion], started: Callable[[], Awaitable[None]] | None = None
-) -> AsyncIterator[tuple[Delta | Completion, list[GeneratedToken]]]:
-    """A stream's items as messages to send, each with its tokens: a delta without text (half a character, or text
-    held back as the start of a stop string) is no message of its own; its tokens ride on the next one. `started`
-    is awaited at the first item, whether it makes a message or not (the reply has begun). The caller closes
-    `items`."""
-    held: list[GeneratedToken] = []
-    async for item in items:
-        if started is not None:
-            await started()
-            started = None
-        if isinstance(item, Delta) and not item.text:
-            held.extend(item.tokens)
-            continue
-        yield item, [*held, *(item.tokens if isinstance(item, Delta) else ())]
-        held = []
+    return Reply("".join(parts), [*tokens, *completion.tokens], completion)
 
 
 async def write_within(write: Awaitable[None], seconds: float) -> None:

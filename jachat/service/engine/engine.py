@@ -40,7 +40,7 @@ from jachat.service.engine.options import EngineOptions, SchedulerOptions
 from jachat.service.engine.preparation import PreparedRequest, Preparer, Prompt
 from jachat.service.engine.scheduler import Scheduler, SchedulerObserver
 from jachat.service.engine.scoring import Scoring
-from jachat.service.engine.sequence import Generation, Item
+from jachat.service.engine.sequence import Generation
 from jachat.service.engine.wire import CoreOptions, ScoredRow
 from jachat.service.text.prompt import TURN_MARKERS, Turn
 from jachat.service.text.reply import ReplyAssembler
@@ -77,18 +77,6 @@ SEED_NEEDS_THE_LOOP = (
     "one process-wide random state"
 )
 KV_BUDGET = "KV-cache budget (--kv-cache-tokens)"  # what holds a call when it is less than the context
-
-
-def coalesced(items: Sequence[Item]) -> list[Item]:
-    """The items a caller takes at once, consecutive deltas joined into one: a caller that keeps up gets a delta per
-    token, one that fell behind gets everything generated since, text and tokens adding up exactly."""
-    out: list[Item] = []
-    for item in items:
-        if isinstance(item, Delta) and out and isinstance(out[-1], Delta):
-            out[-1] = Delta(out[-1].text + item.text, out[-1].tokens + item.tokens)
-        else:
-            out.append(item)
-    return out
 
 
 def loop_admission(options: SchedulerOptions, rows: int) -> SchedulerOptions:
@@ -324,13 +312,14 @@ class Engine:
         try:
             ended = False
             while not ended:
-                for item in coalesced(await gen.take()):
+                items = await gen.take()
+                delta = gen.unsent.take()  # everything final since the last take: the caller's next delta
+                if delta is not None:
+                    yield delta
+                for item in items:
                     if isinstance(item, BaseException):
                         raise item
-                    if item is None:
-                        ended = True
-                        break
-                    yield item
+                    ended = ended or item is None
             if gen.finish_reason is FinishReason.DEADLINE:
                 raise DeadlineExceeded(f"the deadline passed after {gen.steps} generated tokens")
             assert gen.finish_reason is not None
@@ -339,6 +328,7 @@ class Engine:
                 prompt_tokens=len(prompt_ids),
                 completion_tokens=gen.steps,
                 token_ids=tuple(gen.token_ids),
+                tokens=gen.unsent.tail(),
                 stop_sequence=gen.reply.matched,
                 started_at=gen.started_at,
                 first_token_at=gen.first_token_at,

@@ -9,9 +9,9 @@ whoever calls it first (the receiver, the scheduler, the drain), and `halt`s the
 read by the decode thread at the row's next token. The scheduler only decides which sequences share a batch;
 everything about one reply is here.
 
-Deltas reach the loop through its `Mailbox` (work.py): one wake-up of the loop carries whatever all sequences posted
-since the last one, and the caller takes every delta waiting at once (`take`), so a caller that falls behind gets
-the text and tokens generated since in one piece (engine.coalesced), never a backlog of one message per token.
+Text and tokens wait for the caller in the sequence's `Unsent` (unsent.py), the one place they are merged; the
+loop hears of new text through its `Mailbox` (work.py), one wake-up (MORE) per take at most, and one wake-up of the
+loop carries whatever all sequences posted since the last one.
 """
 
 from __future__ import annotations
@@ -21,13 +21,13 @@ import time
 from typing import Protocol
 
 from jachat.service.domain.results import (
-    Delta,
     FinishedGeneration,
     FinishReason,
     GeneratedToken,
     Priority,
 )
 from jachat.service.domain.sampling import SamplingOptions
+from jachat.service.engine.unsent import Unsent
 from jachat.service.engine.work import Work
 from jachat.service.text.reply import ReplyAssembler
 from jachat.service.text.tokenizer import StreamDecoder
@@ -40,7 +40,12 @@ class TokenObserver(Protocol):
     def token_interval(self, seconds: float) -> None: ...
 
 
-Item = Delta | BaseException | None  # what a caller receives: text, the error that ended it, or its end
+class More:
+    """Posted to the caller's loop when its Unsent has text for it, once per take at most."""
+
+
+MORE = More()
+Item = More | BaseException | None  # what a caller receives: text to take, the error that ended it, or its end
 
 
 class Generation(Work):
@@ -68,13 +73,12 @@ class Generation(Work):
         # log-probabilities cost CTranslate2 a log-softmax per step (16% of a millisecond step, measured): only
         # the calls that asked for them compute them, so they batch apart
         self.logprobs = logprobs
-        # a caller that wants the whole reply gets it in one delta at the end: its loop is not woken per token
-        self.held: list[str] | None = None if streaming else []
+        # what the caller has not taken yet (a caller that wants the whole reply is not woken per token)
+        self.unsent = Unsent(streaming)
         self._key = (options.batch_key(), logprobs)
         self.eos_id = eos_id
         self.decoder = decoder
         self.reply = reply
-        self.pending_tokens: list[GeneratedToken] = []  # generated since the last delta
         self.first_token_at: float | None = None
         self.token_ids: list[int] = []
         self.steps = 0
@@ -119,14 +123,12 @@ class Generation(Work):
             else:
                 self.observer.token_interval(at - self.last_token_at)  # the engine's own pace, by its clock
         self.last_token_at = at
-        self.pending_tokens.append(GeneratedToken(token_id, float(log_prob or 0.0)))
+        self.unsent.token(GeneratedToken(token_id, float(log_prob or 0.0)))
         if token_id == self.eos_id:
             self.finish(FinishReason.END_OF_TURN)
             return True
         self.token_ids.append(token_id)
-        text = self.reply.push(self.decoder.feed(token_id))
-        if text:
-            self._deliver(text)
+        self._deliver(self.reply.push(self.decoder.feed(token_id)))
         if self.reply.stopped:
             self.finish(FinishReason.END_OF_TURN if self.reply.ended_turn else FinishReason.STOP)
         elif self.steps >= self.max_new_tokens:
@@ -134,13 +136,9 @@ class Generation(Work):
         return self.finish_reason is not None
 
     def _deliver(self, text: str) -> None:
-        """Hand the caller's loop the text that became final and the tokens generated since the last delta (or,
-        for a caller that wants the whole reply, keep them for the end)."""
-        if self.held is not None:
-            self.held.append(text)
-            return
-        tokens, self.pending_tokens = tuple(self.pending_tokens), []
-        self.send(Delta(text, tokens))
+        """Text that became final (maybe none): it waits in `unsent`, and a streaming caller is woken for it."""
+        if self.unsent.text(text):
+            self.send(MORE)
 
     def record(self) -> FinishedGeneration:
         """The frozen record of how this generation ended (for metrics)."""
@@ -156,10 +154,4 @@ class Generation(Work):
             text = self.reply.push(self.decoder.flush()) + self.reply.finish()
             if self.reply.stopped:
                 self.finish_reason = FinishReason.END_OF_TURN if self.reply.ended_turn else FinishReason.STOP
-            if text or self.pending_tokens:
-                self._deliver(text)
-        elif self.pending_tokens:
-            self._deliver("")  # the tokens generated before a cancellation or deadline, for the record
-        if self.held:
-            self.send(Delta("".join(self.held), tuple(self.pending_tokens)))
-            self.held, self.pending_tokens = [], []
+            self._deliver(text)  # (the end itself, posted next, wakes a caller that wants the whole reply)

@@ -12,7 +12,7 @@ import grpc
 from jachat.service.domain.request import ChatRequest, ScoreRequest, check_candidates, check_turn_count
 from jachat.service.domain.results import Completion
 from jachat.service.domain.sampling import SamplingOptions
-from jachat.service.edge.calls import Call, Calls, Opening, messages, write_within
+from jachat.service.edge.calls import Call, Calls, Opening, write_within
 from jachat.service.edge.grpc.protocol import (
     CHAT_SERVICE,
     FINISH_REASONS,
@@ -112,8 +112,8 @@ class ChatServicer:
             options = request.response
             items = self.calls.generate(call, prepared, options.include_stop_sequence, options.token_logprobs)
             try:
-                async for item, own in messages(items):
-                    tokens = tokens_to_pb(own, call.pieces, options.token_logprobs)
+                async for item in items:  # every delta has text; the Completion carries the tail's tokens
+                    tokens = tokens_to_pb(item.tokens, call.pieces, options.token_logprobs)
                     if isinstance(item, Completion):
                         message = chat_pb2.GenerateStreamResponse(
                             tokens=tokens,

@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from jachat.service.domain.results import Completion, Delta, GeneratedToken
+from jachat.service.domain.results import Completion, Delta
 from jachat.service.edge.calls import Call
 from jachat.service.edge.http.chat_request import parse_chat
 from jachat.service.edge.http.frame import HttpFrame
@@ -35,8 +35,8 @@ async def answer(frame: HttpFrame, request: web.Request, call: Call, data: bytes
         def opening() -> list[dict[str, Any]]:  # the role chunk
             return [chat_chunk_body(cid, model, {"role": "assistant", "content": ""}, with_usage=usage)]
 
-        def render(item: Delta | Completion, tokens: list[GeneratedToken]) -> list[dict[str, Any]]:
-            logprobs = logprobs_content(tokens, call.token_bytes) if parsed.logprobs else None
+        def render(item: Delta | Completion) -> list[dict[str, Any]]:
+            logprobs = logprobs_content(item.tokens, call.token_bytes) if parsed.logprobs else None
             if isinstance(item, Delta):
                 return [chat_chunk_body(cid, model, {"content": item.text}, None, logprobs, usage)]
             finish = FINISH_REASONS.get(item.finish_reason, "stop")

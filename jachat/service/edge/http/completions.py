@@ -16,7 +16,7 @@ from typing import Any
 
 from aiohttp import web
 
-from jachat.service.domain.results import Completion, Delta, GeneratedToken, PromptScores
+from jachat.service.domain.results import Completion, Delta, PromptScores
 from jachat.service.edge.calls import Call, Reply
 from jachat.service.edge.http.completions_request import TextCompletionRequest, parse_completion
 from jachat.service.edge.http.frame import HttpFrame
@@ -122,8 +122,8 @@ async def _stream(
     def opening() -> list[dict[str, Any]]:
         return first
 
-    def render(item: Delta | Completion, tokens: list[GeneratedToken]) -> list[dict[str, Any]]:
-        entries = generated_entries(tokens, top)
+    def render(item: Delta | Completion) -> list[dict[str, Any]]:
+        entries = generated_entries(item.tokens, top)
         if isinstance(item, Delta):
             return [text_chunk_body(cid, model, [choice(0, item.text, logprobs(entries), None)], usage)]
         finish = FINISH_REASONS.get(item.finish_reason, "stop")

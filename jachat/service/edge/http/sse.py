@@ -14,8 +14,8 @@ from typing import Any
 from aiohttp import web
 
 from jachat.service.domain.errors import WriteStalled
-from jachat.service.domain.results import Completion, Delta, GeneratedToken
-from jachat.service.edge.calls import Call, messages, write_within
+from jachat.service.domain.results import Completion, Delta
+from jachat.service.edge.calls import Call, write_within
 from jachat.service.edge.http.connections import delivered
 from jachat.service.edge.http.request import spell
 from jachat.service.edge.http.status import to_http
@@ -36,7 +36,7 @@ class EventStream:
         call: Call,
         replies: AsyncGenerator[Delta | Completion, None],
         opening: Callable[[], Sequence[dict[str, Any]]],
-        render: Callable[[Delta | Completion, list[GeneratedToken]], Sequence[dict[str, Any]]],
+        render: Callable[[Delta | Completion], Sequence[dict[str, Any]]],
     ) -> web.StreamResponse:
         """Server-sent events, either API's: `opening`'s events when the reply starts, `render`'s for each message
         (a delta with text, or the Completion), then [DONE]. The headers go with the first event, so an error
@@ -53,8 +53,10 @@ class EventStream:
                 await self.send(response, event)
 
         try:
-            async for item, tokens in messages(replies, started):
-                for event in render(item, tokens):
+            async for item in replies:  # every delta has text; the Completion carries the tail's tokens
+                if not response.prepared:
+                    await started()
+                for event in render(item):
                     await self.send(response, event)
             if not response.prepared:  # nothing to generate (an echoed prompt alone): the opening is the reply
                 await started()
