@@ -2,9 +2,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <unordered_set>
+#include <utility>
 
 #include <ctranslate2/devices.h>
 #include <ctranslate2/ops/ops.h>
@@ -14,6 +16,10 @@
 namespace neox {
 
   namespace ct2 = ctranslate2;
+
+  // Spare columns a CPU cache grows by when a step needs one more (Cache): a whole-cache copy every
+  // this many steps instead of every step, for at most this many masked columns' reads per step.
+  constexpr dim_t SPARE_COLUMNS = 32;
   using ct2::layers::Dense;
   using ct2::layers::LayerNorm;
   using ct2::layers::build_optional_layer;
@@ -357,6 +363,15 @@ namespace neox {
       if (cache.time == 0) {  // a one-token prompt: nothing cached yet (as stock starts)
         keys = std::move(k);
         values = std::move(v);
+      } else if (cache.capacity > 0) {  // spare columns (CPU): the new one is written in place
+        const dim_t rows = batch * _num_heads;
+        const dim_t bytes = _d_head * k.item_size();
+        for (auto [cached, fresh] : {std::pair{&keys, &k}, std::pair{&values, &v}}) {
+          auto* dst = static_cast<char*>(cached->buffer());
+          const auto* src = static_cast<const char*>(fresh->buffer());
+          for (dim_t r = 0; r < rows; ++r)
+            std::memcpy(dst + (r * cache.capacity + cache.time) * bytes, src + r * bytes, bytes);
+        }
       } else {
         const ops::Concat concat_op(2);
         StorageView tmp(dtype, device);
@@ -490,9 +505,15 @@ namespace neox {
     ct2::ops::Gather()(_sin_table, pos, sin);  // [B*H, dim]
     ct2::ops::Gather()(_cos_table, pos, cos);
 
-    // Additive mask over the cache after this step's append: T+1 columns, -inf on each row's
-    // left padding (exp(-inf) is exactly 0, so padding changes no sum).
-    const dim_t cols = cache.time + 1;
+    // On the CPU, columns to spare so that the step appends in place (Cache); elsewhere the
+    // cache grows by a concatenation (no device kernel of ours writes a column in place).
+    if (_device == Device::CPU && cache.time > 0 && cache.capacity < cache.time + 1)
+      widen(cache, cache.time + 1 + SPARE_COLUMNS);
+
+    // Additive mask over the cache after this step's append: T+1 columns (or the capacity), -inf
+    // on each row's left padding and on the spare columns past the new one (exp(-inf) is exactly
+    // 0, and spare columns are zero, so neither changes any sum).
+    const dim_t cols = cache.capacity > 0 ? cache.capacity : cache.time + 1;
     std::vector<float> bias(batch * _num_heads * cols, 0.f);
     const float neg_inf = -std::numeric_limits<float>::infinity();
     for (dim_t b = 0; b < batch; ++b) {
@@ -500,6 +521,7 @@ namespace neox {
       for (dim_t h = 0; h < _num_heads; ++h) {
         float* row = bias.data() + (b * _num_heads + h) * cols;
         std::fill(row, row + first_valid, neg_inf);
+        std::fill(row + cache.time + 1, row + cols, neg_inf);
       }
     }
     StorageView step_bias = StorageView({batch, _num_heads, 1, cols}, bias).to(_device);
@@ -526,11 +548,62 @@ namespace neox {
     return logits;
   }
 
+  // The cache without its spare columns, [B, H, T, D], as joins and drops reshape it.
+  void NeoXDecoder::compact(Cache& cache) const {
+    if (cache.capacity == 0)
+      return;
+    const ct2::ops::Slide used(2, 0, cache.time);
+    for (size_t i = 0; i < cache.keys.size(); ++i) {
+      for (StorageView* kv : {&cache.keys[i], &cache.values[i]}) {
+        StorageView tmp(_dtype, _device);
+        used(*kv, tmp);
+        *kv = std::move(tmp);
+      }
+    }
+    cache.capacity = 0;
+  }
+
+  // The cache with zero columns up to `capacity` (columns [T, capacity) of a widened one are
+  // zero already: steps write only at T).
+  void NeoXDecoder::widen(Cache& cache, dim_t capacity) const {
+    const dim_t batch = cache.rows.size();
+    const dim_t have = cache.capacity > 0 ? cache.capacity : cache.time;
+    StorageView spare = zeros({batch, _num_heads, capacity - have, _d_head});
+    for (size_t i = 0; i < cache.keys.size(); ++i) {
+      for (StorageView* kv : {&cache.keys[i], &cache.values[i]}) {
+        StorageView tmp(_dtype, _device);
+        ct2::ops::Concat(2)({kv, &spare}, tmp);
+        *kv = std::move(tmp);
+      }
+    }
+    cache.capacity = capacity;
+  }
+
   // Joins a one-row cache to the running batch: whichever is shorter is left-padded with zeros
   // (an empty cache, a one-token prompt's, is all padding).
   void NeoXDecoder::merge(Cache& row) {
-    const dim_t batch = _batch.rows.size();
     const dim_t length = row.time;
+    if (_batch.capacity > 0 && length <= _batch.time) {
+      // Spare columns, and the row fits left of column T: padded to the capacity (left to T, then
+      // the zero spare columns), it joins the batch as it is.
+      const dim_t time = _batch.time;
+      for (size_t i = 0; i < _layers.size(); ++i) {
+        for (auto [cached, fresh] : {std::pair{&_batch.keys[i], &row.keys[i]},
+                                     std::pair{&_batch.values[i], &row.values[i]}}) {
+          StorageView padded = left_padded(std::move(*fresh), 1, length, time);
+          StorageView spare = zeros({1, _num_heads, _batch.capacity - time, _d_head});
+          StorageView wide(_dtype, _device);
+          ct2::ops::Concat(2)({&padded, &spare}, wide);
+          StorageView tmp(_dtype, _device);
+          ct2::ops::Concat(0)({cached, &wide}, tmp);
+          *cached = std::move(tmp);
+        }
+      }
+      _batch.rows.push_back(row.rows.front());
+      return;
+    }
+    compact(_batch);
+    const dim_t batch = _batch.rows.size();
     if (batch == 0) {
       _batch = std::move(row);
       return;
@@ -694,6 +767,8 @@ namespace neox {
     dim_t new_time = 0;
     for (const auto& r : kept_rows)
       new_time = std::max(new_time, r.length);
+    if (new_time < _batch.time)
+      compact(_batch);  // columns go: the trim below works on [B, H, T, D]; else the spare stays
     if (new_time == 0) {  // no row left, or only rows that joined with one token and hold no column yet
       _batch = empty_cache();
       _batch.rows = std::move(kept_rows);
