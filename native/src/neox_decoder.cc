@@ -383,10 +383,13 @@ namespace neox {
 
       const ops::MatMul keys_matmul(false, true, _queries_scale);
       StorageView scores(dtype, device);
-      keys_matmul(q, keys, scores);              // [B, H, 1, T+1]
+      const bool spare = cache.capacity > 0;  // the running rows' prefix of the buffers
+      StorageView keys_view = spare ? running_view(keys, cache) : StorageView(dtype, device);
+      StorageView values_view = spare ? running_view(values, cache) : StorageView(dtype, device);
+      keys_matmul(q, spare ? keys_view : keys, scores);              // [B, H, 1, T+1 or capacity]
       ops::Add()(scores, *step_bias, scores);
       ops::SoftMax()(scores, nullptr, scores);
-      ops::MatMul()(scores, values, context);    // [B, H, 1, D]
+      ops::MatMul()(scores, spare ? values_view : values, context);  // [B, H, 1, D]
     }
 
     // combine_heads
@@ -556,17 +559,88 @@ namespace neox {
     for (size_t i = 0; i < cache.keys.size(); ++i) {
       for (StorageView* kv : {&cache.keys[i], &cache.values[i]}) {
         StorageView tmp(_dtype, _device);
-        used(*kv, tmp);
+        used(running_view(*kv, cache), tmp);
         *kv = std::move(tmp);
       }
     }
     cache.capacity = 0;
+    cache.slots = 0;
+  }
+
+  // The running rows of a buffer with spare columns: its first rows, [B, H, capacity, D].
+  StorageView NeoXDecoder::running_view(StorageView& buffer, const Cache& cache) const {
+    StorageView view(_dtype, _device);
+    view.view(buffer.buffer(), {dim_t(cache.rows.size()), _num_heads, cache.capacity, _d_head});
+    return view;
+  }
+
+  // A row (compact, [1, H, L, D], L <= T) into the next free slot of a batch with spare columns,
+  // right-aligned at T; the slots grow when none is free. The CPU's memory: plain copies.
+  void NeoXDecoder::write_row(Cache& row) {
+    const dim_t batch = _batch.rows.size();
+    const dim_t length = row.time;
+    const dim_t time = _batch.time;
+    const dim_t cap = _batch.capacity;
+    const dim_t bytes = _d_head * StorageView(_dtype, _device).item_size();  // one position of one head
+    const dim_t slot_bytes = _num_heads * cap * bytes;
+    // (the slots stay at the most rows seen: a quarter more, so at most that much memory unused)
+    const dim_t grown_slots = batch + std::max<dim_t>(2, batch / 4);
+    for (size_t i = 0; i < _layers.size(); ++i) {
+      for (auto [cached, fresh] : {std::pair{&_batch.keys[i], &row.keys[i]},
+                                   std::pair{&_batch.values[i], &row.values[i]}}) {
+        if (_batch.slots <= batch) {  // full: a quarter more slots, the running rows copied over
+          StorageView grown = zeros({grown_slots, _num_heads, cap, _d_head});
+          std::memcpy(grown.buffer(), cached->buffer(), batch * slot_bytes);
+          *cached = std::move(grown);
+        }
+        char* slot = static_cast<char*>(cached->buffer()) + batch * slot_bytes;
+        std::memset(slot, 0, slot_bytes);  // left padding and spare columns: zero
+        if (length > 0) {
+          const auto* src = static_cast<const char*>(fresh->buffer());
+          for (dim_t h = 0; h < _num_heads; ++h)
+            std::memcpy(slot + (h * cap + time - length) * bytes, src + h * length * bytes,
+                        length * bytes);
+        }
+      }
+    }
+    if (_batch.slots <= batch)
+      _batch.slots = grown_slots;
+    _batch.rows.push_back(row.rows.front());
+  }
+
+  // The rows `keep` (ascending indices) take the first slots; the columns stay. A kept row past
+  // them moves into a dropped row's slot (one slot copied per dropped row, not every row after
+  // it: 20 ms a drop that way), so the batch order changes: rows() says it.
+  void NeoXDecoder::drop_in_place(const std::vector<int32_t>& keep) {
+    const dim_t kept = keep.size();
+    std::vector<bool> stays(_batch.rows.size(), false);
+    for (const int32_t k : keep)
+      stays[k] = true;
+    std::vector<dim_t> holes, movers;
+    for (dim_t i = 0; i < kept; ++i)
+      if (!stays[i])
+        holes.push_back(i);
+    for (dim_t j = kept; j < dim_t(stays.size()); ++j)
+      if (stays[j])
+        movers.push_back(j);
+    const dim_t bytes = _d_head * StorageView(_dtype, _device).item_size();
+    const dim_t slot_bytes = _num_heads * _batch.capacity * bytes;
+    for (size_t i = 0; i < _layers.size(); ++i) {
+      for (StorageView* kv : {&_batch.keys[i], &_batch.values[i]}) {
+        char* base = static_cast<char*>(kv->buffer());
+        for (size_t n = 0; n < holes.size(); ++n)
+          std::memcpy(base + holes[n] * slot_bytes, base + movers[n] * slot_bytes, slot_bytes);
+      }
+    }
+    for (size_t n = 0; n < holes.size(); ++n)
+      _batch.rows[holes[n]] = _batch.rows[movers[n]];
+    _batch.rows.resize(kept);
   }
 
   // The cache with zero columns up to `capacity` (columns [T, capacity) of a widened one are
   // zero already: steps write only at T).
   void NeoXDecoder::widen(Cache& cache, dim_t capacity) const {
-    const dim_t batch = cache.rows.size();
+    const dim_t batch = cache.capacity > 0 ? cache.slots : dim_t(cache.rows.size());
     const dim_t have = cache.capacity > 0 ? cache.capacity : cache.time;
     StorageView spare = zeros({batch, _num_heads, capacity - have, _d_head});
     for (size_t i = 0; i < cache.keys.size(); ++i) {
@@ -577,29 +651,15 @@ namespace neox {
       }
     }
     cache.capacity = capacity;
+    cache.slots = batch;
   }
 
   // Joins a one-row cache to the running batch: whichever is shorter is left-padded with zeros
   // (an empty cache, a one-token prompt's, is all padding).
   void NeoXDecoder::merge(Cache& row) {
     const dim_t length = row.time;
-    if (_batch.capacity > 0 && length <= _batch.time) {
-      // Spare columns, and the row fits left of column T: padded to the capacity (left to T, then
-      // the zero spare columns), it joins the batch as it is.
-      const dim_t time = _batch.time;
-      for (size_t i = 0; i < _layers.size(); ++i) {
-        for (auto [cached, fresh] : {std::pair{&_batch.keys[i], &row.keys[i]},
-                                     std::pair{&_batch.values[i], &row.values[i]}}) {
-          StorageView padded = left_padded(std::move(*fresh), 1, length, time);
-          StorageView spare = zeros({1, _num_heads, _batch.capacity - time, _d_head});
-          StorageView wide(_dtype, _device);
-          ct2::ops::Concat(2)({&padded, &spare}, wide);
-          StorageView tmp(_dtype, _device);
-          ct2::ops::Concat(0)({cached, &wide}, tmp);
-          *cached = std::move(tmp);
-        }
-      }
-      _batch.rows.push_back(row.rows.front());
+    if (_batch.capacity > 0 && length <= _batch.time) {  // spare columns, and it fits left of T
+      write_row(row);
       return;
     }
     compact(_batch);
@@ -767,8 +827,11 @@ namespace neox {
     dim_t new_time = 0;
     for (const auto& r : kept_rows)
       new_time = std::max(new_time, r.length);
-    if (new_time < _batch.time)
-      compact(_batch);  // columns go: the trim below works on [B, H, T, D]; else the spare stays
+    if (_batch.capacity > 0 && new_time == _batch.time) {  // no column goes: rows fill the holes
+      drop_in_place(keep);
+      return;
+    }
+    compact(_batch);  // columns go: the trim below works on [B, H, T, D]
     if (new_time == 0) {  // no row left, or only rows that joined with one token and hold no column yet
       _batch = empty_cache();
       _batch.rows = std::move(kept_rows);

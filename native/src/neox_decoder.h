@@ -39,6 +39,10 @@ namespace neox {
     std::vector<Row> rows;
     dim_t time = 0;
     dim_t capacity = 0;  // 0: compact, [B, H, T, D]
+    // With spare columns, rows the buffers hold: [slots, H, capacity, D], the running rows first
+    // (a contiguous prefix), so a join writes its row into a free slot and a drop moves the rows
+    // after it down, neither copying the whole cache.
+    dim_t slots = 0;
   };
 
   struct Scored {
@@ -86,7 +90,8 @@ namespace neox {
     // Removes every row, whatever state a failed call left the cache in.
     void reset();
 
-    // Removes rows and trims cache columns that no remaining row needs.
+    // Removes rows and trims cache columns that no remaining row needs. The rows left may change
+    // order (a row from the end fills a dropped row's slot): rows() gives the order.
     void drop(const std::vector<int64_t>& row_ids);
 
     const std::vector<Row>& rows() const { return _batch.rows; }
@@ -112,6 +117,9 @@ namespace neox {
     void merge(Cache& row);
     void compact(Cache& cache) const;
     void widen(Cache& cache, dim_t capacity) const;
+    StorageView running_view(StorageView& buffer, const Cache& cache) const;
+    void write_row(Cache& row);
+    void drop_in_place(const std::vector<int32_t>& keep);
     StorageView left_padded(StorageView kv, dim_t rows, dim_t time, dim_t columns) const;
     void check_new_row(int64_t row_id, const std::vector<int32_t>& prompt_ids) const;
     void layer_forward(const LayerWeights& l, size_t index, const StorageView& x, StorageView& out,

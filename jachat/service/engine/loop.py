@@ -246,7 +246,8 @@ class Loop:
             return
         self.decoder.drop([row.id for row in rows])
         gone = {row.id for row in rows}
-        running[:] = [row for row in running if row.id not in gone]
+        order = {row_id: i for i, row_id in enumerate(self.decoder.rows)}  # a drop may reorder the rows left
+        running[:] = sorted((row for row in running if row.id not in gone), key=lambda row: order[row.id])
         self._held(running)  # before the ends: whoever reads an end reads what the cache holds without the rows
         for row in rows:
             self._ended(row)
