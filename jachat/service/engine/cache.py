@@ -1,7 +1,9 @@
 """The decode loop's KV-cache budget: how many cache positions the running batch may hold, and whether a row fits.
 
 The native decoder keeps each layer's keys and values dense, [rows, heads, columns, head_dim], rows right-aligned,
-so the batch's cache holds rows x its longest row positions, padding included, and grows by one column a step. A
+so the batch's cache holds rows x its longest row positions, padding included, and grows by one column a step (on
+the CPU into spare columns and row slots its buffers keep beyond these positions: at most 32 columns, and a quarter
+more rows than the most that ran, at least 2). A
 row's longest is its prompt plus the new tokens it may take. The loop admits a row only while every running row,
 and it, could reach its longest within the budget (`fits`): the cache can never outgrow it, whatever the rows do,
 and a row that does not fit waits until rows leave. A call that could not fit even alone is refused before it
