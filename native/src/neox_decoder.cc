@@ -555,14 +555,19 @@ namespace neox {
   void NeoXDecoder::compact(Cache& cache) const {
     if (cache.capacity == 0)
       return;
+    // Every layer's copy first, then the swap: a failure midway (memory) leaves the cache as it
+    // was, never some layers compact under a capacity that says otherwise (the in-place writes
+    // would run past their buffers).
     const ct2::ops::Slide used(2, 0, cache.time);
+    std::vector<StorageView> keys, values;
     for (size_t i = 0; i < cache.keys.size(); ++i) {
-      for (StorageView* kv : {&cache.keys[i], &cache.values[i]}) {
-        StorageView tmp(_dtype, _device);
-        used(running_view(*kv, cache), tmp);
-        *kv = std::move(tmp);
-      }
+      keys.emplace_back(_dtype, _device);
+      used(running_view(cache.keys[i], cache), keys.back());
+      values.emplace_back(_dtype, _device);
+      used(running_view(cache.values[i], cache), values.back());
     }
+    cache.keys = std::move(keys);
+    cache.values = std::move(values);
     cache.capacity = 0;
     cache.slots = 0;
   }
