@@ -365,7 +365,7 @@ namespace neox {
         values = std::move(v);
       } else if (cache.capacity > 0) {  // spare columns (CPU): the new one is written in place
         const dim_t rows = batch * _num_heads;
-        const dim_t bytes = _d_head * k.item_size();
+        const dim_t bytes = position_bytes();
         for (auto [cached, fresh] : {std::pair{&keys, &k}, std::pair{&values, &v}}) {
           auto* dst = static_cast<char*>(cached->buffer());
           const auto* src = static_cast<const char*>(fresh->buffer());
@@ -572,6 +572,11 @@ namespace neox {
     cache.slots = 0;
   }
 
+  // Bytes of one position of one head in the cache: [D] of the compute type.
+  dim_t NeoXDecoder::position_bytes() const {
+    return _d_head * StorageView(_dtype, _device).item_size();
+  }
+
   // The running rows of a buffer with spare columns: its first rows, [B, H, capacity, D].
   StorageView NeoXDecoder::running_view(StorageView& buffer, const Cache& cache) const {
     StorageView view(_dtype, _device);
@@ -586,8 +591,8 @@ namespace neox {
     const dim_t length = row.time;
     const dim_t time = _batch.time;
     const dim_t cap = _batch.capacity;
-    const dim_t bytes = _d_head * StorageView(_dtype, _device).item_size();  // one position of one head
-    const dim_t slot_bytes = _num_heads * cap * bytes;
+    const dim_t bytes = position_bytes();
+    const dim_t slot = _num_heads * cap * bytes;  // one row's [H, capacity, D]
     // (the slots stay at the most rows seen: a quarter more, so at most that much memory unused)
     const dim_t grown_slots = batch + std::max<dim_t>(2, batch / 4);
     for (size_t i = 0; i < _layers.size(); ++i) {
@@ -595,15 +600,15 @@ namespace neox {
                                    std::pair{&_batch.values[i], &row.values[i]}}) {
         if (_batch.slots <= batch) {  // full: a quarter more slots, the running rows copied over
           StorageView grown = zeros({grown_slots, _num_heads, cap, _d_head});
-          std::memcpy(grown.buffer(), cached->buffer(), batch * slot_bytes);
+          std::memcpy(grown.buffer(), cached->buffer(), batch * slot);
           *cached = std::move(grown);
         }
-        char* slot = static_cast<char*>(cached->buffer()) + batch * slot_bytes;
-        std::memset(slot, 0, slot_bytes);  // left padding and spare columns: zero
+        char* free_slot = static_cast<char*>(cached->buffer()) + batch * slot;
+        std::memset(free_slot, 0, slot);  // left padding and spare columns: zero
         if (length > 0) {
           const auto* src = static_cast<const char*>(fresh->buffer());
           for (dim_t h = 0; h < _num_heads; ++h)
-            std::memcpy(slot + (h * cap + time - length) * bytes, src + h * length * bytes,
+            std::memcpy(free_slot + (h * cap + time - length) * bytes, src + h * length * bytes,
                         length * bytes);
         }
       }
@@ -628,13 +633,12 @@ namespace neox {
     for (dim_t j = kept; j < dim_t(stays.size()); ++j)
       if (stays[j])
         movers.push_back(j);
-    const dim_t bytes = _d_head * StorageView(_dtype, _device).item_size();
-    const dim_t slot_bytes = _num_heads * _batch.capacity * bytes;
+    const dim_t slot = _num_heads * _batch.capacity * position_bytes();  // one row's [H, capacity, D]
     for (size_t i = 0; i < _layers.size(); ++i) {
       for (StorageView* kv : {&_batch.keys[i], &_batch.values[i]}) {
         char* base = static_cast<char*>(kv->buffer());
         for (size_t n = 0; n < holes.size(); ++n)
-          std::memcpy(base + holes[n] * slot_bytes, base + movers[n] * slot_bytes, slot_bytes);
+          std::memcpy(base + holes[n] * slot, base + movers[n] * slot, slot);
       }
     }
     for (size_t n = 0; n < holes.size(); ++n)

@@ -118,6 +118,7 @@ namespace neox {
     void compact(Cache& cache) const;
     void widen(Cache& cache, dim_t capacity) const;
     StorageView running_view(StorageView& buffer, const Cache& cache) const;
+    dim_t position_bytes() const;
     void write_row(Cache& row);
     void drop_in_place(const std::vector<int32_t>& keep);
     StorageView left_padded(StorageView kv, dim_t rows, dim_t time, dim_t columns) const;

@@ -44,8 +44,7 @@ class More:
     """Posted to the caller's loop when its Unsent has text for it, once per take at most."""
 
 
-MORE = More()
-Item = More | BaseException | None  # what a caller receives: text to take, the error that ended it, or its end
+MORE = More()  # besides it a caller receives the error that ended its generation, or None (its end)
 
 
 class Generation(Work):
